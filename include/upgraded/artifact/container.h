@@ -1,0 +1,59 @@
+#pragma once
+
+// The outer container of a .upd artifact: an uncompressed ustar archive with exactly three
+// members (manifest.json, manifest.sig, payload.tar[.zst|.xz|.gz]) in canonical layout. See
+// docs/artifact-format.md §2. libarchive parses the headers; this module additionally insists on
+// the canonical byte layout, so that every byte of an artifact is either signed, hashed, or
+// required to have one exact value.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/result.h"
+
+namespace upgraded::artifact {
+
+inline constexpr std::size_t kTarBlock = 512;
+inline constexpr std::size_t kTarRecord = 10240;
+
+/// Sequential reader of an artifact's container. Reads from offset 0 of `fd` with pread (or
+/// read() for pipes), never rereads a byte, and never touches the fd's file offset for files.
+class ContainerReader {
+ public:
+  ~ContainerReader();
+  ContainerReader(const ContainerReader&) = delete;
+  ContainerReader& operator=(const ContainerReader&) = delete;
+
+  /// Reads the first two members. Nothing in them is trusted yet. Errors: kVerificationFailed.
+  static Result<std::unique_ptr<ContainerReader>> open(int fd);
+
+  const std::string& manifest_bytes() const { return m_manifest; }
+  const std::string& signature_bytes() const { return m_signature; }
+
+  /// Positions at the payload member, checking its header against the (verified) manifest
+  /// and the canonical layout of everything before it.
+  Result<void> begin_payload(const PayloadInfo& info);
+  /// Reads up to `out.size()` payload bytes; 0 means the member is complete.
+  Result<std::size_t> read_payload(std::span<std::byte> out);
+  /// After the whole payload: the archive must end here, in canonical form (two zero blocks,
+  /// optionally zero padding to a 10240-byte record, nothing after).
+  Result<void> finish();
+
+ private:
+  ContainerReader();
+  struct Impl;
+  std::unique_ptr<Impl> m_impl;
+  std::string m_manifest;
+  std::string m_signature;
+};
+
+/// Writes a canonical container to `out_fd`: the three members with mode 0644, owner 0:0 and
+/// mtime `mtime`; the payload is copied from `payload_fd` (offset 0, `payload_size` bytes).
+Result<void> write_container(int out_fd, std::string_view manifest, std::string_view signature,
+                             int payload_fd, std::uint64_t payload_size, Compression compression,
+                             std::int64_t mtime);
+
+}  // namespace upgraded::artifact

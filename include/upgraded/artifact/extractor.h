@@ -1,0 +1,49 @@
+#pragma once
+
+// Safe extraction of a verified payload (docs/artifact-format.md §6). libarchive only reads; all
+// files are created by this module relative to a directory fd with openat2(RESOLVE_BENEATH |
+// RESOLVE_NO_SYMLINKS), so no entry can write outside the destination or through a symlink.
+
+#include <cstdint>
+
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/artifact/payload_stream.h"
+#include "upgraded/result.h"
+
+namespace upgraded::artifact {
+
+struct ExtractLimits {
+  std::uint64_t max_entries = 1'000'000;
+  std::uint64_t max_total_bytes = 64ULL << 30;  ///< sum of file sizes
+  std::uint64_t max_file_size = 16ULL << 30;
+  std::size_t max_path_length = 4095;           ///< bytes, like PATH_MAX - 1
+  std::uint64_t max_expansion_ratio = 1000;     ///< uncompressed tar bytes per payload byte
+  std::uint64_t free_space_reserve = 64ULL << 20;  ///< bytes that must stay free on the target
+};
+
+/// What to do with setuid, setgid and world-writable mode bits.
+enum class UnsafeModes { kRefuse, kStrip };
+
+struct ExtractPolicy {
+  ExtractLimits limits;
+  UnsafeModes unsafe_modes = UnsafeModes::kRefuse;
+};
+
+struct ExtractStats {
+  std::uint64_t entries = 0;
+  std::uint64_t files = 0;
+  std::uint64_t directories = 0;
+  std::uint64_t symlinks = 0;
+  std::uint64_t hardlinks = 0;
+  std::uint64_t bytes = 0;  ///< file content bytes written
+};
+
+/// Extracts the tar stream delivered by `source` (compressed as `compression`; `payload_size`
+/// compressed bytes, for the expansion limit) into the empty directory `dest_dirfd`. Entry
+/// refusals and limits are kPolicyRefused; a failing `source` passes its error through. On error
+/// the directory holds a partial tree: the caller removes it. Nothing is synced here.
+Result<ExtractStats> extract_payload(PayloadSource& source, Compression compression,
+                                     std::uint64_t payload_size, int dest_dirfd,
+                                     const ExtractPolicy& policy);
+
+}  // namespace upgraded::artifact

@@ -1,0 +1,43 @@
+#pragma once
+
+// Opening an artifact: signatures first, then the manifest, then (streamed) the payload.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "upgraded/artifact/container.h"
+#include "upgraded/artifact/keys.h"
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/artifact/signatures.h"
+#include "upgraded/result.h"
+
+namespace upgraded::artifact {
+
+/// An artifact whose signatures and manifest are verified; its payload is not read yet.
+struct VerifiedArtifact {
+  Manifest manifest;
+  SignatureReport signatures;
+  std::unique_ptr<ContainerReader> container;  ///< positioned at the payload's data
+};
+
+/// Reads manifest.json and manifest.sig, verifies the signatures against `keyring` and `trust`
+/// before anything in the manifest is parsed, then parses the manifest and positions the reader
+/// at the payload. Errors are kVerificationFailed unless the artifact could not be read at all.
+Result<VerifiedArtifact> open_verified(int fd, const Keyring& keyring, const TrustPolicy& trust);
+
+/// Streams the whole payload through the verifier without extracting: size, every chunk hash,
+/// the whole SHA-256 and the container's end are checked.
+Result<void> verify_payload(VerifiedArtifact& artifact);
+
+/// What `inspect` shows: the container's first two members read without trusting them.
+struct UnverifiedArtifact {
+  std::string manifest_bytes;
+  std::optional<Manifest> manifest;         ///< set when the manifest passes the schema
+  std::optional<std::string> manifest_error;
+  std::vector<Signature> signatures;        ///< empty when manifest.sig is malformed
+  std::optional<std::string> signature_error;
+};
+Result<UnverifiedArtifact> inspect_artifact(int fd);
+
+}  // namespace upgraded::artifact

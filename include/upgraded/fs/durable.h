@@ -1,0 +1,43 @@
+#pragma once
+
+// Durable filesystem primitives: everything the store and the extractor need to make a change
+// survive a power cut (write, fsync, rename, fsync the parent) and to open paths strictly beneath
+// a directory fd, never through symlinks.
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "upgraded/fs/unique_fd.h"
+#include "upgraded/result.h"
+
+namespace upgraded::fs {
+
+/// Opens `path` relative to `dirfd` with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_MAGICLINKS): no component may be a symlink or lead outside `dirfd`. O_CLOEXEC is
+/// always added.
+Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsigned mode = 0);
+
+/// Opens a directory (O_DIRECTORY | O_CLOEXEC) by ordinary path, e.g. from the command line.
+Result<UniqueFd> open_directory(const std::string& path);
+
+/// fsync(2) on `fd`, naming `what` in the error.
+Result<void> sync_fd(int fd, std::string_view what);
+
+/// Writes all of `data` to `fd`.
+Result<void> write_all(int fd, std::span<const std::byte> data);
+
+/// Reads a whole regular file of at most `max_size` bytes.
+Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t max_size);
+
+/// Writes `data` to `dirfd/name` atomically and durably: a temporary sibling is written and
+/// fsynced, renamed over `name`, and `dirfd` is fsynced. The file gets mode `mode`. With
+/// `replace` false an existing `name` is an error (kExists) and is left alone.
+Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_view data,
+                               unsigned mode, bool replace = true);
+
+/// Splits "a/b/c" into {"a/b", "c"}; a bare name gives {".", name}.
+std::pair<std::string, std::string> split_parent(const std::string& path);
+
+}  // namespace upgraded::fs

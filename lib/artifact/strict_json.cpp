@@ -1,0 +1,82 @@
+#include "upgraded/artifact/strict_json.h"
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "upgraded/policy/names.h"
+
+namespace upgraded::artifact {
+namespace {
+
+struct Rejected {
+  std::string why;
+};
+
+}  // namespace
+
+Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view what,
+                                         int max_depth) {
+  std::vector<std::set<std::string>> seen;
+  auto cb = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using E = nlohmann::json::parse_event_t;
+    if (depth > max_depth) throw Rejected{"nested deeper than " + std::to_string(max_depth)};
+    if (event == E::object_start) seen.emplace_back();
+    if (event == E::object_end && !seen.empty()) seen.pop_back();
+    if (event == E::key && !seen.empty()) {
+      auto key = parsed.get<std::string>();
+      if (!seen.back().insert(key).second)
+        throw Rejected{"duplicate key " + policy::quote(key)};
+    }
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(text.begin(), text.end(), cb, /*allow_exceptions=*/true,
+                                 /*ignore_comments=*/false);
+  } catch (const Rejected& r) {
+    return Error(ErrorCode::kVerificationFailed, std::string(what) + ": " + r.why);
+  } catch (const nlohmann::json::exception& e) {
+    return Error(ErrorCode::kVerificationFailed, std::string(what) + " is not valid JSON: " + e.what());
+  }
+}
+
+Result<std::string> json_string(const nlohmann::json& obj, const char* key, std::string_view where) {
+  auto it = obj.find(key);
+  if (it == obj.end())
+    return Error(ErrorCode::kVerificationFailed, std::string(where) + ": missing '" + key + "'");
+  if (!it->is_string())
+    return Error(ErrorCode::kVerificationFailed,
+                 std::string(where) + ": '" + key + "' must be a string");
+  return it->get<std::string>();
+}
+
+Result<std::uint64_t> json_uint(const nlohmann::json& obj, const char* key, std::string_view where,
+                                std::uint64_t max) {
+  auto it = obj.find(key);
+  if (it == obj.end())
+    return Error(ErrorCode::kVerificationFailed, std::string(where) + ": missing '" + key + "'");
+  if (!it->is_number_unsigned() && !(it->is_number_integer() && it->get<std::int64_t>() >= 0))
+    return Error(ErrorCode::kVerificationFailed,
+                 std::string(where) + ": '" + key + "' must be a non-negative integer");
+  auto v = it->get<std::uint64_t>();
+  if (v > max)
+    return Error(ErrorCode::kVerificationFailed, std::string(where) + ": '" + key +
+                                                     "' exceeds " + std::to_string(max));
+  return v;
+}
+
+Result<void> json_only_keys(const nlohmann::json& obj, std::initializer_list<const char*> allowed,
+                            std::string_view where) {
+  if (!obj.is_object())
+    return Error(ErrorCode::kVerificationFailed, std::string(where) + " must be a JSON object");
+  for (const auto& [key, value] : obj.items()) {
+    bool known = false;
+    for (const char* a : allowed) known = known || key == a;
+    if (!known)
+      return Error(ErrorCode::kVerificationFailed,
+                   std::string(where) + ": unknown field " + policy::quote(key));
+  }
+  return {};
+}
+
+}  // namespace upgraded::artifact

@@ -1,0 +1,73 @@
+#include "upgraded/artifact/unpack.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <random>
+
+#include "upgraded/fs/durable.h"
+#include "upgraded/fs/remove_tree.h"
+#include "upgraded/policy/names.h"
+
+namespace upgraded::artifact {
+
+Result<UnpackResult> extract_verified(int artifact_fd, const Keyring& keyring,
+                                      const TrustPolicy& trust, const ExtractPolicy& policy,
+                                      int dest_dirfd) {
+  auto artifact = open_verified(artifact_fd, keyring, trust);
+  if (!artifact) return artifact.error();
+  ExtractStats stats;
+  {
+    VerifiedPayloadStream stream(*artifact->container, artifact->manifest.payload, WholeHashOn::kReader);
+    auto extracted = extract_payload(stream, artifact->manifest.payload.compression,
+                                     artifact->manifest.payload.size, dest_dirfd, policy);
+    if (!extracted) return extracted.error();
+    stats = *extracted;
+  }
+  // One syncfs instead of an fsync per file: the same durability for the whole tree at a
+  // fraction of the cost (issue #2 measured 50,000 fsyncs as far slower).
+  if (::syncfs(dest_dirfd) != 0) return system_error(errno, "syncing extracted files");
+  return UnpackResult{std::move(artifact->manifest), std::move(artifact->signatures), stats};
+}
+
+Result<UnpackResult> unpack_artifact(int artifact_fd, const Keyring& keyring,
+                                     const TrustPolicy& trust, const ExtractPolicy& policy,
+                                     int dest_parent_fd, const std::string& dest_name) {
+  if (dest_name.empty() || dest_name.find('/') != std::string::npos || dest_name == "." ||
+      dest_name == "..")
+    return Error(ErrorCode::kInvalidArgument, "destination name " + policy::quote(dest_name) +
+                                                  " must be a single path component");
+  struct stat st {};
+  if (::fstatat(dest_parent_fd, dest_name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
+    return Error(ErrorCode::kExists, "destination " + policy::quote(dest_name) + " already exists");
+  if (errno != ENOENT) return system_error(errno, "checking destination " + policy::quote(dest_name));
+
+  std::random_device rd;
+  std::string partial;
+  for (int attempt = 0;; ++attempt) {
+    partial = "." + dest_name + ".partial." + std::to_string(rd() % 1000000000u);
+    if (::mkdirat(dest_parent_fd, partial.c_str(), 0700) == 0) break;
+    if (errno != EEXIST || attempt > 100) return system_error(errno, "creating " + policy::quote(partial));
+  }
+  auto cleanup = [&](const Error& e) -> Result<UnpackResult> {
+    (void)fs::remove_tree(dest_parent_fd, partial);  // best effort; the original error matters
+    return e;
+  };
+  auto dir = fs::open_beneath(dest_parent_fd, partial, O_RDONLY | O_DIRECTORY);
+  if (!dir) return cleanup(dir.error());
+  auto result = extract_verified(artifact_fd, keyring, trust, policy, dir->get());
+  if (!result) return cleanup(result.error());
+  if (::renameat2(dest_parent_fd, partial.c_str(), dest_parent_fd, dest_name.c_str(),
+                  RENAME_NOREPLACE) != 0)
+    return cleanup(system_error(errno, "renaming into place as " + policy::quote(dest_name)));
+  if (::fsync(dest_parent_fd) != 0) {
+    Error e = system_error(errno, "syncing the destination's parent directory");
+    (void)fs::remove_tree(dest_parent_fd, dest_name);
+    return e;
+  }
+  return result;
+}
+
+}  // namespace upgraded::artifact

@@ -1,0 +1,109 @@
+#include "upgraded/fs/durable.h"
+
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <random>
+
+namespace upgraded::fs {
+
+Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsigned mode) {
+  open_how how{};
+  how.flags = static_cast<std::uint64_t>(flags | O_CLOEXEC);
+  how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  std::string p(path);
+  for (;;) {
+    long fd = ::syscall(SYS_openat2, dirfd, p.c_str(), &how, sizeof how);
+    if (fd >= 0) return UniqueFd(static_cast<int>(fd));
+    if (errno == EINTR || errno == EAGAIN) continue;
+    return system_error(errno, "opening '" + p + "'");
+  }
+}
+
+Result<UniqueFd> open_directory(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return system_error(errno, "opening directory '" + path + "'");
+  return UniqueFd(fd);
+}
+
+Result<void> sync_fd(int fd, std::string_view what) {
+  if (::fsync(fd) != 0) return system_error(errno, "syncing " + std::string(what));
+  return {};
+}
+
+Result<void> write_all(int fd, std::span<const std::byte> data) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return system_error(errno, "writing");
+    }
+    data = data.subspan(static_cast<std::size_t>(n));
+  }
+  return {};
+}
+
+Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t max_size) {
+  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) return system_error(errno, "opening '" + path + "'");
+  UniqueFd owner(fd);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return system_error(errno, "inspecting '" + path + "'");
+  if (!S_ISREG(st.st_mode)) return Error(ErrorCode::kInvalidArgument, "'" + path + "' is not a regular file");
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return system_error(errno, "reading '" + path + "'");
+    }
+    if (n == 0) break;
+    if (out.size() + static_cast<std::size_t>(n) > max_size)
+      return Error(ErrorCode::kInvalidArgument,
+                   "'" + path + "' is larger than " + std::to_string(max_size) + " bytes");
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+  return out;
+}
+
+Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_view data,
+                               unsigned mode, bool replace) {
+  auto [parent, base] = split_parent(name);
+  std::random_device rd;
+  std::string tmp = (parent == "." ? "" : parent + "/") + "." + base + ".tmp." +
+                    std::to_string(rd() & 0xffffffu);
+  int fd = ::openat(dirfd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return system_error(errno, "creating '" + tmp + "'");
+  UniqueFd owner(fd);
+  auto fail = [&](Error e) -> Result<void> {
+    ::unlinkat(dirfd, tmp.c_str(), 0);
+    return e;
+  };
+  if (auto r = write_all(fd, std::as_bytes(std::span(data.data(), data.size()))); !r)
+    return fail(r.error().with_context("writing '" + tmp + "'"));
+  if (::fchmod(fd, mode) != 0) return fail(system_error(errno, "setting mode of '" + tmp + "'"));
+  if (auto r = sync_fd(fd, "'" + tmp + "'"); !r) return fail(r.error());
+  owner.reset();
+  unsigned flags = replace ? 0 : RENAME_NOREPLACE;
+  if (::renameat2(dirfd, tmp.c_str(), dirfd, name.c_str(), flags) != 0)
+    return fail(system_error(errno, "renaming '" + tmp + "' to '" + name + "'"));
+  int pfd = ::openat(dirfd, parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (pfd < 0) return system_error(errno, "opening '" + parent + "'");
+  UniqueFd pown(pfd);
+  return sync_fd(pfd, "directory of '" + name + "'");
+}
+
+std::pair<std::string, std::string> split_parent(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return {".", path};
+  if (slash == 0) return {"/", path.substr(1)};
+  return {path.substr(0, slash), path.substr(slash + 1)};
+}
+
+}  // namespace upgraded::fs
