@@ -34,8 +34,9 @@ struct TrustArgs {
 
 void add_trust_options(CLI::App* cmd, TrustArgs& t) {
   cmd->add_option("--keys", t.keys, "directory of trusted public keys (*.pem)")->required();
-  cmd->add_option("--revoked", t.revoked,
-                  "directory of revoked public keys (default: revoked.d next to --keys, if present)");
+  cmd->add_option(
+      "--revoked", t.revoked,
+      "directory of revoked public keys (default: revoked.d next to --keys, if present)");
   cmd->add_option("--threshold", t.threshold, "signatures by distinct trusted keys required")
       ->check(CLI::Range(1u, 16u));
 }
@@ -44,7 +45,8 @@ Result<Keyring> load_keyring(const TrustArgs& t) {
   std::optional<std::string> revoked = t.revoked;
   if (!revoked) {
     std::string keys = t.keys;
-    while (keys.size() > 1 && keys.back() == '/') keys.pop_back();
+    while (keys.size() > 1 && keys.back() == '/')
+      keys.pop_back();
     auto [parent, base] = fs::split_parent(keys);
     std::string candidate = parent + "/revoked.d";
     struct stat st {};
@@ -80,15 +82,19 @@ void print_manifest(const Manifest& m) {
               static_cast<unsigned long long>(m.data_format.writes),
               static_cast<unsigned long long>(m.data_format.reads_min));
   std::string from;
-  for (const auto& v : m.upgrade_from) from += (from.empty() ? "" : ", ") + v;
+  for (const auto& v : m.upgrade_from)
+    from += (from.empty() ? "" : ", ") + v;
   std::printf("upgrade from: %s\n", from.empty() ? "any version" : from.c_str());
   std::string units;
-  for (const auto& u : m.units) units += (units.empty() ? "" : " ") + u;
+  for (const auto& u : m.units)
+    units += (units.empty() ? "" : " ") + u;
   std::printf("units:        %s\n", units.empty() ? "(none)" : units.c_str());
   std::printf("strategy:     %s\n", std::string(to_string(m.strategy)).c_str());
   for (const auto& [name, hook] : m.hooks)
-    std::printf("hook:         %s = %s (timeout %us)\n", name.c_str(), hook.path.c_str(), hook.timeout_s);
-  std::printf("health:       ready for %us, within %us\n", m.health.min_ready_s, m.health.deadline_s);
+    std::printf("hook:         %s = %s (timeout %us)\n", name.c_str(), hook.path.c_str(),
+                hook.timeout_s);
+  std::printf("health:       ready for %us, within %us\n", m.health.min_ready_s,
+              m.health.deadline_s);
   std::printf("payload:      %s, %s in %zu chunk(s) of %s\n",
               std::string(payload_member_name(m.payload.compression)).c_str(),
               human_size(m.payload.size).c_str(), m.payload.chunks.size(),
@@ -137,9 +143,12 @@ int run_pack(PackArgs& a) {
 }
 
 void print_signers(const SignatureReport& report) {
-  for (const auto& id : report.trusted) std::printf("  signed by trusted key %s\n", id.c_str());
-  for (const auto& id : report.revoked) std::printf("  ignored signature by REVOKED key %s\n", id.c_str());
-  for (const auto& id : report.unknown) std::printf("  ignored signature by unknown key %s\n", id.c_str());
+  for (const auto& id : report.trusted)
+    std::printf("  signed by trusted key %s\n", id.c_str());
+  for (const auto& id : report.revoked)
+    std::printf("  ignored signature by REVOKED key %s\n", id.c_str());
+  for (const auto& id : report.unknown)
+    std::printf("  ignored signature by unknown key %s\n", id.c_str());
 }
 
 int run_verify(const TrustArgs& t, const std::string& file, bool json) {
@@ -167,9 +176,11 @@ int run_verify(const TrustArgs& t, const std::string& file, bool json) {
   }
   std::printf("%s: OK, %s %s\n", file.c_str(), m.app.c_str(), m.version.c_str());
   print_signers(artifact->signatures);
-  std::printf("  %zu of %u required signature(s) valid\n", artifact->signatures.trusted.size(), t.threshold);
-  std::printf("  payload %s: %zu chunk(s) and whole SHA-256 %s match\n", human_size(m.payload.size).c_str(),
-              m.payload.chunks.size(), to_hex(m.payload.sha256).c_str());
+  std::printf("  %zu of %u required signature(s) valid\n", artifact->signatures.trusted.size(),
+              t.threshold);
+  std::printf("  payload %s: %zu chunk(s) and whole SHA-256 %s match\n",
+              human_size(m.payload.size).c_str(), m.payload.chunks.size(),
+              to_hex(m.payload.sha256).c_str());
   return kExitOk;
 }
 
@@ -187,19 +198,22 @@ int run_unpack(UnpackArgs& a) {
   auto fd = open_artifact(a.file);
   if (!fd) return report(fd.error());
   std::string dest = a.dest;
-  while (dest.size() > 1 && dest.back() == '/') dest.pop_back();
+  while (dest.size() > 1 && dest.back() == '/')
+    dest.pop_back();
   auto [parent, name] = fs::split_parent(dest);
   auto pfd = fs::open_directory(parent);
   if (!pfd) return report(pfd.error());
   ExtractPolicy policy{a.limits, a.strip_unsafe ? UnsafeModes::kStrip : UnsafeModes::kRefuse};
-  auto r = unpack_artifact(fd->get(), *ring, TrustPolicy{a.trust.threshold}, policy, pfd->get(), name);
+  auto r =
+      unpack_artifact(fd->get(), *ring, TrustPolicy{a.trust.threshold}, policy, pfd->get(), name);
   if (!r) return report(r.error().with_context("unpacking '" + a.file + "'"));
-  std::printf("Unpacked %s %s into %s: %llu files, %llu directories, %llu symlinks, %llu hardlinks, %s\n",
-              r->manifest.app.c_str(), r->manifest.version.c_str(), dest.c_str(),
-              static_cast<unsigned long long>(r->stats.files),
-              static_cast<unsigned long long>(r->stats.directories),
-              static_cast<unsigned long long>(r->stats.symlinks),
-              static_cast<unsigned long long>(r->stats.hardlinks), human_size(r->stats.bytes).c_str());
+  std::printf(
+      "Unpacked %s %s into %s: %llu files, %llu directories, %llu symlinks, %llu hardlinks, %s\n",
+      r->manifest.app.c_str(), r->manifest.version.c_str(), dest.c_str(),
+      static_cast<unsigned long long>(r->stats.files),
+      static_cast<unsigned long long>(r->stats.directories),
+      static_cast<unsigned long long>(r->stats.symlinks),
+      static_cast<unsigned long long>(r->stats.hardlinks), human_size(r->stats.bytes).c_str());
   return kExitOk;
 }
 
@@ -221,13 +235,18 @@ int run_inspect(const std::string& file, bool json) {
     std::cout << out.dump(2) << "\n";
     return kExitOk;
   }
-  std::printf("UNVERIFIED: signatures and payload were NOT checked; use 'upgradectl verify' before\n"
-              "trusting anything below.\n\n");
-  if (info->manifest) print_manifest(*info->manifest);
-  else std::printf("manifest does not match the schema: %s\n", info->manifest_error->c_str());
-  if (info->signature_error) std::printf("signatures:   malformed: %s\n", info->signature_error->c_str());
+  std::printf(
+      "UNVERIFIED: signatures and payload were NOT checked; use 'upgradectl verify' before\n"
+      "trusting anything below.\n\n");
+  if (info->manifest)
+    print_manifest(*info->manifest);
+  else
+    std::printf("manifest does not match the schema: %s\n", info->manifest_error->c_str());
+  if (info->signature_error)
+    std::printf("signatures:   malformed: %s\n", info->signature_error->c_str());
   for (const auto& s : info->signatures)
-    std::printf("signature:    %s by key %s (not checked)\n", s.algorithm.c_str(), s.key_id.c_str());
+    std::printf("signature:    %s by key %s (not checked)\n", s.algorithm.c_str(),
+                s.key_id.c_str());
   return kExitOk;
 }
 
@@ -243,18 +262,24 @@ void add_offline_verbs(CLI::App& app, int& exit_code) {
     cmd->callback([&exit_code, priv, pub] { exit_code = run_keygen(*priv, *pub); });
   }
   {
-    auto* cmd = app.add_subcommand("pack", "Build and sign an artifact (.upd) from a directory or a tarball");
+    auto* cmd = app.add_subcommand(
+        "pack", "Build and sign an artifact (.upd) from a directory or a tarball");
     auto a = std::make_shared<PackArgs>();
-    cmd->add_option("--key", a->o.key_paths, "private key to sign with (repeat for k-of-n)")->required();
+    cmd->add_option("--key", a->o.key_paths, "private key to sign with (repeat for k-of-n)")
+        ->required();
     cmd->add_option("--app", a->o.app, "app name")->required();
     cmd->add_option("--version", a->o.version, "release version")->required();
-    cmd->add_option("--manifest", a->o.extra_manifest_path,
-                    "JSON file with units, strategy, hooks, health, data_format, upgrade_from, notes");
+    cmd->add_option(
+        "--manifest", a->o.extra_manifest_path,
+        "JSON file with units, strategy, hooks, health, data_format, upgrade_from, notes");
     cmd->add_option("--output,-o", a->o.output, "artifact to write")->required();
-    cmd->add_option("--payload", a->o.payload_path, "wrap this .tar/.tar.zst/.tar.xz/.tar.gz as is");
-    cmd->add_option("--created", a->created,
-                    "release time in Unix seconds (default: $SOURCE_DATE_EPOCH, else newest input mtime)");
-    cmd->add_option("--level", a->o.zstd_level, "zstd level for a directory payload")->check(CLI::Range(1, 19));
+    cmd->add_option("--payload", a->o.payload_path,
+                    "wrap this .tar/.tar.zst/.tar.xz/.tar.gz as is");
+    cmd->add_option(
+        "--created", a->created,
+        "release time in Unix seconds (default: $SOURCE_DATE_EPOCH, else newest input mtime)");
+    cmd->add_option("--level", a->o.zstd_level, "zstd level for a directory payload")
+        ->check(CLI::Range(1, 19));
     cmd->add_option("--chunk-size", a->o.chunk_size, "payload chunk size in bytes (power of two)");
     cmd->add_option("DIR", a->source, "release tree to pack");
     cmd->callback([&exit_code, a] { exit_code = run_pack(*a); });
@@ -270,7 +295,8 @@ void add_offline_verbs(CLI::App& app, int& exit_code) {
     cmd->callback([&exit_code, t, file, json] { exit_code = run_verify(*t, *file, *json); });
   }
   {
-    auto* cmd = app.add_subcommand("unpack", "Verify an artifact and extract it into a new directory");
+    auto* cmd =
+        app.add_subcommand("unpack", "Verify an artifact and extract it into a new directory");
     auto a = std::make_shared<UnpackArgs>();
     add_trust_options(cmd, a->trust);
     cmd->add_flag("--strip-unsafe-modes", a->strip_unsafe,
@@ -279,7 +305,8 @@ void add_offline_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("--max-bytes", a->limits.max_total_bytes, "refuse payloads holding more bytes");
     cmd->add_option("--max-file-size", a->limits.max_file_size, "refuse larger files");
     cmd->add_option("--max-ratio", a->limits.max_expansion_ratio, "refuse payloads expanding more");
-    cmd->add_option("--reserve", a->limits.free_space_reserve, "bytes that must stay free on the target");
+    cmd->add_option("--reserve", a->limits.free_space_reserve,
+                    "bytes that must stay free on the target");
     cmd->add_option("FILE", a->file, "artifact")->required();
     cmd->add_option("DEST", a->dest, "directory to create (must not exist)")->required();
     cmd->callback([&exit_code, a] { exit_code = run_unpack(*a); });

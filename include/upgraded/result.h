@@ -52,7 +52,7 @@ Error system_error(int err, std::string_view what);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : m_value(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : m_value(std::move(value)) {}      // NOLINT(google-explicit-constructor)
   Result(Error error) : m_value(std::move(error)) {}  // NOLINT(google-explicit-constructor)
 
   bool ok() const { return m_value.index() == 0; }
@@ -73,6 +73,8 @@ class [[nodiscard]] Result {
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
   T& operator*() & { return value(); }
+  const T& operator*() const& { return value(); }
+  T&& operator*() && { return std::move(*this).value(); }
 
   const Error& error() const {
     assert(!ok());
@@ -101,11 +103,11 @@ class [[nodiscard]] Result<void> {
 };
 
 /// Propagates an error from an expression returning Result<...>: UPGRADED_TRY(do_thing());
-#define UPGRADED_TRY(expr)                                \
-  do {                                                    \
+#define UPGRADED_TRY(expr)                                 \
+  do {                                                     \
     if (auto upgraded_try_r_ = (expr); !upgraded_try_r_) { \
-      return upgraded_try_r_.error();                     \
-    }                                                     \
+      return upgraded_try_r_.error();                      \
+    }                                                      \
   } while (false)
 
 }  // namespace upgraded

@@ -27,7 +27,9 @@ Error bad(const std::string& why) {
   return Error(ErrorCode::kVerificationFailed, "artifact container: " + why);
 }
 
-std::uint64_t pad512(std::uint64_t n) { return (n + kTarBlock - 1) / kTarBlock * kTarBlock; }
+std::uint64_t pad512(std::uint64_t n) {
+  return (n + kTarBlock - 1) / kTarBlock * kTarBlock;
+}
 
 bool all_zero(const char* p, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i)
@@ -40,7 +42,8 @@ bool all_zero(const char* p, std::size_t n) {
 // checksum's value; this pins the bytes it tolerates (terminators, extension headers).
 Result<void> check_header(const char* h, std::string_view name, std::uint64_t size) {
   std::string where = "header of '" + std::string(name) + "'";
-  if (std::memcmp(h, name.data(), name.size()) != 0 || !all_zero(h + name.size(), 100 - name.size()))
+  if (std::memcmp(h, name.data(), name.size()) != 0 ||
+      !all_zero(h + name.size(), 100 - name.size()))
     return bad(where + ": name field is not canonical");
   char size_field[13];
   std::snprintf(size_field, sizeof size_field, "%011llo", static_cast<unsigned long long>(size));
@@ -51,10 +54,14 @@ Result<void> check_header(const char* h, std::string_view name, std::uint64_t si
   if (h[154] != 0 || h[155] != ' ') return bad(where + ": checksum field is not canonical");
   if (h[156] != '0' && h[156] != 0) return bad(where + ": not a regular file member");
   if (!all_zero(h + 157, 100)) return bad(where + ": has a link name");
-  bool posix = std::memcmp(h + 257, "ustar\0" "00", 8) == 0;
+  bool posix = std::memcmp(h + 257,
+                           "ustar\0"
+                           "00",
+                           8) == 0;
   bool gnu = std::memcmp(h + 257, "ustar  \0", 8) == 0;
   if (!posix && !gnu) return bad(where + ": not a ustar header");
-  if (!all_zero(h + 345, kTarBlock - 345)) return bad(where + ": prefix or extension fields are set");
+  if (!all_zero(h + 345, kTarBlock - 345))
+    return bad(where + ": prefix or extension fields are set");
   return {};
 }
 
@@ -178,8 +185,10 @@ Result<void> ContainerReader::begin_payload(const PayloadInfo& info) {
   if (r != ARCHIVE_OK) return im.archive_failure("reading payload header");
   const char* path = archive_entry_pathname(entry);
   if (!path || name != path)
-    return bad("expected member '" + std::string(name) + "', found " + policy::quote(path ? path : ""));
-  if (archive_entry_size(entry) < 0 || static_cast<std::uint64_t>(archive_entry_size(entry)) != info.size)
+    return bad("expected member '" + std::string(name) + "', found " +
+               policy::quote(path ? path : ""));
+  if (archive_entry_size(entry) < 0 ||
+      static_cast<std::uint64_t>(archive_entry_size(entry)) != info.size)
     return bad("payload member size differs from the signed manifest");
 
   // Canonical layout of everything up to here (the prefix holds it all).
@@ -244,7 +253,8 @@ Result<void> ContainerReader::finish() {
 Result<void> write_container(int out_fd, std::string_view manifest, std::string_view signature,
                              int payload_fd, std::uint64_t payload_size, Compression compression,
                              std::int64_t mtime) {
-  std::unique_ptr<archive, decltype(&archive_write_free)> a(archive_write_new(), &archive_write_free);
+  std::unique_ptr<archive, decltype(&archive_write_free)> a(archive_write_new(),
+                                                            &archive_write_free);
   std::unique_ptr<archive_entry, decltype(&archive_entry_free)> entry(archive_entry_new(),
                                                                       &archive_entry_free);
   if (!a || !entry) return Error(ErrorCode::kFailed, "allocating archive writer");
@@ -271,7 +281,8 @@ Result<void> write_container(int out_fd, std::string_view manifest, std::string_
     return {};
   };
   auto data = [&](std::string_view bytes) -> Result<void> {
-    if (archive_write_data(a.get(), bytes.data(), bytes.size()) != static_cast<la_ssize_t>(bytes.size()))
+    if (archive_write_data(a.get(), bytes.data(), bytes.size()) !=
+        static_cast<la_ssize_t>(bytes.size()))
       return fail("writing member data");
     return {};
   };
@@ -283,8 +294,9 @@ Result<void> write_container(int out_fd, std::string_view manifest, std::string_
   std::vector<char> buf(kReadSize);
   std::uint64_t done = 0;
   while (done < payload_size) {
-    ssize_t n = ::pread(payload_fd, buf.data(), std::min<std::uint64_t>(buf.size(), payload_size - done),
-                        static_cast<off_t>(done));
+    ssize_t n =
+        ::pread(payload_fd, buf.data(), std::min<std::uint64_t>(buf.size(), payload_size - done),
+                static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return system_error(errno, "reading payload");
     if (n == 0) return Error(ErrorCode::kFailed, "payload shrank while packing");

@@ -18,7 +18,8 @@ Sha256::Sha256() : m_impl(std::make_unique<Impl>()) {
   m_impl->md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
   // Failing to get SHA-256 from the default provider is a broken installation, not an input
   // error; there is nothing sensible to return to a caller.
-  if (!m_impl->ctx || !m_impl->md || EVP_DigestInit_ex2(m_impl->ctx.get(), m_impl->md, nullptr) != 1)
+  if (!m_impl->ctx || !m_impl->md ||
+      EVP_DigestInit_ex2(m_impl->ctx.get(), m_impl->md, nullptr) != 1)
     throw std::runtime_error("OpenSSL SHA-256 is unavailable");
 }
 

@@ -27,8 +27,7 @@ Result<std::vector<std::byte>> from_hex(std::string_view hex) {
   for (std::size_t i = 0; i < out.size(); ++i) {
     int hi = nibble(hex[2 * i]);
     int lo = nibble(hex[2 * i + 1]);
-    if (hi < 0 || lo < 0)
-      return Error(ErrorCode::kInvalidArgument, "not a lowercase hex string");
+    if (hi < 0 || lo < 0) return Error(ErrorCode::kInvalidArgument, "not a lowercase hex string");
     out[i] = static_cast<std::byte>((hi << 4) | lo);
   }
   return out;

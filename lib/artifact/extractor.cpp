@@ -26,7 +26,9 @@ enum class Kind { kFile, kDir, kImplicitDir, kSymlink };
 constexpr std::uint64_t kRatioSlack = 1 << 20;  // small payloads may expand beyond the ratio
 constexpr std::uint64_t kUnsafeBits = S_ISUID | S_ISGID | S_IWOTH;
 
-Error refuse(const std::string& why) { return Error(ErrorCode::kPolicyRefused, why); }
+Error refuse(const std::string& why) {
+  return Error(ErrorCode::kPolicyRefused, why);
+}
 
 struct DirMeta {
   std::string path;
@@ -108,9 +110,11 @@ Result<std::string> Extractor::normalize(const char* raw, const char* what) {
   if (!raw) return refuse(std::string(what) + " cannot be represented");
   std::string_view p(raw);
   // "./x" and "x/" are the usual spellings tar produces; nothing else is rewritten.
-  while (p.starts_with("./")) p.remove_prefix(2);
+  while (p.starts_with("./"))
+    p.remove_prefix(2);
   if (p == ".") p = {};
-  while (p.size() > 1 && p.ends_with('/')) p.remove_suffix(1);
+  while (p.size() > 1 && p.ends_with('/'))
+    p.remove_suffix(1);
   std::string out(p);
   if (out.empty()) return out;  // the root itself
   if (auto r = policy::validate_relative_path(out, m_policy.limits.max_path_length); !r)
@@ -212,11 +216,11 @@ Result<void> Extractor::make_file(const std::string& path, archive_entry* e) {
     if (offset < 0 || static_cast<std::uint64_t>(offset) + len > size)
       return refuse("entry " + policy::quote(path) + " has data beyond its declared size");
     // Sparse entries arrive with gaps; leave holes instead of writing zeros.
-    if (static_cast<std::uint64_t>(offset) != pos &&
-        ::lseek(fd->get(), offset, SEEK_SET) != offset)
+    if (static_cast<std::uint64_t>(offset) != pos && ::lseek(fd->get(), offset, SEEK_SET) != offset)
       return system_error(errno, "seeking in " + policy::quote(path));
     pos = static_cast<std::uint64_t>(offset);
-    if (auto w = fs::write_all(fd->get(), std::as_bytes(std::span(static_cast<const char*>(buf), len)));
+    if (auto w =
+            fs::write_all(fd->get(), std::as_bytes(std::span(static_cast<const char*>(buf), len)));
         !w)
       return w.error().with_context("extracting " + policy::quote(path));
     pos += len;
@@ -224,7 +228,8 @@ Result<void> Extractor::make_file(const std::string& path, archive_entry* e) {
   }
   if (pos < size && ::ftruncate(fd->get(), static_cast<off_t>(size)) != 0)
     return system_error(errno, "extending " + policy::quote(path));
-  if (::fchmod(fd->get(), *mode) != 0) return system_error(errno, "setting mode of " + policy::quote(path));
+  if (::fchmod(fd->get(), *mode) != 0)
+    return system_error(errno, "setting mode of " + policy::quote(path));
   timespec times[2] = {{0, UTIME_OMIT}, {archive_entry_mtime(e), archive_entry_mtime_nsec(e)}};
   if (::futimens(fd->get(), times) != 0)
     return system_error(errno, "setting mtime of " + policy::quote(path));
@@ -269,7 +274,8 @@ Result<void> Extractor::make_symlink(const std::string& path, archive_entry* e) 
   if (target.front() == '/') return refuse(where + " points to an absolute path");
   if (!policy::is_valid_utf8(target)) return refuse(where + ": target is not valid UTF-8");
   for (char c : target)
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) return refuse(where + ": control character in target");
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      return refuse(where + ": control character in target");
   // Lexical check first (cheap, clear message); the kernel re-checks the final tree in
   // check_symlinks, which also catches escapes through other symlinks.
   auto [parent, base] = fs::split_parent(path);
@@ -334,7 +340,8 @@ Result<void> Extractor::make_hardlink(const std::string& path, archive_entry* e)
 
 Result<void> Extractor::entry(archive_entry* e) {
   if (++m_stats.entries > m_policy.limits.max_entries)
-    return refuse("payload has more than " + std::to_string(m_policy.limits.max_entries) + " entries");
+    return refuse("payload has more than " + std::to_string(m_policy.limits.max_entries) +
+                  " entries");
   std::uint64_t expanded = static_cast<std::uint64_t>(archive_filter_bytes(m_archive, 0));
   if (expanded > m_payload_size * m_policy.limits.max_expansion_ratio + kRatioSlack)
     return refuse("payload expands beyond " + std::to_string(m_policy.limits.max_expansion_ratio) +
@@ -384,7 +391,8 @@ Result<void> Extractor::check_symlinks() {
       continue;
     }
     if (errno == ENOENT || errno == ENOTDIR) continue;
-    if (errno == EXDEV) return refuse("symlink " + policy::quote(path) + " resolves outside the release");
+    if (errno == EXDEV)
+      return refuse("symlink " + policy::quote(path) + " resolves outside the release");
     if (errno == ELOOP) return refuse("symlink " + policy::quote(path) + " is part of a loop");
     return system_error(errno, "resolving symlink " + policy::quote(path));
   }
@@ -397,7 +405,8 @@ Result<void> Extractor::apply_dir_metadata() {
     if (kind == Kind::kImplicitDir) all.push_back(DirMeta{path, 0755, {0, UTIME_OMIT}});
   // Deepest first, so that making a directory read-only never blocks a later change below it.
   std::stable_sort(all.begin(), all.end(), [](const DirMeta& a, const DirMeta& b) {
-    return std::count(a.path.begin(), a.path.end(), '/') > std::count(b.path.begin(), b.path.end(), '/');
+    return std::count(a.path.begin(), a.path.end(), '/') >
+           std::count(b.path.begin(), b.path.end(), '/');
   });
   all.push_back(m_root_meta.value_or(DirMeta{"", 0755, {0, UTIME_OMIT}}));
   for (const auto& d : all) {

@@ -71,9 +71,12 @@ bool init_ctx(EVP_MD_CTX* ctx, EVP_PKEY* key, const std::string& algorithm, bool
 
 }  // namespace
 
-void PkeyDeleter::operator()(EVP_PKEY* key) const { EVP_PKEY_free(key); }
+void PkeyDeleter::operator()(EVP_PKEY* key) const {
+  EVP_PKEY_free(key);
+}
 
-bool PublicKey::verify(std::span<const std::byte> data, std::span<const std::byte> signature) const {
+bool PublicKey::verify(std::span<const std::byte> data,
+                       std::span<const std::byte> signature) const {
   std::unique_ptr<EVP_MD_CTX, MdCtxDeleter> ctx(EVP_MD_CTX_new());
   if (!ctx || !init_ctx(ctx.get(), key.get(), algorithm, false)) {
     ERR_clear_error();
@@ -109,7 +112,8 @@ Result<PublicKey> parse_public_key_pem(std::string_view pem, const std::string& 
 Result<PrivateKey> PrivateKey::load(const std::string& pem_path) {
   auto text = fs::read_file(AT_FDCWD, pem_path, kMaxKeyFileSize);
   if (!text) return text.error().with_context("reading private key");
-  std::unique_ptr<BIO, BioDeleter> bio(BIO_new_mem_buf(text->data(), static_cast<int>(text->size())));
+  std::unique_ptr<BIO, BioDeleter> bio(
+      BIO_new_mem_buf(text->data(), static_cast<int>(text->size())));
   EVP_PKEY* raw = PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr);
   OPENSSL_cleanse(text->data(), text->size());
   if (!raw)
@@ -213,7 +217,8 @@ Result<Keyring> Keyring::load(const std::string& keys_dir,
   if (revoked_dir) {
     auto keys = load_dir(*revoked_dir, false);
     if (!keys) return keys.error();
-    for (auto& k : *keys) revoked.insert(k.id);
+    for (auto& k : *keys)
+      revoked.insert(k.id);
   }
   return from_keys(std::move(*trusted), std::move(revoked));
 }

@@ -15,7 +15,9 @@ constexpr std::size_t kMaxUnits = 64;
 constexpr std::size_t kMaxUpgradeFrom = 256;
 constexpr std::uint64_t kMaxHookTimeout = 86400;
 
-Error bad(const std::string& why) { return Error(ErrorCode::kVerificationFailed, "manifest: " + why); }
+Error bad(const std::string& why) {
+  return Error(ErrorCode::kVerificationFailed, "manifest: " + why);
+}
 
 Result<Sha256Digest> digest_field(const json& v, const std::string& where) {
   if (!v.is_string()) return bad(where + " must be a hex string");
@@ -52,7 +54,9 @@ bool valid_rfc3339(std::string_view s) {
         if (!digit) return false;
     }
   }
-  auto num = [&](std::size_t pos, std::size_t len) { return std::stoi(std::string(s.substr(pos, len))); };
+  auto num = [&](std::size_t pos, std::size_t len) {
+    return std::stoi(std::string(s.substr(pos, len)));
+  };
   return num(5, 2) >= 1 && num(5, 2) <= 12 && num(8, 2) >= 1 && num(8, 2) <= 31 &&
          num(11, 2) <= 23 && num(14, 2) <= 59 && num(17, 2) <= 60;
 }
@@ -104,23 +108,29 @@ Result<void> read_author_fields(Manifest& m, const json& doc) {
   if (auto it = doc.find("strategy"); it != doc.end()) {
     if (!it->is_string()) return bad("strategy must be a string");
     auto s = it->get<std::string>();
-    if (s == "all-at-once") m.strategy = Strategy::kAllAtOnce;
-    else if (s == "one-by-one") m.strategy = Strategy::kOneByOne;
-    else if (s == "rolling") m.strategy = Strategy::kRolling;
-    else return bad("unknown strategy " + policy::quote(s));
+    if (s == "all-at-once")
+      m.strategy = Strategy::kAllAtOnce;
+    else if (s == "one-by-one")
+      m.strategy = Strategy::kOneByOne;
+    else if (s == "rolling")
+      m.strategy = Strategy::kRolling;
+    else
+      return bad("unknown strategy " + policy::quote(s));
   }
   if (auto it = doc.find("hooks"); it != doc.end()) {
     if (!it->is_object()) return bad("hooks must be an object");
     m.hooks.clear();
     for (const auto& [name, h] : it->items()) {
       bool known = false;
-      for (const char* k : kHookNames) known = known || name == k;
+      for (const char* k : kHookNames)
+        known = known || name == k;
       if (!known) return bad("unknown hook " + policy::quote(name));
       std::string where = "manifest hooks." + name;
       UPGRADED_TRY(json_only_keys(h, {"path", "timeout_s"}, where));
       auto path = json_string(h, "path", where);
       if (!path) return path.error();
-      if (auto r = policy::validate_relative_path(*path); !r) return bad("hooks." + name + ": " + r.error().message());
+      if (auto r = policy::validate_relative_path(*path); !r)
+        return bad("hooks." + name + ": " + r.error().message());
       auto timeout = json_uint(h, "timeout_s", where, kMaxHookTimeout);
       if (!timeout) return timeout.error();
       if (*timeout == 0) return bad("hooks." + name + ".timeout_s must be at least 1");
@@ -135,7 +145,8 @@ Result<void> read_author_fields(Manifest& m, const json& doc) {
     if (!deadline) return deadline.error();
     if (*deadline == 0 || *deadline < *min_ready)
       return bad("health.deadline_s must be at least 1 and at least min_ready_s");
-    m.health = Health{static_cast<std::uint32_t>(*min_ready), static_cast<std::uint32_t>(*deadline)};
+    m.health =
+        Health{static_cast<std::uint32_t>(*min_ready), static_cast<std::uint32_t>(*deadline)};
   }
   if (auto it = doc.find("notes"); it != doc.end()) {
     if (!it->is_string()) return bad("notes must be a string");
@@ -224,11 +235,16 @@ Result<Manifest> parse_manifest(std::string_view bytes) {
                               "manifest payload"));
   auto comp = json_string(p, "compression", "manifest payload");
   if (!comp) return comp.error();
-  if (*comp == "zstd") m.payload.compression = Compression::kZstd;
-  else if (*comp == "xz") m.payload.compression = Compression::kXz;
-  else if (*comp == "gzip") m.payload.compression = Compression::kGzip;
-  else if (*comp == "none") m.payload.compression = Compression::kNone;
-  else return bad("unknown payload compression " + policy::quote(*comp));
+  if (*comp == "zstd")
+    m.payload.compression = Compression::kZstd;
+  else if (*comp == "xz")
+    m.payload.compression = Compression::kXz;
+  else if (*comp == "gzip")
+    m.payload.compression = Compression::kGzip;
+  else if (*comp == "none")
+    m.payload.compression = Compression::kNone;
+  else
+    return bad("unknown payload compression " + policy::quote(*comp));
   auto size = json_uint(p, "size", "manifest payload", kMaxPayloadSize);
   if (!size) return size.error();
   if (*size == 0) return bad("payload.size is 0");
@@ -247,8 +263,10 @@ Result<Manifest> parse_manifest(std::string_view bytes) {
   if (chunks == p.end() || !chunks->is_array()) return bad("payload.chunks must be an array");
   std::uint64_t expected = (m.payload.size + m.payload.chunk_size - 1) / m.payload.chunk_size;
   if (chunks->size() != expected)
-    return bad("payload.chunks has " + std::to_string(chunks->size()) + " entries, size and "
-               "chunk_size need " + std::to_string(expected));
+    return bad("payload.chunks has " + std::to_string(chunks->size()) +
+               " entries, size and "
+               "chunk_size need " +
+               std::to_string(expected));
   m.payload.chunks.reserve(chunks->size());
   for (const auto& c : *chunks) {
     auto d = digest_field(c, "payload.chunks[]");
@@ -275,7 +293,8 @@ std::string serialize_manifest(const Manifest& m) {
   }
   doc["health"] = {{"min_ready_s", m.health.min_ready_s}, {"deadline_s", m.health.deadline_s}};
   nlohmann::ordered_json chunks = nlohmann::ordered_json::array();
-  for (const auto& c : m.payload.chunks) chunks.push_back(to_hex(c));
+  for (const auto& c : m.payload.chunks)
+    chunks.push_back(to_hex(c));
   doc["payload"] = {{"compression", std::string(to_string(m.payload.compression))},
                     {"size", m.payload.size},
                     {"sha256", to_hex(m.payload.sha256)},
@@ -290,15 +309,16 @@ Result<void> apply_manifest_extras(Manifest& m, std::string_view extra_json) {
   auto parsed = parse_strict_json(extra_json, "extra manifest");
   auto as_invalid = [](const Error& e) { return Error(ErrorCode::kInvalidArgument, e.message()); };
   if (!parsed) return as_invalid(parsed.error());
-  if (!parsed->is_object()) return Error(ErrorCode::kInvalidArgument, "extra manifest must be a JSON object");
+  if (!parsed->is_object())
+    return Error(ErrorCode::kInvalidArgument, "extra manifest must be a JSON object");
   for (const auto& [key, value] : parsed->items()) {
     if (key == "format" || key == "app" || key == "version" || key == "payload" || key == "created")
       return Error(ErrorCode::kInvalidArgument,
                    "extra manifest: '" + key + "' is set by pack itself (use its options)");
   }
-  if (auto r = json_only_keys(*parsed, {"data_format", "upgrade_from", "units", "strategy", "hooks",
-                                        "health", "notes"},
-                              "extra manifest");
+  if (auto r = json_only_keys(
+          *parsed, {"data_format", "upgrade_from", "units", "strategy", "hooks", "health", "notes"},
+          "extra manifest");
       !r)
     return as_invalid(r.error());
   Manifest copy = m;

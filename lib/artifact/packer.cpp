@@ -37,7 +37,9 @@ Error archive_error(archive* a, const std::string& doing) {
 class DirWriter {
  public:
   DirWriter(archive* a, std::int64_t mtime)
-      : m_archive(a), m_mtime(mtime), m_resolver(archive_entry_linkresolver_new(), &archive_entry_linkresolver_free) {
+      : m_archive(a),
+        m_mtime(mtime),
+        m_resolver(archive_entry_linkresolver_new(), &archive_entry_linkresolver_free) {
     archive_entry_linkresolver_set_strategy(m_resolver.get(), ARCHIVE_FORMAT_TAR_PAX_RESTRICTED);
   }
 
@@ -76,7 +78,8 @@ class DirWriter {
   }
 
  private:
-  Result<void> add(const std::string& path, const struct stat& st, int dirfd, const std::string& name) {
+  Result<void> add(const std::string& path, const struct stat& st, int dirfd,
+                   const std::string& name) {
     EntryPtr e(archive_entry_new(), &archive_entry_free);
     archive_entry_set_pathname(e.get(), path.c_str());
     archive_entry_copy_stat(e.get(), &st);
@@ -120,7 +123,8 @@ class DirWriter {
       std::vector<char> buf(1 << 20);
       std::int64_t left = archive_entry_size(entry);
       while (left > 0) {
-        ssize_t n = ::read(fd, buf.data(), std::min<std::int64_t>(left, static_cast<std::int64_t>(buf.size())));
+        ssize_t n = ::read(fd, buf.data(),
+                           std::min<std::int64_t>(left, static_cast<std::int64_t>(buf.size())));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) return system_error(errno, "reading " + policy::quote(path));
         if (n == 0) return Error(ErrorCode::kFailed, policy::quote(path) + " shrank while packing");
@@ -183,13 +187,15 @@ Result<Compression> payload_compression(const std::string& path, int fd) {
       break;
     }
   if (!by_name)
-    return Error(ErrorCode::kInvalidArgument,
-                 "payload " + policy::quote(path) + " must end in .tar, .tar.zst, .tar.xz or .tar.gz");
+    return Error(
+        ErrorCode::kInvalidArgument,
+        "payload " + policy::quote(path) + " must end in .tar, .tar.zst, .tar.xz or .tar.gz");
   unsigned char head[512] = {};
   ssize_t n = ::pread(fd, head, sizeof head, 0);
   if (n < 0) return system_error(errno, "reading payload");
   auto starts = [&](std::initializer_list<unsigned char> magic) {
-    return static_cast<std::size_t>(n) >= magic.size() && std::equal(magic.begin(), magic.end(), head);
+    return static_cast<std::size_t>(n) >= magic.size() &&
+           std::equal(magic.begin(), magic.end(), head);
   };
   bool ok = false;
   switch (*by_name) {
@@ -241,7 +247,8 @@ Result<void> write_payload_from_dir(const std::string& dir, int out_fd, Compress
     case Compression::kGzip:
       if (r == ARCHIVE_OK) r = archive_write_add_filter_gzip(a.get());
       // gzip headers carry a timestamp unless told not to.
-      if (r == ARCHIVE_OK) r = archive_write_set_filter_option(a.get(), "gzip", "timestamp", nullptr);
+      if (r == ARCHIVE_OK)
+        r = archive_write_set_filter_option(a.get(), "gzip", "timestamp", nullptr);
       break;
     case Compression::kNone:
       break;
@@ -251,7 +258,8 @@ Result<void> write_payload_from_dir(const std::string& dir, int out_fd, Compress
   if (r != ARCHIVE_OK) return archive_error(a.get(), "opening payload writer");
   DirWriter writer(a.get(), mtime);
   UPGRADED_TRY(writer.walk(root->get(), ""));
-  if (archive_write_close(a.get()) != ARCHIVE_OK) return archive_error(a.get(), "finishing payload");
+  if (archive_write_close(a.get()) != ARCHIVE_OK)
+    return archive_error(a.get(), "finishing payload");
   return {};
 }
 
@@ -265,15 +273,18 @@ Result<PayloadInfo> describe_payload(int fd, Compression compression, std::uint6
   if (info.size > kMaxPayloadSize)
     return Error(ErrorCode::kInvalidArgument, "payload is larger than 8 GiB - 1 byte");
   info.chunk_size = chunk_size;
-  while ((info.size + info.chunk_size - 1) / info.chunk_size > kMaxChunks) info.chunk_size *= 2;
+  while ((info.size + info.chunk_size - 1) / info.chunk_size > kMaxChunks)
+    info.chunk_size *= 2;
   if (info.chunk_size < kMinChunkSize || info.chunk_size > kMaxChunkSize ||
       (info.chunk_size & (info.chunk_size - 1)) != 0)
-    return Error(ErrorCode::kInvalidArgument, "chunk size must be a power of two from 64 KiB to 16 MiB");
+    return Error(ErrorCode::kInvalidArgument,
+                 "chunk size must be a power of two from 64 KiB to 16 MiB");
   std::vector<std::byte> buf(info.chunk_size);
   Sha256 whole, chunk;
   std::uint64_t offset = 0;
   while (offset < info.size) {
-    std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(info.chunk_size, info.size - offset));
+    std::size_t want =
+        static_cast<std::size_t>(std::min<std::uint64_t>(info.chunk_size, info.size - offset));
     std::size_t got = 0;
     while (got < want) {
       ssize_t n = ::pread(fd, buf.data() + got, want - got, static_cast<off_t>(offset + got));
@@ -296,7 +307,8 @@ Result<std::vector<std::string>> sign_and_write(const std::string& manifest_byte
                                                 const std::vector<std::string>& key_paths,
                                                 int payload_fd, const PayloadInfo& payload,
                                                 std::int64_t mtime, const std::string& output) {
-  if (key_paths.empty()) return Error(ErrorCode::kInvalidArgument, "at least one signing key is needed");
+  if (key_paths.empty())
+    return Error(ErrorCode::kInvalidArgument, "at least one signing key is needed");
   std::vector<Signature> sigs;
   std::vector<std::string> ids;
   for (const auto& path : key_paths) {
@@ -313,7 +325,8 @@ Result<std::vector<std::string>> sign_and_write(const std::string& manifest_byte
 
   auto [dir, base] = fs::split_parent(output);
   std::random_device rd;
-  std::string tmp = (dir == "." ? "" : dir + "/") + "." + base + ".tmp." + std::to_string(rd() % 1000000u);
+  std::string tmp =
+      (dir == "." ? "" : dir + "/") + "." + base + ".tmp." + std::to_string(rd() % 1000000u);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return system_error(errno, "creating " + policy::quote(tmp));
   UniqueFd out(fd);
@@ -363,8 +376,10 @@ Result<PackResult> pack(const PackOptions& o) {
       created = *newest;
     }
     payload_fd = temp_file_near(o.output);
-    if (!payload_fd) return system_error(errno, "creating a temporary payload next to " + policy::quote(o.output));
-    UPGRADED_TRY(write_payload_from_dir(*o.source_dir, payload_fd.get(), compression, o.zstd_level, created));
+    if (!payload_fd)
+      return system_error(errno, "creating a temporary payload next to " + policy::quote(o.output));
+    UPGRADED_TRY(write_payload_from_dir(*o.source_dir, payload_fd.get(), compression, o.zstd_level,
+                                        created));
   } else {
     int fd = ::open(o.payload_path->c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return system_error(errno, "opening payload " + policy::quote(*o.payload_path));
@@ -383,7 +398,8 @@ Result<PackResult> pack(const PackOptions& o) {
   std::string manifest_bytes = serialize_manifest(m);
   if (manifest_bytes.size() > kMaxManifestSize)
     return Error(ErrorCode::kInvalidArgument, "manifest would be larger than 1 MiB");
-  auto ids = sign_and_write(manifest_bytes, o.key_paths, payload_fd.get(), m.payload, created, o.output);
+  auto ids =
+      sign_and_write(manifest_bytes, o.key_paths, payload_fd.get(), m.payload, created, o.output);
   if (!ids) return ids.error();
   struct stat st {};
   ::stat(o.output.c_str(), &st);

@@ -52,7 +52,8 @@ Result<void> VerifiedPayloadStream::pump_chunks() {
       m_free.pop_front();
     }
     std::uint64_t start = static_cast<std::uint64_t>(i) * m_info.chunk_size;
-    std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(m_info.chunk_size, m_info.size - start));
+    std::size_t want =
+        static_cast<std::size_t>(std::min<std::uint64_t>(m_info.chunk_size, m_info.size - start));
     std::span<std::byte> buf(m_buffers[slot].data(), want);
     std::size_t got = 0;
     while (got < want) {
@@ -97,8 +98,10 @@ Result<std::span<const std::byte>> VerifiedPayloadStream::next() {
   m_cv.wait(lock, [&] { return !m_ready.empty() || m_done; });
   if (m_error) return *m_error;
   if (m_ready.empty()) {
-    if (!m_finished && m_hash_on == WholeHashOn::kConsumer && m_consumer_hash.finish() != m_info.sha256) {
-      m_error = Error(ErrorCode::kVerificationFailed, "payload SHA-256 does not match the manifest");
+    if (!m_finished && m_hash_on == WholeHashOn::kConsumer &&
+        m_consumer_hash.finish() != m_info.sha256) {
+      m_error =
+          Error(ErrorCode::kVerificationFailed, "payload SHA-256 does not match the manifest");
       return *m_error;
     }
     m_finished = true;

@@ -61,8 +61,9 @@ std::string serialize_signatures(const std::vector<Signature>& sigs) {
   return doc.dump(2) + "\n";
 }
 
-Result<SignatureReport> verify_signatures(std::string_view manifest_bytes, std::string_view sig_text,
-                                          const Keyring& keyring, const TrustPolicy& policy) {
+Result<SignatureReport> verify_signatures(std::string_view manifest_bytes,
+                                          std::string_view sig_text, const Keyring& keyring,
+                                          const TrustPolicy& policy) {
   auto sigs = parse_signatures(sig_text);
   if (!sigs) return sigs.error();
   SignatureReport report;
@@ -86,10 +87,13 @@ Result<SignatureReport> verify_signatures(std::string_view manifest_bytes, std::
   }
   unsigned need = policy.threshold == 0 ? 1 : policy.threshold;
   if (report.trusted.size() < need) {
-    std::string why = "needs " + std::to_string(need) + " valid signature(s) by trusted keys, found " +
+    std::string why = "needs " + std::to_string(need) +
+                      " valid signature(s) by trusted keys, found " +
                       std::to_string(report.trusted.size());
-    if (!report.revoked.empty()) why += " (" + std::to_string(report.revoked.size()) + " by revoked keys)";
-    if (!report.unknown.empty()) why += " (" + std::to_string(report.unknown.size()) + " by unknown keys)";
+    if (!report.revoked.empty())
+      why += " (" + std::to_string(report.revoked.size()) + " by revoked keys)";
+    if (!report.unknown.empty())
+      why += " (" + std::to_string(report.unknown.size()) + " by unknown keys)";
     return bad(why);
   }
   return report;

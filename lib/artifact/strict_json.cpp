@@ -25,8 +25,7 @@ Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view
     if (event == E::object_end && !seen.empty()) seen.pop_back();
     if (event == E::key && !seen.empty()) {
       auto key = parsed.get<std::string>();
-      if (!seen.back().insert(key).second)
-        throw Rejected{"duplicate key " + policy::quote(key)};
+      if (!seen.back().insert(key).second) throw Rejected{"duplicate key " + policy::quote(key)};
     }
     return true;
   };
@@ -36,11 +35,13 @@ Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view
   } catch (const Rejected& r) {
     return Error(ErrorCode::kVerificationFailed, std::string(what) + ": " + r.why);
   } catch (const nlohmann::json::exception& e) {
-    return Error(ErrorCode::kVerificationFailed, std::string(what) + " is not valid JSON: " + e.what());
+    return Error(ErrorCode::kVerificationFailed,
+                 std::string(what) + " is not valid JSON: " + e.what());
   }
 }
 
-Result<std::string> json_string(const nlohmann::json& obj, const char* key, std::string_view where) {
+Result<std::string> json_string(const nlohmann::json& obj, const char* key,
+                                std::string_view where) {
   auto it = obj.find(key);
   if (it == obj.end())
     return Error(ErrorCode::kVerificationFailed, std::string(where) + ": missing '" + key + "'");
@@ -60,8 +61,8 @@ Result<std::uint64_t> json_uint(const nlohmann::json& obj, const char* key, std:
                  std::string(where) + ": '" + key + "' must be a non-negative integer");
   auto v = it->get<std::uint64_t>();
   if (v > max)
-    return Error(ErrorCode::kVerificationFailed, std::string(where) + ": '" + key +
-                                                     "' exceeds " + std::to_string(max));
+    return Error(ErrorCode::kVerificationFailed,
+                 std::string(where) + ": '" + key + "' exceeds " + std::to_string(max));
   return v;
 }
 
@@ -71,7 +72,8 @@ Result<void> json_only_keys(const nlohmann::json& obj, std::initializer_list<con
     return Error(ErrorCode::kVerificationFailed, std::string(where) + " must be a JSON object");
   for (const auto& [key, value] : obj.items()) {
     bool known = false;
-    for (const char* a : allowed) known = known || key == a;
+    for (const char* a : allowed)
+      known = known || key == a;
     if (!known)
       return Error(ErrorCode::kVerificationFailed,
                    std::string(where) + ": unknown field " + policy::quote(key));

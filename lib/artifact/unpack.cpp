@@ -20,7 +20,8 @@ Result<UnpackResult> extract_verified(int artifact_fd, const Keyring& keyring,
   if (!artifact) return artifact.error();
   ExtractStats stats;
   {
-    VerifiedPayloadStream stream(*artifact->container, artifact->manifest.payload, WholeHashOn::kReader);
+    VerifiedPayloadStream stream(*artifact->container, artifact->manifest.payload,
+                                 WholeHashOn::kReader);
     auto extracted = extract_payload(stream, artifact->manifest.payload.compression,
                                      artifact->manifest.payload.size, dest_dirfd, policy);
     if (!extracted) return extracted.error();
@@ -42,14 +43,16 @@ Result<UnpackResult> unpack_artifact(int artifact_fd, const Keyring& keyring,
   struct stat st {};
   if (::fstatat(dest_parent_fd, dest_name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
     return Error(ErrorCode::kExists, "destination " + policy::quote(dest_name) + " already exists");
-  if (errno != ENOENT) return system_error(errno, "checking destination " + policy::quote(dest_name));
+  if (errno != ENOENT)
+    return system_error(errno, "checking destination " + policy::quote(dest_name));
 
   std::random_device rd;
   std::string partial;
   for (int attempt = 0;; ++attempt) {
     partial = "." + dest_name + ".partial." + std::to_string(rd() % 1000000000u);
     if (::mkdirat(dest_parent_fd, partial.c_str(), 0700) == 0) break;
-    if (errno != EEXIST || attempt > 100) return system_error(errno, "creating " + policy::quote(partial));
+    if (errno != EEXIST || attempt > 100)
+      return system_error(errno, "creating " + policy::quote(partial));
   }
   auto cleanup = [&](const Error& e) -> Result<UnpackResult> {
     (void)fs::remove_tree(dest_parent_fd, partial);  // best effort; the original error matters

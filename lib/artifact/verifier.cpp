@@ -17,7 +17,8 @@ Result<VerifiedArtifact> open_verified(int fd, const Keyring& keyring, const Tru
 }
 
 Result<void> verify_payload(VerifiedArtifact& artifact) {
-  VerifiedPayloadStream stream(*artifact.container, artifact.manifest.payload, WholeHashOn::kConsumer);
+  VerifiedPayloadStream stream(*artifact.container, artifact.manifest.payload,
+                               WholeHashOn::kConsumer);
   for (;;) {
     auto piece = stream.next();
     if (!piece) return piece.error();
@@ -31,11 +32,15 @@ Result<UnverifiedArtifact> inspect_artifact(int fd) {
   UnverifiedArtifact out;
   out.manifest_bytes = (*container)->manifest_bytes();
   auto manifest = parse_manifest(out.manifest_bytes);
-  if (manifest) out.manifest = std::move(*manifest);
-  else out.manifest_error = manifest.error().message();
+  if (manifest)
+    out.manifest = std::move(*manifest);
+  else
+    out.manifest_error = manifest.error().message();
   auto sigs = parse_signatures((*container)->signature_bytes());
-  if (sigs) out.signatures = std::move(*sigs);
-  else out.signature_error = sigs.error().message();
+  if (sigs)
+    out.signatures = std::move(*sigs);
+  else
+    out.signature_error = sigs.error().message();
   return out;
 }
 

@@ -54,7 +54,8 @@ Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t 
   UniqueFd owner(fd);
   struct stat st {};
   if (::fstat(fd, &st) != 0) return system_error(errno, "inspecting '" + path + "'");
-  if (!S_ISREG(st.st_mode)) return Error(ErrorCode::kInvalidArgument, "'" + path + "' is not a regular file");
+  if (!S_ISREG(st.st_mode))
+    return Error(ErrorCode::kInvalidArgument, "'" + path + "' is not a regular file");
   std::string out;
   char buf[65536];
   for (;;) {
@@ -76,8 +77,8 @@ Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_v
                                unsigned mode, bool replace) {
   auto [parent, base] = split_parent(name);
   std::random_device rd;
-  std::string tmp = (parent == "." ? "" : parent + "/") + "." + base + ".tmp." +
-                    std::to_string(rd() & 0xffffffu);
+  std::string tmp =
+      (parent == "." ? "" : parent + "/") + "." + base + ".tmp." + std::to_string(rd() & 0xffffffu);
   int fd = ::openat(dirfd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return system_error(errno, "creating '" + tmp + "'");
   UniqueFd owner(fd);

@@ -14,8 +14,9 @@ Result<void> validate_token(std::string_view what, std::string_view s, std::size
                             std::string_view extra_chars) {
   if (s.empty()) return Error(ErrorCode::kInvalidArgument, std::string(what) + " is empty");
   if (s.size() > max_length)
-    return Error(ErrorCode::kInvalidArgument, std::string(what) + " " + quote(s) + " is longer than " +
-                                                  std::to_string(max_length) + " characters");
+    return Error(ErrorCode::kInvalidArgument, std::string(what) + " " + quote(s) +
+                                                  " is longer than " + std::to_string(max_length) +
+                                                  " characters");
   if (!is_alnum(s.front()))
     return Error(ErrorCode::kInvalidArgument,
                  std::string(what) + " " + quote(s) + " must start with a letter or digit");
@@ -40,10 +41,11 @@ Result<void> validate_version(std::string_view version) {
 
 Result<void> validate_unit_name(std::string_view unit) {
   static constexpr std::array<std::string_view, 11> kSuffixes = {
-      ".service", ".socket", ".target", ".timer", ".path", ".mount",
-      ".automount", ".swap", ".slice", ".scope", ".device"};
+      ".service",   ".socket", ".target", ".timer", ".path",  ".mount",
+      ".automount", ".swap",   ".slice",  ".scope", ".device"};
   if (unit.empty() || unit.size() > kMaxUnitNameLength)
-    return Error(ErrorCode::kInvalidArgument, "unit name " + quote(unit) + " has an invalid length");
+    return Error(ErrorCode::kInvalidArgument,
+                 "unit name " + quote(unit) + " has an invalid length");
   for (char c : unit) {
     if (!is_alnum(c) && std::string_view(":_.\\@-").find(c) == std::string_view::npos)
       return Error(ErrorCode::kInvalidArgument,
@@ -52,7 +54,8 @@ Result<void> validate_unit_name(std::string_view unit) {
   for (auto suffix : kSuffixes) {
     if (unit.size() > suffix.size() && unit.ends_with(suffix)) return {};
   }
-  return Error(ErrorCode::kInvalidArgument, "unit name " + quote(unit) + " has no known unit suffix");
+  return Error(ErrorCode::kInvalidArgument,
+               "unit name " + quote(unit) + " has no known unit suffix");
 }
 
 bool is_valid_utf8(std::string_view s) {

@@ -16,8 +16,8 @@ struct ExtractLimits {
   std::uint64_t max_entries = 1'000'000;
   std::uint64_t max_total_bytes = 64ULL << 30;  ///< sum of file sizes
   std::uint64_t max_file_size = 16ULL << 30;
-  std::size_t max_path_length = 4095;           ///< bytes, like PATH_MAX - 1
-  std::uint64_t max_expansion_ratio = 1000;     ///< uncompressed tar bytes per payload byte
+  std::size_t max_path_length = 4095;              ///< bytes, like PATH_MAX - 1
+  std::uint64_t max_expansion_ratio = 1000;        ///< uncompressed tar bytes per payload byte
   std::uint64_t free_space_reserve = 64ULL << 20;  ///< bytes that must stay free on the target
 };
 

@@ -41,7 +41,8 @@ struct SignatureReport {
 /// Verifies `sig_text` over `manifest_bytes` against `keyring`. Fails (kVerificationFailed) when
 /// the file is malformed, names a key twice, carries a signature by a trusted key that does not
 /// verify (tampering is never outvoted), or has fewer valid trusted signatures than required.
-Result<SignatureReport> verify_signatures(std::string_view manifest_bytes, std::string_view sig_text,
-                                          const Keyring& keyring, const TrustPolicy& policy);
+Result<SignatureReport> verify_signatures(std::string_view manifest_bytes,
+                                          std::string_view sig_text, const Keyring& keyring,
+                                          const TrustPolicy& policy);
 
 }  // namespace upgraded::artifact

@@ -33,9 +33,9 @@ Result<void> verify_payload(VerifiedArtifact& artifact);
 /// What `inspect` shows: the container's first two members read without trusting them.
 struct UnverifiedArtifact {
   std::string manifest_bytes;
-  std::optional<Manifest> manifest;         ///< set when the manifest passes the schema
+  std::optional<Manifest> manifest;  ///< set when the manifest passes the schema
   std::optional<std::string> manifest_error;
-  std::vector<Signature> signatures;        ///< empty when manifest.sig is malformed
+  std::vector<Signature> signatures;  ///< empty when manifest.sig is malformed
   std::optional<std::string> signature_error;
 };
 Result<UnverifiedArtifact> inspect_artifact(int fd);

@@ -1,0 +1,50 @@
+#pragma once
+
+// Test fixtures: a private temporary directory, key pairs, tree snapshots.
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+namespace upgraded::test {
+
+/// A temporary directory removed (recursively, whatever its modes) at destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return m_path; }
+  std::string operator/(const std::string& rel) const { return m_path + "/" + rel; }
+
+ private:
+  std::string m_path;
+};
+
+void write_file(const std::string& path, const std::string& content, unsigned mode = 0644);
+std::string read_file(const std::string& path);
+bool exists(const std::string& path);
+void make_dirs(const std::string& path);
+
+/// Every entry below `root` with type, mode, size, link target, content hash and mtime: two
+/// snapshots are equal exactly when nothing in the tree changed.
+std::map<std::string, std::string> snapshot(const std::string& root);
+
+/// A hash over paths, types, modes, link targets and contents (not mtimes).
+std::string tree_hash(const std::string& root);
+
+/// Skips the test with a clear message when not running as root, but fails it under CI=true,
+/// where the suite must exercise everything.
+#define UPGRADED_REQUIRE_ROOT()                                                    \
+  do {                                                                             \
+    if (::geteuid() != 0) {                                                        \
+      if (::upgraded::test::in_ci()) FAIL() << "CI=true but this test needs root"; \
+      GTEST_SKIP() << "needs root (run as root, or in CI) - skipped";              \
+    }                                                                              \
+  } while (false)
+bool in_ci();
+
+}  // namespace upgraded::test

@@ -1,0 +1,252 @@
+// The outer container and the verifier: every byte of an artifact is either signed, hashed, or
+// required to have one exact value, so no single-byte change can go unnoticed.
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "support/artifact_builder.h"
+#include "support/raw_tar.h"
+#include "support/test_dir.h"
+#include "upgraded/artifact/container.h"
+#include "upgraded/artifact/extractor.h"
+#include "upgraded/artifact/unpack.h"
+#include "upgraded/artifact/verifier.h"
+#include "upgraded/fs/durable.h"
+
+using namespace upgraded;
+using namespace upgraded::artifact;
+using namespace upgraded::test;
+
+namespace {
+
+class Container : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    make_dirs(t / "work");
+    write_file(t / "sentinel", "untouched");
+    payload = zstd_compress(
+        raw_tar({dir("bin"), file("bin/hello", "#!/bin/sh\necho hello\n", 0755),
+                 file("README", std::string(3000, 'r')), symlink_to("link", "README")}));
+    BuildOptions o;
+    o.compression = Compression::kZstd;
+    build_artifact(t / "good.upd", {key}, payload, o);
+    good = read_file(t / "good.upd");
+  }
+
+  // Verifies the artifact at `path` completely (signatures, manifest, every payload byte).
+  Result<void> verify(const std::string& path) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    auto a = open_verified(fd.get(), ring, TrustPolicy{});
+    if (!a) return a.error();
+    return verify_payload(*a);
+  }
+
+  // Unpacks into work/out and returns the result; the caller checks what is on disk.
+  Result<UnpackResult> unpack(const std::string& path) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    auto work = fs::open_directory(t / "work");
+    return unpack_artifact(fd.get(), ring, TrustPolicy{}, ExtractPolicy{}, work->get(), "out");
+  }
+
+  void expect_nothing_extracted() {
+    EXPECT_TRUE(snapshot(t / "work").size() == 1) << "work/ must stay empty";
+    EXPECT_EQ(read_file(t / "sentinel"), "untouched");
+  }
+
+  TempDir t;
+  TestKey key = make_key(t, "release");
+  Keyring ring = keyring_of({key});
+  std::string payload;
+  std::string good;
+};
+
+}  // namespace
+
+TEST_F(Container, AcceptsTheUntouchedArtifact) {
+  ASSERT_TRUE(verify(t / "good.upd").ok());
+  auto r = unpack(t / "good.upd");
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(read_file(t / "work/out/bin/hello"), "#!/bin/sh\necho hello\n");
+}
+
+TEST_F(Container, RejectsEverySingleByteChangeAtEveryOffset) {
+  ASSERT_GT(good.size(), 2000u);
+  int checked = 0;
+  for (unsigned char mask : {0x01, 0xff}) {
+    for (std::size_t i = 0; i < good.size(); ++i) {
+      std::string bad = good;
+      bad[i] = static_cast<char>(bad[i] ^ mask);
+      write_file(t / "bad.upd", bad);
+      auto v = verify(t / "bad.upd");
+      ASSERT_FALSE(v.ok()) << "flip ^" << int(mask) << " at offset " << i << " was accepted";
+      EXPECT_EQ(v.error().code(), ErrorCode::kVerificationFailed)
+          << i << ": " << v.error().message();
+      auto u = unpack(t / "bad.upd");
+      ASSERT_FALSE(u.ok()) << "flip at offset " << i << " was unpacked";
+      ASSERT_FALSE(exists(t / "work/out")) << i;
+      ++checked;
+    }
+  }
+  expect_nothing_extracted();
+  EXPECT_EQ(checked, static_cast<int>(2 * good.size()));
+}
+
+TEST_F(Container, RejectsEveryTruncation) {
+  for (std::size_t len = 0; len < good.size(); ++len) {
+    write_file(t / "short.upd", good.substr(0, len));
+    auto v = verify(t / "short.upd");
+    ASSERT_FALSE(v.ok()) << "truncated to " << len << " bytes was accepted";
+    ASSERT_FALSE(unpack(t / "short.upd").ok()) << len;
+    ASSERT_FALSE(exists(t / "work/out"));
+  }
+  expect_nothing_extracted();
+}
+
+TEST_F(Container, RejectsAppendedData) {
+  for (std::string tail :
+       std::initializer_list<std::string>{std::string("x"), std::string(512, 'x'),
+                                          std::string(20000, '\0'), std::string(1, '\0'), good}) {
+    write_file(t / "long.upd", good + tail);
+    auto v = verify(t / "long.upd");
+    ASSERT_FALSE(v.ok()) << "appended " << tail.size() << " bytes";
+    EXPECT_EQ(v.error().code(), ErrorCode::kVerificationFailed);
+    ASSERT_FALSE(unpack(t / "long.upd").ok());
+  }
+  expect_nothing_extracted();
+}
+
+TEST_F(Container, AcceptsZeroPaddingToAFullTarRecord) {
+  // GNU tar pads archives to 10240-byte records; an independent producer may do the same.
+  std::size_t padded = (good.size() + kTarRecord - 1) / kTarRecord * kTarRecord;
+  ASSERT_GT(padded, good.size());
+  write_file(t / "padded.upd", good + std::string(padded - good.size(), '\0'));
+  EXPECT_TRUE(verify(t / "padded.upd").ok());
+}
+
+TEST_F(Container, RejectsEmptyAndForeignFiles) {
+  std::string zip("PK\x03\x04", 4);
+  zip += std::string(200, 'z');
+  for (const auto& [name, content] : std::vector<std::pair<std::string, std::string>>{
+           {"empty", ""},
+           {"text", "hello world\n"},
+           {"zip", zip},
+           {"zeros", std::string(10240, '\0')},
+           {"zstd-of-artifact", zstd_compress(good)},
+           {"plain-tar", raw_tar({file("manifest.json", "{}"), file("payload.tar", "x")})}}) {
+    write_file(t / name, content);
+    auto v = verify(t / name);
+    ASSERT_FALSE(v.ok()) << name;
+    EXPECT_EQ(v.error().code(), ErrorCode::kVerificationFailed)
+        << name << ": " << v.error().message();
+    ASSERT_FALSE(unpack(t / name).ok()) << name;
+  }
+  expect_nothing_extracted();
+}
+
+TEST_F(Container, RejectsAManifestFromOneArtifactWithThePayloadOfAnother) {
+  std::string other_payload = zstd_compress(
+      raw_tar({dir("bin"), file("bin/hello", "#!/bin/sh\necho evil!\n", 0755),
+               file("README", std::string(3000, 'r')), symlink_to("link", "README")}));
+  BuildOptions o;
+  o.compression = Compression::kZstd;
+  build_artifact(t / "other.upd", {key}, other_payload, o);
+  // Take manifest.json and manifest.sig from good.upd, the payload from other.upd.
+  auto take = [&](const std::string& path) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    auto c = ContainerReader::open(fd.get());
+    EXPECT_TRUE(c.ok());
+    return std::pair((*c)->manifest_bytes(), (*c)->signature_bytes());
+  };
+  auto [manifest, sig] = take(t / "good.upd");
+  write_file(t / "other.payload", other_payload);
+  UniqueFd pfd(::open((t / "other.payload").c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd out(::open((t / "mixed.upd").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  ASSERT_TRUE(write_container(out.get(), manifest, sig, pfd.get(), other_payload.size(),
+                              Compression::kZstd, 0)
+                  .ok());
+  auto v = verify(t / "mixed.upd");
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.error().code(), ErrorCode::kVerificationFailed);
+  ASSERT_FALSE(unpack(t / "mixed.upd").ok());
+  expect_nothing_extracted();
+}
+
+TEST_F(Container, ReadsEachByteOnceSoALaterChangeToTheFileCannotChangeWhatIsInstalled) {
+  // A payload larger than the reader's 1 MiB window: its start is read (and kept) when the
+  // manifest is, the rest later.
+  std::string content;
+  std::uint32_t x = 12345;
+  while (content.size() < (4u << 20)) {
+    x = x * 1664525u + 1013904223u;
+    content += static_cast<char>(x >> 24);
+  }
+  std::string tar = raw_tar({file("blob", content)});
+  build_artifact(t / "big.upd", {key}, tar);
+  std::string original = read_file(t / "big.upd");
+  std::size_t data_at = original.find(tar.substr(0, 512));
+  ASSERT_NE(data_at, std::string::npos);
+
+  auto tamper = [&](std::size_t offset) {
+    UniqueFd w(::open((t / "big.upd").c_str(), O_WRONLY | O_CLOEXEC));
+    char c = static_cast<char>(original[offset] ^ 0x55);
+    ASSERT_EQ(::pwrite(w.get(), &c, 1, static_cast<off_t>(offset)), 1);
+  };
+  auto extract_after_tampering = [&](std::size_t offset,
+                                     const std::string& dest) -> Result<ExtractStats> {
+    write_file(t / "big.upd", original);
+    UniqueFd fd(::open((t / "big.upd").c_str(), O_RDONLY | O_CLOEXEC));
+    auto a = open_verified(fd.get(), ring, TrustPolicy{});
+    EXPECT_TRUE(a.ok());
+    tamper(offset);  // after the signature check, before the payload is consumed
+    make_dirs(t / dest);
+    auto d = fs::open_directory(t / dest);
+    VerifiedPayloadStream stream(*a->container, a->manifest.payload, WholeHashOn::kReader);
+    return extract_payload(stream, a->manifest.payload.compression, a->manifest.payload.size,
+                           d->get(), ExtractPolicy{});
+  };
+
+  // A byte not yet read when it changes: the reader sees the new byte and refuses it.
+  auto late = extract_after_tampering(data_at + (3u << 20), "late");
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().code(), ErrorCode::kVerificationFailed);
+  EXPECT_NE(late.error().message().find("does not match its signed SHA-256"), std::string::npos)
+      << late.error().message();
+  // A byte already read when it changes: what is installed is what was verified.
+  auto early = extract_after_tampering(data_at + 512 + 100, "early");
+  ASSERT_TRUE(early.ok()) << early.error().message();
+  EXPECT_EQ(read_file(t / "early/blob"), content);
+}
+
+TEST_F(Container, StreamsFromAPipeInOnePass) {
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  std::thread writer([&] {
+    std::size_t off = 0;
+    while (off < good.size()) {
+      ssize_t n = ::write(p[1], good.data() + off, good.size() - off);
+      if (n <= 0) break;
+      off += static_cast<std::size_t>(n);
+    }
+    ::close(p[1]);
+  });
+  auto work = fs::open_directory(t / "work");
+  auto r = unpack_artifact(p[0], ring, TrustPolicy{}, ExtractPolicy{}, work->get(), "out");
+  writer.join();
+  ::close(p[0]);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(read_file(t / "work/out/README"), std::string(3000, 'r'));
+}
+
+TEST_F(Container, InspectShowsTheManifestWithoutTrustingIt) {
+  // A wrong key is no obstacle to inspect, and it never claims verification.
+  UniqueFd fd(::open((t / "good.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto info = inspect_artifact(fd.get());
+  ASSERT_TRUE(info.ok());
+  ASSERT_TRUE(info->manifest.has_value());
+  EXPECT_EQ(info->manifest->app, "hello");
+  ASSERT_EQ(info->signatures.size(), 1u);
+  EXPECT_EQ(info->signatures[0].key_id, key.id);
+}

@@ -1,0 +1,176 @@
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "support/artifact_builder.h"
+#include "support/test_dir.h"
+#include "upgraded/artifact/packer.h"
+#include "upgraded/artifact/unpack.h"
+#include "upgraded/artifact/verifier.h"
+#include "upgraded/fs/durable.h"
+
+using namespace upgraded;
+using namespace upgraded::artifact;
+using namespace upgraded::test;
+
+namespace {
+
+class Packer : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    make_dirs(t / "src/bin");
+    make_dirs(t / "src/share/doc");
+    make_dirs(t / "src/empty");
+    write_file(t / "src/bin/hello", "#!/bin/sh\necho v1\n", 0755);
+    write_file(t / "src/share/doc/README", "read me\n");
+    std::string big;
+    for (unsigned long i = 0; i < 300000; ++i)
+      big += std::to_string(i * 7919) + (i % 13 ? " " : "\n");
+    write_file(t / "src/share/data.txt", big);
+    ::symlink("../share/doc/README", (t / "src/bin/readme").c_str());
+    ::link((t / "src/share/doc/README").c_str(), (t / "src/share/README.hard").c_str());
+    make_dirs(t / "keys");
+    write_file(t / "keys/release.pem", read_file(key.public_path));
+  }
+
+  PackOptions options(const std::string& out) {
+    PackOptions o;
+    o.key_paths = {key.private_path};
+    o.app = "hello";
+    o.version = "1.0.0";
+    o.output = out;
+    o.source_dir = t / "src";
+    o.chunk_size = kMinChunkSize;
+    return o;
+  }
+
+  Result<UnpackResult> unpack(const std::string& artifact, const std::string& dest) {
+    UniqueFd fd(::open(artifact.c_str(), O_RDONLY | O_CLOEXEC));
+    auto parent = fs::open_directory(t.path());
+    return unpack_artifact(fd.get(), ring, TrustPolicy{}, ExtractPolicy{}, parent->get(), dest);
+  }
+
+  TempDir t;
+  TestKey key = make_key(t, "release");
+  Keyring ring = keyring_of({key});
+};
+
+}  // namespace
+
+TEST_F(Packer, RoundTripsATreeExactly) {
+  auto r = pack(options(t / "a.upd"));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_GT(r->manifest.payload.chunks.size(), 1u) << "the test should span several chunks";
+  auto u = unpack(t / "a.upd", "out");
+  ASSERT_TRUE(u.ok()) << u.error().message();
+  EXPECT_EQ(tree_hash(t / "src"), tree_hash(t / "out"));
+  EXPECT_EQ(u->stats.hardlinks, 1u);
+  struct stat a {
+  }, b{};
+  ::stat((t / "out/share/doc/README").c_str(), &a);
+  ::stat((t / "out/share/README.hard").c_str(), &b);
+  EXPECT_EQ(a.st_ino, b.st_ino) << "hardlinks stay hardlinks";
+  EXPECT_EQ(a.st_uid, ::geteuid()) << "owners are never taken from the archive";
+}
+
+TEST_F(Packer, IsReproducible) {
+  ASSERT_TRUE(pack(options(t / "a.upd")).ok());
+  ASSERT_TRUE(pack(options(t / "b.upd")).ok());
+  EXPECT_EQ(read_file(t / "a.upd"), read_file(t / "b.upd"));
+  // A copy of the tree made later (new inodes, new ctimes, same content and mtimes) packs the
+  // same when the release time is given explicitly.
+  auto o1 = options(t / "c.upd");
+  o1.created = 1700000000;
+  auto o2 = options(t / "d.upd");
+  o2.created = 1700000000;
+  ASSERT_EQ(std::system(("cp -a " + t / "src" + " " + t / "copy").c_str()), 0);
+  o2.source_dir = t / "copy";
+  ASSERT_TRUE(pack(o1).ok());
+  ASSERT_TRUE(pack(o2).ok());
+  EXPECT_EQ(read_file(t / "c.upd"), read_file(t / "d.upd"));
+  // ... and a changed byte changes the artifact.
+  write_file(t / "copy/share/doc/README", "read me!\n");
+  ASSERT_TRUE(pack(o2).ok());
+  EXPECT_NE(read_file(t / "c.upd"), read_file(t / "d.upd"));
+}
+
+TEST_F(Packer, WrapsAPrebuiltPayloadAsIs) {
+  ASSERT_EQ(std::system(("tar -C " + t / "src" + " -cf " + t / "p.tar .").c_str()), 0);
+  ASSERT_EQ(std::system(("zstd -q -19 " + t / "p.tar -o " + t / "p.tar.zst").c_str()), 0);
+  ASSERT_EQ(std::system(("xz -k " + t / "p.tar").c_str()), 0);
+  ASSERT_EQ(std::system(("gzip -k " + t / "p.tar").c_str()), 0);
+  int n = 0;
+  for (const char* name : {"p.tar", "p.tar.zst", "p.tar.xz", "p.tar.gz"}) {
+    auto o = options(t / (std::string(name) + ".upd"));
+    o.source_dir.reset();
+    o.payload_path = t / name;
+    auto r = pack(o);
+    ASSERT_TRUE(r.ok()) << name << ": " << r.error().message();
+    // The payload member is the input file byte for byte.
+    UniqueFd fd(::open((t / (std::string(name) + ".upd")).c_str(), O_RDONLY | O_CLOEXEC));
+    auto a = open_verified(fd.get(), ring, TrustPolicy{});
+    ASSERT_TRUE(a.ok());
+    EXPECT_EQ(a->manifest.payload.size, read_file(t / name).size());
+    auto u = unpack(t / (std::string(name) + ".upd"), std::string("out-") + std::to_string(n++));
+    ASSERT_TRUE(u.ok()) << name << ": " << u.error().message();
+    EXPECT_EQ(tree_hash(t / "src"), tree_hash(t / ("out-" + std::to_string(n - 1))));
+  }
+}
+
+TEST_F(Packer, RefusesAPayloadWhoseNameAndContentDisagree) {
+  ASSERT_EQ(std::system(("tar -C " + t / "src" + " -cf " + t / "p.tar .").c_str()), 0);
+  ASSERT_EQ(std::system(("cp " + t / "p.tar " + t / "fake.tar.zst").c_str()), 0);
+  auto o = options(t / "x.upd");
+  o.source_dir.reset();
+  o.payload_path = t / "fake.tar.zst";
+  auto r = pack(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("does not start like a zstd"), std::string::npos);
+  EXPECT_FALSE(exists(t / "x.upd"));
+}
+
+TEST_F(Packer, MergesAuthorFieldsAndRefusesBadOnes) {
+  write_file(t / "extra.json",
+             R"({"units": ["hello.service"], "health": {"min_ready_s": 2, "deadline_s": 30},
+                 "hooks": {"migrate": {"path": "bin/hello", "timeout_s": 60}}, "notes": "v1"})");
+  auto o = options(t / "a.upd");
+  o.extra_manifest_path = t / "extra.json";
+  auto r = pack(o);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(r->manifest.units, std::vector<std::string>{"hello.service"});
+  EXPECT_EQ(r->manifest.hooks.at("migrate").timeout_s, 60u);
+  write_file(t / "extra.json", R"({"version": "9.9"})");
+  o.output = t / "c.upd";
+  EXPECT_FALSE(pack(o).ok());
+  EXPECT_FALSE(exists(t / "c.upd"));
+}
+
+TEST_F(Packer, RefusesBadNamesAndSpecialFilesWithoutWritingOutput) {
+  auto o = options(t / "a.upd");
+  o.app = "../evil";
+  EXPECT_FALSE(pack(o).ok());
+  o = options(t / "a.upd");
+  o.version = "1/2";
+  EXPECT_FALSE(pack(o).ok());
+  ASSERT_EQ(::mkfifo((t / "src/fifo").c_str(), 0644), 0);
+  auto r = pack(options(t / "a.upd"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("fifo"), std::string::npos);
+  EXPECT_FALSE(exists(t / "a.upd"));
+  EXPECT_EQ(snapshot(t.path()).count(".a.upd.tmp"), 0u);
+}
+
+TEST_F(Packer, SignsWithSeveralKeysForThresholds) {
+  TestKey second = make_key(t, "second");
+  auto o = options(t / "a.upd");
+  o.key_paths.push_back(second.private_path);
+  auto r = pack(o);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->key_ids.size(), 2u);
+  UniqueFd fd(::open((t / "a.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto a = open_verified(fd.get(), keyring_of({key, second}), TrustPolicy{2});
+  ASSERT_TRUE(a.ok()) << a.error().message();
+  o.key_paths.push_back(key.private_path);
+  EXPECT_FALSE(pack(o).ok()) << "the same key twice is refused";
+}
