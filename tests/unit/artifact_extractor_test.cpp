@@ -361,6 +361,16 @@ TEST_F(GoodPayload, StripsUnsafeModesWhenThePolicySaysSo) {
   EXPECT_EQ(mode_of("out/ww/f"), 0664u);
 }
 
+TEST_F(GoodPayload, GivesFilesTheirArchivedModeWhateverTheUmask) {
+  mode_t old = ::umask(077);
+  auto r = unpack(raw_tar({file("a", "x", 0644), file("b", "y", 0755), file("c", "z", 0400)}));
+  ::umask(old);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(mode_of("out/a"), 0644u);
+  EXPECT_EQ(mode_of("out/b"), 0755u);
+  EXPECT_EQ(mode_of("out/c"), 0400u);
+}
+
 TEST_F(GoodPayload, AppliesTheRootEntryAndReadOnlyDirectoriesLast) {
   auto r = unpack(raw_tar({dir("./", 0750), dir("ro", 0555), file("ro/f", "x", 0444)}));
   ASSERT_TRUE(r.ok()) << r.error().message();
