@@ -74,6 +74,7 @@ struct ContainerReader::Impl {
   bool eof = false;
   std::vector<char> buf = std::vector<char>(kReadSize);
   std::string prefix;
+  bool keep_prefix = true;                               // until the payload starts
   std::vector<char> tail = std::vector<char>(kTailCap);  // ring: bytes [offset - kTailCap, offset)
   archive* a = nullptr;
   std::uint64_t payload_data_start = 0;
@@ -102,7 +103,8 @@ struct ContainerReader::Impl {
   }
 
   void record(const char* p, std::size_t n) {
-    if (prefix.size() < kPrefixCap) prefix.append(p, std::min(n, kPrefixCap - prefix.size()));
+    if (keep_prefix && prefix.size() < kPrefixCap)
+      prefix.append(p, std::min(n, kPrefixCap - prefix.size()));
     for (std::size_t i = n > kTailCap ? n - kTailCap : 0; i < n; ++i)
       tail[(offset + i) % kTailCap] = p[i];
     offset += n;
@@ -208,6 +210,7 @@ Result<void> ContainerReader::begin_payload(const PayloadInfo& info) {
   im.payload_data_start = data_start;
   im.payload_size = info.size;
   im.payload_read = 0;
+  im.keep_prefix = false;
   std::string().swap(im.prefix);  // release ~1 MiB; the prefix is no longer needed
   return {};
 }

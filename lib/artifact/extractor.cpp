@@ -327,6 +327,9 @@ Result<void> Extractor::make_symlink(const std::string& path, archive_entry* e) 
   if (!pfd) return pfd.error();
   if (::symlinkat(target.c_str(), pfd->get(), base.c_str()) != 0)
     return system_error(errno, "creating " + where);
+  timespec times[2] = {{0, UTIME_OMIT}, {archive_entry_mtime(e), archive_entry_mtime_nsec(e)}};
+  if (::utimensat(pfd->get(), base.c_str(), times, AT_SYMLINK_NOFOLLOW) != 0)
+    return system_error(errno, "setting mtime of " + where);
   m_seen.emplace(path, Kind::kSymlink);
   m_symlinks.push_back(path);
   ++m_stats.symlinks;
