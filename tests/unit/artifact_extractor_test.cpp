@@ -408,6 +408,19 @@ TEST(DiskFull, LeavesNoPartialTreeAndReportsNoSpace) {
   EXPECT_NE(r2.error().message().find("not enough free space"), std::string::npos)
       << r2.error().message();
   EXPECT_EQ(snapshot(t / "small").size(), 1u);
+  // Many small files: the failure happens on a writer thread and must surface just the same.
+  std::vector<RawEntry> many;
+  for (int i = 0; i < 3000; ++i)
+    many.push_back(
+        file("d" + std::to_string(i % 7) + "/f" + std::to_string(i), std::string(1500, 'x')));
+  build_artifact(t / "many.upd", {key}, zstd_compress(raw_tar(many)),
+                 BuildOptions{.compression = Compression::kZstd});
+  p.limits.free_space_reserve = 0;
+  UniqueFd fd3(::open((t / "many.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto r3 = unpack_artifact(fd3.get(), keyring_of({key}), TrustPolicy{}, p, small->get(), "out");
+  ASSERT_FALSE(r3.ok());
+  EXPECT_EQ(r3.error().code(), ErrorCode::kNoSpace) << r3.error().message();
+  EXPECT_EQ(snapshot(t / "small").size(), 1u);
   small->reset();
   ::umount2((t / "small").c_str(), MNT_DETACH);
 }
