@@ -260,6 +260,7 @@ Result<mode_t> Extractor::sanitize_mode(const std::string& path, mode_t mode) {
     }
     mode &= ~kUnsafeBits;
   }
+  if (m_policy.read_only) mode &= ~static_cast<mode_t>(0222);
   return mode;
 }
 
@@ -552,13 +553,17 @@ Result<void> Extractor::check_symlinks() {
 Result<void> Extractor::apply_dir_metadata() {
   std::vector<DirMeta> all = m_dirs;
   for (const auto& [path, kind] : m_seen)
-    if (kind == Kind::kImplicitDir) all.push_back(DirMeta{path, 0755, {0, UTIME_OMIT}});
+    if (kind == Kind::kImplicitDir)
+      all.push_back(
+          DirMeta{path, static_cast<mode_t>(m_policy.read_only ? 0555 : 0755), {0, UTIME_OMIT}});
   // Deepest first, so that making a directory read-only never blocks a later change below it.
   std::stable_sort(all.begin(), all.end(), [](const DirMeta& a, const DirMeta& b) {
     return std::count(a.path.begin(), a.path.end(), '/') >
            std::count(b.path.begin(), b.path.end(), '/');
   });
-  all.push_back(m_root_meta.value_or(DirMeta{"", 0755, {0, UTIME_OMIT}}));
+  DirMeta root = m_root_meta.value_or(DirMeta{"", 0755, {0, UTIME_OMIT}});
+  if (m_policy.read_only) root.mode |= S_IWUSR;  // the caller still renames it into place
+  all.push_back(root);
   for (const auto& d : all) {
     auto fd = d.path.empty() ? fs::open_beneath(m_root, ".", O_RDONLY | O_DIRECTORY)
                              : fs::open_beneath(m_root, d.path, O_RDONLY | O_DIRECTORY);

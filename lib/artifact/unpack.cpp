@@ -21,7 +21,7 @@ Result<ExtractStats> extract_verified(VerifiedArtifact& artifact, const ExtractP
   if (!stats) return stats.error();
   // One syncfs instead of an fsync per file: the same durability for the whole tree at a
   // fraction of the cost (50,000 fsyncs take far longer than the extraction itself).
-  if (::syncfs(dest_dirfd) != 0) return system_error(errno, "syncing extracted files");
+  UPGRADED_TRY(fs::sync_filesystem(dest_dirfd, "extracted files"));
   return stats;
 }
 
@@ -56,11 +56,11 @@ Result<UnpackResult> unpack_artifact(int artifact_fd, const Keyring& keyring,
   if (!dir) return cleanup(dir.error());
   auto stats = extract_verified(*artifact, extract_policy, dir->get());
   if (!stats) return cleanup(stats.error());
-  if (::renameat2(dest_parent_fd, partial.c_str(), dest_parent_fd, dest_name.c_str(),
-                  RENAME_NOREPLACE) != 0)
-    return cleanup(system_error(errno, "renaming into place as " + policy::quote(dest_name)));
-  if (::fsync(dest_parent_fd) != 0) {
-    Error e = system_error(errno, "syncing the destination's parent directory");
+  if (auto r = fs::rename_at(dest_parent_fd, partial, dest_parent_fd, dest_name, RENAME_NOREPLACE);
+      !r)
+    return cleanup(r.error());
+  if (auto r = fs::sync_fd(dest_parent_fd, "the destination's parent directory"); !r) {
+    Error e = r.error();
     (void)fs::remove_tree(dest_parent_fd, dest_name);
     return e;
   }

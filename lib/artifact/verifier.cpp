@@ -13,7 +13,9 @@ Result<VerifiedArtifact> open_verified(int fd, const Keyring& keyring, const Tru
   auto manifest = parse_manifest((*container)->manifest_bytes());
   if (!manifest) return manifest.error();
   UPGRADED_TRY((*container)->begin_payload(manifest->payload));
-  return VerifiedArtifact{std::move(*manifest), std::move(*report), std::move(*container)};
+  std::string bytes = (*container)->manifest_bytes();
+  return VerifiedArtifact{std::move(*manifest), std::move(bytes), std::move(*report),
+                          std::move(*container)};
 }
 
 Result<void> verify_payload(VerifiedArtifact& artifact) {

@@ -1,15 +1,70 @@
 #include "upgraded/fs/durable.h"
 
+#include "upgraded/crash_point.h"
+
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <random>
 
 namespace upgraded::fs {
+namespace {
+
+struct Fault {
+  std::atomic<int> calls{0};
+  std::atomic<int> fail_at{0};  // 0: never
+  std::atomic<int> err{0};
+};
+Fault g_faults[3];
+
+// Counts the call and returns the errno to fake, or 0 to make the real call.
+int injected(FaultOp op) {
+  Fault& f = g_faults[static_cast<int>(op)];
+  int n = f.calls.fetch_add(1, std::memory_order_relaxed) + 1;
+  int at = f.fail_at.load(std::memory_order_relaxed);
+  return at != 0 && n == at ? f.err.load(std::memory_order_relaxed) : 0;
+}
+
+}  // namespace
+
+void FaultInjection::arm(FaultOp op, int nth, int err) {
+  disarm();
+  Fault& f = g_faults[static_cast<int>(op)];
+  f.err = err;
+  f.fail_at = nth;
+}
+
+void FaultInjection::disarm() {
+  for (auto& f : g_faults) {
+    f.fail_at = 0;
+    f.calls = 0;
+  }
+}
+
+int FaultInjection::calls(FaultOp op) {
+  return g_faults[static_cast<int>(op)].calls;
+}
+
+Result<void> rename_at(int from_dirfd, const std::string& from, int to_dirfd, const std::string& to,
+                       unsigned flags) {
+  int err = injected(FaultOp::kRename);
+  if (err == 0 && ::renameat2(from_dirfd, from.c_str(), to_dirfd, to.c_str(), flags) != 0)
+    err = errno;
+  if (err != 0) return system_error(err, "renaming '" + from + "' to '" + to + "'");
+  return {};
+}
+
+Result<void> sync_filesystem(int fd, std::string_view what) {
+  int err = injected(FaultOp::kSync);
+  if (err == 0 && ::syncfs(fd) != 0) err = errno;
+  if (err != 0) return system_error(err, "syncing " + std::string(what));
+  return {};
+}
 
 Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsigned mode) {
   open_how how{};
@@ -32,11 +87,14 @@ Result<UniqueFd> open_directory(const std::string& path) {
 }
 
 Result<void> sync_fd(int fd, std::string_view what) {
-  if (::fsync(fd) != 0) return system_error(errno, "syncing " + std::string(what));
+  int err = injected(FaultOp::kSync);
+  if (err == 0 && ::fsync(fd) != 0) err = errno;
+  if (err != 0) return system_error(err, "syncing " + std::string(what));
   return {};
 }
 
 Result<void> write_all(int fd, std::span<const std::byte> data) {
+  if (int err = injected(FaultOp::kWrite); err != 0) return system_error(err, "writing");
   while (!data.empty()) {
     ssize_t n = ::write(fd, data.data(), data.size());
     if (n < 0) {
@@ -74,7 +132,7 @@ Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t 
 }
 
 Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_view data,
-                               unsigned mode, bool replace) {
+                               unsigned mode, bool replace, bool sync_dir) {
   auto [parent, base] = split_parent(name);
   std::random_device rd;
   std::string tmp =
@@ -91,9 +149,10 @@ Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_v
   if (::fchmod(fd, mode) != 0) return fail(system_error(errno, "setting mode of '" + tmp + "'"));
   if (auto r = sync_fd(fd, "'" + tmp + "'"); !r) return fail(r.error());
   owner.reset();
-  unsigned flags = replace ? 0 : RENAME_NOREPLACE;
-  if (::renameat2(dirfd, tmp.c_str(), dirfd, name.c_str(), flags) != 0)
-    return fail(system_error(errno, "renaming '" + tmp + "' to '" + name + "'"));
+  crash_point("write_file_atomic.before_rename");
+  if (auto r = rename_at(dirfd, tmp, dirfd, name, replace ? 0 : RENAME_NOREPLACE); !r)
+    return fail(r.error());
+  if (!sync_dir) return {};
   int pfd = ::openat(dirfd, parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (pfd < 0) return system_error(errno, "opening '" + parent + "'");
   UniqueFd pown(pfd);

@@ -81,7 +81,8 @@ void walk(const std::string& root, const std::string& rel, std::map<std::string,
     struct stat st {};
     if (::lstat(full.c_str(), &st) != 0) continue;
     std::ostringstream desc;
-    desc << std::oct << st.st_mode << std::dec << " size=" << st.st_size;
+    desc << std::oct << st.st_mode << std::dec;
+    if (!S_ISDIR(st.st_mode)) desc << " size=" << st.st_size;  // directory sizes vary by filesystem
     if (with_mtime) desc << " mtime=" << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec;
     if (S_ISLNK(st.st_mode)) {
       char buf[4096];
@@ -98,15 +99,16 @@ void walk(const std::string& root, const std::string& rel, std::map<std::string,
 
 }  // namespace
 
-std::map<std::string, std::string> snapshot(const std::string& root) {
+std::map<std::string, std::string> snapshot(const std::string& root, bool with_mtime) {
   std::map<std::string, std::string> out;
   struct stat st {};
   if (::lstat(root.c_str(), &st) == 0) {
     std::ostringstream desc;
-    desc << std::oct << st.st_mode << " mtime=" << std::dec << st.st_mtim.tv_sec;
+    desc << std::oct << st.st_mode;
+    if (with_mtime) desc << " mtime=" << std::dec << st.st_mtim.tv_sec;
     out["."] = desc.str();
   }
-  walk(root, "", out, true);
+  walk(root, "", out, with_mtime);
   return out;
 }
 

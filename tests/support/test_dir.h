@@ -31,7 +31,7 @@ void make_dirs(const std::string& path);
 
 /// Every entry below `root` with type, mode, size, link target, content hash and mtime: two
 /// snapshots are equal exactly when nothing in the tree changed.
-std::map<std::string, std::string> snapshot(const std::string& root);
+std::map<std::string, std::string> snapshot(const std::string& root, bool with_mtime = true);
 
 /// A hash over paths, types, modes, link targets and contents (not mtimes).
 std::string tree_hash(const std::string& root);

@@ -27,6 +27,9 @@ enum class UnsafeModes { kRefuse, kStrip };
 struct ExtractPolicy {
   ExtractLimits limits;
   UnsafeModes unsafe_modes = UnsafeModes::kRefuse;
+  /// Clear every write bit of files and directories below the root (release trees are
+  /// read-only). The root itself keeps its mode so that it can still be renamed into place.
+  bool read_only = false;
 };
 
 struct ExtractStats {

@@ -17,6 +17,7 @@ namespace upgraded::artifact {
 /// An artifact whose signatures and manifest are verified; its payload is not read yet.
 struct VerifiedArtifact {
   Manifest manifest;
+  std::string manifest_bytes;  ///< exactly as signed
   SignatureReport signatures;
   std::unique_ptr<ContainerReader> container;  ///< positioned at the payload's data
 };

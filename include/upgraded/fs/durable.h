@@ -33,9 +33,28 @@ Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t 
 
 /// Writes `data` to `dirfd/name` atomically and durably: a temporary sibling is written and
 /// fsynced, renamed over `name`, and `dirfd` is fsynced. The file gets mode `mode`. With
-/// `replace` false an existing `name` is an error (kExists) and is left alone.
+/// `replace` false an existing `name` is an error (kExists) and is left alone. With `sync_dir`
+/// false the caller fsyncs `dirfd` itself (to make several renames durable with one fsync).
 Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_view data,
-                               unsigned mode, bool replace = true);
+                               unsigned mode, bool replace = true, bool sync_dir = true);
+
+/// renameat2(2) with `flags` (e.g. RENAME_NOREPLACE), naming `what` in the error.
+Result<void> rename_at(int from_dirfd, const std::string& from, int to_dirfd, const std::string& to,
+                       unsigned flags = 0);
+
+/// syncfs(2): flushes the whole filesystem holding `fd`, once, instead of an fsync per file.
+Result<void> sync_filesystem(int fd, std::string_view what);
+
+/// Fault injection for tests. Every fsync/syncfs (kSync), rename (kRename) and write (kWrite)
+/// made through this module is counted; arm() makes the `nth` call from now on fail with `err`
+/// as if the kernel had returned it. Thread-safe; costs one atomic increment per call.
+enum class FaultOp { kSync, kRename, kWrite };
+struct FaultInjection {
+  static void arm(FaultOp op, int nth, int err);
+  static void disarm();
+  /// Calls of `op` since the last arm()/disarm().
+  static int calls(FaultOp op);
+};
 
 /// Splits "a/b/c" into {"a/b", "c"}; a bare name gives {".", name}.
 std::pair<std::string, std::string> split_parent(const std::string& path);

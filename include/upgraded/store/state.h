@@ -1,0 +1,50 @@
+#pragma once
+
+// The per-app state file (state.json): small, replaced atomically, the single source of truth
+// for which release is current. docs/state.md describes every field.
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/result.h"
+
+namespace upgraded::store {
+
+/// staged: installed, never activated; active: activated, not yet confirmed healthy;
+/// good: confirmed healthy at least once; bad: failed its health gate or was marked bad.
+enum class ReleaseStatus { kStaged, kActive, kGood, kBad };
+std::string_view to_string(ReleaseStatus s);
+std::optional<ReleaseStatus> release_status_from(std::string_view s);
+
+struct ReleaseRecord {
+  ReleaseStatus status = ReleaseStatus::kStaged;
+  bool pinned = false;
+  std::string staged_at;   ///< RFC 3339 UTC
+  std::uint64_t size = 0;  ///< bytes of file content in the tree
+  artifact::DataFormat data_format;
+  bool operator==(const ReleaseRecord&) const = default;
+};
+
+struct AppState {
+  std::string app;
+  std::optional<std::string> current;          ///< what `current` points to
+  std::optional<std::string> previous;         ///< the rollback target
+  std::optional<std::string> last_known_good;  ///< newest release confirmed healthy
+  std::optional<std::string> floor;            ///< versions below it are refused; never lowered
+  std::optional<std::uint64_t> finalized_data_format;  ///< never lowered
+  std::map<std::string, ReleaseRecord> releases;
+  bool operator==(const AppState&) const = default;
+
+  /// Release versions ordered by policy::compare_versions, oldest first.
+  std::vector<std::string> versions_in_order() const;
+};
+
+Result<AppState> parse_state(std::string_view text);
+std::string serialize_state(const AppState& state);
+
+}  // namespace upgraded::store

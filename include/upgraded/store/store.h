@@ -1,0 +1,110 @@
+#pragma once
+
+// The release store: versioned, read-only release trees per app, an atomically switched
+// `current` symlink, retention, and crash-safe transactions. docs/state.md describes the layout,
+// the state model and the recovery rules.
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "upgraded/artifact/extractor.h"
+#include "upgraded/artifact/keys.h"
+#include "upgraded/artifact/signatures.h"
+#include "upgraded/fs/unique_fd.h"
+#include "upgraded/result.h"
+#include "upgraded/store/state.h"
+
+namespace upgraded::store {
+
+struct StoreOptions {
+  /// Apps without a root of their own live in `<root>/apps/<app>`.
+  std::string root;
+  /// Apps that declare their own install root (e.g. "/opt/ozone"); the same structure lives
+  /// there.
+  std::map<std::string, std::string> app_roots;
+  /// Extraction policy for stage(); read_only is always forced on.
+  artifact::ExtractPolicy extract;
+};
+
+/// Proof that the caller holds an app's lock (flock on `<app root>/.lock`). Released on
+/// destruction. Another process or another lock() in this one gets kBusy meanwhile.
+class AppLock {
+ public:
+  const std::string& app() const { return m_app; }
+
+ private:
+  friend class Store;
+  AppLock(std::string app, UniqueFd fd) : m_app(std::move(app)), m_fd(std::move(fd)) {}
+  std::string m_app;
+  UniqueFd m_fd;
+};
+
+struct GcPolicy {
+  std::size_t keep = 3;                    ///< releases to keep in all (protected ones included)
+  std::optional<std::uint64_t> max_bytes;  ///< and/or a budget for all releases' bytes
+};
+
+struct GcReport {
+  std::vector<std::string> removed;
+  std::uint64_t freed_bytes = 0;
+};
+
+struct StageResult {
+  artifact::Manifest manifest;
+  artifact::SignatureReport signatures;
+  artifact::ExtractStats stats;
+};
+
+class Store {
+ public:
+  /// Creates the layout under `options.root` if needed and recovers every app found there and
+  /// in `app_roots` (an app busy in another process is skipped; its lock holder recovers it).
+  static Result<Store> open(StoreOptions options);
+
+  /// Takes an app's lock without waiting (kBusy if held), then recovers the app, so that every
+  /// operation starts from a consistent state even after another process crashed.
+  Result<AppLock> lock(const std::string& app) const;
+
+  std::string app_root(const std::string& app) const;
+  /// Apps that have a state file, sorted.
+  Result<std::vector<std::string>> apps() const;
+  /// An app's state as on disk (kNotFound for an unknown app). Needs no lock: state.json is
+  /// replaced atomically.
+  Result<AppState> state(const std::string& app) const;
+  /// The signed manifest a release was installed from.
+  Result<artifact::Manifest> manifest(const std::string& app, const std::string& version) const;
+
+  /// Verifies the artifact and installs it as a new, staged release. Takes the app's lock.
+  /// Refused: a version already installed (kExists), one below the app's floor (kPolicyRefused).
+  Result<StageResult> stage(int artifact_fd, const artifact::Keyring& keyring,
+                            const artifact::TrustPolicy& trust) const;
+
+  /// Points `current` at `version`, durably (state.json, then the symlink, one directory fsync).
+  /// The old current becomes the rollback target (previous).
+  Result<void> switch_to(const AppLock& lock, const std::string& version) const;
+  /// Removes a release. Refused for the current release and pinned ones.
+  Result<void> remove(const AppLock& lock, const std::string& version) const;
+  Result<void> set_pinned(const AppLock& lock, const std::string& version, bool pinned) const;
+  /// Marking good also makes the release the last known-good one; marking bad clears that.
+  Result<void> set_status(const AppLock& lock, const std::string& version,
+                          ReleaseStatus status) const;
+  /// Raises the version floor; lowering it is refused (kPolicyRefused).
+  Result<void> raise_floor(const AppLock& lock, const std::string& version) const;
+  /// Records the finalized data format; lowering it is refused (kPolicyRefused).
+  Result<void> record_finalized_data_format(const AppLock& lock, std::uint64_t format) const;
+  /// Removes the oldest unprotected releases until `policy` holds. Never removes the current
+  /// release, the rollback target, pinned releases or the last known-good one.
+  Result<GcReport> gc(const AppLock& lock, const GcPolicy& policy) const;
+
+ private:
+  explicit Store(StoreOptions options) : m_options(std::move(options)) {}
+  /// Every app directory there is, with or without a state file (for recovery).
+  Result<std::vector<std::string>> app_dirs() const;
+  Result<void> recover(const std::string& app) const;
+  StoreOptions m_options;
+};
+
+}  // namespace upgraded::store

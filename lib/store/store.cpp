@@ -1,0 +1,626 @@
+#include "upgraded/store/store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <random>
+
+#include "upgraded/artifact/strict_json.h"
+#include "upgraded/artifact/unpack.h"
+#include "upgraded/artifact/verifier.h"
+#include "upgraded/crash_point.h"
+#include "upgraded/fs/durable.h"
+#include "upgraded/fs/remove_tree.h"
+#include "upgraded/policy/names.h"
+#include "upgraded/policy/version.h"
+
+namespace upgraded::store {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kState = "state.json";
+constexpr const char* kJournal = "journal.json";
+constexpr const char* kCurrent = "current";
+constexpr const char* kCurrentNew = "current.new";
+constexpr std::size_t kMaxStateSize = 16 << 20;
+
+std::string now_rfc3339() {
+  return artifact::format_rfc3339(std::time(nullptr));
+}
+
+std::string new_txid() {
+  std::random_device rd;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%08x%08x", rd(), rd());
+  return buf;
+}
+
+std::string manifest_name(const std::string& version) {
+  return "manifests/" + version + ".json";
+}
+std::string release_name(const std::string& version) {
+  return "releases/" + version;
+}
+
+Result<void> mkdir_if_missing(int dirfd, const std::string& name, mode_t mode) {
+  if (::mkdirat(dirfd, name.c_str(), mode) != 0 && errno != EEXIST)
+    return system_error(errno, "creating " + policy::quote(name));
+  return {};
+}
+
+bool exists_at(int dirfd, const std::string& name) {
+  struct stat st {};
+  return ::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
+}
+
+Result<std::vector<std::string>> list_dir(int dirfd, const std::string& name) {
+  std::vector<std::string> out;
+  int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return out;
+    return system_error(errno, "opening " + policy::quote(name));
+  }
+  DIR* d = ::fdopendir(fd);
+  if (!d) {
+    ::close(fd);
+    return system_error(errno, "listing " + policy::quote(name));
+  }
+  while (dirent* de = ::readdir(d))
+    if (std::strcmp(de->d_name, ".") != 0 && std::strcmp(de->d_name, "..") != 0)
+      out.emplace_back(de->d_name);
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Result<void> sync_dir(int dirfd, const std::string& name) {
+  int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return system_error(errno, "opening " + policy::quote(name));
+  UniqueFd owner(fd);
+  return fs::sync_fd(fd, "directory " + policy::quote(name));
+}
+
+Result<std::optional<AppState>> read_state(int appfd) {
+  auto text = fs::read_file(appfd, kState, kMaxStateSize);
+  if (!text) {
+    if (text.error().code() == ErrorCode::kNotFound) return std::optional<AppState>();
+    return text.error();
+  }
+  auto st = parse_state(*text);
+  if (!st) return st.error();
+  return std::optional<AppState>(std::move(*st));
+}
+
+Result<void> write_state(int appfd, const AppState& st, bool sync_dir = true) {
+  crash_point("state.before_write");
+  UPGRADED_TRY(fs::write_file_atomic(appfd, kState, serialize_state(st), 0644, true, sync_dir));
+  crash_point("state.after_write");
+  return {};
+}
+
+// Writes the new state; if that fails, the new file may or may not be in place (a failed
+// fsync after the rename), so the previous state is written back before reporting the error.
+// `previous` null: there was no state file, so none is left behind either.
+Result<void> commit_state(int appfd, const AppState& next, const AppState* previous,
+                          bool sync_dir = true) {
+  auto r = write_state(appfd, next, sync_dir);
+  if (r) return r;
+  if (previous) {
+    (void)write_state(appfd, *previous);
+  } else {
+    ::unlinkat(appfd, kState, 0);
+    (void)fs::sync_fd(appfd, "app directory");
+  }
+  return r;
+}
+
+// The journal records a multi-step transaction (stage, remove) before its first step, so that
+// recovery knows what to finish or undo. state.json is every transaction's commit point.
+struct Journal {
+  std::string op;  // "stage" or "remove"
+  std::string txid;
+  std::vector<std::string> versions;
+};
+
+std::string trash_name(const std::string& txid, const std::string& version) {
+  return "staging/" + txid + ".rm." + version;
+}
+std::string staging_name(const std::string& txid) {
+  return "staging/" + txid + ".partial";
+}
+
+Result<void> write_journal(int appfd, const Journal& j) {
+  json doc = {{"op", j.op}, {"txid", j.txid}, {"versions", j.versions}};
+  return fs::write_file_atomic(appfd, kJournal, doc.dump() + "\n", 0644);
+}
+
+Result<void> remove_journal(int appfd) {
+  if (::unlinkat(appfd, kJournal, 0) != 0 && errno != ENOENT)
+    return system_error(errno, "removing the journal");
+  return fs::sync_fd(appfd, "app directory");
+}
+
+Result<std::optional<Journal>> read_journal(int appfd) {
+  auto text = fs::read_file(appfd, kJournal, 1 << 20);
+  if (!text) {
+    if (text.error().code() == ErrorCode::kNotFound) return std::optional<Journal>();
+    return text.error();
+  }
+  auto doc = artifact::parse_strict_json(*text, "journal.json");
+  auto bad = Error(ErrorCode::kFailed, "journal.json is corrupt");
+  if (!doc || !doc->is_object()) return bad;
+  Journal j;
+  auto op = artifact::json_string(*doc, "op", "journal");
+  auto txid = artifact::json_string(*doc, "txid", "journal");
+  if (!op || !txid || (*op != "stage" && *op != "remove") || txid->empty() ||
+      txid->find('/') != std::string::npos || txid->front() == '.')
+    return bad;
+  j.op = *op;
+  j.txid = *txid;
+  auto vs = doc->find("versions");
+  if (vs == doc->end() || !vs->is_array()) return bad;
+  for (const auto& v : *vs) {
+    if (!v.is_string() || !policy::validate_version(v.get<std::string>())) return bad;
+    j.versions.push_back(v.get<std::string>());
+  }
+  return std::optional<Journal>(std::move(j));
+}
+
+// Makes the `current` symlink name state.current (relative target "releases/<v>"), durably.
+Result<void> reconcile_current(int appfd, const AppState& st, bool always_sync = false) {
+  char buf[4096];
+  ssize_t n = ::readlinkat(appfd, kCurrent, buf, sizeof buf - 1);
+  std::optional<std::string> target;
+  if (n >= 0)
+    target = std::string(buf, static_cast<std::size_t>(n));
+  else if (errno != ENOENT && errno != EINVAL)
+    return system_error(errno, "reading 'current'");
+  else if (errno == EINVAL)
+    target = "";  // not a symlink: replace it
+  if (!st.current) {
+    if (!target) return {};
+    if (::unlinkat(appfd, kCurrent, 0) != 0 && errno != ENOENT)
+      return system_error(errno, "removing 'current'");
+    return fs::sync_fd(appfd, "app directory");
+  }
+  std::string want = release_name(*st.current);
+  if (target == want) return always_sync ? fs::sync_fd(appfd, "app directory") : Result<void>();
+  ::unlinkat(appfd, kCurrentNew, 0);
+  if (::symlinkat(want.c_str(), appfd, kCurrentNew) != 0)
+    return system_error(errno, "creating 'current.new'");
+  crash_point("switch.after_symlink_new");
+  if (auto r = fs::rename_at(appfd, kCurrentNew, appfd, kCurrent); !r) {
+    ::unlinkat(appfd, kCurrentNew, 0);
+    return r.error();
+  }
+  crash_point("switch.after_symlink_rename");
+  return fs::sync_fd(appfd, "app directory");
+}
+
+// Deletes a release tree and its manifest.
+Result<void> delete_release_files(int appfd, const std::string& tree, const std::string& version) {
+  UPGRADED_TRY(fs::remove_tree(appfd, tree));
+  if (::unlinkat(appfd, manifest_name(version).c_str(), 0) != 0 && errno != ENOENT)
+    return system_error(errno, "removing the manifest of " + version);
+  return {};
+}
+
+// Brings an app directory back to a consistent state: finishes or undoes a journaled
+// transaction, removes leftovers, and makes disk, state.json and `current` agree.
+Result<void> recover_app(int appfd, const std::string& app) {
+  auto loaded = read_state(appfd);
+  if (!loaded) return loaded.error();
+  AppState st = loaded->value_or(AppState{app, {}, {}, {}, {}, {}, {}});
+  AppState before = st;
+  bool had_state = loaded->has_value();
+
+  auto journal = read_journal(appfd);
+  if (!journal) return journal.error();
+  if (*journal) {
+    const Journal& j = **journal;
+    for (const auto& v : j.versions) {
+      bool committed = j.op == "stage" ? st.releases.count(v) > 0 : st.releases.count(v) == 0;
+      if (j.op == "stage" && !committed) {
+        // Undo: the release never reached state.json.
+        UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+      } else if (j.op == "remove" && !committed) {
+        // Undo: put the tree back where it was.
+        if (!exists_at(appfd, release_name(v)) && exists_at(appfd, trash_name(j.txid, v)))
+          UPGRADED_TRY(fs::rename_at(appfd, trash_name(j.txid, v), appfd, release_name(v)));
+        ::fchmodat(appfd, release_name(v).c_str(), 0555, 0);
+      } else if (j.op == "remove") {
+        UPGRADED_TRY(delete_release_files(appfd, trash_name(j.txid, v), v));
+        UPGRADED_TRY(fs::remove_tree(appfd, release_name(v)));
+      }
+    }
+    UPGRADED_TRY(sync_dir(appfd, "releases"));
+  }
+
+  // Leftovers: partial extractions and trash, a half-made symlink, temporary files.
+  auto staged = list_dir(appfd, "staging");
+  if (!staged) return staged.error();
+  for (const auto& name : *staged)
+    UPGRADED_TRY(fs::remove_tree(appfd, "staging/" + name));
+  ::unlinkat(appfd, kCurrentNew, 0);
+  for (const char* dir : {".", "manifests"}) {
+    auto names = list_dir(appfd, dir);
+    if (!names) return names.error();
+    for (const auto& name : *names)
+      if (name.front() == '.' && name.find(".tmp.") != std::string::npos)
+        ::unlinkat(appfd, (std::string(dir) + "/" + name).c_str(), 0);
+  }
+
+  // Disk and state must agree: trees without a state entry were never committed; entries
+  // without a tree cannot be used.
+  auto trees = list_dir(appfd, "releases");
+  if (!trees) return trees.error();
+  for (const auto& v : *trees)
+    if (!st.releases.count(v)) UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+  for (auto it = st.releases.begin(); it != st.releases.end();) {
+    if (exists_at(appfd, release_name(it->first)) && exists_at(appfd, manifest_name(it->first))) {
+      ++it;
+      continue;
+    }
+    const std::string v = it->first;
+    it = st.releases.erase(it);
+    for (auto* ref : {&st.current, &st.previous, &st.last_known_good})
+      if (*ref == v) ref->reset();
+  }
+  if (!st.current && st.previous) std::swap(st.current, st.previous);
+  if (had_state && st != before) UPGRADED_TRY(write_state(appfd, st));
+  if (had_state) UPGRADED_TRY(reconcile_current(appfd, st));
+  if (*journal) UPGRADED_TRY(remove_journal(appfd));
+  return {};
+}
+
+}  // namespace
+
+Result<Store> Store::open(StoreOptions options) {
+  if (options.root.empty()) return Error(ErrorCode::kInvalidArgument, "store root is empty");
+  for (const auto& [app, root] : options.app_roots)
+    if (auto r = policy::validate_app_name(app); !r) return r.error();
+  if (::mkdir(options.root.c_str(), 0755) != 0 && errno != EEXIST)
+    return system_error(errno, "creating store root " + policy::quote(options.root));
+  auto root = fs::open_directory(options.root);
+  if (!root) return root.error();
+  UPGRADED_TRY(mkdir_if_missing(root->get(), "apps", 0755));
+  options.extract.read_only = true;
+  Store store(std::move(options));
+  auto apps = store.app_dirs();
+  if (!apps) return apps.error();
+  for (const auto& app : *apps) {
+    auto lock = store.lock(app);  // recovers
+    if (!lock && lock.error().code() != ErrorCode::kBusy) return lock.error();
+  }
+  return store;
+}
+
+std::string Store::app_root(const std::string& app) const {
+  auto it = m_options.app_roots.find(app);
+  if (it != m_options.app_roots.end()) return it->second;
+  return m_options.root + "/apps/" + app;
+}
+
+Result<std::vector<std::string>> Store::app_dirs() const {
+  std::vector<std::string> out;
+  auto root = fs::open_directory(m_options.root);
+  if (!root) return root.error();
+  auto names = list_dir(root->get(), "apps");
+  if (!names) return names.error();
+  for (const auto& n : *names)
+    if (policy::validate_app_name(n) && !m_options.app_roots.count(n)) out.push_back(n);
+  for (const auto& [app, dir] : m_options.app_roots)
+    if (struct stat st{}; ::stat(dir.c_str(), &st) == 0) out.push_back(app);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Result<std::vector<std::string>> Store::apps() const {
+  auto out = app_dirs();
+  if (!out) return out.error();
+  std::vector<std::string> with_state;
+  for (const auto& app : *out) {
+    struct stat st {};
+    if (::stat((app_root(app) + "/" + kState).c_str(), &st) == 0 ||
+        ::stat((app_root(app) + "/" + kJournal).c_str(), &st) == 0)
+      with_state.push_back(app);
+  }
+  return with_state;
+}
+
+Result<AppLock> Store::lock(const std::string& app) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  std::string dir = app_root(app);
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
+    return system_error(errno, "creating app root " + policy::quote(dir));
+  auto appfd = fs::open_directory(dir);
+  if (!appfd) return appfd.error();
+  for (const char* sub : {"releases", "manifests", "staging"})
+    UPGRADED_TRY(mkdir_if_missing(appfd->get(), sub, sub == std::string("staging") ? 0700 : 0755));
+  int fd = ::openat(appfd->get(), ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return system_error(errno, "opening the lock of " + policy::quote(app));
+  UniqueFd lockfd(fd);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK)
+      return Error(ErrorCode::kBusy,
+                   "app " + policy::quote(app) + " is busy: another operation holds its lock");
+    return system_error(errno, "locking " + policy::quote(app));
+  }
+  if (auto r = recover_app(appfd->get(), app); !r)
+    return r.error().with_context("recovering " + policy::quote(app));
+  return AppLock(app, std::move(lockfd));
+}
+
+Result<AppState> Store::state(const std::string& app) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  auto appfd = fs::open_directory(app_root(app));
+  if (!appfd) {
+    if (appfd.error().code() == ErrorCode::kNotFound)
+      return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
+    return appfd.error();
+  }
+  auto st = read_state(appfd->get());
+  if (!st) return st.error();
+  if (!*st) return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
+  return std::move(**st);
+}
+
+Result<artifact::Manifest> Store::manifest(const std::string& app,
+                                           const std::string& version) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  UPGRADED_TRY(policy::validate_version(version));
+  auto appfd = fs::open_directory(app_root(app));
+  if (!appfd) return appfd.error();
+  auto text = fs::read_file(appfd->get(), manifest_name(version), artifact::kMaxManifestSize);
+  if (!text) return text.error();
+  return artifact::parse_manifest(*text);
+}
+
+Result<StageResult> Store::stage(int artifact_fd, const artifact::Keyring& keyring,
+                                 const artifact::TrustPolicy& trust) const {
+  // Verify before touching the store: a bad artifact changes nothing, not even a lock file.
+  auto art = artifact::open_verified(artifact_fd, keyring, trust);
+  if (!art) return art.error();
+  const std::string app = art->manifest.app;
+  const std::string version = art->manifest.version;
+  auto lk = lock(app);
+  if (!lk) return lk.error();
+  auto appfd = fs::open_directory(app_root(app));
+  if (!appfd) return appfd.error();
+  int dfd = appfd->get();
+  auto loaded = read_state(dfd);
+  if (!loaded) return loaded.error();
+  AppState st = loaded->value_or(AppState{app, {}, {}, {}, {}, {}, {}});
+  if (st.releases.count(version))
+    return Error(ErrorCode::kExists, app + " " + version + " is already installed");
+  if (st.floor && policy::compare_versions(version, *st.floor) < 0)
+    return Error(ErrorCode::kPolicyRefused, app + " " + version +
+                                                " is older than the version floor " + *st.floor +
+                                                " (downgrade protection)");
+
+  Journal j{"stage", new_txid(), {version}};
+  auto undo = [&](const Error& e) -> Result<StageResult> {
+    (void)recover_app(dfd, app);  // state.json does not list the release: recovery removes it
+    return e;
+  };
+  if (auto r = write_journal(dfd, j); !r) return undo(r.error());
+  crash_point("stage.after_journal");
+  std::string partial = staging_name(j.txid);
+  if (::mkdirat(dfd, partial.c_str(), 0700) != 0)
+    return undo(system_error(errno, "creating the staging directory"));
+  auto pfd = fs::open_beneath(dfd, partial, O_RDONLY | O_DIRECTORY);
+  if (!pfd) return undo(pfd.error());
+  auto stats = artifact::extract_verified(*art, m_options.extract, pfd->get());
+  pfd->reset();
+  if (!stats) return undo(stats.error());
+  crash_point("stage.after_extract");
+  if (auto r = fs::write_file_atomic(dfd, manifest_name(version), art->manifest_bytes, 0644); !r)
+    return undo(r.error());
+  crash_point("stage.after_manifest");
+  if (auto r = fs::rename_at(dfd, partial, dfd, release_name(version), RENAME_NOREPLACE); !r)
+    return undo(r.error());
+  ::fchmodat(dfd, release_name(version).c_str(), 0555, 0);
+  if (auto r = sync_dir(dfd, "releases"); !r) return undo(r.error());
+  crash_point("stage.after_rename");
+  AppState next = st;
+  next.releases[version] = ReleaseRecord{ReleaseStatus::kStaged, false, now_rfc3339(), stats->bytes,
+                                         art->manifest.data_format};
+  if (auto r = commit_state(dfd, next, loaded->has_value() ? &st : nullptr); !r)
+    return undo(r.error());
+  crash_point("stage.after_state");
+  (void)remove_journal(dfd);  // committed; a leftover journal is finished by the next lock()
+  return StageResult{std::move(art->manifest), std::move(art->signatures), *stats};
+}
+
+namespace {
+
+// Opens the app directory of a locked app and reads its state.
+struct Locked {
+  UniqueFd fd;
+  AppState state;
+};
+
+Result<Locked> open_locked(const std::string& root, const std::string& app) {
+  auto appfd = fs::open_directory(root);
+  if (!appfd) return appfd.error();
+  auto st = read_state(appfd->get());
+  if (!st) return st.error();
+  if (!*st) return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
+  return Locked{std::move(*appfd), std::move(**st)};
+}
+
+Error unknown_release(const std::string& app, const std::string& version) {
+  return Error(ErrorCode::kNotFound, "no release " + policy::quote(version) + " of " + app);
+}
+
+// Removes releases in one journaled transaction; state.json is the commit point.
+Result<void> remove_releases(int dfd, AppState st, const std::vector<std::string>& versions) {
+  const AppState before = st;
+  Journal j{"remove", new_txid(), versions};
+  auto undo = [&](const Error& e) -> Result<void> {
+    (void)recover_app(dfd, st.app);
+    return e;
+  };
+  if (auto r = write_journal(dfd, j); !r) return undo(r.error());
+  crash_point("remove.after_journal");
+  for (const auto& v : versions) {
+    ::fchmodat(dfd, release_name(v).c_str(), 0755, 0);  // a directory moves only if writable
+    if (auto r = fs::rename_at(dfd, release_name(v), dfd, trash_name(j.txid, v)); !r)
+      return undo(r.error());
+    crash_point("remove.after_trash_rename");
+  }
+  if (auto r = sync_dir(dfd, "releases"); !r) return undo(r.error());
+  for (const auto& v : versions) {
+    st.releases.erase(v);
+    for (auto* ref : {&st.previous, &st.last_known_good})
+      if (*ref == v) ref->reset();
+  }
+  if (auto r = commit_state(dfd, st, &before); !r) return undo(r.error());
+  crash_point("remove.after_state");
+  // Committed. Cleanup failures are not the caller's: the journal stays and the next lock()
+  // finishes the job.
+  for (const auto& v : versions) {
+    if (!delete_release_files(dfd, trash_name(j.txid, v), v)) return {};
+    crash_point("remove.after_delete");
+  }
+  (void)remove_journal(dfd);
+  return {};
+}
+
+}  // namespace
+
+Result<void> Store::switch_to(const AppLock& lock, const std::string& version) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  int dfd = l->fd.get();
+  const AppState before = l->state;
+  AppState st = before;
+  if (!st.releases.count(version)) return unknown_release(st.app, version);
+  if (st.current == version) return reconcile_current(dfd, st);
+  if (st.current) st.previous = st.current;
+  st.current = version;
+  auto& rec = st.releases[version];
+  if (rec.status == ReleaseStatus::kStaged) rec.status = ReleaseStatus::kActive;
+  // state.json first (the commit point), then the symlink; one directory fsync makes both
+  // renames durable. Recovery makes `current` follow state.json whichever rename survived.
+  if (auto r = commit_state(dfd, st, &before, /*sync_dir=*/false); !r) return r.error();
+  crash_point("switch.after_state");
+  if (auto r = reconcile_current(dfd, st, /*always_sync=*/true); !r) {
+    (void)write_state(dfd, before);
+    (void)reconcile_current(dfd, before);
+    return r.error().with_context("switching " + st.app + " to " + version);
+  }
+  return {};
+}
+
+Result<void> Store::remove(const AppLock& lock, const std::string& version) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  const AppState& st = l->state;
+  auto it = st.releases.find(version);
+  if (it == st.releases.end()) return unknown_release(st.app, version);
+  if (st.current == version)
+    return Error(ErrorCode::kPolicyRefused, version + " is the current release of " + st.app);
+  if (it->second.pinned)
+    return Error(ErrorCode::kPolicyRefused,
+                 version + " of " + st.app + " is pinned (unpin it first)");
+  return remove_releases(l->fd.get(), st, {version});
+}
+
+Result<void> Store::set_pinned(const AppLock& lock, const std::string& version, bool pinned) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  const AppState before = l->state;
+  auto it = l->state.releases.find(version);
+  if (it == l->state.releases.end()) return unknown_release(l->state.app, version);
+  if (it->second.pinned == pinned) return {};
+  it->second.pinned = pinned;
+  return commit_state(l->fd.get(), l->state, &before);
+}
+
+Result<void> Store::set_status(const AppLock& lock, const std::string& version,
+                               ReleaseStatus status) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  const AppState before = l->state;
+  AppState& st = l->state;
+  auto it = st.releases.find(version);
+  if (it == st.releases.end()) return unknown_release(st.app, version);
+  it->second.status = status;
+  if (status == ReleaseStatus::kGood) st.last_known_good = version;
+  if (status == ReleaseStatus::kBad && st.last_known_good == version) st.last_known_good.reset();
+  return commit_state(l->fd.get(), st, &before);
+}
+
+Result<void> Store::raise_floor(const AppLock& lock, const std::string& version) const {
+  UPGRADED_TRY(policy::validate_version(version));
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  const AppState before = l->state;
+  AppState& st = l->state;
+  if (st.floor && policy::compare_versions(version, *st.floor) < 0)
+    return Error(ErrorCode::kPolicyRefused, "the version floor of " + st.app + " is " + *st.floor +
+                                                " and never goes down (asked for " + version + ")");
+  if (st.floor == version) return {};
+  st.floor = version;
+  return commit_state(l->fd.get(), st, &before);
+}
+
+Result<void> Store::record_finalized_data_format(const AppLock& lock, std::uint64_t format) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  const AppState before = l->state;
+  AppState& st = l->state;
+  if (st.finalized_data_format && format < *st.finalized_data_format)
+    return Error(ErrorCode::kPolicyRefused, "the finalized data format of " + st.app + " is " +
+                                                std::to_string(*st.finalized_data_format) +
+                                                " and never goes down");
+  if (st.finalized_data_format == format) return {};
+  st.finalized_data_format = format;
+  return commit_state(l->fd.get(), st, &before);
+}
+
+Result<GcReport> Store::gc(const AppLock& lock, const GcPolicy& policy) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  const AppState& st = l->state;
+  auto is_protected = [&](const std::string& v) {
+    return st.current == v || st.previous == v || st.last_known_good == v ||
+           st.releases.at(v).pinned;
+  };
+  std::uint64_t total = 0;
+  for (const auto& [v, r] : st.releases)
+    total += r.size;
+  std::size_t count = st.releases.size();
+  GcReport report;
+  for (const auto& v : st.versions_in_order()) {  // oldest first
+    bool over_count = count > policy.keep;
+    bool over_bytes = policy.max_bytes && total > *policy.max_bytes;
+    if (!over_count && !over_bytes) break;
+    if (is_protected(v)) continue;
+    report.removed.push_back(v);
+    report.freed_bytes += st.releases.at(v).size;
+    total -= st.releases.at(v).size;
+    --count;
+  }
+  if (report.removed.empty()) return report;
+  crash_point("gc.before_remove");
+  UPGRADED_TRY(remove_releases(l->fd.get(), st, report.removed));
+  return report;
+}
+
+Result<void> Store::recover(const std::string& app) const {
+  auto lk = lock(app);
+  if (!lk) return lk.error();
+  return {};
+}
+
+}  // namespace upgraded::store

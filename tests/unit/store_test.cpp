@@ -1,0 +1,235 @@
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "support/store_fixture.h"
+#include "upgraded/policy/version.h"
+
+using namespace upgraded;
+using namespace upgraded::store;
+using namespace upgraded::test;
+
+namespace {
+
+StoreFixture& fixture() {
+  static StoreFixture f;  // building artifacts once keeps the suite fast
+  return f;
+}
+
+class AStore : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto s = Store::open(fixture().options(t / "state"));
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    store.emplace(std::move(*s));
+  }
+  std::string app_root() const { return store->app_root("hello"); }
+  Result<StageResult> stage(const std::string& v) {
+    UniqueFd fd(::open(fixture().artifact(v).c_str(), O_RDONLY | O_CLOEXEC));
+    return store->stage(fd.get(), fixture().keyring(), artifact::TrustPolicy{});
+  }
+  AppState state() { return *store->state("hello"); }
+  void expect_consistent() {
+    auto bad = check_store_invariants(app_root(), fixture().trees());
+    EXPECT_TRUE(bad.empty()) << ::testing::PrintToString(bad);
+  }
+  std::string link() {
+    char buf[256];
+    ssize_t n = ::readlink((app_root() + "/current").c_str(), buf, sizeof buf);
+    return n < 0 ? "" : std::string(buf, static_cast<std::size_t>(n));
+  }
+
+  TempDir t;
+  std::optional<Store> store;
+};
+
+}  // namespace
+
+TEST_F(AStore, StagesAReleaseAsAReadOnlyTreeWithoutTouchingCurrent) {
+  auto r = stage("1.0.0");
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  AppState st = state();
+  ASSERT_EQ(st.releases.count("1.0.0"), 1u);
+  EXPECT_EQ(st.releases["1.0.0"].status, ReleaseStatus::kStaged);
+  EXPECT_FALSE(st.current.has_value());
+  EXPECT_FALSE(exists(app_root() + "/current"));
+  struct stat sb {};
+  ASSERT_EQ(::stat((app_root() + "/releases/1.0.0/bin/hello").c_str(), &sb), 0);
+  EXPECT_EQ(sb.st_mode & 0777, 0555u) << "release files are read-only";
+  ASSERT_EQ(::stat((app_root() + "/releases/1.0.0/share").c_str(), &sb), 0);
+  EXPECT_EQ(sb.st_mode & 0777, 0555u);
+  ASSERT_EQ(::stat((app_root() + "/releases/1.0.0").c_str(), &sb), 0);
+  EXPECT_EQ(sb.st_mode & 0777, 0555u);
+  auto m = store->manifest("hello", "1.0.0");
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->version, "1.0.0");
+  expect_consistent();
+}
+
+TEST_F(AStore, SwitchesCurrentWithARelativeSymlinkAndRemembersTheRollbackTarget) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  ASSERT_TRUE(stage("1.1.0").ok());
+  auto lock = store->lock("hello");
+  ASSERT_TRUE(lock.ok());
+  ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
+  EXPECT_EQ(link(), "releases/1.0.0");
+  ASSERT_TRUE(store->switch_to(*lock, "1.1.0").ok());
+  EXPECT_EQ(link(), "releases/1.1.0");
+  AppState st = state();
+  EXPECT_EQ(st.current, "1.1.0");
+  EXPECT_EQ(st.previous, "1.0.0");
+  EXPECT_EQ(st.releases["1.1.0"].status, ReleaseStatus::kActive);
+  EXPECT_EQ(read_file(app_root() + "/current/share/doc/VERSION"), "1.1.0\n");
+  // Rollback is a switch back: no extraction, the tree is already there.
+  ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
+  EXPECT_EQ(read_file(app_root() + "/current/share/doc/VERSION"), "1.0.0\n");
+  EXPECT_EQ(state().previous, "1.1.0");
+  auto missing = store->switch_to(*lock, "9.9.9");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.error().code(), ErrorCode::kNotFound);
+  EXPECT_EQ(link(), "releases/1.0.0");
+  expect_consistent();
+}
+
+TEST_F(AStore, RefusesADuplicateVersionAndLeavesTheInstalledOneAlone) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto before = snapshot(app_root());
+  auto again = stage("1.0.0");
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), ErrorCode::kExists);
+  EXPECT_EQ(snapshot(app_root()), before);
+}
+
+TEST_F(AStore, ChangesNothingForABadArtifact) {
+  write_file(t / "bad.upd", read_file(fixture().artifact("1.0.0")).substr(0, 3000));
+  UniqueFd fd(::open((t / "bad.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto before = snapshot(t / "state");
+  auto r = store->stage(fd.get(), fixture().keyring(), artifact::TrustPolicy{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), ErrorCode::kVerificationFailed);
+  EXPECT_EQ(snapshot(t / "state"), before) << "not even an app directory is created";
+}
+
+TEST_F(AStore, EnforcesAVersionFloorThatNeverGoesDown) {
+  ASSERT_TRUE(stage("1.1.0").ok());
+  {
+    auto lock = store->lock("hello");
+    ASSERT_TRUE(store->raise_floor(*lock, "1.1.0").ok());
+    auto lower = store->raise_floor(*lock, "1.0.0");
+    ASSERT_FALSE(lower.ok());
+    EXPECT_EQ(lower.error().code(), ErrorCode::kPolicyRefused);
+    EXPECT_EQ(state().floor, "1.1.0");
+  }
+  auto old = stage("1.0.0");
+  ASSERT_FALSE(old.ok());
+  EXPECT_EQ(old.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(old.error().message().find("floor"), std::string::npos);
+  EXPECT_FALSE(exists(app_root() + "/releases/1.0.0"));
+  EXPECT_TRUE(stage("1.2.0").ok());
+  auto lock = store->lock("hello");
+  ASSERT_TRUE(store->record_finalized_data_format(*lock, 3).ok());
+  EXPECT_FALSE(store->record_finalized_data_format(*lock, 2).ok());
+  EXPECT_EQ(state().finalized_data_format, 3u);
+  expect_consistent();
+}
+
+TEST_F(AStore, LetsOnlyOneHolderMutateAnAppAtATime) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto first = store->lock("hello");
+  ASSERT_TRUE(first.ok());
+  auto second = store->lock("hello");
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.error().code(), ErrorCode::kBusy);
+  // Another process is refused too (flock is per open file description).
+  std::string cmd = "flock -n " + app_root() + "/.lock true";
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  auto staged = stage("1.1.0");
+  ASSERT_FALSE(staged.ok());
+  EXPECT_EQ(staged.error().code(), ErrorCode::kBusy);
+  EXPECT_FALSE(exists(app_root() + "/releases/1.1.0"));
+  first = Error(ErrorCode::kFailed, "released");
+  EXPECT_TRUE(store->lock("hello").ok());
+}
+
+TEST_F(AStore, RemovesReleasesButNeverTheCurrentOrAPinnedOne) {
+  for (auto v : {"1.0.0", "1.1.0", "1.2.0"})
+    ASSERT_TRUE(stage(v).ok());
+  auto lock = store->lock("hello");
+  ASSERT_TRUE(store->switch_to(*lock, "1.1.0").ok());
+  auto cur = store->remove(*lock, "1.1.0");
+  ASSERT_FALSE(cur.ok());
+  EXPECT_EQ(cur.error().code(), ErrorCode::kPolicyRefused);
+  ASSERT_TRUE(store->set_pinned(*lock, "1.2.0", true).ok());
+  EXPECT_FALSE(store->remove(*lock, "1.2.0").ok());
+  ASSERT_TRUE(store->remove(*lock, "1.0.0").ok());
+  EXPECT_FALSE(exists(app_root() + "/releases/1.0.0"));
+  EXPECT_FALSE(exists(app_root() + "/manifests/1.0.0.json"));
+  EXPECT_EQ(state().releases.count("1.0.0"), 0u);
+  EXPECT_EQ(store->remove(*lock, "1.0.0").error().code(), ErrorCode::kNotFound);
+  expect_consistent();
+}
+
+TEST_F(AStore, CollectsGarbageButKeepsCurrentPreviousPinnedAndLastKnownGood) {
+  for (auto v : {"1.0.0", "1.1.0", "1.2.0", "2.0.0"})
+    ASSERT_TRUE(stage(v).ok());
+  auto lock = store->lock("hello");
+  ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
+  ASSERT_TRUE(store->set_status(*lock, "1.0.0", ReleaseStatus::kGood).ok());  // last known-good
+  ASSERT_TRUE(store->switch_to(*lock, "1.2.0").ok());                         // previous: 1.0.0
+  ASSERT_TRUE(store->switch_to(*lock, "2.0.0").ok());                         // previous: 1.2.0
+  auto report = store->gc(*lock, GcPolicy{1, {}});
+  ASSERT_TRUE(report.ok()) << report.error().message();
+  EXPECT_EQ(report->removed, std::vector<std::string>{"1.1.0"});
+  AppState st = state();
+  EXPECT_EQ(st.versions_in_order(), (std::vector<std::string>{"1.0.0", "1.2.0", "2.0.0"}));
+  // A byte budget removes the oldest unprotected first, too.
+  ASSERT_TRUE(store->set_status(*lock, "2.0.0", ReleaseStatus::kGood).ok());  // LKG moves on
+  auto budget = store->gc(*lock, GcPolicy{10, 1});
+  ASSERT_TRUE(budget.ok());
+  EXPECT_EQ(budget->removed, std::vector<std::string>{"1.0.0"});
+  EXPECT_GT(budget->freed_bytes, 0u);
+  EXPECT_EQ(state().versions_in_order(), (std::vector<std::string>{"1.2.0", "2.0.0"}));
+  expect_consistent();
+}
+
+TEST_F(AStore, MarksReleasesGoodOrBad) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto lock = store->lock("hello");
+  ASSERT_TRUE(store->set_status(*lock, "1.0.0", ReleaseStatus::kGood).ok());
+  EXPECT_EQ(state().last_known_good, "1.0.0");
+  ASSERT_TRUE(store->set_status(*lock, "1.0.0", ReleaseStatus::kBad).ok());
+  EXPECT_EQ(state().releases["1.0.0"].status, ReleaseStatus::kBad);
+  EXPECT_FALSE(state().last_known_good.has_value());
+}
+
+TEST_F(AStore, PutsAnAppWithItsOwnRootWhereItSays) {
+  auto o = fixture().options(t / "state2");
+  o.app_roots["hello"] = t / "opt/hello";
+  make_dirs(t / "opt");
+  auto s = Store::open(o);
+  ASSERT_TRUE(s.ok());
+  UniqueFd fd(::open(fixture().artifact("1.0.0").c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(s->stage(fd.get(), fixture().keyring(), artifact::TrustPolicy{}).ok());
+  EXPECT_TRUE(exists(t / "opt/hello/releases/1.0.0/bin/hello"));
+  EXPECT_FALSE(exists(t / "state2/apps/hello"));
+  auto apps = s->apps();
+  ASSERT_TRUE(apps.ok());
+  EXPECT_EQ(*apps, std::vector<std::string>{"hello"});
+}
+
+TEST_F(AStore, RecoversFromLeftoversWhenOpened) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  {
+    auto lock = store->lock("hello");
+    ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
+  }
+  make_dirs(app_root() + "/staging/deadbeef.partial/bin");
+  write_file(app_root() + "/staging/deadbeef.partial/bin/x", "half");
+  ::symlink("releases/nope", (app_root() + "/current.new").c_str());
+  write_file(app_root() + "/.state.json.tmp.1234", "{");
+  auto reopened = Store::open(fixture().options(t / "state"));
+  ASSERT_TRUE(reopened.ok()) << reopened.error().message();
+  expect_consistent();
+  EXPECT_EQ(link(), "releases/1.0.0");
+}
