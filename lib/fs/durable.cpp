@@ -72,10 +72,12 @@ Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsig
   how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
   std::string p(path);
-  for (;;) {
+  for (int attempts = 0;; ++attempts) {
     long fd = ::syscall(SYS_openat2, dirfd, p.c_str(), &how, sizeof how);
     if (fd >= 0) return UniqueFd(static_cast<int>(fd));
-    if (errno == EINTR || errno == EAGAIN) continue;
+    // EAGAIN: a concurrent rename somewhere raced with the kernel's ".." checks; retry, but not
+    // forever under a rename storm.
+    if ((errno == EINTR || errno == EAGAIN) && attempts < 1000) continue;
     return system_error(errno, "opening '" + p + "'");
   }
 }

@@ -47,7 +47,8 @@ const char* const kPoints[] = {"write_file_atomic.before_rename",
                                "gc.before_remove"};
 
 // Starts the helper with `crash_at` in its environment; returns its pid.
-pid_t spawn_helper(const std::vector<std::string>& args, const std::string& crash_at) {
+pid_t spawn_helper(const std::vector<std::string>& args, const std::string& crash_at,
+                   const std::string& stderr_path = "/dev/null") {
   std::vector<std::string> env_strings;
   for (char** e = environ; *e; ++e)
     if (std::strncmp(*e, "UPGRADED_CRASH_AT=", 18) != 0) env_strings.emplace_back(*e);
@@ -64,7 +65,7 @@ pid_t spawn_helper(const std::vector<std::string>& args, const std::string& cras
   pid_t pid = 0;
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 2, stderr_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   int rc = ::posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   EXPECT_EQ(rc, 0);
@@ -180,11 +181,12 @@ TEST(StoreCrash, RecoversAfterKillsAtRandomMoments) {
     std::vector<std::string> args = {root, "cycle", "hello", fixture().keys_dir()};
     for (const auto& [v, h] : fixture().trees())
       args.push_back(fixture().artifact(v));
-    pid_t pid = spawn_helper(args, "");
+    pid_t pid = spawn_helper(args, "", t / "helper.log");
     std::this_thread::sleep_for(std::chrono::microseconds(delay_us(rng)));
     ::kill(pid, SIGKILL);
     int status = wait_status(pid);
-    ASSERT_TRUE(WIFSIGNALED(status)) << "the cycle stopped by itself (run " << i << ")";
+    ASSERT_TRUE(WIFSIGNALED(status))
+        << "the cycle stopped by itself (run " << i << "): " << read_file(t / "helper.log");
     killed_mid_operation += WIFSIGNALED(status);
     auto s = Store::open(fixture().options(root));
     ASSERT_TRUE(s.ok()) << "run " << i << ": " << s.error().message();
