@@ -1,0 +1,190 @@
+#include "systemd/systemd_units.h"
+
+#include <sdbus-c++/sdbus-c++.h>
+
+#include "org.freedesktop.systemd1.proxy.h"
+#include "upgraded/policy/names.h"
+
+namespace upgraded::daemon {
+namespace {
+
+constexpr const char* kService = "org.freedesktop.systemd1";
+constexpr const char* kManagerPath = "/org/freedesktop/systemd1";
+
+Error from_dbus(const sdbus::Error& e, const std::string& doing) {
+  ErrorCode code = e.getName() == "org.freedesktop.systemd1.NoSuchUnit" ? ErrorCode::kNotFound
+                                                                        : ErrorCode::kFailed;
+  return Error(code, doing + ": " + e.getMessage() + " (" + e.getName() + ")");
+}
+
+template <typename T>
+T prop(const std::map<std::string, sdbus::Variant>& props, const char* name, T fallback) {
+  auto it = props.find(name);
+  if (it == props.end()) return fallback;
+  try {
+    return it->second.get<T>();
+  } catch (const sdbus::Error&) {
+    return fallback;
+  }
+}
+
+}  // namespace
+
+class SystemdUnits::ManagerProxy final
+    : public sdbus::ProxyInterfaces<org::freedesktop::systemd1::Manager_proxy> {
+ public:
+  ManagerProxy(std::unique_ptr<sdbus::IConnection> connection, SystemdUnits& owner)
+      : ProxyInterfaces(std::move(connection), kService, kManagerPath), m_owner(owner) {
+    registerProxy();  // the JobRemoved match is in place from here on
+  }
+  ~ManagerProxy() { unregisterProxy(); }
+
+ private:
+  void onJobRemoved(const uint32_t&, const sdbus::ObjectPath& job, const std::string& unit,
+                    const std::string& result) override {
+    m_owner.on_job_removed(job, unit, result);
+  }
+  SystemdUnits& m_owner;
+};
+
+Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
+  std::unique_ptr<SystemdUnits> self(new SystemdUnits());
+  try {
+    auto open = [bus] {
+      return bus == Bus::kSystem ? sdbus::createSystemBusConnection()
+                                 : sdbus::createSessionBusConnection();
+    };
+    self->m_manager = std::make_unique<ManagerProxy>(open(), *self);
+    self->m_calls = open();
+    self->m_manager->Subscribe();  // systemd sends job signals only to subscribers
+  } catch (const sdbus::Error& e) {
+    return from_dbus(e, "connecting to systemd");
+  }
+  return self;
+}
+
+SystemdUnits::~SystemdUnits() = default;
+
+void SystemdUnits::on_job_removed(const std::string& job, const std::string& unit,
+                                  const std::string& result) {
+  std::lock_guard lock(m_mutex);
+  if (!m_waiting.count(unit)) return;  // not ours: nobody will claim it
+  m_done[job] = {unit, result};
+  m_cv.notify_all();
+}
+
+Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
+                                   std::chrono::milliseconds timeout) {
+  UPGRADED_TRY(policy::validate_unit_name(unit));
+  {
+    std::lock_guard lock(m_mutex);
+    ++m_waiting[unit];
+  }
+  // Whatever happens below, stop collecting signals for this unit once nobody waits for it.
+  struct Unwait {
+    SystemdUnits& self;
+    const std::string& unit;
+    ~Unwait() {
+      std::lock_guard lock(self.m_mutex);
+      if (--self.m_waiting[unit] > 0) return;
+      self.m_waiting.erase(unit);
+      for (auto it = self.m_done.begin(); it != self.m_done.end();)
+        it = it->second.first == unit ? self.m_done.erase(it) : std::next(it);
+    }
+  } unwait{*this, unit};
+
+  std::string job;
+  std::string what = std::string(verb) + " " + unit;
+  try {
+    sdbus::ObjectPath path;
+    if (std::string_view(verb) == "start")
+      path = m_manager->StartUnit(unit, "replace");
+    else if (std::string_view(verb) == "stop")
+      path = m_manager->StopUnit(unit, "replace");
+    else
+      path = m_manager->RestartUnit(unit, "replace");
+    job = path;
+  } catch (const sdbus::Error& e) {
+    return from_dbus(e, what);
+  }
+  std::string result;
+  {
+    std::unique_lock lock(m_mutex);
+    if (!m_cv.wait_for(lock, timeout, [&] { return m_done.count(job) > 0; }))
+      return Error(ErrorCode::kFailed, what + ": systemd's job did not finish within " +
+                                           std::to_string(timeout.count()) + " ms");
+    result = m_done[job].second;
+    m_done.erase(job);
+  }
+  if (result == "done") return {};
+  std::string detail;
+  if (auto st = status(unit)) {
+    detail = " (" + st->active_state + "/" + st->sub_state;
+    if (!st->result.empty() && st->result != "success") detail += ", " + st->result;
+    if (st->exec_main_code != 0) detail += ", status " + std::to_string(st->exec_main_status);
+    detail += ")";
+  }
+  return Error(ErrorCode::kFailed, unit + ": " + verb + " " + result + detail);
+}
+
+Result<void> SystemdUnits::start(const std::string& unit, std::chrono::milliseconds timeout) {
+  return run_job("start", unit, timeout);
+}
+Result<void> SystemdUnits::stop(const std::string& unit, std::chrono::milliseconds timeout) {
+  return run_job("stop", unit, timeout);
+}
+Result<void> SystemdUnits::restart(const std::string& unit, std::chrono::milliseconds timeout) {
+  return run_job("restart", unit, timeout);
+}
+
+Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
+  UPGRADED_TRY(policy::validate_unit_name(unit));
+  std::lock_guard lock(m_calls_mutex);
+  try {
+    sdbus::ObjectPath path;
+    auto manager = sdbus::createProxy(*m_calls, kService, kManagerPath);
+    manager->callMethod("LoadUnit")
+        .onInterface("org.freedesktop.systemd1.Manager")
+        .withArguments(unit)
+        .storeResultsTo(path);
+    auto proxy = sdbus::createProxy(*m_calls, kService, path);
+    std::map<std::string, sdbus::Variant> u, s;
+    proxy->callMethod("GetAll")
+        .onInterface("org.freedesktop.DBus.Properties")
+        .withArguments(std::string("org.freedesktop.systemd1.Unit"))
+        .storeResultsTo(u);
+    units::UnitStatus st;
+    st.load_state = prop<std::string>(u, "LoadState", "");
+    st.active_state = prop<std::string>(u, "ActiveState", "");
+    st.sub_state = prop<std::string>(u, "SubState", "");
+    st.active_enter_usec = prop<uint64_t>(u, "ActiveEnterTimestampMonotonic", 0);
+    st.active_exit_usec = prop<uint64_t>(u, "ActiveExitTimestampMonotonic", 0);
+    st.inactive_enter_usec = prop<uint64_t>(u, "InactiveEnterTimestampMonotonic", 0);
+    st.inactive_exit_usec = prop<uint64_t>(u, "InactiveExitTimestampMonotonic", 0);
+    if (unit.ends_with(".service") && st.load_state == "loaded") {
+      proxy->callMethod("GetAll")
+          .onInterface("org.freedesktop.DBus.Properties")
+          .withArguments(std::string("org.freedesktop.systemd1.Service"))
+          .storeResultsTo(s);
+      st.result = prop<std::string>(s, "Result", "");
+      st.n_restarts = prop<uint32_t>(s, "NRestarts", 0);
+      st.main_pid = prop<uint32_t>(s, "MainPID", 0);
+      st.exec_main_code = prop<int32_t>(s, "ExecMainCode", 0);
+      st.exec_main_status = prop<int32_t>(s, "ExecMainStatus", 0);
+    }
+    return st;
+  } catch (const sdbus::Error& e) {
+    return from_dbus(e, "reading the status of " + unit);
+  }
+}
+
+Result<void> SystemdUnits::reload() {
+  try {
+    m_manager->Reload();
+  } catch (const sdbus::Error& e) {
+    return from_dbus(e, "reloading systemd");
+  }
+  return {};
+}
+
+}  // namespace upgraded::daemon

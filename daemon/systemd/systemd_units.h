@@ -1,0 +1,52 @@
+#pragma once
+
+// UnitControl over org.freedesktop.systemd1 (PID 1 on the system bus, or the user manager on
+// the user bus for `upgraded --user`).
+
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "upgraded/units/unit_control.h"
+
+namespace sdbus {
+class IConnection;
+}
+
+namespace upgraded::daemon {
+
+enum class Bus { kSystem, kUser };
+
+class SystemdUnits final : public units::UnitControl {
+ public:
+  /// Connects to systemd on `bus` and subscribes to its job signals. Fails when the bus or
+  /// systemd is not reachable.
+  static Result<std::unique_ptr<SystemdUnits>> connect(Bus bus);
+  ~SystemdUnits() override;
+
+  Result<void> start(const std::string& unit, std::chrono::milliseconds timeout) override;
+  Result<void> stop(const std::string& unit, std::chrono::milliseconds timeout) override;
+  Result<void> restart(const std::string& unit, std::chrono::milliseconds timeout) override;
+  Result<units::UnitStatus> status(const std::string& unit) override;
+  Result<void> reload() override;
+
+ private:
+  class ManagerProxy;
+  SystemdUnits() = default;
+  Result<void> run_job(const char* verb, const std::string& unit,
+                       std::chrono::milliseconds timeout);
+  void on_job_removed(const std::string& job, const std::string& unit, const std::string& result);
+
+  std::unique_ptr<ManagerProxy> m_manager;      // owns its connection and signal thread
+  std::unique_ptr<sdbus::IConnection> m_calls;  // plain synchronous calls (properties)
+  std::mutex m_calls_mutex;
+
+  std::mutex m_mutex;
+  std::condition_variable m_cv;
+  std::map<std::string, int> m_waiting;                               // unit -> callers waiting
+  std::map<std::string, std::pair<std::string, std::string>> m_done;  // job -> (unit, result)
+};
+
+}  // namespace upgraded::daemon

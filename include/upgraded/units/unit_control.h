@@ -1,0 +1,54 @@
+#pragma once
+
+// Control of the systemd units an app runs as. The engine and the job logic see only this
+// interface; the daemon implements it over org.freedesktop.systemd1 (daemon/systemd/), and
+// tests may implement it to inject faults. It is not a substitute for the real thing: the
+// integration tests run the real implementation against a real systemd.
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "upgraded/result.h"
+
+namespace upgraded::units {
+
+/// What systemd reports about a unit (org.freedesktop.systemd1.Unit and .Service properties).
+struct UnitStatus {
+  std::string load_state;    ///< "loaded", "not-found", ...
+  std::string active_state;  ///< "active", "inactive", "failed", "activating", ...
+  std::string sub_state;     ///< "running", "exited", "dead", ...
+  std::string result;        ///< Service.Result: "success", "exit-code", "signal", ...
+  std::uint32_t n_restarts = 0;
+  std::uint32_t main_pid = 0;
+  std::int32_t exec_main_code = 0;    ///< CLD_EXITED, CLD_KILLED, ...
+  std::int32_t exec_main_status = 0;  ///< exit status or signal number
+  /// CLOCK_MONOTONIC microseconds of the last state changes (0: never).
+  std::uint64_t active_enter_usec = 0;
+  std::uint64_t active_exit_usec = 0;
+  std::uint64_t inactive_enter_usec = 0;
+  std::uint64_t inactive_exit_usec = 0;
+};
+
+class UnitControl {
+ public:
+  virtual ~UnitControl() = default;
+
+  /// Start, stop or restart `unit` ("replace" mode) and wait until systemd's job for it has
+  /// finished (its JobRemoved signal), at most `timeout`. A job result other than "done" is an
+  /// error naming the result and the unit's state ("hello.service: start failed (exit-code,
+  /// status 3)").
+  virtual Result<void> start(const std::string& unit, std::chrono::milliseconds timeout) = 0;
+  virtual Result<void> stop(const std::string& unit, std::chrono::milliseconds timeout) = 0;
+  virtual Result<void> restart(const std::string& unit, std::chrono::milliseconds timeout) = 0;
+
+  /// The unit's current status (loading it if systemd has not yet). systemd unloads an
+  /// inactive unit nobody references, which resets its timestamps: read them while the unit is
+  /// active (e.g. right after a start or restart) to measure a downtime window.
+  virtual Result<UnitStatus> status(const std::string& unit) = 0;
+
+  /// systemctl daemon-reload: re-read unit files.
+  virtual Result<void> reload() = 0;
+};
+
+}  // namespace upgraded::units
