@@ -178,6 +178,17 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
   }
 }
 
+Result<void> SystemdUnits::reset_failed(const std::string& unit) {
+  UPGRADED_TRY(policy::validate_unit_name(unit));
+  try {
+    m_manager->ResetFailedUnit(unit);
+  } catch (const sdbus::Error& e) {
+    if (e.getName() == "org.freedesktop.systemd1.NoSuchUnit") return {};  // nothing to reset
+    return from_dbus(e, "resetting " + unit);
+  }
+  return {};
+}
+
 Result<void> SystemdUnits::reload() {
   try {
     m_manager->Reload();

@@ -30,6 +30,7 @@ class SystemdUnits final : public units::UnitControl {
   Result<void> stop(const std::string& unit, std::chrono::milliseconds timeout) override;
   Result<void> restart(const std::string& unit, std::chrono::milliseconds timeout) override;
   Result<units::UnitStatus> status(const std::string& unit) override;
+  Result<void> reset_failed(const std::string& unit) override;
   Result<void> reload() override;
 
  private:

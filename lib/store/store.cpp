@@ -12,6 +12,7 @@
 #include <ctime>
 #include <random>
 
+#include "upgraded/artifact/encoding.h"
 #include "upgraded/artifact/strict_json.h"
 #include "upgraded/artifact/unpack.h"
 #include "upgraded/artifact/verifier.h"
@@ -389,10 +390,28 @@ Result<StageResult> Store::stage(int artifact_fd, const artifact::Keyring& keyri
   // Verify before touching the store: a bad artifact changes nothing, not even a lock file.
   auto art = artifact::open_verified(artifact_fd, keyring, trust);
   if (!art) return art.error();
-  const std::string app = art->manifest.app;
-  const std::string version = art->manifest.version;
-  auto lk = lock(app);
+  auto lk = lock(art->manifest.app);
   if (!lk) return lk.error();
+  return stage_verified(*lk, *art);
+}
+
+Result<StageResult> Store::stage(const AppLock& lock, int artifact_fd,
+                                 const artifact::Keyring& keyring,
+                                 const artifact::TrustPolicy& trust) const {
+  auto art = artifact::open_verified(artifact_fd, keyring, trust);
+  if (!art) return art.error();
+  if (art->manifest.app != lock.app())
+    return Error(ErrorCode::kInvalidArgument, "the artifact is for app " +
+                                                  policy::quote(art->manifest.app) + ", not " +
+                                                  policy::quote(lock.app()));
+  return stage_verified(lock, *art);
+}
+
+Result<StageResult> Store::stage_verified(const AppLock& lock,
+                                          artifact::VerifiedArtifact& verified) const {
+  artifact::VerifiedArtifact* art = &verified;
+  const std::string app = lock.app();
+  const std::string version = art->manifest.version;
   auto appfd = fs::open_directory(app_root(app));
   if (!appfd) return appfd.error();
   int dfd = appfd->get();
@@ -615,6 +634,85 @@ Result<GcReport> Store::gc(const AppLock& lock, const GcPolicy& policy) const {
   crash_point("gc.before_remove");
   UPGRADED_TRY(remove_releases(l->fd.get(), st, report.removed));
   return report;
+}
+
+namespace {
+
+constexpr std::size_t kMaxHistory = 10000;
+
+json history_to_json(const HistoryEntry& e) {
+  json downtime = json::object();
+  for (const auto& [unit, usec] : e.downtime_usec)
+    downtime[unit] = usec;
+  return {{"time", e.time},     {"op", e.op},           {"from", e.from},           {"to", e.to},
+          {"result", e.result}, {"message", e.message}, {"downtime_usec", downtime}};
+}
+
+std::optional<HistoryEntry> history_from_json(const std::string& line) {
+  auto doc = json::parse(line, nullptr, false);
+  if (doc.is_discarded() || !doc.is_object()) return std::nullopt;
+  HistoryEntry e;
+  auto str = [&](const char* k) {
+    return doc.contains(k) && doc[k].is_string() ? doc[k].get<std::string>() : "";
+  };
+  e.time = str("time");
+  e.op = str("op");
+  e.from = str("from");
+  e.to = str("to");
+  e.result = str("result");
+  e.message = str("message");
+  if (doc.contains("downtime_usec") && doc["downtime_usec"].is_object())
+    for (const auto& [unit, v] : doc["downtime_usec"].items())
+      if (v.is_number_unsigned()) e.downtime_usec[unit] = v.get<std::uint64_t>();
+  return e;
+}
+
+}  // namespace
+
+Result<void> Store::append_history(const AppLock& lock, const HistoryEntry& entry) const {
+  auto appfd = fs::open_directory(app_root(lock.app()));
+  if (!appfd) return appfd.error();
+  HistoryEntry e = entry;
+  if (e.time.empty()) e.time = now_rfc3339();
+  std::string line = history_to_json(e).dump() + "\n";
+  // Appends are atomic enough for a log: a torn last line after a crash is skipped on reading.
+  int fd = ::openat(appfd->get(), "history.jsonl", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) return system_error(errno, "opening the history of " + lock.app());
+  UniqueFd owner(fd);
+  UPGRADED_TRY(fs::write_all(fd, artifact::as_bytes(line)));
+  UPGRADED_TRY(fs::sync_fd(fd, "the history of " + lock.app()));
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && st.st_size > static_cast<off_t>(kMaxHistory * 400)) {
+    auto all = history(lock.app(), kMaxHistory);
+    if (all) {
+      std::string text;
+      for (const auto& h : *all)
+        text += history_to_json(h).dump() + "\n";
+      UPGRADED_TRY(fs::write_file_atomic(appfd->get(), "history.jsonl", text, 0644));
+    }
+  }
+  return {};
+}
+
+Result<std::vector<HistoryEntry>> Store::history(const std::string& app, std::size_t limit) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  auto appfd = fs::open_directory(app_root(app));
+  if (!appfd) return appfd.error();
+  auto text = fs::read_file(appfd->get(), "history.jsonl", 64ULL << 20);
+  std::vector<HistoryEntry> out;
+  if (!text) {
+    if (text.error().code() == ErrorCode::kNotFound) return out;
+    return text.error();
+  }
+  std::size_t start = 0;
+  while (start < text->size()) {
+    auto end = text->find('\n', start);
+    if (end == std::string::npos) break;  // a torn last line
+    if (auto e = history_from_json(text->substr(start, end - start))) out.push_back(std::move(*e));
+    start = end + 1;
+  }
+  if (out.size() > limit) out.erase(out.begin(), out.end() - static_cast<std::ptrdiff_t>(limit));
+  return out;
 }
 
 Result<void> Store::recover(const std::string& app) const {

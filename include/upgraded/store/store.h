@@ -13,6 +13,7 @@
 #include "upgraded/artifact/extractor.h"
 #include "upgraded/artifact/keys.h"
 #include "upgraded/artifact/signatures.h"
+#include "upgraded/artifact/verifier.h"
 #include "upgraded/fs/unique_fd.h"
 #include "upgraded/result.h"
 #include "upgraded/store/state.h"
@@ -52,6 +53,18 @@ struct GcReport {
   std::uint64_t freed_bytes = 0;
 };
 
+/// One line of an app's history (`<app root>/history.jsonl`), for root-cause analysis and for
+/// predicting the next downtime window.
+struct HistoryEntry {
+  std::string time;    ///< RFC 3339 UTC
+  std::string op;      ///< "stage", "activate", "rollback", "remove", "gc", ...
+  std::string from;    ///< version before (may be empty)
+  std::string to;      ///< version after (may be empty)
+  std::string result;  ///< "done", "failed", "rolled-back"
+  std::string message;
+  std::map<std::string, std::uint64_t> downtime_usec;  ///< per unit
+};
+
 struct StageResult {
   artifact::Manifest manifest;
   artifact::SignatureReport signatures;
@@ -81,6 +94,10 @@ class Store {
   /// Refused: a version already installed (kExists), one below the app's floor (kPolicyRefused).
   Result<StageResult> stage(int artifact_fd, const artifact::Keyring& keyring,
                             const artifact::TrustPolicy& trust) const;
+  /// The same, for a caller that already holds the app's lock (to stage and activate under one
+  /// lock). An artifact of another app is refused (kInvalidArgument).
+  Result<StageResult> stage(const AppLock& lock, int artifact_fd, const artifact::Keyring& keyring,
+                            const artifact::TrustPolicy& trust) const;
 
   /// Points `current` at `version`, durably (state.json, then the symlink, one directory fsync).
   /// The old current becomes the rollback target (previous).
@@ -99,11 +116,17 @@ class Store {
   /// release, the rollback target, pinned releases or the last known-good one.
   Result<GcReport> gc(const AppLock& lock, const GcPolicy& policy) const;
 
+  /// Appends one history line (fsynced). At most the last 10,000 lines are kept.
+  Result<void> append_history(const AppLock& lock, const HistoryEntry& entry) const;
+  /// The app's history, oldest first; at most `limit` newest entries.
+  Result<std::vector<HistoryEntry>> history(const std::string& app, std::size_t limit = 1000) const;
+
  private:
   explicit Store(StoreOptions options) : m_options(std::move(options)) {}
   /// Every app directory there is, with or without a state file (for recovery).
   Result<std::vector<std::string>> app_dirs() const;
   Result<void> recover(const std::string& app) const;
+  Result<StageResult> stage_verified(const AppLock& lock, artifact::VerifiedArtifact& art) const;
   StoreOptions m_options;
 };
 

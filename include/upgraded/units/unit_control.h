@@ -47,6 +47,10 @@ class UnitControl {
   /// active (e.g. right after a start or restart) to measure a downtime window.
   virtual Result<UnitStatus> status(const std::string& unit) = 0;
 
+  /// systemctl reset-failed: clears the failed state and the start-rate counter, so that a
+  /// deliberate restart (an upgrade, a rollback) is not refused with "start-limit-hit".
+  virtual Result<void> reset_failed(const std::string& unit) = 0;
+
   /// systemctl daemon-reload: re-read unit files.
   virtual Result<void> reload() = 0;
 };

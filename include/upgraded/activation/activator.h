@@ -1,0 +1,73 @@
+#pragma once
+
+// Activation: makes a staged release the running one (strategy all-at-once) and proves it
+// healthy, or puts the previous release back. Uses the store for the switch and a UnitControl
+// for systemd; knows nothing of D-Bus.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+
+#include "upgraded/store/store.h"
+#include "upgraded/units/unit_control.h"
+
+namespace upgraded::activation {
+
+struct ActivationOptions {
+  /// How long one systemd job (a unit's restart) may take.
+  std::chrono::milliseconds job_timeout{90000};
+  /// Activate a release that is marked bad (refused otherwise).
+  bool allow_bad = false;
+};
+
+struct ActivationReport {
+  std::string from;  ///< the release that was current before (empty: none)
+  std::string to;    ///< the release asked for
+  bool rolled_back = false;
+  /// Per unit: from leaving "active" to being active again (systemd's monotonic timestamps).
+  std::map<std::string, std::uint64_t> downtime_usec;
+};
+
+/// Progress steps, for job objects: "checking", "switching", "restarting <unit>",
+/// "health gate", "rolling back".
+using ProgressFn = std::function<void(const std::string& step, int percent)>;
+
+class Activator {
+ public:
+  Activator(const store::Store& store, units::UnitControl& units)
+      : m_store(store), m_units(units) {}
+
+  /// Policy checks (release present and not bad, upgrade path, data format), then: switch
+  /// `current`, restart the release's units in order (one systemd job each: the old processes
+  /// keep the files they opened), and the health gate: every unit active, still active and not
+  /// restarted after the manifest's min_ready_s, all within deadline_s. On failure after the
+  /// switch the previous release is switched back and its units restarted, the new release is
+  /// marked bad, and the error says why ("health gate: hello.service is failed (exit-code,
+  /// status 3) 0.4 s after it started"). On success the release is marked good. Every outcome
+  /// is appended to the history. Releases that declare hooks are refused: this build does not
+  /// run hooks yet.
+  Result<ActivationReport> activate(const store::AppLock& lock, const std::string& version,
+                                    const ActivationOptions& options = {},
+                                    const ProgressFn& progress = {});
+
+  /// Activates the rollback target (state.previous) without re-extraction. The same health
+  /// gate applies; a failing rollback is reported, not bounced back again.
+  Result<ActivationReport> rollback(const store::AppLock& lock,
+                                    const ActivationOptions& options = {},
+                                    const ProgressFn& progress = {});
+
+ private:
+  Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
+                               bool is_rollback, const ActivationOptions& options,
+                               const ProgressFn& progress);
+  Result<void> restart_and_gate(const artifact::Manifest& m, const ActivationOptions& options,
+                                const ProgressFn& progress,
+                                std::map<std::string, std::uint64_t>& downtime, bool soak);
+
+  const store::Store& m_store;
+  units::UnitControl& m_units;
+};
+
+}  // namespace upgraded::activation

@@ -1,0 +1,190 @@
+#include "upgraded/activation/activator.h"
+
+#include <time.h>
+
+#include <cstdio>
+#include <thread>
+
+#include "upgraded/policy/version.h"
+
+namespace upgraded::activation {
+namespace {
+
+using std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+
+std::uint64_t monotonic_usec() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u +
+         static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
+}
+
+Error refuse(const std::string& why) {
+  return Error(ErrorCode::kPolicyRefused, why);
+}
+
+std::string seconds(std::uint64_t usec) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f s", static_cast<double>(usec) / 1e6);
+  return buf;
+}
+
+// "hello.service is failed (exit-code, status 3) 0.4 s after it started"
+std::string describe_unhealthy(const std::string& unit, const units::UnitStatus& st) {
+  std::string s = unit + " is " + st.active_state;
+  if (!st.result.empty() && st.result != "success") {
+    s += " (" + st.result;
+    if (st.exec_main_code != 0) s += ", status " + std::to_string(st.exec_main_status);
+    s += ")";
+  }
+  if (st.active_enter_usec != 0) {
+    std::uint64_t end =
+        st.inactive_enter_usec > st.active_enter_usec ? st.inactive_enter_usec : monotonic_usec();
+    s += " " + seconds(end - st.active_enter_usec) + " after it started";
+  }
+  return s;
+}
+
+}  // namespace
+
+Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
+                                         const ActivationOptions& options,
+                                         const ProgressFn& progress,
+                                         std::map<std::string, std::uint64_t>& downtime,
+                                         bool soak) {
+  const auto deadline = Clock::now() + std::chrono::seconds(m.health.deadline_s);
+  std::map<std::string, std::uint32_t> restarts;
+  int n = 0;
+  for (const auto& unit : m.units) {
+    if (progress) progress("restarting " + unit, 40 + 40 * n++ / static_cast<int>(m.units.size()));
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+    if (left <= milliseconds(0))
+      return Error(ErrorCode::kFailed,
+                   "health gate: deadline passed before " + unit + " was restarted");
+    // A deliberate restart must not be refused because earlier ones hit the start limit.
+    if (auto reset = m_units.reset_failed(unit); !reset) return reset.error();
+    auto r = m_units.restart(unit, std::min(left, options.job_timeout));
+    if (!r) return r.error().with_context("health gate");
+    auto st = m_units.status(unit);
+    if (!st) return st.error();
+    if (st->active_state != "active")
+      return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
+    if (st->active_enter_usec > st->active_exit_usec && st->active_exit_usec != 0)
+      downtime[unit] = st->active_enter_usec - st->active_exit_usec;
+    restarts[unit] = st->n_restarts;
+  }
+  if (!soak) return {};
+  if (progress) progress("health gate", 85);
+  auto soak_until = Clock::now() + std::chrono::seconds(m.health.min_ready_s);
+  if (soak_until > deadline)
+    return Error(ErrorCode::kFailed, "health gate: min_ready_s does not fit in deadline_s");
+  // One wait for the soak period, then one look: systemd's state and restart counter say
+  // whether anything happened meanwhile.
+  std::this_thread::sleep_until(soak_until);
+  for (const auto& unit : m.units) {
+    auto st = m_units.status(unit);
+    if (!st) return st.error();
+    if (st->active_state != "active")
+      return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
+    if (st->n_restarts != restarts[unit])
+      return Error(ErrorCode::kFailed, "health gate: " + unit + " restarted " +
+                                           std::to_string(st->n_restarts - restarts[unit]) +
+                                           " time(s) within min_ready_s");
+  }
+  return {};
+}
+
+Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::string& version,
+                                        bool is_rollback, const ActivationOptions& options,
+                                        const ProgressFn& progress) {
+  const std::string& app = lock.app();
+  if (progress) progress("checking", 5);
+  auto st = m_store.state(app);
+  if (!st) return st.error();
+  auto rec = st->releases.find(version);
+  if (rec == st->releases.end())
+    return Error(ErrorCode::kNotFound, "no release " + version + " of " + app);
+  auto m = m_store.manifest(app, version);
+  if (!m) return m.error();
+  ActivationReport report;
+  report.from = st->current.value_or("");
+  report.to = version;
+  if (st->current == version) return report;
+  if (rec->second.status == store::ReleaseStatus::kBad && !options.allow_bad)
+    return refuse(app + " " + version + " is marked bad (it failed before)");
+  if (!m->hooks.empty())
+    return refuse(app + " " + version +
+                  " declares hooks, which this version of upgraded does not run yet");
+  if (!is_rollback && st->current && !m->upgrade_from.empty()) {
+    bool allowed = false;
+    for (const auto& p : m->upgrade_from)
+      allowed = allowed || policy::version_matches(*st->current, p);
+    if (!allowed)
+      return refuse(app + " " + version + " cannot be upgraded to from " + *st->current +
+                    " (upgrade_from)");
+  }
+  if (st->finalized_data_format && *st->finalized_data_format > m->data_format.writes)
+    return refuse(app + " " + version + " writes data format " +
+                  std::to_string(m->data_format.writes) + ", but format " +
+                  std::to_string(*st->finalized_data_format) + " is finalized");
+  std::optional<artifact::Manifest> old_manifest;
+  if (st->current) {
+    auto om = m_store.manifest(app, *st->current);
+    if (!om) return om.error();
+    old_manifest = std::move(*om);
+  }
+
+  store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
+                        {}};
+  if (progress) progress("switching", 20);
+  if (auto r = m_store.switch_to(lock, version); !r) return r.error();
+  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
+  if (gate) {
+    (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
+    h.result = "done";
+    h.downtime_usec = report.downtime_usec;
+    (void)m_store.append_history(lock, h);
+    if (progress) progress("done", 100);
+    return report;
+  }
+  Error failure = gate.error();
+  h.message = failure.message();
+  if (is_rollback || !old_manifest) {
+    (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
+    h.result = "failed";
+    (void)m_store.append_history(lock, h);
+    return failure;
+  }
+  // Automatic rollback: the old release, its units, checked again (active; no soak).
+  if (progress) progress("rolling back", 90);
+  (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
+  std::map<std::string, std::uint64_t> back_downtime;
+  auto back = m_store.switch_to(lock, report.from);
+  if (back)
+    back = restart_and_gate(*old_manifest, options, progress, back_downtime, /*soak=*/false);
+  report.rolled_back = true;
+  h.result = back ? "rolled-back" : "failed";
+  if (!back) h.message += "; rollback to " + report.from + " failed too: " + back.error().message();
+  h.downtime_usec = report.downtime_usec;
+  (void)m_store.append_history(lock, h);
+  if (!back) return Error(ErrorCode::kFailed, h.message);
+  return Error(ErrorCode::kFailed, failure.message() + "; rolled back to " + report.from);
+}
+
+Result<ActivationReport> Activator::activate(const store::AppLock& lock, const std::string& version,
+                                             const ActivationOptions& options,
+                                             const ProgressFn& progress) {
+  return run(lock, version, false, options, progress);
+}
+
+Result<ActivationReport> Activator::rollback(const store::AppLock& lock,
+                                             const ActivationOptions& options,
+                                             const ProgressFn& progress) {
+  auto st = m_store.state(lock.app());
+  if (!st) return st.error();
+  if (!st->previous) return Error(ErrorCode::kNotFound, lock.app() + " has no rollback target");
+  return run(lock, *st->previous, true, options, progress);
+}
+
+}  // namespace upgraded::activation

@@ -1,0 +1,192 @@
+// Activation against a real systemd user manager: a sample service whose binary lives in the
+// release and reports its version; upgrade, a release failing its health gate and rolled back
+// automatically, manual rollback, and the policy refusals.
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <thread>
+
+#include "support/artifact_builder.h"
+#include "support/test_dir.h"
+#include "systemd/systemd_units.h"
+#include "upgraded/activation/activator.h"
+#include "upgraded/artifact/packer.h"
+
+using namespace upgraded;
+using namespace upgraded::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+class Activation : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* units_dir = std::getenv("UPGRADED_TESTBED_UNITS");
+    ASSERT_NE(units_dir, nullptr) << "run inside tests/testbed/with-systemd-user";
+    key = make_key(t, "release");
+    make_dirs(t / "keys");
+    write_file(t / "keys/k.pem", read_file(key.public_path));
+    store::StoreOptions o;
+    o.root = t / "state";
+    o.extract.limits.free_space_reserve = 0;
+    auto s = store::Store::open(o);
+    ASSERT_TRUE(s.ok());
+    st.emplace(std::move(*s));
+    auto u = daemon::SystemdUnits::connect(daemon::Bus::kUser);
+    ASSERT_TRUE(u.ok()) << u.error().message();
+    units = std::move(*u);
+    out = t / "hello.out";
+    test::write_file(std::string(units_dir) + "/hello.service",
+                     "[Service]\nExecStart=" + st->app_root("hello") +
+                         "/current/bin/hello\n"
+                         "Environment=OUT=" +
+                         out + "\n");
+    ASSERT_TRUE(units->reload().ok());
+  }
+
+  void TearDown() override {
+    if (units) (void)units->stop("hello.service", 10s);
+  }
+
+  // Packs and stages a release of the sample service. `fail`: it exits 3 after 0.3 s.
+  void release(const store::AppLock& lock, const std::string& version, bool fail = false,
+               const std::string& extra = "") {
+    std::string src = t / ("src-" + version);
+    make_dirs(src + "/bin");
+    write_file(src + "/bin/hello",
+               "#!/bin/sh\nhere=$(dirname \"$(readlink -f \"$0\")\")\n"
+               "cat \"$here/../VERSION\" > \"$OUT\"\n" +
+                   std::string(fail ? "sleep 0.3; exit 3\n" : "exec sleep 1000\n"),
+               0755);
+    write_file(src + "/VERSION", version);
+    write_file(
+        t / "extra.json",
+        extra.empty()
+            ? R"({"units": ["hello.service"], "health": {"min_ready_s": 1, "deadline_s": 30}})"
+            : extra);
+    artifact::PackOptions o;
+    o.key_paths = {key.private_path};
+    o.app = "hello";
+    o.version = version;
+    o.output = t / (version + ".upd");
+    o.source_dir = src;
+    o.extra_manifest_path = t / "extra.json";
+    auto p = artifact::pack(o);
+    ASSERT_TRUE(p.ok()) << p.error().message();
+    UniqueFd fd(::open(o.output.c_str(), O_RDONLY | O_CLOEXEC));
+    auto r = st->stage(lock, fd.get(), keyring_of({key}), artifact::TrustPolicy{});
+    ASSERT_TRUE(r.ok()) << r.error().message();
+  }
+
+  // What the service reports. A Type=simple start is "done" once systemd has forked it, so wait
+  // (bounded) for the script to have written its version.
+  std::string serving(const std::string& expect = "") {
+    for (int i = 0; i < 100 && !expect.empty() && read_file(out) != expect; ++i)
+      std::this_thread::sleep_for(30ms);
+    return read_file(out);
+  }
+
+  TempDir t;
+  TestKey key;
+  std::optional<store::Store> st;
+  std::unique_ptr<daemon::SystemdUnits> units;
+  std::string out;
+};
+
+}  // namespace
+
+TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually) {
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  ASSERT_TRUE(lock.ok());
+
+  release(*lock, "1.0.0");
+  auto v1 = act.activate(*lock, "1.0.0");
+  ASSERT_TRUE(v1.ok()) << v1.error().message();
+  EXPECT_EQ(serving("1.0.0"), "1.0.0");
+  EXPECT_EQ(units->status("hello.service")->active_state, "active");
+
+  release(*lock, "2.0.0");
+  std::vector<std::string> steps;
+  auto v2 = act.activate(*lock, "2.0.0", {},
+                         [&](const std::string& step, int) { steps.push_back(step); });
+  ASSERT_TRUE(v2.ok()) << v2.error().message();
+  EXPECT_EQ(serving("2.0.0"), "2.0.0");
+  EXPECT_EQ(v2->from, "1.0.0");
+  ASSERT_EQ(v2->downtime_usec.count("hello.service"), 1u);
+  EXPECT_GT(v2->downtime_usec["hello.service"], 0u);
+  EXPECT_LT(v2->downtime_usec["hello.service"], 2000000u);
+  EXPECT_EQ(steps.front(), "checking");
+  EXPECT_EQ(steps.back(), "done");
+  auto s2 = st->state("hello");
+  EXPECT_EQ(s2->current, "2.0.0");
+  EXPECT_EQ(s2->previous, "1.0.0");
+  EXPECT_EQ(s2->releases["2.0.0"].status, store::ReleaseStatus::kGood);
+
+  release(*lock, "3.0.0", /*fail=*/true);
+  auto v3 = act.activate(*lock, "3.0.0");
+  ASSERT_FALSE(v3.ok());
+  const std::string& why = v3.error().message();
+  EXPECT_NE(why.find("health gate: hello.service is failed (exit-code, status 3)"),
+            std::string::npos)
+      << why;
+  EXPECT_NE(why.find("rolled back to 2.0.0"), std::string::npos) << why;
+  auto s3 = st->state("hello");
+  EXPECT_EQ(s3->current, "2.0.0");
+  EXPECT_EQ(s3->releases["3.0.0"].status, store::ReleaseStatus::kBad);
+  EXPECT_EQ(serving("2.0.0"), "2.0.0") << "the old release runs again";
+  EXPECT_EQ(units->status("hello.service")->active_state, "active");
+
+  auto again = act.activate(*lock, "3.0.0");
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), ErrorCode::kPolicyRefused);
+
+  // Manual rollback: the previous release (3.0.0 became previous during the automatic
+  // rollback, and it is bad), so roll back explicitly to 1.0.0 through activate.
+  auto back = act.activate(*lock, "1.0.0");
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(serving("1.0.0"), "1.0.0");
+  auto rb = act.rollback(*lock);  // previous is 2.0.0 now
+  ASSERT_TRUE(rb.ok()) << rb.error().message();
+  EXPECT_EQ(serving("2.0.0"), "2.0.0");
+  EXPECT_EQ(st->state("hello")->current, "2.0.0");
+
+  auto history = st->history("hello");
+  ASSERT_TRUE(history.ok());
+  std::vector<std::string> ops;
+  for (const auto& h : *history)
+    ops.push_back(h.op + ":" + h.to + ":" + h.result);
+  EXPECT_EQ(ops, (std::vector<std::string>{"activate:1.0.0:done", "activate:2.0.0:done",
+                                           "activate:3.0.0:rolled-back", "activate:1.0.0:done",
+                                           "rollback:2.0.0:done"}));
+  EXPECT_NE((*history)[2].message.find("status 3"), std::string::npos);
+}
+
+TEST_F(Activation, RefusesReleasesItCannotActivateSafely) {
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  release(*lock, "1.0.0");
+  ASSERT_TRUE(act.activate(*lock, "1.0.0").ok());
+  release(*lock, "2.0.0", false, R"({"units": ["hello.service"], "upgrade_from": ["0.9.*"]})");
+  auto path = act.activate(*lock, "2.0.0");
+  ASSERT_FALSE(path.ok());
+  EXPECT_EQ(path.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(path.error().message().find("upgrade_from"), std::string::npos);
+  release(
+      *lock, "2.1.0", false,
+      R"({"units": ["hello.service"], "hooks": {"migrate": {"path": "bin/hello", "timeout_s": 5}}})");
+  auto hooks = act.activate(*lock, "2.1.0");
+  ASSERT_FALSE(hooks.ok());
+  EXPECT_NE(hooks.error().message().find("hooks"), std::string::npos);
+  ASSERT_TRUE(st->record_finalized_data_format(*lock, 5).ok());
+  release(*lock, "2.2.0", false,
+          R"({"units": ["hello.service"], "data_format": {"writes": 4, "reads_min": 1}})");
+  auto format = act.activate(*lock, "2.2.0");
+  ASSERT_FALSE(format.ok());
+  EXPECT_NE(format.error().message().find("finalized"), std::string::npos);
+  EXPECT_EQ(st->state("hello")->current, "1.0.0") << "a refusal switches nothing";
+  EXPECT_EQ(serving("1.0.0"), "1.0.0");
+}
