@@ -208,7 +208,8 @@ class Extractor {
   ExtractStats m_stats;
   std::uint64_t m_declared_total = 0;
   std::uint64_t m_space_budget = 0;
-  mode_t m_umask = read_umask();  // read per extraction: the process may change it
+  std::uint64_t m_inode_budget = 0;  // entries we may still create before re-checking
+  mode_t m_umask = read_umask();     // read per extraction: the process may change it
   WriterPool m_pool{m_root};  // last member: its threads stop before anything else goes  // bytes
                               // we may still write before re-checking statvfs
 };
@@ -246,6 +247,10 @@ Result<std::string> Extractor::normalize(const char* raw, const char* what) {
   if (out.empty()) return out;  // the root itself
   if (auto r = policy::validate_relative_path(out, m_policy.limits.max_path_length); !r)
     return refuse(std::string(what) + ": " + r.error().message());
+  if (static_cast<std::size_t>(std::count(out.begin(), out.end(), '/')) + 1 >
+      m_policy.limits.max_depth)
+    return refuse(std::string(what) + " " + policy::quote(out) + " is nested deeper than " +
+                  std::to_string(m_policy.limits.max_depth) + " levels");
   return out;
 }
 
@@ -279,6 +284,7 @@ Result<void> Extractor::ensure_parent(const std::string& path) {
                   ", which is not a directory");
   }
   UPGRADED_TRY(ensure_parent(parent));
+  UPGRADED_TRY(reserve_space(0));
   auto pfd = open_parent(parent);
   if (!pfd) return pfd.error();
   auto [pp, pbase] = fs::split_parent(parent);
@@ -289,10 +295,12 @@ Result<void> Extractor::ensure_parent(const std::string& path) {
 }
 
 Result<void> Extractor::reserve_space(std::uint64_t bytes) {
-  // Rounded up to whole blocks plus one for metadata, so many small files are not undercounted.
+  // Every entry costs an inode and at least a block: rounded up to whole blocks plus one for
+  // metadata, so that many small files, directories or symlinks are not undercounted.
   std::uint64_t need = (bytes + 4095) / 4096 * 4096 + 4096;
-  if (need <= m_space_budget) {
+  if (need <= m_space_budget && m_inode_budget > 0) {
     m_space_budget -= need;
+    --m_inode_budget;
     return {};
   }
   struct statvfs vfs {};
@@ -304,8 +312,16 @@ Result<void> Extractor::reserve_space(std::uint64_t bytes) {
                                           " more bytes needed, " + std::to_string(avail) +
                                           " available, " + std::to_string(reserve) +
                                           " must stay free");
-  // Re-check after at most 64 MiB or a quarter of what is left, whichever is less.
+  // Filesystems without an inode limit (btrfs, tmpfs with nr_inodes=0) report 0 files.
+  std::uint64_t inodes = vfs.f_files == 0 ? UINT64_MAX : vfs.f_favail;
+  std::uint64_t inode_reserve = m_policy.limits.free_inode_reserve;
+  if (inodes <= inode_reserve)
+    return Error(ErrorCode::kNoSpace, "not enough free inodes: " + std::to_string(inodes) +
+                                          " available, " + std::to_string(inode_reserve) +
+                                          " must stay free");
+  // Re-check after at most 64 MiB, 4096 entries, or a quarter of what is left.
   m_space_budget = std::min<std::uint64_t>((avail - reserve - need) / 4, 64ULL << 20);
+  m_inode_budget = std::min<std::uint64_t>((inodes - inode_reserve - 1) / 4, 4096);
   return {};
 }
 
@@ -398,6 +414,7 @@ Result<void> Extractor::make_dir(const std::string& path, archive_entry* e) {
     if (it->second != Kind::kImplicitDir) return refuse("duplicate entry " + policy::quote(path));
     it->second = Kind::kDir;
   } else {
+    UPGRADED_TRY(reserve_space(0));
     auto pfd = open_parent(path);
     if (!pfd) return pfd.error();
     auto [parent, base] = fs::split_parent(path);
@@ -452,6 +469,7 @@ Result<void> Extractor::make_symlink(const std::string& path, archive_entry* e) 
     s = end + 1;
   }
   if (m_seen.count(path)) return refuse("duplicate entry " + policy::quote(path));
+  UPGRADED_TRY(reserve_space(target.size() > 60 ? target.size() : 0));  // short targets are inline
   auto pfd = open_parent(path);
   if (!pfd) return pfd.error();
   if (::symlinkat(target.c_str(), pfd->get(), base.c_str()) != 0)
@@ -568,7 +586,7 @@ Result<void> Extractor::apply_dir_metadata() {
            std::count(b.path.begin(), b.path.end(), '/');
   });
   DirMeta root = m_root_meta.value_or(DirMeta{"", 0755, {0, UTIME_OMIT}});
-  if (m_policy.read_only) root.mode |= S_IWUSR;  // the caller still renames it into place
+  if (m_policy.read_only) root.mode &= ~static_cast<mode_t>(0222);
   all.push_back(root);
   for (const auto& d : all) {
     auto fd = d.path.empty() ? fs::open_beneath(m_root, ".", O_RDONLY | O_DIRECTORY)

@@ -51,10 +51,20 @@ std::string release_name(const std::string& version) {
   return "releases/" + version;
 }
 
-Result<void> mkdir_if_missing(int dirfd, const std::string& name, mode_t mode) {
-  if (::mkdirat(dirfd, name.c_str(), mode) != 0 && errno != EEXIST)
+// mkdir that survives a power cut: a new directory is fsynced into its parent.
+Result<void> mkdir_durable(int dirfd, const std::string& name, mode_t mode) {
+  if (::mkdirat(dirfd, name.c_str(), mode) != 0) {
+    if (errno == EEXIST) return {};
     return system_error(errno, "creating " + policy::quote(name));
-  return {};
+  }
+  return fs::sync_fd(dirfd, "the parent of " + policy::quote(name));
+}
+
+Result<void> mkdir_path_durable(const std::string& path, mode_t mode) {
+  auto [parent, name] = fs::split_parent(path);
+  auto pfd = fs::open_directory(parent);
+  if (!pfd) return pfd.error();
+  return mkdir_durable(pfd->get(), name, mode);
 }
 
 bool exists_at(int dirfd, const std::string& name) {
@@ -123,19 +133,21 @@ Result<void> commit_state(int appfd, const AppState& next, const AppState* previ
   return r;
 }
 
-// The journal records a multi-step transaction (stage, remove) before its first step, so that
-// recovery knows what to finish or undo. state.json is every transaction's commit point.
+// The journal records a stage before its first step, so that recovery knows which version's
+// tree to delete if the stage never reached its commit point (state.json). Removals need no
+// journal: they commit first and delete after.
 struct Journal {
-  std::string op;  // "stage" or "remove"
+  std::string op;  // "stage"
   std::string txid;
   std::vector<std::string> versions;
 };
 
-std::string trash_name(const std::string& txid, const std::string& version) {
-  return "staging/" + txid + ".rm." + version;
-}
-std::string staging_name(const std::string& txid) {
-  return "staging/" + txid + ".partial";
+// The partial tree of a stage lives inside releases/, so that the final rename stays within one
+// directory and one fsync of releases/ makes it durable: a rename between two directories
+// would need both fsynced, or a power cut could leave two names for one tree.
+constexpr const char* kPartialPrefix = ".partial.";
+std::string partial_name(const std::string& txid) {
+  return "releases/.partial." + txid;
 }
 
 Result<void> write_journal(int appfd, const Journal& j) {
@@ -162,7 +174,7 @@ Result<std::optional<Journal>> read_journal(int appfd) {
   auto op = artifact::json_string(*doc, "op", "journal");
   auto txid = artifact::json_string(*doc, "txid", "journal");
   if (!op || !txid || (*op != "stage" && *op != "remove") || txid->empty() ||
-      txid->find('/') != std::string::npos || txid->front() == '.')
+      txid->find('/') != std::string::npos || txid->front() == '.' || *op != "stage")
     return bad;
   j.op = *op;
   j.txid = *txid;
@@ -214,42 +226,27 @@ Result<void> delete_release_files(int appfd, const std::string& tree, const std:
   return {};
 }
 
-// Brings an app directory back to a consistent state: finishes or undoes a journaled
-// transaction, removes leftovers, and makes disk, state.json and `current` agree.
+// Brings an app directory back to a consistent state: undoes an uncommitted stage, removes
+// leftovers, and makes disk, state.json and `current` agree. Idempotent; safe to interrupt.
 Result<void> recover_app(int appfd, const std::string& app) {
   auto loaded = read_state(appfd);
   if (!loaded) return loaded.error();
   AppState st = loaded->value_or(AppState{app, {}, {}, {}, {}, {}, {}});
-  AppState before = st;
-  bool had_state = loaded->has_value();
+  const AppState before = st;
+  const bool had_state = loaded->has_value();
 
   auto journal = read_journal(appfd);
   if (!journal) return journal.error();
-  if (*journal) {
-    const Journal& j = **journal;
-    for (const auto& v : j.versions) {
-      bool committed = j.op == "stage" ? st.releases.count(v) > 0 : st.releases.count(v) == 0;
-      if (j.op == "stage" && !committed) {
-        // Undo: the release never reached state.json.
-        UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
-      } else if (j.op == "remove" && !committed) {
-        // Undo: put the tree back where it was.
-        if (!exists_at(appfd, release_name(v)) && exists_at(appfd, trash_name(j.txid, v)))
-          UPGRADED_TRY(fs::rename_at(appfd, trash_name(j.txid, v), appfd, release_name(v)));
-        ::fchmodat(appfd, release_name(v).c_str(), 0555, 0);
-      } else if (j.op == "remove") {
-        UPGRADED_TRY(delete_release_files(appfd, trash_name(j.txid, v), v));
-        UPGRADED_TRY(fs::remove_tree(appfd, release_name(v)));
-      }
-    }
-    UPGRADED_TRY(sync_dir(appfd, "releases"));
-  }
+  if (*journal)
+    for (const auto& v : (*journal)->versions)
+      if (!st.releases.count(v)) UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
 
-  // Leftovers: partial extractions and trash, a half-made symlink, temporary files.
-  auto staged = list_dir(appfd, "staging");
-  if (!staged) return staged.error();
-  for (const auto& name : *staged)
-    UPGRADED_TRY(fs::remove_tree(appfd, "staging/" + name));
+  // Leftovers: partial extractions, a half-made symlink, temporary files.
+  auto trees = list_dir(appfd, "releases");
+  if (!trees) return trees.error();
+  for (const auto& name : *trees)
+    if (name.rfind(kPartialPrefix, 0) == 0)
+      UPGRADED_TRY(fs::remove_tree(appfd, "releases/" + name));
   ::unlinkat(appfd, kCurrentNew, 0);
   for (const char* dir : {".", "manifests"}) {
     auto names = list_dir(appfd, dir);
@@ -259,23 +256,35 @@ Result<void> recover_app(int appfd, const std::string& app) {
         ::unlinkat(appfd, (std::string(dir) + "/" + name).c_str(), 0);
   }
 
-  // Disk and state must agree: trees without a state entry were never committed; entries
-  // without a tree cannot be used.
-  auto trees = list_dir(appfd, "releases");
-  if (!trees) return trees.error();
-  for (const auto& v : *trees)
-    if (!st.releases.count(v)) UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
-  for (auto it = st.releases.begin(); it != st.releases.end();) {
-    if (exists_at(appfd, release_name(it->first)) && exists_at(appfd, manifest_name(it->first))) {
-      ++it;
-      continue;
+  // Disk and state must agree. Only with a state file to go by: a lost state.json must never
+  // make recovery delete releases.
+  if (had_state) {
+    for (const auto& v : *trees)
+      if (v.front() != '.' && !st.releases.count(v))
+        UPGRADED_TRY(
+            delete_release_files(appfd, release_name(v), v));  // never committed, or removed
+    auto manifests = list_dir(appfd, "manifests");
+    if (!manifests) return manifests.error();
+    for (const auto& name : *manifests) {
+      if (name.front() == '.' || !name.ends_with(".json")) continue;
+      if (!st.releases.count(name.substr(0, name.size() - 5)))
+        ::unlinkat(appfd, ("manifests/" + name).c_str(), 0);
     }
-    const std::string v = it->first;
-    it = st.releases.erase(it);
-    for (auto* ref : {&st.current, &st.previous, &st.last_known_good})
-      if (*ref == v) ref->reset();
+    for (auto it = st.releases.begin(); it != st.releases.end();) {
+      if (exists_at(appfd, release_name(it->first)) && exists_at(appfd, manifest_name(it->first))) {
+        ++it;
+        continue;
+      }
+      const std::string v = it->first;  // half a release cannot be used: drop both halves
+      UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+      it = st.releases.erase(it);
+      for (auto* ref : {&st.current, &st.previous, &st.last_known_good})
+        if (*ref == v) ref->reset();
+    }
+    if (!st.current && st.previous) std::swap(st.current, st.previous);
   }
-  if (!st.current && st.previous) std::swap(st.current, st.previous);
+  UPGRADED_TRY(sync_dir(appfd, "releases"));
+  UPGRADED_TRY(sync_dir(appfd, "manifests"));
   if (had_state && st != before) UPGRADED_TRY(write_state(appfd, st));
   if (had_state) UPGRADED_TRY(reconcile_current(appfd, st));
   if (*journal) UPGRADED_TRY(remove_journal(appfd));
@@ -288,18 +297,20 @@ Result<Store> Store::open(StoreOptions options) {
   if (options.root.empty()) return Error(ErrorCode::kInvalidArgument, "store root is empty");
   for (const auto& [app, root] : options.app_roots)
     if (auto r = policy::validate_app_name(app); !r) return r.error();
-  if (::mkdir(options.root.c_str(), 0755) != 0 && errno != EEXIST)
-    return system_error(errno, "creating store root " + policy::quote(options.root));
+  UPGRADED_TRY(mkdir_path_durable(options.root, 0755));
   auto root = fs::open_directory(options.root);
   if (!root) return root.error();
-  UPGRADED_TRY(mkdir_if_missing(root->get(), "apps", 0755));
+  UPGRADED_TRY(mkdir_durable(root->get(), "apps", 0755));
   options.extract.read_only = true;
   Store store(std::move(options));
   auto apps = store.app_dirs();
   if (!apps) return apps.error();
   for (const auto& app : *apps) {
     auto lock = store.lock(app);  // recovers
-    if (!lock && lock.error().code() != ErrorCode::kBusy) return lock.error();
+    // One broken app must not take the others down: it is reported, and lock() keeps
+    // refusing it with the same error until it is repaired.
+    if (!lock && lock.error().code() != ErrorCode::kBusy)
+      store.m_recovery_errors.emplace(app, lock.error());
   }
   return store;
 }
@@ -340,12 +351,11 @@ Result<std::vector<std::string>> Store::apps() const {
 Result<AppLock> Store::lock(const std::string& app) const {
   UPGRADED_TRY(policy::validate_app_name(app));
   std::string dir = app_root(app);
-  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
-    return system_error(errno, "creating app root " + policy::quote(dir));
+  UPGRADED_TRY(mkdir_path_durable(dir, 0755));
   auto appfd = fs::open_directory(dir);
   if (!appfd) return appfd.error();
-  for (const char* sub : {"releases", "manifests", "staging"})
-    UPGRADED_TRY(mkdir_if_missing(appfd->get(), sub, sub == std::string("staging") ? 0700 : 0755));
+  for (const char* sub : {"releases", "manifests"})
+    UPGRADED_TRY(mkdir_durable(appfd->get(), sub, 0755));
   int fd = ::openat(appfd->get(), ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0) return system_error(errno, "opening the lock of " + policy::quote(app));
   UniqueFd lockfd(fd);
@@ -432,12 +442,13 @@ Result<StageResult> Store::stage_verified(const AppLock& lock,
   };
   if (auto r = write_journal(dfd, j); !r) return undo(r.error());
   crash_point("stage.after_journal");
-  std::string partial = staging_name(j.txid);
+  std::string partial = partial_name(j.txid);
   if (::mkdirat(dfd, partial.c_str(), 0700) != 0)
-    return undo(system_error(errno, "creating the staging directory"));
+    return undo(system_error(errno, "creating the partial release directory"));
   auto pfd = fs::open_beneath(dfd, partial, O_RDONLY | O_DIRECTORY);
   if (!pfd) return undo(pfd.error());
-  auto stats = artifact::extract_verified(*art, m_options.extract, pfd->get());
+  auto stats =
+      artifact::extract_verified(*art, m_options.extract, pfd->get());  // read-only, synced
   pfd->reset();
   if (!stats) return undo(stats.error());
   crash_point("stage.after_extract");
@@ -446,7 +457,6 @@ Result<StageResult> Store::stage_verified(const AppLock& lock,
   crash_point("stage.after_manifest");
   if (auto r = fs::rename_at(dfd, partial, dfd, release_name(version), RENAME_NOREPLACE); !r)
     return undo(r.error());
-  ::fchmodat(dfd, release_name(version).c_str(), 0555, 0);
   if (auto r = sync_dir(dfd, "releases"); !r) return undo(r.error());
   crash_point("stage.after_rename");
   AppState next = st;
@@ -480,37 +490,24 @@ Error unknown_release(const std::string& app, const std::string& version) {
   return Error(ErrorCode::kNotFound, "no release " + policy::quote(version) + " of " + app);
 }
 
-// Removes releases in one journaled transaction; state.json is the commit point.
+// Removes releases: state.json first (the commit point), then the trees and manifests in place.
+// A crash after the commit leaves trees the state does not list; recovery deletes them.
 Result<void> remove_releases(int dfd, AppState st, const std::vector<std::string>& versions) {
   const AppState before = st;
-  Journal j{"remove", new_txid(), versions};
-  auto undo = [&](const Error& e) -> Result<void> {
-    (void)recover_app(dfd, st.app);
-    return e;
-  };
-  if (auto r = write_journal(dfd, j); !r) return undo(r.error());
-  crash_point("remove.after_journal");
-  for (const auto& v : versions) {
-    ::fchmodat(dfd, release_name(v).c_str(), 0755, 0);  // a directory moves only if writable
-    if (auto r = fs::rename_at(dfd, release_name(v), dfd, trash_name(j.txid, v)); !r)
-      return undo(r.error());
-    crash_point("remove.after_trash_rename");
-  }
-  if (auto r = sync_dir(dfd, "releases"); !r) return undo(r.error());
   for (const auto& v : versions) {
     st.releases.erase(v);
     for (auto* ref : {&st.previous, &st.last_known_good})
       if (*ref == v) ref->reset();
   }
-  if (auto r = commit_state(dfd, st, &before); !r) return undo(r.error());
+  UPGRADED_TRY(commit_state(dfd, st, &before));
   crash_point("remove.after_state");
-  // Committed. Cleanup failures are not the caller's: the journal stays and the next lock()
-  // finishes the job.
+  // Committed. Cleanup failures are not the caller's: the next lock() finishes the job.
   for (const auto& v : versions) {
-    if (!delete_release_files(dfd, trash_name(j.txid, v), v)) return {};
+    if (!delete_release_files(dfd, release_name(v), v)) return {};
     crash_point("remove.after_delete");
   }
-  (void)remove_journal(dfd);
+  (void)sync_dir(dfd, "releases");
+  (void)sync_dir(dfd, "manifests");
   return {};
 }
 

@@ -104,7 +104,9 @@ std::vector<std::string> check_store_invariants(const std::string& app_root,
     if (path.rfind("releases/", 0) == 0 && path.find('/', 9) == std::string::npos &&
         !st->releases.count(path.substr(9)))
       bad.push_back("orphan tree " + path);
-    if (path.rfind("staging/", 0) == 0) bad.push_back("leftover " + path);
+    if (path.rfind("manifests/", 0) == 0 && path.ends_with(".json") &&
+        !st->releases.count(path.substr(10, path.size() - 15)))
+      bad.push_back("orphan manifest " + path);
     if (path == "journal.json" || path == "current.new") bad.push_back("leftover " + path);
     if (path.find(".tmp.") != std::string::npos) bad.push_back("leftover " + path);
   }

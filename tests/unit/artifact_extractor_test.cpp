@@ -218,6 +218,26 @@ const std::vector<Case>& cases() {
        ErrorCode::kPolicyRefused, "not a valid tar archive", Compression::kZstd},
       {"ZstdLabelledAsPlainTar", [] { return zstd_compress(raw_tar({file("a", "x")})); },
        ErrorCode::kPolicyRefused, "not a valid tar archive", Compression::kNone},
+      {"NestedDeeperThanAllowed",
+       [] {
+         std::string p;
+         for (int i = 0; i < 257; ++i)
+           p += "d/";
+         return raw_tar({file(p + "f", "x")});
+       },
+       ErrorCode::kPolicyRefused, "nested deeper than 256 levels"},
+      {"DirectoriesCountAgainstTheSpaceReserve",
+       [] {
+         std::vector<RawEntry> v;
+         for (int i = 0; i < 50; ++i)
+           v.push_back(dir("d" + std::to_string(i)));
+         return raw_tar(v);
+       },
+       ErrorCode::kNoSpace, "not enough free space", Compression::kNone,
+       [](ExtractPolicy& p) { p.limits.free_space_reserve = 1ULL << 60; }},
+      {"SymlinksCountAgainstTheInodeReserve", [] { return raw_tar({symlink_to("l", "target")}); },
+       ErrorCode::kNoSpace, "not enough free inodes", Compression::kNone,
+       [](ExtractPolicy& p) { p.limits.free_inode_reserve = 1ULL << 60; }},
       {"NotEnoughFreeSpace", [] { return raw_tar({file("a", "x")}); }, ErrorCode::kNoSpace,
        "not enough free space", Compression::kNone,
        [](ExtractPolicy& p) { p.limits.free_space_reserve = 1ULL << 60; }},

@@ -40,8 +40,6 @@ const char* const kPoints[] = {"write_file_atomic.before_rename",
                                "switch.after_state",
                                "switch.after_symlink_new",
                                "switch.after_symlink_rename",
-                               "remove.after_journal",
-                               "remove.after_trash_rename",
                                "remove.after_state",
                                "remove.after_delete",
                                "gc.before_remove"};

@@ -224,12 +224,34 @@ TEST_F(AStore, RecoversFromLeftoversWhenOpened) {
     auto lock = store->lock("hello");
     ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
   }
-  make_dirs(app_root() + "/staging/deadbeef.partial/bin");
-  write_file(app_root() + "/staging/deadbeef.partial/bin/x", "half");
+  make_dirs(app_root() + "/releases/.partial.deadbeef/bin");
+  write_file(app_root() + "/releases/.partial.deadbeef/bin/x", "half");
+  write_file(app_root() + "/manifests/9.9.9.json", "{}");  // a manifest without a release
   ::symlink("releases/nope", (app_root() + "/current.new").c_str());
   write_file(app_root() + "/.state.json.tmp.1234", "{");
   auto reopened = Store::open(fixture().options(t / "state"));
   ASSERT_TRUE(reopened.ok()) << reopened.error().message();
   expect_consistent();
   EXPECT_EQ(link(), "releases/1.0.0");
+}
+
+TEST_F(AStore, KeepsServingOtherAppsWhenOneAppsStateIsCorrupt) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto o = fixture().options(t / "state");
+  make_dirs(t / "state/apps/broken");
+  write_file(t / "state/apps/broken/state.json", "{not json");
+  auto reopened = Store::open(o);
+  ASSERT_TRUE(reopened.ok()) << reopened.error().message();
+  ASSERT_EQ(reopened->recovery_errors().count("broken"), 1u);
+  EXPECT_NE(reopened->recovery_errors().at("broken").message().find("corrupt"), std::string::npos);
+  EXPECT_FALSE(reopened->lock("broken").ok());
+  EXPECT_TRUE(reopened->lock("hello").ok());
+  EXPECT_EQ(read_file(t / "state/apps/broken/state.json"), "{not json") << "nothing is guessed";
+}
+
+TEST_F(AStore, NeverDeletesReleasesBecauseTheStateFileIsMissing) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  ASSERT_EQ(::unlink((app_root() + "/state.json").c_str()), 0);
+  ASSERT_TRUE(Store::open(fixture().options(t / "state")).ok());
+  EXPECT_TRUE(exists(app_root() + "/releases/1.0.0/bin/hello"));
 }

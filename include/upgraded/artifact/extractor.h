@@ -17,8 +17,10 @@ struct ExtractLimits {
   std::uint64_t max_total_bytes = 64ULL << 30;  ///< sum of file sizes
   std::uint64_t max_file_size = 16ULL << 30;
   std::size_t max_path_length = 4095;              ///< bytes, like PATH_MAX - 1
+  std::size_t max_depth = 256;                     ///< path components (directory nesting)
   std::uint64_t max_expansion_ratio = 1000;        ///< uncompressed tar bytes per payload byte
   std::uint64_t free_space_reserve = 64ULL << 20;  ///< bytes that must stay free on the target
+  std::uint64_t free_inode_reserve = 4096;         ///< inodes that must stay free on the target
 };
 
 /// What to do with setuid, setgid and world-writable mode bits.
@@ -27,8 +29,8 @@ enum class UnsafeModes { kRefuse, kStrip };
 struct ExtractPolicy {
   ExtractLimits limits;
   UnsafeModes unsafe_modes = UnsafeModes::kRefuse;
-  /// Clear every write bit of files and directories below the root (release trees are
-  /// read-only). The root itself keeps its mode so that it can still be renamed into place.
+  /// Clear every write bit of files and directories, the root included (release trees are
+  /// read-only; renaming a directory within its parent needs no write permission on it).
   bool read_only = false;
 };
 

@@ -82,6 +82,9 @@ class Store {
   Result<AppLock> lock(const std::string& app) const;
 
   std::string app_root(const std::string& app) const;
+  /// Apps whose recovery failed when the store was opened (e.g. a corrupt state.json), with
+  /// the reason. The other apps are usable.
+  const std::map<std::string, Error>& recovery_errors() const { return m_recovery_errors; }
   /// Apps that have a state file, sorted.
   Result<std::vector<std::string>> apps() const;
   /// An app's state as on disk (kNotFound for an unknown app). Needs no lock: state.json is
@@ -128,6 +131,7 @@ class Store {
   Result<void> recover(const std::string& app) const;
   Result<StageResult> stage_verified(const AppLock& lock, artifact::VerifiedArtifact& art) const;
   StoreOptions m_options;
+  std::map<std::string, Error> m_recovery_errors;
 };
 
 }  // namespace upgraded::store
