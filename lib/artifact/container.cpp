@@ -3,6 +3,8 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -82,13 +84,23 @@ struct ContainerReader::Impl {
   std::uint64_t payload_read = 0;
   std::optional<Error> io_error;
 
+  int cancel_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);  // signalled by cancel()
+
   ~Impl() {
     if (a) archive_read_free(a);
+    if (cancel_fd >= 0) ::close(cancel_fd);
   }
 
   // Reads the next block of the file into `buf`: 0 at end of file.
   Result<std::size_t> fill() {
     for (;;) {
+      // Wait for data or for cancel(): a pipe whose writer stalls must not pin this thread.
+      pollfd fds[2] = {{fd, POLLIN, 0}, {cancel_fd, POLLIN, 0}};
+      int ready = ::poll(fds, cancel_fd >= 0 ? 2 : 1, -1);
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready < 0) return system_error(errno, "waiting for the artifact");
+      if (cancel_fd >= 0 && (fds[1].revents & POLLIN))
+        return Error(ErrorCode::kFailed, "reading the artifact was canceled");
       ssize_t n = use_pread ? ::pread(fd, buf.data(), buf.size(), static_cast<off_t>(offset))
                             : ::read(fd, buf.data(), buf.size());
       if (n < 0 && errno == ESPIPE && use_pread && offset == 0) {
@@ -176,6 +188,11 @@ Result<std::unique_ptr<ContainerReader>> ContainerReader::open(int fd) {
   self->m_manifest = std::move(*manifest);
   self->m_signature = std::move(*sig);
   return self;
+}
+
+void ContainerReader::cancel() {
+  std::uint64_t one = 1;
+  if (m_impl->cancel_fd >= 0) (void)!::write(m_impl->cancel_fd, &one, sizeof one);
 }
 
 Result<void> ContainerReader::begin_payload(const PayloadInfo& info) {

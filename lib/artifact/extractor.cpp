@@ -16,6 +16,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -67,8 +68,12 @@ class WriterPool {
 
   explicit WriterPool(int root) : m_root(root) {
     unsigned n = std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
-    for (unsigned i = 0; i < n; ++i)
-      m_threads.emplace_back([this] { work(); });
+    // Fewer threads (or none: submit() then writes inline) if the system cannot make more.
+    try {
+      for (unsigned i = 0; i < n; ++i)
+        m_threads.emplace_back([this] { work(); });
+    } catch (const std::system_error&) {
+    }
   }
 
   ~WriterPool() {
@@ -84,6 +89,7 @@ class WriterPool {
 
   // Queues a file; blocks while the queue is full. Returns the first error any worker hit.
   Result<void> submit(FileJob job) {
+    if (m_threads.empty()) return write_file(job);
     std::unique_lock lock(m_mutex);
     m_space.wait(lock, [&] {
       return m_error ||

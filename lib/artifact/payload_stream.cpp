@@ -27,6 +27,7 @@ VerifiedPayloadStream::~VerifiedPayloadStream() {
     m_stop = true;
   }
   m_cv.notify_all();
+  if (!m_finished) m_container.cancel();  // the reader may be waiting on a stalled pipe
   m_thread.join();
 }
 

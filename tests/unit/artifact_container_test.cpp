@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <csignal>
+
+#include <atomic>
+#include <chrono>
 #include <thread>
 
 #include "support/artifact_builder.h"
@@ -238,6 +242,46 @@ TEST_F(Container, StreamsFromAPipeInOnePass) {
   ::close(p[0]);
   ASSERT_TRUE(r.ok()) << r.error().message();
   EXPECT_EQ(read_file(t / "work/out/README"), std::string(3000, 'r'));
+}
+
+TEST_F(Container, DoesNotHangOnAStalledPipeAfterARefusal) {
+  // A payload refused at its first entry, sent through a pipe whose writer then stalls without
+  // closing it: the reading thread must be released rather than keep unpack (and, in the
+  // daemon, the app's lock) waiting forever.
+  std::string noise;
+  std::uint32_t x = 7;
+  while (noise.size() < (1u << 20)) {
+    x = x * 1664525u + 1013904223u;
+    noise += static_cast<char>(x >> 24);
+  }
+  build_artifact(t / "evil.upd", {key}, raw_tar({file("../evil", "x"), file("big", noise)}));
+  std::string bytes = read_file(t / "evil.upd");
+  ::signal(SIGPIPE, SIG_IGN);
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  std::atomic<bool> release{false};
+  std::thread writer([&] {
+    std::size_t sent = 0, first = 300 * 1024;
+    while (sent < first) {
+      ssize_t n = ::write(p[1], bytes.data() + sent, first - sent);
+      if (n <= 0) break;
+      sent += static_cast<std::size_t>(n);
+    }
+    while (!release)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ::close(p[1]);
+  });
+  auto work = fs::open_directory(t / "work");
+  auto t0 = std::chrono::steady_clock::now();
+  auto r = unpack_artifact(p[0], ring, TrustPolicy{}, ExtractPolicy{}, work->get(), "out");
+  auto took = std::chrono::steady_clock::now() - t0;
+  ::close(p[0]);  // the writer may be blocked on a full pipe: let its write fail (EPIPE)
+  release = true;
+  writer.join();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), ErrorCode::kPolicyRefused) << r.error().message();
+  EXPECT_LT(took, std::chrono::seconds(5));
+  expect_nothing_extracted();
 }
 
 TEST_F(Container, InspectShowsTheManifestWithoutTrustingIt) {

@@ -38,6 +38,10 @@ class ContainerReader {
   Result<void> begin_payload(const PayloadInfo& info);
   /// Reads up to `out.size()` payload bytes; 0 means the member is complete.
   Result<std::size_t> read_payload(std::span<std::byte> out);
+  /// Makes a read that is waiting for data (a pipe whose writer stalled) fail with "canceled",
+  /// now and from now on. Thread-safe; used to stop a reading thread.
+  void cancel();
+
   /// After the whole payload: the archive must end here, in canonical form (two zero blocks,
   /// optionally zero padding to a 10240-byte record, nothing after).
   Result<void> finish();
