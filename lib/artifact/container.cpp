@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -95,18 +96,17 @@ struct ContainerReader::Impl {
   Result<std::size_t> fill() {
     for (;;) {
       // Wait for data or for cancel(): a pipe whose writer stalls must not pin this thread.
-      pollfd fds[2] = {{fd, POLLIN, 0}, {cancel_fd, POLLIN, 0}};
-      int ready = ::poll(fds, cancel_fd >= 0 ? 2 : 1, -1);
-      if (ready < 0 && errno == EINTR) continue;
-      if (ready < 0) return system_error(errno, "waiting for the artifact");
-      if (cancel_fd >= 0 && (fds[1].revents & POLLIN))
-        return Error(ErrorCode::kFailed, "reading the artifact was canceled");
+      // (A regular file never blocks indefinitely, and a poll per read would cost time.)
+      if (!use_pread) {
+        pollfd fds[2] = {{fd, POLLIN, 0}, {cancel_fd, POLLIN, 0}};
+        int ready = ::poll(fds, cancel_fd >= 0 ? 2 : 1, -1);
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready < 0) return system_error(errno, "waiting for the artifact");
+        if (cancel_fd >= 0 && (fds[1].revents & POLLIN))
+          return Error(ErrorCode::kFailed, "reading the artifact was canceled");
+      }
       ssize_t n = use_pread ? ::pread(fd, buf.data(), buf.size(), static_cast<off_t>(offset))
                             : ::read(fd, buf.data(), buf.size());
-      if (n < 0 && errno == ESPIPE && use_pread && offset == 0) {
-        use_pread = false;
-        continue;
-      }
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) return system_error(errno, "reading artifact");
       record(buf.data(), static_cast<std::size_t>(n));
@@ -175,6 +175,8 @@ Result<std::unique_ptr<ContainerReader>> ContainerReader::open(int fd) {
   std::unique_ptr<ContainerReader> self(new ContainerReader());
   Impl& im = *self->m_impl;
   im.fd = fd;
+  struct stat st {};
+  im.use_pread = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
   im.a = archive_read_new();
   if (!im.a) return Error(ErrorCode::kFailed, "allocating archive reader");
   // Only uncompressed tar: no filter or format bidding on untrusted bytes.
