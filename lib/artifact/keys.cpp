@@ -182,18 +182,14 @@ namespace {
 
 Result<std::vector<PublicKey>> load_dir(const std::string& dir, bool must_exist) {
   std::vector<PublicKey> keys;
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) {
-    if (!must_exist && errno == ENOENT) return keys;
-    return system_error(errno, "opening key directory '" + dir + "'");
+  auto all = fs::list_names(AT_FDCWD, dir);
+  if (!all) {
+    if (!must_exist && all.error().code() == ErrorCode::kNotFound) return keys;
+    return all.error().with_context("reading key directory");
   }
   std::vector<std::string> names;
-  while (dirent* de = ::readdir(d)) {
-    std::string name = de->d_name;
+  for (const auto& name : *all)
     if (name.size() > 4 && name.ends_with(".pem") && name.front() != '.') names.push_back(name);
-  }
-  ::closedir(d);
-  std::sort(names.begin(), names.end());
   for (const auto& name : names) {
     std::string path = dir + "/" + name;
     auto text = fs::read_file(AT_FDCWD, path, kMaxKeyFileSize);

@@ -44,19 +44,9 @@ class DirWriter {
   }
 
   Result<void> walk(int dirfd, const std::string& rel) {
-    int dup = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
-    DIR* d = dup >= 0 ? ::fdopendir(dup) : nullptr;
-    if (!d) {
-      if (dup >= 0) ::close(dup);
-      return system_error(errno, "listing " + policy::quote(rel.empty() ? "." : rel));
-    }
-    std::vector<std::string> names;
-    while (dirent* de = ::readdir(d))
-      if (std::strcmp(de->d_name, ".") != 0 && std::strcmp(de->d_name, "..") != 0)
-        names.emplace_back(de->d_name);
-    ::closedir(d);
-    std::sort(names.begin(), names.end());  // byte order: locale-independent, reproducible
-    for (const auto& name : names) {
+    auto names = fs::list_names(dirfd, ".");  // bytewise order: reproducible
+    if (!names) return names.error();
+    for (const auto& name : *names) {
       std::string path = rel.empty() ? name : rel + "/" + name;
       struct stat st {};
       if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
@@ -145,21 +135,15 @@ Result<std::int64_t> newest_mtime(int dirfd, const std::string& rel) {
   struct stat self {};
   if (::fstat(dirfd, &self) != 0) return system_error(errno, "inspecting " + policy::quote(rel));
   std::int64_t newest = self.st_mtim.tv_sec;
-  int dup = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
-  DIR* d = dup >= 0 ? ::fdopendir(dup) : nullptr;
-  if (!d) {
-    if (dup >= 0) ::close(dup);
-    return system_error(errno, "listing " + policy::quote(rel));
-  }
+  auto names = fs::list_names(dirfd, ".");
+  if (!names) return names.error();
   std::vector<std::string> dirs;
-  while (dirent* de = ::readdir(d)) {
-    if (!std::strcmp(de->d_name, ".") || !std::strcmp(de->d_name, "..")) continue;
+  for (const auto& name : *names) {
     struct stat st {};
-    if (::fstatat(dirfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
     newest = std::max<std::int64_t>(newest, st.st_mtim.tv_sec);
-    if (S_ISDIR(st.st_mode)) dirs.emplace_back(de->d_name);
+    if (S_ISDIR(st.st_mode)) dirs.push_back(name);
   }
-  ::closedir(d);
   for (const auto& name : dirs) {
     int child = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (child < 0) return system_error(errno, "opening " + policy::quote(rel + "/" + name));

@@ -8,8 +8,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstring>
 #include <random>
 
 namespace upgraded::fs {
@@ -159,6 +163,26 @@ Result<void> write_file_atomic(int dirfd, const std::string& name, std::string_v
   if (pfd < 0) return system_error(errno, "opening '" + parent + "'");
   UniqueFd pown(pfd);
   return sync_fd(pfd, "directory of '" + name + "'");
+}
+
+Result<std::vector<std::string>> list_names(int dirfd, const std::string& path) {
+  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return system_error(errno, "opening directory '" + path + "'");
+  DIR* d = ::fdopendir(fd);
+  if (!d) {
+    ::close(fd);
+    return system_error(errno, "listing '" + path + "'");
+  }
+  std::vector<std::string> out;
+  errno = 0;
+  while (dirent* de = ::readdir(d))
+    if (std::strcmp(de->d_name, ".") != 0 && std::strcmp(de->d_name, "..") != 0)
+      out.emplace_back(de->d_name);
+  int err = errno;
+  ::closedir(d);
+  if (err != 0) return system_error(err, "listing '" + path + "'");
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 std::pair<std::string, std::string> split_parent(const std::string& path) {

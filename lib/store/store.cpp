@@ -72,24 +72,11 @@ bool exists_at(int dirfd, const std::string& name) {
   return ::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
+// Entries of a directory of the app; a missing one is empty.
 Result<std::vector<std::string>> list_dir(int dirfd, const std::string& name) {
-  std::vector<std::string> out;
-  int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return out;
-    return system_error(errno, "opening " + policy::quote(name));
-  }
-  DIR* d = ::fdopendir(fd);
-  if (!d) {
-    ::close(fd);
-    return system_error(errno, "listing " + policy::quote(name));
-  }
-  while (dirent* de = ::readdir(d))
-    if (std::strcmp(de->d_name, ".") != 0 && std::strcmp(de->d_name, "..") != 0)
-      out.emplace_back(de->d_name);
-  ::closedir(d);
-  std::sort(out.begin(), out.end());
-  return out;
+  auto names = fs::list_names(dirfd, name);
+  if (!names && names.error().code() == ErrorCode::kNotFound) return std::vector<std::string>();
+  return names;
 }
 
 Result<void> sync_dir(int dirfd, const std::string& name) {

@@ -8,6 +8,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "upgraded/fs/unique_fd.h"
 #include "upgraded/result.h"
@@ -55,6 +56,11 @@ struct FaultInjection {
   /// Calls of `op` since the last arm()/disarm().
   static int calls(FaultOp op);
 };
+
+/// The entries of directory `path` (relative to `dirfd`), without "." and "..", sorted bytewise
+/// (locale-independent, so listings and the artifacts built from them are reproducible). A
+/// missing directory is kNotFound.
+Result<std::vector<std::string>> list_names(int dirfd, const std::string& path);
 
 /// Splits "a/b/c" into {"a/b", "c"}; a bare name gives {".", name}.
 std::pair<std::string, std::string> split_parent(const std::string& path);
