@@ -18,6 +18,7 @@ struct ExtractLimits {
   std::uint64_t max_file_size = 16ULL << 30;
   std::size_t max_path_length = 4095;              ///< bytes, like PATH_MAX - 1
   std::size_t max_depth = 256;                     ///< path components (directory nesting)
+  std::uint64_t max_path_bytes = 128ULL << 20;     ///< all entry names together (bounds memory)
   std::uint64_t max_expansion_ratio = 1000;        ///< uncompressed tar bytes per payload byte
   std::uint64_t free_space_reserve = 64ULL << 20;  ///< bytes that must stay free on the target
   std::uint64_t free_inode_reserve = 4096;         ///< inodes that must stay free on the target
