@@ -215,7 +215,8 @@ class Extractor {
   std::uint64_t m_declared_total = 0;
   std::uint64_t m_space_budget = 0;
   std::uint64_t m_inode_budget = 0;  // entries we may still create before re-checking
-  mode_t m_umask = read_umask();     // read per extraction: the process may change it
+  std::uint64_t m_path_bytes = 0;
+  mode_t m_umask = read_umask();  // read per extraction: the process may change it
   WriterPool m_pool{m_root};  // last member: its threads stop before anything else goes  // bytes
                               // we may still write before re-checking statvfs
 };
@@ -253,6 +254,11 @@ Result<std::string> Extractor::normalize(const char* raw, const char* what) {
   if (out.empty()) return out;  // the root itself
   if (auto r = policy::validate_relative_path(out, m_policy.limits.max_path_length); !r)
     return refuse(std::string(what) + ": " + r.error().message());
+  // The extractor remembers every name (duplicates, directory modes): bound that memory.
+  m_path_bytes += out.size();
+  if (m_path_bytes > m_policy.limits.max_path_bytes)
+    return refuse("entry names take more than " + std::to_string(m_policy.limits.max_path_bytes) +
+                  " bytes in all");
   if (static_cast<std::size_t>(std::count(out.begin(), out.end(), '/')) + 1 >
       m_policy.limits.max_depth)
     return refuse(std::string(what) + " " + policy::quote(out) + " is nested deeper than " +

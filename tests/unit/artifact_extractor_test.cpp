@@ -218,6 +218,9 @@ const std::vector<Case>& cases() {
        ErrorCode::kPolicyRefused, "not a valid tar archive", Compression::kZstd},
       {"ZstdLabelledAsPlainTar", [] { return zstd_compress(raw_tar({file("a", "x")})); },
        ErrorCode::kPolicyRefused, "not a valid tar archive", Compression::kNone},
+      {"NamesTakingMoreMemoryThanAllowed", [] { return raw_tar(many_files(50)); },
+       ErrorCode::kPolicyRefused, "entry names take more than 100 bytes", Compression::kNone,
+       [](ExtractPolicy& p) { p.limits.max_path_bytes = 100; }},
       {"NestedDeeperThanAllowed",
        [] {
          std::string p;
