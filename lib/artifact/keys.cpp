@@ -1,6 +1,5 @@
 #include "upgraded/artifact/keys.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>

@@ -1,6 +1,5 @@
 #include "upgraded/store/store.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -697,12 +696,6 @@ Result<std::vector<HistoryEntry>> Store::history(const std::string& app, std::si
   }
   if (out.size() > limit) out.erase(out.begin(), out.end() - static_cast<std::ptrdiff_t>(limit));
   return out;
-}
-
-Result<void> Store::recover(const std::string& app) const {
-  auto lk = lock(app);
-  if (!lk) return lk.error();
-  return {};
 }
 
 }  // namespace upgraded::store

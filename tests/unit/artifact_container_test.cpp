@@ -26,6 +26,17 @@ using namespace upgraded::test;
 
 namespace {
 
+// Incompressible, reproducible bytes (a linear congruential generator).
+std::string pseudo_random(std::size_t size, std::uint32_t seed) {
+  std::string out;
+  out.reserve(size);
+  while (out.size() < size) {
+    seed = seed * 1664525u + 1013904223u;
+    out += static_cast<char>(seed >> 24);
+  }
+  return out;
+}
+
 class Container : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -184,12 +195,7 @@ TEST_F(Container, RejectsAManifestFromOneArtifactWithThePayloadOfAnother) {
 TEST_F(Container, ReadsEachByteOnceSoALaterChangeToTheFileCannotChangeWhatIsInstalled) {
   // A payload larger than the reader's 1 MiB window: its start is read (and kept) when the
   // manifest is, the rest later.
-  std::string content;
-  std::uint32_t x = 12345;
-  while (content.size() < (4u << 20)) {
-    x = x * 1664525u + 1013904223u;
-    content += static_cast<char>(x >> 24);
-  }
+  std::string content = pseudo_random(4u << 20, 12345);
   std::string tar = raw_tar({file("blob", content)});
   build_artifact(t / "big.upd", {key}, tar);
   std::string original = read_file(t / "big.upd");
@@ -251,12 +257,7 @@ TEST_F(Container, DoesNotHangOnAStalledPipeAfterARefusal) {
   // A payload refused at its first entry, sent through a pipe whose writer then stalls without
   // closing it: the reading thread must be released rather than keep unpack (and, in the
   // daemon, the app's lock) waiting forever.
-  std::string noise;
-  std::uint32_t x = 7;
-  while (noise.size() < (1u << 20)) {
-    x = x * 1664525u + 1013904223u;
-    noise += static_cast<char>(x >> 24);
-  }
+  std::string noise = pseudo_random(1u << 20, 7);
   build_artifact(t / "evil.upd", {key}, raw_tar({file("../evil", "x"), file("big", noise)}));
   std::string bytes = read_file(t / "evil.upd");
   ::signal(SIGPIPE, SIG_IGN);

@@ -128,7 +128,6 @@ class Store {
   explicit Store(StoreOptions options) : m_options(std::move(options)) {}
   /// Every app directory there is, with or without a state file (for recovery).
   Result<std::vector<std::string>> app_dirs() const;
-  Result<void> recover(const std::string& app) const;
   Result<StageResult> stage_verified(const AppLock& lock, artifact::VerifiedArtifact& art) const;
   StoreOptions m_options;
   std::map<std::string, Error> m_recovery_errors;
