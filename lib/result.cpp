@@ -23,6 +23,8 @@ std::string_view to_string(ErrorCode code) {
       return "no space";
     case ErrorCode::kBusy:
       return "busy";
+    case ErrorCode::kCanceled:
+      return "canceled";
   }
   return "unknown";
 }

@@ -23,6 +23,7 @@ enum class ErrorCode {
   kPolicyRefused,       ///< Authentic, but refused by install policy (unsafe entry, limit).
   kNoSpace,             ///< The filesystem is (or would become) too full.
   kBusy,                ///< Another operation holds the lock.
+  kCanceled,            ///< The caller canceled the operation before it changed anything.
 };
 
 /// Human-readable name of an error code ("verification failed").

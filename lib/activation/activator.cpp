@@ -31,18 +31,28 @@ std::string seconds(std::uint64_t usec) {
 }
 
 // "hello.service is failed (exit-code, status 3) 0.4 s after it started"
+// or "hello.service exited with status 3 after 0.4 s (failed)"
 std::string describe_unhealthy(const std::string& unit, const units::UnitStatus& st) {
+  std::string after;
+  if (st.active_enter_usec != 0) {
+    std::uint64_t end =
+        st.inactive_enter_usec > st.active_enter_usec ? st.inactive_enter_usec : monotonic_usec();
+    after = seconds(end - st.active_enter_usec);
+  }
+  constexpr int kExited = 1, kKilled = 2, kDumped = 3;  // CLD_* from <signal.h>
+  if (st.result == "exit-code" && st.exec_main_code == kExited)
+    return unit + " exited with status " + std::to_string(st.exec_main_status) +
+           (after.empty() ? "" : " after " + after) + " (" + st.active_state + ")";
+  if (st.result == "signal" && (st.exec_main_code == kKilled || st.exec_main_code == kDumped))
+    return unit + " was killed by signal " + std::to_string(st.exec_main_status) +
+           (after.empty() ? "" : " after " + after) + " (" + st.active_state + ")";
   std::string s = unit + " is " + st.active_state;
   if (!st.result.empty() && st.result != "success") {
     s += " (" + st.result;
     if (st.exec_main_code != 0) s += ", status " + std::to_string(st.exec_main_status);
     s += ")";
   }
-  if (st.active_enter_usec != 0) {
-    std::uint64_t end =
-        st.inactive_enter_usec > st.active_enter_usec ? st.inactive_enter_usec : monotonic_usec();
-    s += " " + seconds(end - st.active_enter_usec) + " after it started";
-  }
+  if (!after.empty()) s += " " + after + " after it started";
   return s;
 }
 
@@ -134,17 +144,29 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     if (!om) return om.error();
     old_manifest = std::move(*om);
   }
+  if (auto pending = m_store.pending_activation(app); !pending || *pending)
+    return pending ? Error(ErrorCode::kBusy, app + " has an interrupted activation to finish first")
+                   : pending.error();
 
   store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
                         {}};
+  if (options.commit && !options.commit())
+    return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
+  // From here on a crash is finished by resume() when the daemon starts again.
+  UPGRADED_TRY(
+      m_store.begin_activation(lock, store::PendingActivation{h.op, report.from, version, ""}));
   if (progress) progress("switching", 20);
-  if (auto r = m_store.switch_to(lock, version); !r) return r.error();
+  if (auto r = m_store.switch_to(lock, version); !r) {
+    (void)m_store.end_activation(lock);
+    return r.error();
+  }
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
   if (gate) {
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
     h.result = "done";
     h.downtime_usec = report.downtime_usec;
     (void)m_store.append_history(lock, h);
+    (void)m_store.end_activation(lock);
     if (progress) progress("done", 100);
     return report;
   }
@@ -154,13 +176,24 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
     h.result = "failed";
     (void)m_store.append_history(lock, h);
+    (void)m_store.end_activation(lock);
     return failure;
   }
-  // Automatic rollback: the old release, its units, checked again (active; no soak).
+  return roll_back_after(lock, std::move(report), std::move(h), failure, options, progress);
+}
+
+// Automatic rollback: the old release, its units, checked again (active; no soak).
+Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
+                                                    ActivationReport report, store::HistoryEntry h,
+                                                    const Error& failure,
+                                                    const ActivationOptions& options,
+                                                    const ProgressFn& progress) {
   if (progress) progress("rolling back", 90);
-  (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
+  (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
   std::map<std::string, std::uint64_t> back_downtime;
-  auto back = m_store.switch_to(lock, report.from);
+  auto old_manifest = m_store.manifest(lock.app(), report.from);
+  Result<void> back =
+      old_manifest ? m_store.switch_to(lock, report.from) : Result<void>(old_manifest.error());
   if (back)
     back = restart_and_gate(*old_manifest, options, progress, back_downtime, /*soak=*/false);
   report.rolled_back = true;
@@ -168,8 +201,50 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   if (!back) h.message += "; rollback to " + report.from + " failed too: " + back.error().message();
   h.downtime_usec = report.downtime_usec;
   (void)m_store.append_history(lock, h);
+  (void)m_store.end_activation(lock);
   if (!back) return Error(ErrorCode::kFailed, h.message);
   return Error(ErrorCode::kFailed, failure.message() + "; rolled back to " + report.from);
+}
+
+Result<ActivationReport> Activator::resume(const store::AppLock& lock,
+                                           const ActivationOptions& options,
+                                           const ProgressFn& progress) {
+  const std::string& app = lock.app();
+  auto pending = m_store.pending_activation(app);
+  if (!pending) return pending.error();
+  ActivationReport report;
+  if (!*pending) return report;
+  const store::PendingActivation p = **pending;
+  auto st = m_store.state(app);
+  if (!st) return st.error();
+  report.from = p.from;
+  report.to = st->current.value_or("");
+  store::HistoryEntry h{"", "recover", p.from, report.to, "", "", {}};
+  h.message = "finishing an interrupted " + p.op + " of " + p.to;
+  if (!st->current) {
+    (void)m_store.end_activation(lock);
+    return report;
+  }
+  auto m = m_store.manifest(app, *st->current);
+  if (!m) return m.error();
+  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
+  if (gate) {
+    if (*st->current == p.to) (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kGood);
+    h.result = "done";
+    h.downtime_usec = report.downtime_usec;
+    (void)m_store.append_history(lock, h);
+    (void)m_store.end_activation(lock);
+    return report;
+  }
+  h.message += ": " + gate.error().message();
+  if (p.op == "activate" && *st->current == p.to && !p.from.empty() && st->releases.count(p.from)) {
+    report.to = p.to;
+    return roll_back_after(lock, std::move(report), std::move(h), gate.error(), options, progress);
+  }
+  h.result = "failed";
+  (void)m_store.append_history(lock, h);
+  (void)m_store.end_activation(lock);
+  return gate.error();
 }
 
 Result<ActivationReport> Activator::activate(const store::AppLock& lock, const std::string& version,

@@ -388,7 +388,7 @@ Result<StageResult> Store::stage(int artifact_fd, const artifact::Keyring& keyri
   if (!art) return art.error();
   auto lk = lock(art->manifest.app);
   if (!lk) return lk.error();
-  return stage_verified(*lk, *art);
+  return stage(*lk, *art);
 }
 
 Result<StageResult> Store::stage(const AppLock& lock, int artifact_fd,
@@ -396,16 +396,16 @@ Result<StageResult> Store::stage(const AppLock& lock, int artifact_fd,
                                  const artifact::TrustPolicy& trust) const {
   auto art = artifact::open_verified(artifact_fd, keyring, trust);
   if (!art) return art.error();
+  return stage(lock, *art);
+}
+
+Result<StageResult> Store::stage(const AppLock& lock, artifact::VerifiedArtifact& verified,
+                                 const ExtractFn& extract) const {
+  artifact::VerifiedArtifact* art = &verified;
   if (art->manifest.app != lock.app())
     return Error(ErrorCode::kInvalidArgument, "the artifact is for app " +
                                                   policy::quote(art->manifest.app) + ", not " +
                                                   policy::quote(lock.app()));
-  return stage_verified(lock, *art);
-}
-
-Result<StageResult> Store::stage_verified(const AppLock& lock,
-                                          artifact::VerifiedArtifact& verified) const {
-  artifact::VerifiedArtifact* art = &verified;
   const std::string app = lock.app();
   const std::string version = art->manifest.version;
   auto appfd = fs::open_directory(app_root(app));
@@ -433,8 +433,10 @@ Result<StageResult> Store::stage_verified(const AppLock& lock,
     return undo(system_error(errno, "creating the partial release directory"));
   auto pfd = fs::open_beneath(dfd, partial, O_RDONLY | O_DIRECTORY);
   if (!pfd) return undo(pfd.error());
-  auto stats =
-      artifact::extract_verified(*art, m_options.extract, pfd->get());  // read-only, synced
+  artifact::ExtractPolicy policy = m_options.extract;
+  policy.read_only = true;
+  auto stats = extract ? extract(*art, policy, pfd->get())
+                       : artifact::extract_verified(*art, policy, pfd->get());  // synced
   pfd->reset();
   if (!stats) return undo(stats.error());
   crash_point("stage.after_extract");
@@ -696,6 +698,49 @@ Result<std::vector<HistoryEntry>> Store::history(const std::string& app, std::si
   }
   if (out.size() > limit) out.erase(out.begin(), out.end() - static_cast<std::ptrdiff_t>(limit));
   return out;
+}
+
+namespace {
+constexpr const char* kActivation = "activation.json";
+}
+
+Result<void> Store::begin_activation(const AppLock& lock, const PendingActivation& p) const {
+  auto appfd = fs::open_directory(app_root(lock.app()));
+  if (!appfd) return appfd.error();
+  json doc = {{"op", p.op}, {"from", p.from}, {"to", p.to}, {"started", now_rfc3339()}};
+  return fs::write_file_atomic(appfd->get(), kActivation, doc.dump() + "\n", 0644);
+}
+
+Result<void> Store::end_activation(const AppLock& lock) const {
+  auto appfd = fs::open_directory(app_root(lock.app()));
+  if (!appfd) return appfd.error();
+  if (::unlinkat(appfd->get(), kActivation, 0) != 0) {
+    if (errno == ENOENT) return {};
+    return system_error(errno, "removing activation.json");
+  }
+  return fs::sync_fd(appfd->get(), "app directory");
+}
+
+Result<std::optional<PendingActivation>> Store::pending_activation(const std::string& app) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  auto appfd = fs::open_directory(app_root(app));
+  if (!appfd) return appfd.error();
+  auto text = fs::read_file(appfd->get(), kActivation, 1 << 16);
+  if (!text) {
+    if (text.error().code() == ErrorCode::kNotFound) return std::optional<PendingActivation>();
+    return text.error();
+  }
+  auto doc = artifact::parse_strict_json(*text, kActivation);
+  auto bad = Error(ErrorCode::kFailed, app + ": activation.json is corrupt");
+  if (!doc || !doc->is_object()) return bad;
+  auto op = artifact::json_string(*doc, "op", kActivation);
+  auto from = artifact::json_string(*doc, "from", kActivation);
+  auto to = artifact::json_string(*doc, "to", kActivation);
+  auto started = artifact::json_string(*doc, "started", kActivation);
+  if (!op || !from || !to || !started || (*op != "activate" && *op != "rollback")) return bad;
+  if ((!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to))
+    return bad;
+  return std::optional<PendingActivation>(PendingActivation{*op, *from, *to, *started});
 }
 
 }  // namespace upgraded::store

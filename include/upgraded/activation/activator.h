@@ -20,6 +20,10 @@ struct ActivationOptions {
   std::chrono::milliseconds job_timeout{90000};
   /// Activate a release that is marked bad (refused otherwise).
   bool allow_bad = false;
+  /// Called once, after the checks and right before the first change (the switch of
+  /// `current`): the point of no return. Returning false cancels the activation with nothing
+  /// changed (kCanceled).
+  std::function<bool()> commit;
 };
 
 struct ActivationReport {
@@ -58,10 +62,22 @@ class Activator {
                                     const ActivationOptions& options = {},
                                     const ProgressFn& progress = {});
 
+  /// Finishes an activation that a crash interrupted (Store::pending_activation): restarts the
+  /// units of the release `current` names, so the running processes match it, and runs the
+  /// health gate. If that fails on the release being activated, the release it replaced is
+  /// switched back and restarted, as activate() would have done. Nothing pending: no-op
+  /// (report.to empty).
+  Result<ActivationReport> resume(const store::AppLock& lock, const ActivationOptions& options = {},
+                                  const ProgressFn& progress = {});
+
  private:
   Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
                                bool is_rollback, const ActivationOptions& options,
                                const ProgressFn& progress);
+  Result<ActivationReport> roll_back_after(const store::AppLock& lock, ActivationReport report,
+                                           store::HistoryEntry h, const Error& failure,
+                                           const ActivationOptions& options,
+                                           const ProgressFn& progress);
   Result<void> restart_and_gate(const artifact::Manifest& m, const ActivationOptions& options,
                                 const ProgressFn& progress,
                                 std::map<std::string, std::uint64_t>& downtime, bool soak);

@@ -5,6 +5,7 @@
 // the state model and the recovery rules.
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -65,6 +66,22 @@ struct HistoryEntry {
   std::map<std::string, std::uint64_t> downtime_usec;  ///< per unit
 };
 
+/// Extracts a verified artifact's payload into the empty directory `dest_dirfd` and makes it
+/// durable; artifact::extract_verified by default. The daemon supplies one that runs the
+/// extraction in a sandboxed child process.
+using ExtractFn = std::function<Result<artifact::ExtractStats>(
+    artifact::VerifiedArtifact& artifact, const artifact::ExtractPolicy& policy, int dest_dirfd)>;
+
+/// An activation that started and has not finished (`<app root>/activation.json`, present from
+/// before the switch until the outcome is recorded). After a crash the daemon finds it and
+/// brings the units back in line with `current`.
+struct PendingActivation {
+  std::string op;       ///< "activate" or "rollback"
+  std::string from;     ///< current before (may be empty)
+  std::string to;       ///< the release being activated
+  std::string started;  ///< RFC 3339 UTC
+};
+
 struct StageResult {
   artifact::Manifest manifest;
   artifact::SignatureReport signatures;
@@ -101,6 +118,17 @@ class Store {
   /// lock). An artifact of another app is refused (kInvalidArgument).
   Result<StageResult> stage(const AppLock& lock, int artifact_fd, const artifact::Keyring& keyring,
                             const artifact::TrustPolicy& trust) const;
+  /// The same, for an artifact the caller has opened and verified (artifact::open_verified),
+  /// extracted by `extract` (in-process by default). An artifact of another app is refused.
+  Result<StageResult> stage(const AppLock& lock, artifact::VerifiedArtifact& artifact,
+                            const ExtractFn& extract = {}) const;
+
+  /// Records (durably) that an activation is starting, before anything is touched.
+  Result<void> begin_activation(const AppLock& lock, const PendingActivation& pending) const;
+  /// Removes the record once the outcome is committed.
+  Result<void> end_activation(const AppLock& lock) const;
+  /// The unfinished activation of an app, if any.
+  Result<std::optional<PendingActivation>> pending_activation(const std::string& app) const;
 
   /// Points `current` at `version`, durably (state.json, then the symlink, one directory fsync).
   /// The old current becomes the rollback target (previous).
@@ -128,7 +156,6 @@ class Store {
   explicit Store(StoreOptions options) : m_options(std::move(options)) {}
   /// Every app directory there is, with or without a state file (for recovery).
   Result<std::vector<std::string>> app_dirs() const;
-  Result<StageResult> stage_verified(const AppLock& lock, artifact::VerifiedArtifact& art) const;
   StoreOptions m_options;
   std::map<std::string, Error> m_recovery_errors;
 };

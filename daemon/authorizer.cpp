@@ -1,0 +1,92 @@
+#include "authorizer.h"
+
+#include <sdbus-c++/sdbus-c++.h>
+
+#include "log.h"
+
+namespace upgraded::daemon {
+namespace {
+constexpr const char* kDBus = "org.freedesktop.DBus";
+constexpr const char* kPolkit = "org.freedesktop.PolicyKit1";
+constexpr const char* kPolkitAuthority = "org.freedesktop.PolicyKit1.Authority";
+constexpr std::uint32_t kAllowUserInteraction = 1;
+}  // namespace
+
+Authorizer::Authorizer(sdbus::IConnection& bus)
+    : m_bus_driver(sdbus::createProxy(bus, kDBus, "/org/freedesktop/DBus")),
+      m_polkit(sdbus::createProxy(bus, kPolkit, "/org/freedesktop/PolicyKit1/Authority")) {
+  m_bus_driver->finishRegistration();
+  m_polkit->finishRegistration();
+}
+
+Authorizer::~Authorizer() = default;
+
+uid_t Authorizer::caller_uid(const std::string& sender) {
+  try {
+    std::uint32_t uid = 0;
+    m_bus_driver->callMethod("GetConnectionUnixUser")
+        .onInterface(kDBus)
+        .withArguments(sender)
+        .storeResultsTo(uid);
+    return static_cast<uid_t>(uid);
+  } catch (const sdbus::Error& e) {
+    log(Level::kWarning, "cannot tell the uid of " + sender + ": " + e.getMessage());
+    return static_cast<uid_t>(-1);
+  }
+}
+
+void Authorizer::check(const std::string& sender, const std::string& action,
+                       std::function<void(const Authorization&)> done) {
+  Authorization a;
+  a.uid = caller_uid(sender);
+  if (a.uid == 0) {
+    a.allowed = true;
+    done(a);
+    return;
+  }
+  bool polkit_running = false;
+  try {
+    m_bus_driver->callMethod("NameHasOwner")
+        .onInterface(kDBus)
+        .withArguments(std::string(kPolkit))
+        .storeResultsTo(polkit_running);
+  } catch (const sdbus::Error&) {
+    polkit_running = false;
+  }
+  if (!polkit_running) {
+    a.reason = a.uid == static_cast<uid_t>(-1)
+                   ? "the caller's uid is unknown"
+                   : "uid " + std::to_string(a.uid) + " is not root and polkit is not running";
+    done(a);
+    return;
+  }
+  using Subject = sdbus::Struct<std::string, std::map<std::string, sdbus::Variant>>;
+  Subject subject{"system-bus-name", {{"name", sdbus::Variant(sender)}}};
+  std::map<std::string, std::string> details;
+  auto shared_done = std::make_shared<std::function<void(const Authorization&)>>(std::move(done));
+  try {
+    m_polkit->callMethodAsync("CheckAuthorization")
+        .onInterface(kPolkitAuthority)
+        .withTimeout(std::chrono::minutes(5))
+        .withArguments(subject, action, details, kAllowUserInteraction, std::string())
+        .uponReplyInvoke([base = a, action, shared_done](
+                             const sdbus::Error* error,
+                             sdbus::Struct<bool, bool, std::map<std::string, std::string>> result) {
+          Authorization a = base;
+          if (error) {
+            a.reason = "polkit: " + error->getMessage();
+          } else if (std::get<0>(result)) {
+            a.allowed = true;
+          } else {
+            a.reason = std::string("polkit denied ") + action +
+                       (std::get<1>(result) ? " (authentication was required)" : "");
+          }
+          (*shared_done)(a);
+        });
+  } catch (const sdbus::Error& e) {
+    a.reason = "polkit: " + e.getMessage();
+    (*shared_done)(a);
+  }
+}
+
+}  // namespace upgraded::daemon

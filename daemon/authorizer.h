@@ -1,0 +1,46 @@
+#pragma once
+
+// Who may change things: uid 0, or whoever polkit authorizes for the action. The uid is the bus
+// daemon's record of the caller's connection (GetConnectionUnixUser on its unique name, taken
+// from SO_PEERCRED when it connected): never a /proc lookup of a PID that may have been reused.
+// polkit is asked with the caller's bus name as subject, asynchronously, so the loop never
+// waits for an authentication dialog.
+
+#include <sys/types.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace sdbus {
+class IConnection;
+class IProxy;
+}  // namespace sdbus
+
+namespace upgraded::daemon {
+
+struct Authorization {
+  bool allowed = false;
+  uid_t uid = static_cast<uid_t>(-1);
+  std::string reason;  ///< why not, for the AccessDenied message
+};
+
+class Authorizer {
+ public:
+  explicit Authorizer(sdbus::IConnection& bus);
+  ~Authorizer();
+
+  /// The caller's uid, from the bus daemon; -1 if it cannot tell.
+  uid_t caller_uid(const std::string& sender);
+
+  /// Decides whether `sender` may perform polkit action `action`; calls `done` exactly once,
+  /// on the loop's thread (at once for uid 0 or when polkit is absent).
+  void check(const std::string& sender, const std::string& action,
+             std::function<void(const Authorization&)> done);
+
+ private:
+  std::unique_ptr<sdbus::IProxy> m_bus_driver;
+  std::unique_ptr<sdbus::IProxy> m_polkit;
+};
+
+}  // namespace upgraded::daemon

@@ -1,0 +1,46 @@
+#pragma once
+
+// upgraded.conf: TOML, in <root>/etc/upgraded/upgraded.conf, then the drop-ins
+// <root>/etc/upgraded/upgraded.conf.d/*.conf in lexical order, each overriding what came before
+// key by key. Unknown sections or keys, wrong types and out-of-range values are errors: the
+// daemon refuses to start rather than run with a setting it misread. docs/configuration.md
+// lists every key.
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "upgraded/artifact/extractor.h"
+#include "upgraded/result.h"
+
+namespace upgraded::daemon {
+
+struct Config {
+  std::string root = "/";          ///< every path below lives under it (--root)
+  std::vector<std::string> files;  ///< the files read, in order
+
+  // [trust]
+  unsigned threshold = 1;
+  // [store]
+  std::size_t keep = 3;
+  std::optional<std::uint64_t> max_bytes;
+  // [activation]
+  std::uint32_t job_timeout_s = 90;
+  // [extract]
+  artifact::ExtractPolicy extract;
+  // [apps.<name>] root = "/opt/<name>" (absolute; interpreted under `root`)
+  std::map<std::string, std::string> app_roots;
+
+  std::string path(const std::string& absolute) const;  ///< `absolute` under root
+  std::string config_dir() const { return path("/etc/upgraded"); }
+  std::string keys_dir() const { return path("/etc/upgraded/keys.d"); }
+  std::string revoked_dir() const { return path("/etc/upgraded/revoked.d"); }
+  std::string state_dir() const { return path("/var/lib/upgraded"); }
+};
+
+/// Reads the configuration of the instance rooted at `root` (missing files: defaults).
+Result<Config> load_config(const std::string& root);
+
+}  // namespace upgraded::daemon

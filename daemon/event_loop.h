@@ -1,0 +1,46 @@
+#pragma once
+
+// The daemon's one event loop: the bus connection, work posted by job threads, SIGTERM/SIGINT
+// (signalfd) and the systemd watchdog (timerfd). Everything that touches the bus runs on this
+// thread; job threads only post() to it.
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "upgraded/fs/unique_fd.h"
+#include "upgraded/result.h"
+
+namespace sdbus {
+class IConnection;
+}
+
+namespace upgraded::daemon {
+
+class EventLoop {
+ public:
+  /// Blocks SIGTERM and SIGINT in the calling thread (call before starting other threads, so
+  /// they inherit the mask) and reads them from a signalfd instead.
+  static Result<std::unique_ptr<EventLoop>> create(sdbus::IConnection& bus);
+
+  /// Runs `fn` on the loop's thread soon. Thread-safe.
+  void post(std::function<void()> fn);
+  /// Runs until stop(). `on_terminate` is called (on the loop) for each SIGTERM or SIGINT.
+  Result<void> run(const std::function<void()>& on_terminate);
+  void stop() { m_stop = true; }
+
+ private:
+  explicit EventLoop(sdbus::IConnection& bus) : m_bus(bus) {}
+  void run_posted();
+
+  sdbus::IConnection& m_bus;
+  UniqueFd m_wake;    // eventfd
+  UniqueFd m_signal;  // signalfd
+  UniqueFd m_watchdog;
+  std::mutex m_mutex;
+  std::deque<std::function<void()>> m_posted;
+  bool m_stop = false;
+};
+
+}  // namespace upgraded::daemon

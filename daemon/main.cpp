@@ -1,0 +1,129 @@
+// upgraded: the per-host upgrade daemon. See upgraded(8) and docs/dbus-api.md.
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+
+#include <sdbus-c++/sdbus-c++.h>
+#include <CLI/CLI.hpp>
+
+#include "config.h"
+#include "event_loop.h"
+#include "log.h"
+#include "manager.h"
+#include "sandbox/extract_child.h"
+#include "systemd/systemd_units.h"
+
+using namespace upgraded;
+using namespace upgraded::daemon;
+
+namespace {
+
+constexpr const char* kBusName = "org.upgraded1";
+
+Result<void> make_dirs(const std::string& path) {
+  std::string partial;
+  std::size_t pos = 0;
+  while (pos != std::string::npos) {
+    pos = path.find('/', pos + 1);
+    partial = path.substr(0, pos);
+    if (partial.empty()) continue;
+    if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
+      return system_error(errno, "creating " + partial);
+  }
+  return {};
+}
+
+int run(bool user, const std::string& root, std::string helper) {
+  auto config = load_config(root);
+  if (!config) {
+    log(Level::kError, "configuration: " + config.error().message());
+    return 1;
+  }
+  if (helper.empty()) helper = sandbox::default_helper_path();
+  if (auto r = make_dirs(config->state_dir()); !r) {
+    log(Level::kError, r.error().message());
+    return 1;
+  }
+
+  std::unique_ptr<sdbus::IConnection> bus =
+      user ? sdbus::createSessionBusConnection() : sdbus::createSystemBusConnection();
+  // Before any other thread exists, so that they all inherit the blocked signals.
+  auto loop = EventLoop::create(*bus);
+  if (!loop) {
+    log(Level::kError, loop.error().message());
+    return 1;
+  }
+  auto units = SystemdUnits::connect(user ? Bus::kUser : Bus::kSystem);
+  if (!units) {
+    log(Level::kError, "cannot reach systemd: " + units.error().message());
+    return 1;
+  }
+
+  store::StoreOptions so;
+  so.root = config->state_dir();
+  for (const auto& [app, app_root] : config->app_roots)
+    so.app_roots[app] = config->path(app_root);
+  so.extract = config->extract;
+  auto store = store::Store::open(so);  // recovers every app
+  if (!store) {
+    log(Level::kError, "opening the store " + so.root + ": " + store.error().message());
+    return 1;
+  }
+  for (const auto& [app, error] : store->recovery_errors())
+    log(Level::kError, LogContext{app, "", "", nullptr},
+        app + ": recovery failed, the app is unusable until repaired: " + error.message());
+
+  auto manager =
+      std::make_unique<Manager>(*bus, **loop, *config, *store, **units, std::move(helper));
+  bus->requestName(kBusName);
+  std::string files;
+  for (const auto& f : config->files)
+    files += (files.empty() ? "" : ", ") + f;
+  log(Level::kInfo, LogContext{"", "", "", message_id::kStarted},
+      std::string("upgraded ") + UPGRADED_VERSION + " ready on the " + (user ? "user" : "system") +
+          " bus; state in " + so.root + "; config: " + (files.empty() ? "defaults" : files));
+  ::sd_notify(0, "READY=1\nSTATUS=Ready");
+  manager->recover_interrupted();
+
+  auto loop_ptr = loop->get();
+  auto r = (*loop)->run([&] {
+    ::sd_notify(0, "STOPPING=1\nSTATUS=Finishing running jobs");
+    log(Level::kInfo, "stopping: canceling jobs that can be canceled, waiting for the others");
+    manager->shut_down([loop_ptr] { loop_ptr->stop(); });
+  });
+  if (!r) log(Level::kError, r.error().message());
+  try {
+    bus->releaseName(kBusName);
+  } catch (const sdbus::Error&) {
+  }
+  manager.reset();
+  log(Level::kInfo, "stopped");
+  return r ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App cli{"upgraded: verifies, stages and activates signed releases, with rollback"};
+  bool user = false;
+  std::string root = "/";
+  std::string helper;
+  cli.add_flag("--user", user, "serve on the user bus and drive the user's systemd manager");
+  cli.add_option("--root", root,
+                 "run an instance whose config and state live under DIR as they would under /")
+      ->type_name("DIR");
+  cli.add_option("--extract-helper", helper,
+                 "path of upgraded-extract (default: next to "
+                 "upgraded, else the libexec directory)")
+      ->type_name("PATH");
+  cli.set_version_flag("--version", UPGRADED_VERSION);
+  CLI11_PARSE(cli, argc, argv);
+  ::signal(SIGPIPE, SIG_IGN);
+  try {
+    return run(user, root, helper);
+  } catch (const sdbus::Error& e) {
+    log(Level::kError, "D-Bus: " + e.getName() + ": " + e.getMessage());
+    return 1;
+  }
+}

@@ -1,0 +1,460 @@
+#include "manager.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "authorizer.h"
+#include "bus_errors.h"
+#include "log.h"
+#include "sandbox/extract_child.h"
+#include "upgraded/artifact/verifier.h"
+#include "upgraded/policy/names.h"
+
+namespace upgraded::daemon {
+namespace {
+
+sdbus::Error invalid(const std::string& message) {
+  return sdbus::Error(bus_error::kInvalidArgument, message);
+}
+
+// Unknown keys and wrong value types are refused, so that a client's typo never silently means
+// "default".
+void check_options(const std::map<std::string, sdbus::Variant>& options,
+                   std::initializer_list<std::pair<const char*, const char*>> allowed) {
+  for (const auto& [key, value] : options) {
+    const char* want = nullptr;
+    for (const auto& [name, signature] : allowed)
+      if (key == name) want = signature;
+    if (!want) throw invalid("unknown option " + policy::quote(key));
+    if (value.peekValueType() != want)
+      throw invalid("option " + policy::quote(key) + " must have type '" + want + "', not '" +
+                    value.peekValueType() + "'");
+  }
+}
+
+template <typename T>
+T option(const std::map<std::string, sdbus::Variant>& options, const char* key, T fallback) {
+  auto it = options.find(key);
+  return it == options.end() ? fallback : it->second.get<T>();
+}
+
+void check_app(const std::string& app) {
+  if (auto r = policy::validate_app_name(app); !r) throw invalid(r.error().message());
+}
+void check_version(const std::string& version) {
+  if (auto r = policy::validate_version(version); !r) throw invalid(r.error().message());
+}
+
+template <typename T>
+T value_or_throw(Result<T> r) {
+  if (!r) throw bus_error::from(r.error());
+  return std::move(*r);
+}
+
+}  // namespace
+
+Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
+                 units::UnitControl& units, std::string extract_helper)
+    : AdaptorInterfaces(bus, "/org/upgraded1"),
+      m_bus(bus),
+      m_loop(loop),
+      m_config(std::move(config)),
+      m_store(store),
+      m_units(units),
+      m_helper(std::move(extract_helper)),
+      m_auth(std::make_unique<Authorizer>(bus)) {
+  registerAdaptor();
+}
+
+Manager::~Manager() {
+  unregisterAdaptor();
+  for (auto& [id, running] : m_jobs) {
+    running.job->request_cancel();
+    if (running.thread.joinable()) running.thread.join();
+  }
+}
+
+std::string Manager::Version() {
+  return UPGRADED_VERSION;
+}
+
+// --- mutating methods -------------------------------------------------------------------------
+
+void Manager::authorized(std::shared_ptr<PathResult> reply, const std::string& action,
+                         std::function<sdbus::ObjectPath(uid_t)> then) {
+  const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
+  const std::string sender = msg ? msg->getSender() : std::string();
+  m_auth->check(sender, action, [this, reply, action, sender, then](const Authorization& a) {
+    try {
+      if (!a.allowed) {
+        log(Level::kNotice, LogContext{"", "", "", message_id::kAccessDenied},
+            "refused " + action + " to " + sender + ": " + a.reason);
+        throw sdbus::Error(bus_error::kAccessDenied,
+                           "not authorized to " + action.substr(action.rfind('.') + 1) + ": " +
+                               a.reason + " (run as root, or allow " + action + " in polkit)");
+      }
+      if (m_shutting_down)
+        throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
+      reply->returnResults(then(a.uid));
+    } catch (const sdbus::Error& e) {
+      reply->returnError(e);
+    } catch (const std::exception& e) {
+      reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
+    }
+  });
+}
+
+void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_options(options, {{"activate", "b"}});
+    const bool activate = option<bool>(options, "activate", false);
+    auto fd = std::make_shared<sdbus::UnixFd>(std::move(artifact));
+    authorized(reply, "org.upgraded1.install", [this, fd, activate](uid_t caller) {
+      struct stat st {};
+      if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode))
+        throw invalid("the artifact must be passed as a descriptor of a regular file");
+      if ((::fcntl(fd->get(), F_GETFL) & O_ACCMODE) == O_WRONLY)
+        throw invalid("the artifact's descriptor is not open for reading");
+      struct stat rv {};
+      std::optional<std::string> revoked;
+      if (::stat(m_config.revoked_dir().c_str(), &rv) == 0) revoked = m_config.revoked_dir();
+      auto keyring = value_or_throw(artifact::Keyring::load(m_config.keys_dir(), revoked));
+      // Signatures and manifest only (milliseconds); the payload is streamed in the job.
+      auto verified = value_or_throw(
+          artifact::open_verified(fd->get(), keyring, artifact::TrustPolicy{m_config.threshold}));
+      auto art = std::make_shared<artifact::VerifiedArtifact>(std::move(verified));
+      const std::string app = art->manifest.app, version = art->manifest.version;
+      Work work = [this, fd, art, activate](Job& job, const store::AppLock& lock,
+                                            const ProgressFn& progress) -> Result<void> {
+        progress("extracting", 5);
+        auto extract = [&](artifact::VerifiedArtifact& a, const artifact::ExtractPolicy& policy,
+                           int dest) -> Result<artifact::ExtractStats> {
+          auto stats = sandbox::extract_in_child(
+              {m_helper, fd->get(), a.manifest_bytes, policy, dest, job.cancel_fd()});
+          if (!stats) return stats;
+          // Staging only: committing the state is the point of no return. Staging and
+          // activating: the switch is, so only look at the flag here.
+          bool go_on = activate ? !job.cancel_requested() : job.try_commit();
+          if (!go_on) return Error(ErrorCode::kCanceled, "canceled");
+          return stats;
+        };
+        auto staged = m_store.stage(lock, *art, extract);
+        if (!staged) return staged.error();
+        log(Level::kInfo, LogContext{job.app, job.version, std::to_string(job.id), nullptr},
+            "staged " + job.app + " " + job.version + ": " + std::to_string(staged->stats.files) +
+                " files, " + std::to_string(staged->stats.bytes) + " bytes");
+        if (!activate) {
+          progress("done", 100);
+          return {};
+        }
+        activation::Activator activator(m_store, m_units);
+        auto done = activator.activate(lock, job.version, activation_options(job), progress);
+        if (!done) {
+          // Canceled before the switch: take the staged release away again, so nothing changed.
+          if (done.error().code() == ErrorCode::kCanceled) (void)m_store.remove(lock, job.version);
+          return done.error();
+        }
+        collect_garbage(lock, job);
+        return {};
+      };
+      return start_job("install", app, version, caller, std::move(work));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::Activate(PathResult&& result, std::string app, std::string version, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_version(version);
+    check_options(options, {{"allow_bad", "b"}});
+    const bool allow_bad = option<bool>(options, "allow_bad", false);
+    authorized(reply, "org.upgraded1.activate", [this, app, version, allow_bad](uid_t caller) {
+      auto st = value_or_throw(m_store.state(app));
+      if (!st.releases.count(version))
+        throw sdbus::Error(bus_error::kNotFound,
+                           "no release " + version + " of " + app + " is installed");
+      Work work = [this, allow_bad](Job& job, const store::AppLock& lock,
+                                    const ProgressFn& progress) -> Result<void> {
+        activation::Activator activator(m_store, m_units);
+        auto options = activation_options(job);
+        options.allow_bad = allow_bad;
+        auto done = activator.activate(lock, job.version, options, progress);
+        if (!done) return done.error();
+        collect_garbage(lock, job);
+        return {};
+      };
+      return start_job("activate", app, version, caller, std::move(work));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::Rollback(PathResult&& result, std::string app, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_options(options, {});
+    authorized(reply, "org.upgraded1.rollback", [this, app](uid_t caller) {
+      auto st = value_or_throw(m_store.state(app));
+      if (!st.previous)
+        throw sdbus::Error(bus_error::kNotFound, app + " has no release to roll back to");
+      Work work = [this](Job& job, const store::AppLock& lock,
+                         const ProgressFn& progress) -> Result<void> {
+        activation::Activator activator(m_store, m_units);
+        auto done = activator.rollback(lock, activation_options(job), progress);
+        if (!done) return done.error();
+        return {};
+      };
+      return start_job("rollback", app, *st.previous, caller, std::move(work));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::Remove(PathResult&& result, std::string app, std::string version, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_version(version);
+    check_options(options, {});
+    authorized(reply, "org.upgraded1.remove", [this, app, version](uid_t caller) {
+      auto st = value_or_throw(m_store.state(app));
+      if (!st.releases.count(version))
+        throw sdbus::Error(bus_error::kNotFound,
+                           "no release " + version + " of " + app + " is installed");
+      Work work = [this](Job& job, const store::AppLock& lock,
+                         const ProgressFn& progress) -> Result<void> {
+        if (!job.try_commit()) return Error(ErrorCode::kCanceled, "canceled");
+        progress("removing", 50);
+        UPGRADED_TRY(m_store.remove(lock, job.version));
+        (void)m_store.append_history(
+            lock, store::HistoryEntry{"", "remove", job.version, "", "done", "", {}});
+        progress("done", 100);
+        return {};
+      };
+      return start_job("remove", app, version, caller, std::move(work));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+// --- jobs -------------------------------------------------------------------------------------
+
+activation::ActivationOptions Manager::activation_options(Job& job) const {
+  activation::ActivationOptions o;
+  o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+  o.commit = [this, &job] {
+    if (!job.try_commit()) return false;
+    m_loop.post([this, id = job.id] {
+      if (auto it = m_jobs.find(id); it != m_jobs.end()) it->second.object->set_state("committed");
+    });
+    return true;
+  };
+  return o;
+}
+
+// After a switch, not before an extraction: deleting many files right before creating many is
+// slow on some filesystems, and the space is needed only for the next install.
+void Manager::collect_garbage(const store::AppLock& lock, Job& job) const {
+  auto gc = m_store.gc(lock, store::GcPolicy{m_config.keep, m_config.max_bytes});
+  LogContext c{job.app, job.version, std::to_string(job.id), nullptr};
+  if (!gc)
+    log(Level::kWarning, c, "garbage collection failed, ignoring: " + gc.error().message());
+  else if (!gc->removed.empty())
+    log(Level::kInfo, c,
+        "removed " + std::to_string(gc->removed.size()) + " old release(s), " +
+            std::to_string(gc->freed_bytes) + " bytes");
+}
+
+sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string& app,
+                                     const std::string& version, uid_t owner, Work work) {
+  if (auto it = m_busy.find(app); it != m_busy.end())
+    throw sdbus::Error(bus_error::kBusy, app + " is busy with job " + std::to_string(it->second));
+  // The store's lock also keeps out other processes (upgradectl --offline).
+  auto lock = m_store.lock(app);
+  if (!lock) throw bus_error::from(lock.error());
+  auto shared_lock = std::make_shared<store::AppLock>(std::move(*lock));
+  auto job = std::make_shared<Job>(m_next_id++, type, app, version, owner);
+  Running running;
+  running.job = job;
+  running.object = std::make_unique<JobObject>(
+      m_bus, job,
+      [this](const std::shared_ptr<Job>& j, const std::string& sender) { cancel(j, sender); });
+  const std::uint32_t id = job->id;
+  sdbus::ObjectPath path = job->path();
+  m_busy[app] = id;
+  m_jobs[id] = std::move(running);
+  log(Level::kInfo, LogContext{app, version, std::to_string(id), message_id::kJobStarted},
+      type + " " + app + " " + version + ": job " + std::to_string(id) + " started");
+  // The reply goes out first (the caller returns), then JobNew, then the work: never signal
+  // before the method has returned.
+  m_loop.post([this, id, path, job, shared_lock, work = std::move(work)]() mutable {
+    auto it = m_jobs.find(id);
+    if (it == m_jobs.end()) return;
+    emitJobNew(id, path);
+    it->second.thread = std::thread([this, job, shared_lock, work = std::move(work)] {
+      ProgressFn progress = [this, id = job->id](const std::string& step, int percent) {
+        m_loop.post([this, id, step, percent] {
+          if (auto j = m_jobs.find(id); j != m_jobs.end())
+            j->second.object->update(step, static_cast<std::uint32_t>(std::clamp(percent, 0, 100)));
+        });
+      };
+      Result<void> r = Error(ErrorCode::kFailed, "the job did not run");
+      try {
+        r = work(*job, *shared_lock, progress);
+      } catch (const std::exception& e) {
+        r = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
+      }
+      m_loop.post([this, id = job->id, r] { finish(id, r); });
+    });
+  });
+  return path;
+}
+
+void Manager::finish(std::uint32_t id, const Result<void>& r) {
+  auto it = m_jobs.find(id);
+  if (it == m_jobs.end()) return;
+  Running running = std::move(it->second);
+  m_jobs.erase(it);
+  if (running.thread.joinable()) running.thread.join();  // it posted this as its last act
+  const Job& job = *running.job;
+  m_busy.erase(job.app);
+  std::string result = r                                          ? "done"
+                       : r.error().code() == ErrorCode::kCanceled ? "canceled"
+                                                                  : "failed";
+  std::string message = r ? "" : r.error().message();
+  LogContext c{job.app, job.version, std::to_string(id),
+               r ? message_id::kJobDone : message_id::kJobFailed};
+  if (!r && message.find("; rolled back to ") != std::string::npos)
+    c.message_id = message_id::kRolledBack;
+  log(r ? Level::kInfo : Level::kError, c,
+      job.type + " " + job.app + " " + job.version + ": " + result +
+          (message.empty() ? "" : ": " + message));
+  running.object.reset();  // the object is gone when JobRemoved arrives
+  emitJobRemoved(id, sdbus::ObjectPath(job.path()), result, message);
+  if (m_shutting_down && m_jobs.empty() && m_idle) m_idle();
+}
+
+void Manager::cancel(const std::shared_ptr<Job>& job, const std::string& sender) {
+  uid_t uid = m_auth->caller_uid(sender);
+  if (uid != 0 && uid != job->owner)
+    throw sdbus::Error(bus_error::kAccessDenied, "only root or the uid that started job " +
+                                                     std::to_string(job->id) + " may cancel it");
+  if (job->request_cancel() == Job::CancelOutcome::kTooLate)
+    throw sdbus::Error(bus_error::kNotCancelable,
+                       "job " + std::to_string(job->id) +
+                           " is past its point of no return (the switch); wait for it to end");
+  if (auto it = m_jobs.find(job->id); it != m_jobs.end()) it->second.object->set_state("canceling");
+}
+
+void Manager::recover_interrupted() {
+  auto apps = m_store.apps();
+  if (!apps) {
+    log(Level::kError, "listing apps for recovery failed: " + apps.error().message());
+    return;
+  }
+  for (const auto& app : *apps) {
+    auto pending = m_store.pending_activation(app);
+    if (!pending) {
+      log(Level::kError, LogContext{app, "", "", nullptr},
+          app + ": reading its pending activation failed: " + pending.error().message());
+      continue;
+    }
+    if (!*pending) continue;
+    log(Level::kWarning, LogContext{app, (*pending)->to, "", nullptr},
+        app + ": the " + (*pending)->op + " of " + (*pending)->to +
+            " was interrupted; restarting the units of the current release");
+    try {
+      start_job("recover", app, (*pending)->to, 0,
+                [this](Job& job, const store::AppLock& lock, const ProgressFn& progress) {
+                  (void)job.try_commit();
+                  activation::Activator activator(m_store, m_units);
+                  activation::ActivationOptions o;
+                  o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+                  auto r = activator.resume(lock, o, progress);
+                  return r ? Result<void>() : Result<void>(r.error());
+                });
+    } catch (const sdbus::Error& e) {
+      log(Level::kError, LogContext{app, "", "", nullptr},
+          app + ": cannot start its recovery: " + e.getMessage());
+    }
+  }
+}
+
+void Manager::shut_down(std::function<void()> idle) {
+  m_shutting_down = true;
+  m_idle = std::move(idle);
+  for (auto& [id, running] : m_jobs)
+    if (running.job->request_cancel() == Job::CancelOutcome::kAsked)
+      running.object->set_state("canceling");
+  if (m_jobs.empty()) m_idle();
+}
+
+// --- read-only methods ------------------------------------------------------------------------
+
+std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> Manager::ListApps() {
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> out;
+  for (const auto& app : value_or_throw(m_store.apps())) {
+    auto st = m_store.state(app);
+    if (!st) continue;  // removed meanwhile, or broken (reported at start)
+    out.emplace_back(app, st->current.value_or(""), st->previous.value_or(""),
+                     st->last_known_good.value_or(""));
+  }
+  return out;
+}
+
+std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>
+Manager::ListReleases(const std::string& app) {
+  check_app(app);
+  auto st = value_or_throw(m_store.state(app));
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>
+      out;
+  for (const auto& v : st.versions_in_order()) {
+    const auto& r = st.releases.at(v);
+    std::string role = st.current == v ? "current" : st.previous == v ? "previous" : "";
+    out.emplace_back(v, std::string(store::to_string(r.status)), role, r.staged_at, r.pinned,
+                     r.size);
+  }
+  return out;
+}
+
+std::vector<
+    sdbus::Struct<uint32_t, std::string, std::string, std::string, std::string, sdbus::ObjectPath>>
+Manager::ListJobs() {
+  std::vector<sdbus::Struct<uint32_t, std::string, std::string, std::string, std::string,
+                            sdbus::ObjectPath>>
+      out;
+  for (const auto& [id, running] : m_jobs) {
+    const Job& j = *running.job;
+    out.emplace_back(id, j.type, j.app, j.version, j.state, sdbus::ObjectPath(j.path()));
+  }
+  return out;
+}
+
+std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
+                          std::string, std::map<std::string, uint64_t>>>
+Manager::GetHistory(const std::string& app, const Options& options) {
+  check_app(app);
+  check_options(options, {{"limit", "u"}});
+  std::uint32_t limit = option<std::uint32_t>(options, "limit", 100);
+  if (limit == 0 || limit > 10000) throw invalid("limit must be from 1 to 10000");
+  (void)value_or_throw(m_store.state(app));  // NotFound for an unknown app
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
+                            std::string, std::map<std::string, uint64_t>>>
+      out;
+  for (auto& h : value_or_throw(m_store.history(app, limit)))
+    out.emplace_back(
+        h.time, h.op, h.from, h.to, h.result, h.message,
+        std::map<std::string, uint64_t>(h.downtime_usec.begin(), h.downtime_usec.end()));
+  return out;
+}
+
+}  // namespace upgraded::daemon

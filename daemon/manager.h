@@ -1,0 +1,93 @@
+#pragma once
+
+// org.upgraded1.Manager: every handler has one shape - read the arguments, reject unknown
+// options, authorize, claim the app, start a job, reply with its path. The work itself is the
+// engine's (lib/); this layer only translates.
+
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "config.h"
+#include "event_loop.h"
+#include "job.h"
+#include "org.upgraded1.Manager.adaptor.h"
+#include "upgraded/activation/activator.h"
+#include "upgraded/store/store.h"
+#include "upgraded/units/unit_control.h"
+
+namespace upgraded::daemon {
+
+class Authorizer;
+
+class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_adaptor> {
+ public:
+  Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
+          units::UnitControl& units, std::string extract_helper);
+  ~Manager();
+
+  /// Starts a "recover" job for every app whose activation a crash interrupted.
+  void recover_interrupted();
+  /// SIGTERM: refuse new jobs, cancel the running ones that can still be canceled, and call
+  /// `idle` (on the loop) once the last job has ended.
+  void shut_down(std::function<void()> idle);
+
+ private:
+  using Options = std::map<std::string, sdbus::Variant>;
+  using PathResult = sdbus::Result<sdbus::ObjectPath>;
+  using ProgressFn = std::function<void(const std::string&, int)>;
+  /// Work run on the job's thread. It gets the app's lock for its whole life.
+  using Work =
+      std::function<Result<void>(Job& job, const store::AppLock& lock, const ProgressFn& progress)>;
+
+  void Install(PathResult&& result, sdbus::UnixFd artifact, Options options) override;
+  void Activate(PathResult&& result, std::string app, std::string version,
+                Options options) override;
+  void Rollback(PathResult&& result, std::string app, Options options) override;
+  void Remove(PathResult&& result, std::string app, std::string version, Options options) override;
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
+      override;
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>
+  ListReleases(const std::string& app) override;
+  std::vector<sdbus::Struct<uint32_t, std::string, std::string, std::string, std::string,
+                            sdbus::ObjectPath>>
+  ListJobs() override;
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
+                            std::string, std::map<std::string, uint64_t>>>
+  GetHistory(const std::string& app, const Options& options) override;
+  std::string Version() override;
+
+  /// Authorizes the current call for `action`, then runs `then` (which may throw sdbus::Error)
+  /// and replies with the job path it returns, or with the error.
+  void authorized(std::shared_ptr<PathResult> reply, const std::string& action,
+                  std::function<sdbus::ObjectPath(uid_t caller)> then);
+  /// Claims the app (in this daemon and in the store), creates the job's object and thread.
+  sdbus::ObjectPath start_job(const std::string& type, const std::string& app,
+                              const std::string& version, uid_t owner, Work work);
+  void finish(std::uint32_t id, const Result<void>& result);
+  void cancel(const std::shared_ptr<Job>& job, const std::string& sender);
+  activation::ActivationOptions activation_options(Job& job) const;
+  void collect_garbage(const store::AppLock& lock, Job& job) const;
+
+  struct Running {
+    std::shared_ptr<Job> job;
+    std::unique_ptr<JobObject> object;
+    std::thread thread;
+  };
+
+  sdbus::IConnection& m_bus;
+  EventLoop& m_loop;
+  Config m_config;
+  const store::Store& m_store;
+  units::UnitControl& m_units;
+  std::string m_helper;
+  std::unique_ptr<Authorizer> m_auth;
+  std::uint32_t m_next_id = 1;
+  std::map<std::uint32_t, Running> m_jobs;
+  std::map<std::string, std::uint32_t> m_busy;  // app -> job
+  bool m_shutting_down = false;
+  std::function<void()> m_idle;
+};
+
+}  // namespace upgraded::daemon

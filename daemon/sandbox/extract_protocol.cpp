@@ -1,0 +1,115 @@
+#include "sandbox/extract_protocol.h"
+
+#include <nlohmann/json.hpp>
+
+namespace upgraded::sandbox {
+namespace {
+
+using nlohmann::json;
+
+constexpr ErrorCode kCodes[] = {ErrorCode::kFailed,
+                                ErrorCode::kInvalidArgument,
+                                ErrorCode::kNotFound,
+                                ErrorCode::kExists,
+                                ErrorCode::kVerificationFailed,
+                                ErrorCode::kPolicyRefused,
+                                ErrorCode::kNoSpace,
+                                ErrorCode::kBusy,
+                                ErrorCode::kCanceled};
+
+Error malformed(const std::string& what) {
+  return Error(ErrorCode::kFailed, "extraction helper: malformed " + what);
+}
+
+}  // namespace
+
+std::string encode_request(const std::string& manifest_bytes,
+                           const artifact::ExtractPolicy& policy) {
+  const auto& l = policy.limits;
+  json doc = {{"manifest", manifest_bytes},
+              {"limits",
+               {{"max_entries", l.max_entries},
+                {"max_total_bytes", l.max_total_bytes},
+                {"max_file_size", l.max_file_size},
+                {"max_path_length", l.max_path_length},
+                {"max_depth", l.max_depth},
+                {"max_path_bytes", l.max_path_bytes},
+                {"max_expansion_ratio", l.max_expansion_ratio},
+                {"free_space_reserve", l.free_space_reserve},
+                {"free_inode_reserve", l.free_inode_reserve}}},
+              {"strip_unsafe_modes", policy.unsafe_modes == artifact::UnsafeModes::kStrip},
+              {"read_only", policy.read_only}};
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Result<Request> decode_request(const std::string& text) {
+  try {
+    json doc = json::parse(text);
+    Request r;
+    r.manifest_bytes = doc.at("manifest").get<std::string>();
+    const json& l = doc.at("limits");
+    auto& out = r.policy.limits;
+    out.max_entries = l.at("max_entries").get<std::uint64_t>();
+    out.max_total_bytes = l.at("max_total_bytes").get<std::uint64_t>();
+    out.max_file_size = l.at("max_file_size").get<std::uint64_t>();
+    out.max_path_length = l.at("max_path_length").get<std::size_t>();
+    out.max_depth = l.at("max_depth").get<std::size_t>();
+    out.max_path_bytes = l.at("max_path_bytes").get<std::uint64_t>();
+    out.max_expansion_ratio = l.at("max_expansion_ratio").get<std::uint64_t>();
+    out.free_space_reserve = l.at("free_space_reserve").get<std::uint64_t>();
+    out.free_inode_reserve = l.at("free_inode_reserve").get<std::uint64_t>();
+    r.policy.unsafe_modes = doc.at("strip_unsafe_modes").get<bool>()
+                                ? artifact::UnsafeModes::kStrip
+                                : artifact::UnsafeModes::kRefuse;
+    r.policy.read_only = doc.at("read_only").get<bool>();
+    return r;
+  } catch (const json::exception& e) {
+    return malformed(std::string("request: ") + e.what());
+  }
+}
+
+std::string encode_response(const Result<artifact::ExtractStats>& result) {
+  json doc;
+  if (result) {
+    const auto& s = *result;
+    doc = {{"ok", true},
+           {"stats",
+            {{"entries", s.entries},
+             {"files", s.files},
+             {"directories", s.directories},
+             {"symlinks", s.symlinks},
+             {"hardlinks", s.hardlinks},
+             {"bytes", s.bytes}}}};
+  } else {
+    doc = {{"ok", false},
+           {"code", static_cast<int>(result.error().code())},
+           {"message", result.error().message()}};
+  }
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Result<artifact::ExtractStats> decode_response(const std::string& text) {
+  try {
+    json doc = json::parse(text);
+    if (!doc.at("ok").get<bool>()) {
+      int code = doc.at("code").get<int>();
+      ErrorCode c = ErrorCode::kFailed;
+      for (ErrorCode known : kCodes)
+        if (static_cast<int>(known) == code) c = known;
+      return Error(c, doc.at("message").get<std::string>());
+    }
+    const json& s = doc.at("stats");
+    artifact::ExtractStats out;
+    out.entries = s.at("entries").get<std::uint64_t>();
+    out.files = s.at("files").get<std::uint64_t>();
+    out.directories = s.at("directories").get<std::uint64_t>();
+    out.symlinks = s.at("symlinks").get<std::uint64_t>();
+    out.hardlinks = s.at("hardlinks").get<std::uint64_t>();
+    out.bytes = s.at("bytes").get<std::uint64_t>();
+    return out;
+  } catch (const json::exception& e) {
+    return malformed(std::string("response: ") + e.what());
+  }
+}
+
+}  // namespace upgraded::sandbox

@@ -1,0 +1,38 @@
+#pragma once
+
+// The conversation between the daemon and its extraction helper (upgraded-extract), both
+// sides. The helper gets file descriptors, never paths:
+//   fd 0  the request (JSON, then EOF): the verified manifest's bytes and the extraction policy
+//   fd 1  the response (one JSON object): the statistics, or the error's code and message
+//   fd 2  the daemon's stderr
+//   fd 3  the artifact, read-only
+//   fd 4  the empty destination directory
+// The helper re-reads the artifact's first two members and refuses to go on unless the manifest
+// is byte for byte the one the daemon verified, so it needs no keys; then it streams the
+// payload through the chunk verifier into fd 4.
+
+#include <string>
+
+#include "upgraded/artifact/extractor.h"
+#include "upgraded/result.h"
+
+namespace upgraded::sandbox {
+
+constexpr int kRequestFd = 0;
+constexpr int kResponseFd = 1;
+constexpr int kArtifactFd = 3;
+constexpr int kDestinationFd = 4;
+constexpr std::size_t kMaxMessage = 8 << 20;
+
+std::string encode_request(const std::string& manifest_bytes,
+                           const artifact::ExtractPolicy& policy);
+struct Request {
+  std::string manifest_bytes;
+  artifact::ExtractPolicy policy;
+};
+Result<Request> decode_request(const std::string& text);
+
+std::string encode_response(const Result<artifact::ExtractStats>& result);
+Result<artifact::ExtractStats> decode_response(const std::string& text);
+
+}  // namespace upgraded::sandbox

@@ -1,0 +1,175 @@
+#include "sandbox/sandbox.h"
+
+#include <errno.h>
+#include <linux/capability.h>
+#include <linux/landlock.h>
+#include <seccomp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <memory>
+
+#include "upgraded/fs/unique_fd.h"
+
+namespace upgraded::sandbox {
+namespace {
+
+// Returns the Landlock ABI in force (0: the kernel has none).
+Result<int> restrict_writes_beneath(int dirfd) {
+  long abi = ::syscall(SYS_landlock_create_ruleset, nullptr, 0, LANDLOCK_CREATE_RULESET_VERSION);
+  if (abi < 0) {
+    if (errno == ENOSYS || errno == EOPNOTSUPP) return 0;
+    return system_error(errno, "querying Landlock");
+  }
+  std::uint64_t writes = LANDLOCK_ACCESS_FS_WRITE_FILE | LANDLOCK_ACCESS_FS_REMOVE_DIR |
+                         LANDLOCK_ACCESS_FS_REMOVE_FILE | LANDLOCK_ACCESS_FS_MAKE_CHAR |
+                         LANDLOCK_ACCESS_FS_MAKE_DIR | LANDLOCK_ACCESS_FS_MAKE_REG |
+                         LANDLOCK_ACCESS_FS_MAKE_SOCK | LANDLOCK_ACCESS_FS_MAKE_FIFO |
+                         LANDLOCK_ACCESS_FS_MAKE_BLOCK | LANDLOCK_ACCESS_FS_MAKE_SYM;
+  if (abi >= 2) writes |= LANDLOCK_ACCESS_FS_REFER;
+#ifdef LANDLOCK_ACCESS_FS_TRUNCATE
+  if (abi >= 3) writes |= LANDLOCK_ACCESS_FS_TRUNCATE;
+#endif
+  landlock_ruleset_attr attr{};
+  attr.handled_access_fs = writes;
+  long rs = ::syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+  if (rs < 0) return system_error(errno, "creating a Landlock ruleset");
+  UniqueFd ruleset(static_cast<int>(rs));
+  landlock_path_beneath_attr beneath{};
+  beneath.allowed_access = writes;
+  beneath.parent_fd = dirfd;
+  if (::syscall(SYS_landlock_add_rule, ruleset.get(), LANDLOCK_RULE_PATH_BENEATH, &beneath, 0) != 0)
+    return system_error(errno, "adding the Landlock rule");
+  if (::syscall(SYS_landlock_restrict_self, ruleset.get(), 0) != 0)
+    return system_error(errno, "enforcing Landlock");
+  return static_cast<int>(abi);
+}
+
+Result<void> drop_capabilities() {
+  for (int cap = 0; cap <= 63; ++cap)
+    if (::prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && errno != EINVAL)
+      return system_error(errno, "dropping capability " + std::to_string(cap));
+  (void)::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2] = {};
+  if (::syscall(SYS_capset, &header, data) != 0) return system_error(errno, "capset");
+  return {};
+}
+
+using ScmpCtx = std::unique_ptr<void, void (*)(scmp_filter_ctx)>;
+
+Result<void> load_seccomp_filter() {
+  ScmpCtx ctx(seccomp_init(SCMP_ACT_ALLOW), seccomp_release);
+  if (!ctx) return Error(ErrorCode::kFailed, "seccomp_init failed");
+  const char* denied[] = {"execve",
+                          "execveat",
+                          "socket",
+                          "socketpair",
+                          "connect",
+                          "bind",
+                          "listen",
+                          "accept",
+                          "accept4",
+                          "ptrace",
+                          "process_vm_readv",
+                          "process_vm_writev",
+                          "pidfd_open",
+                          "pidfd_getfd",
+                          "pidfd_send_signal",
+                          "kcmp",
+                          "mount",
+                          "umount2",
+                          "pivot_root",
+                          "chroot",
+                          "move_mount",
+                          "open_tree",
+                          "fsopen",
+                          "fsmount",
+                          "fsconfig",
+                          "unshare",
+                          "setns",
+                          "init_module",
+                          "finit_module",
+                          "delete_module",
+                          "kexec_load",
+                          "kexec_file_load",
+                          "reboot",
+                          "swapon",
+                          "swapoff",
+                          "bpf",
+                          "perf_event_open",
+                          "keyctl",
+                          "add_key",
+                          "request_key",
+                          "setuid",
+                          "setgid",
+                          "setreuid",
+                          "setregid",
+                          "setresuid",
+                          "setresgid",
+                          "setfsuid",
+                          "setfsgid",
+                          "setgroups",
+                          "capset",
+                          "personality",
+                          "acct",
+                          "settimeofday",
+                          "clock_settime",
+                          "clock_adjtime",
+                          "adjtimex",
+                          "quotactl",
+                          "open_by_handle_at",
+                          "name_to_handle_at",
+                          "userfaultfd",
+                          "iopl",
+                          "ioperm",
+                          "syslog",
+                          "sethostname",
+                          "setdomainname",
+                          "vhangup",
+                          "mknod",
+                          "mknodat",
+                          "chown",
+                          "fchown",
+                          "lchown",
+                          "fchownat"};
+  for (const char* name : denied) {
+    int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR) continue;  // not on this architecture
+    if (seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), nr, 0) != 0)
+      return Error(ErrorCode::kFailed, std::string("seccomp: cannot filter ") + name);
+  }
+  // Signals only to itself (raise() and abort() use tgkill on their own process).
+  const auto self = static_cast<scmp_datum_t>(::getpid());
+  if (seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), SCMP_SYS(kill), 1,
+                       SCMP_A0_32(SCMP_CMP_NE, self)) != 0 ||
+      seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), SCMP_SYS(tgkill), 1,
+                       SCMP_A0_32(SCMP_CMP_NE, self)) != 0 ||
+      seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), SCMP_SYS(tkill), 0) != 0 ||
+      seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), SCMP_SYS(rt_sigqueueinfo), 1,
+                       SCMP_A0_32(SCMP_CMP_NE, self)) != 0)
+    return Error(ErrorCode::kFailed, "seccomp: cannot filter signals");
+  if (int r = seccomp_load(ctx.get()); r != 0)
+    return system_error(-r, "loading the seccomp filter");
+  return {};
+}
+
+}  // namespace
+
+Result<SandboxReport> enter_sandbox(int writable_dirfd) {
+  SandboxReport report;
+  if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return system_error(errno, "no_new_privs");
+  (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  auto abi = restrict_writes_beneath(writable_dirfd);
+  if (!abi) return abi.error();
+  report.landlock_abi = *abi;
+  report.landlock = *abi > 0;
+  UPGRADED_TRY(drop_capabilities());
+  report.capabilities_dropped = true;
+  UPGRADED_TRY(load_seccomp_filter());
+  report.seccomp = true;
+  return report;
+}
+
+}  // namespace upgraded::sandbox
