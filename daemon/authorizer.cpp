@@ -72,16 +72,16 @@ void Authorizer::check(const std::string& sender, const std::string& action,
         .uponReplyInvoke([base = a, action, shared_done](
                              const sdbus::Error* error,
                              sdbus::Struct<bool, bool, std::map<std::string, std::string>> result) {
-          Authorization a = base;
+          Authorization verdict = base;
           if (error) {
-            a.reason = "polkit: " + error->getMessage();
+            verdict.reason = "polkit: " + error->getMessage();
           } else if (std::get<0>(result)) {
-            a.allowed = true;
+            verdict.allowed = true;
           } else {
-            a.reason = std::string("polkit denied ") + action +
-                       (std::get<1>(result) ? " (authentication was required)" : "");
+            verdict.reason = std::string("polkit denied ") + action +
+                             (std::get<1>(result) ? " (authentication was required)" : "");
           }
-          (*shared_done)(a);
+          (*shared_done)(verdict);
         });
   } catch (const sdbus::Error& e) {
     a.reason = "polkit: " + e.getMessage();

@@ -9,7 +9,9 @@
 #include "log.h"
 #include "sandbox/extract_child.h"
 #include "upgraded/artifact/verifier.h"
+#include "upgraded/crash_point.h"
 #include "upgraded/policy/names.h"
+#include "upgraded/policy/version.h"
 
 namespace upgraded::daemon {
 namespace {
@@ -126,9 +128,18 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
           artifact::open_verified(fd->get(), keyring, artifact::TrustPolicy{m_config.threshold}));
       auto art = std::make_shared<artifact::VerifiedArtifact>(std::move(verified));
       const std::string app = art->manifest.app, version = art->manifest.version;
+      if (auto known = m_store.state(app)) {
+        if (known->releases.count(version))
+          throw sdbus::Error(bus_error::kExists, app + " " + version + " is already installed");
+        if (known->floor && policy::compare_versions(version, *known->floor) < 0)
+          throw sdbus::Error(bus_error::kPolicyRefused,
+                             app + " " + version + " is older than the version floor " +
+                                 *known->floor + " (downgrade protection)");
+      }
       Work work = [this, fd, art, activate](Job& job, const store::AppLock& lock,
                                             const ProgressFn& progress) -> Result<void> {
         progress("extracting", 5);
+        pause_point("install.before_extract");
         auto extract = [&](artifact::VerifiedArtifact& a, const artifact::ExtractPolicy& policy,
                            int dest) -> Result<artifact::ExtractStats> {
           auto stats = sandbox::extract_in_child(
@@ -181,9 +192,9 @@ void Manager::Activate(PathResult&& result, std::string app, std::string version
       Work work = [this, allow_bad](Job& job, const store::AppLock& lock,
                                     const ProgressFn& progress) -> Result<void> {
         activation::Activator activator(m_store, m_units);
-        auto options = activation_options(job);
-        options.allow_bad = allow_bad;
-        auto done = activator.activate(lock, job.version, options, progress);
+        auto how = activation_options(job);
+        how.allow_bad = allow_bad;
+        auto done = activator.activate(lock, job.version, how, progress);
         if (!done) return done.error();
         collect_garbage(lock, job);
         return {};
@@ -226,9 +237,16 @@ void Manager::Remove(PathResult&& result, std::string app, std::string version, 
     check_options(options, {});
     authorized(reply, "org.upgraded1.remove", [this, app, version](uid_t caller) {
       auto st = value_or_throw(m_store.state(app));
-      if (!st.releases.count(version))
+      auto rec = st.releases.find(version);
+      if (rec == st.releases.end())
         throw sdbus::Error(bus_error::kNotFound,
                            "no release " + version + " of " + app + " is installed");
+      if (st.current == version)
+        throw sdbus::Error(bus_error::kPolicyRefused,
+                           app + " " + version + " is the current release; activate another first");
+      if (rec->second.pinned)
+        throw sdbus::Error(bus_error::kPolicyRefused,
+                           app + " " + version + " is pinned; unpin it first");
       Work work = [this](Job& job, const store::AppLock& lock,
                          const ProgressFn& progress) -> Result<void> {
         if (!job.try_commit()) return Error(ErrorCode::kCanceled, "canceled");

@@ -4,7 +4,9 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+
 #include <unistd.h>
+#include <cstring>
 
 #include <atomic>
 #include <string>
@@ -28,6 +30,19 @@ void crash_point(const char* name) {
     ::kill(::getpid(), SIGKILL);
     ::pause();
   }
+}
+
+void pause_point(const char* name) {
+  static const std::string target = [] {
+    const char* v = ::secure_getenv("UPGRADED_PAUSE_AT");
+    return std::string(v ? v : "");
+  }();
+  auto colon = target.rfind(':');
+  if (colon == std::string::npos || target.compare(0, colon, name) != 0 ||
+      std::strlen(name) != colon)
+    return;
+  long ms = ::strtol(target.c_str() + colon + 1, nullptr, 10);
+  if (ms > 0) ::usleep(static_cast<useconds_t>(ms) * 1000);
 }
 
 }  // namespace upgraded

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "upgraded/crash_point.h"
 #include "upgraded/policy/version.h"
 
 namespace upgraded::activation {
@@ -150,16 +151,19 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
 
   store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
                         {}};
+  pause_point("activation.before_commit");
   if (options.commit && !options.commit())
     return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
   // From here on a crash is finished by resume() when the daemon starts again.
-  UPGRADED_TRY(
-      m_store.begin_activation(lock, store::PendingActivation{h.op, report.from, version, ""}));
+  const std::string previous = st->previous.value_or("");
+  UPGRADED_TRY(m_store.begin_activation(
+      lock, store::PendingActivation{h.op, report.from, version, previous, ""}));
   if (progress) progress("switching", 20);
   if (auto r = m_store.switch_to(lock, version); !r) {
     (void)m_store.end_activation(lock);
     return r.error();
   }
+  crash_point("activation.after_switch");
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
   if (gate) {
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
@@ -179,21 +183,23 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     (void)m_store.end_activation(lock);
     return failure;
   }
-  return roll_back_after(lock, std::move(report), std::move(h), failure, options, progress);
+  return roll_back_after(lock, std::move(report), previous, std::move(h), failure, options,
+                         progress);
 }
 
 // Automatic rollback: the old release, its units, checked again (active; no soak).
 Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
-                                                    ActivationReport report, store::HistoryEntry h,
-                                                    const Error& failure,
+                                                    ActivationReport report,
+                                                    const std::string& previous,
+                                                    store::HistoryEntry h, const Error& failure,
                                                     const ActivationOptions& options,
                                                     const ProgressFn& progress) {
   if (progress) progress("rolling back", 90);
   (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
   std::map<std::string, std::uint64_t> back_downtime;
   auto old_manifest = m_store.manifest(lock.app(), report.from);
-  Result<void> back =
-      old_manifest ? m_store.switch_to(lock, report.from) : Result<void>(old_manifest.error());
+  Result<void> back = old_manifest ? m_store.switch_back(lock, report.from, previous)
+                                   : Result<void>(old_manifest.error());
   if (back)
     back = restart_and_gate(*old_manifest, options, progress, back_downtime, /*soak=*/false);
   report.rolled_back = true;
@@ -239,7 +245,9 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   h.message += ": " + gate.error().message();
   if (p.op == "activate" && *st->current == p.to && !p.from.empty() && st->releases.count(p.from)) {
     report.to = p.to;
-    return roll_back_after(lock, std::move(report), std::move(h), gate.error(), options, progress);
+    std::string previous = st->releases.count(p.previous) ? p.previous : "";
+    return roll_back_after(lock, std::move(report), previous, std::move(h), gate.error(), options,
+                           progress);
   }
   h.result = "failed";
   (void)m_store.append_history(lock, h);

@@ -502,14 +502,29 @@ Result<void> remove_releases(int dfd, AppState st, const std::vector<std::string
 }  // namespace
 
 Result<void> Store::switch_to(const AppLock& lock, const std::string& version) const {
+  return switch_impl(lock, version, std::nullopt);
+}
+
+Result<void> Store::switch_back(const AppLock& lock, const std::string& version,
+                                const std::string& previous) const {
+  return switch_impl(lock, version, previous);
+}
+
+Result<void> Store::switch_impl(const AppLock& lock, const std::string& version,
+                                const std::optional<std::string>& previous) const {
   auto l = open_locked(app_root(lock.app()), lock.app());
   if (!l) return l.error();
   int dfd = l->fd.get();
   const AppState before = l->state;
   AppState st = before;
   if (!st.releases.count(version)) return unknown_release(st.app, version);
-  if (st.current == version) return reconcile_current(dfd, st);
-  if (st.current) st.previous = st.current;
+  if (previous && !previous->empty() && !st.releases.count(*previous))
+    return unknown_release(st.app, *previous);
+  if (st.current == version && !previous) return reconcile_current(dfd, st);
+  if (previous)
+    st.previous = previous->empty() ? std::nullopt : std::optional<std::string>(*previous);
+  else if (st.current)
+    st.previous = st.current;
   st.current = version;
   auto& rec = st.releases[version];
   if (rec.status == ReleaseStatus::kStaged) rec.status = ReleaseStatus::kActive;
@@ -707,7 +722,11 @@ constexpr const char* kActivation = "activation.json";
 Result<void> Store::begin_activation(const AppLock& lock, const PendingActivation& p) const {
   auto appfd = fs::open_directory(app_root(lock.app()));
   if (!appfd) return appfd.error();
-  json doc = {{"op", p.op}, {"from", p.from}, {"to", p.to}, {"started", now_rfc3339()}};
+  json doc = {{"op", p.op},
+              {"from", p.from},
+              {"to", p.to},
+              {"previous", p.previous},
+              {"started", now_rfc3339()}};
   return fs::write_file_atomic(appfd->get(), kActivation, doc.dump() + "\n", 0644);
 }
 
@@ -736,11 +755,14 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
   auto op = artifact::json_string(*doc, "op", kActivation);
   auto from = artifact::json_string(*doc, "from", kActivation);
   auto to = artifact::json_string(*doc, "to", kActivation);
+  auto previous = artifact::json_string(*doc, "previous", kActivation);
   auto started = artifact::json_string(*doc, "started", kActivation);
-  if (!op || !from || !to || !started || (*op != "activate" && *op != "rollback")) return bad;
-  if ((!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to))
+  if (!op || !from || !to || !previous || !started || (*op != "activate" && *op != "rollback"))
     return bad;
-  return std::optional<PendingActivation>(PendingActivation{*op, *from, *to, *started});
+  if ((!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to) ||
+      (!previous->empty() && !policy::validate_version(*previous)))
+    return bad;
+  return std::optional<PendingActivation>(PendingActivation{*op, *from, *to, *previous, *started});
 }
 
 }  // namespace upgraded::store

@@ -130,8 +130,7 @@ TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually)
   auto v3 = act.activate(*lock, "3.0.0");
   ASSERT_FALSE(v3.ok());
   const std::string& why = v3.error().message();
-  EXPECT_NE(why.find("health gate: hello.service exited with status 3 after"),
-            std::string::npos)
+  EXPECT_NE(why.find("health gate: hello.service exited with status 3 after"), std::string::npos)
       << why;
   EXPECT_NE(why.find("rolled back to 2.0.0"), std::string::npos) << why;
   auto s3 = st->state("hello");

@@ -75,8 +75,8 @@ class Activator {
                                bool is_rollback, const ActivationOptions& options,
                                const ProgressFn& progress);
   Result<ActivationReport> roll_back_after(const store::AppLock& lock, ActivationReport report,
-                                           store::HistoryEntry h, const Error& failure,
-                                           const ActivationOptions& options,
+                                           const std::string& previous, store::HistoryEntry h,
+                                           const Error& failure, const ActivationOptions& options,
                                            const ProgressFn& progress);
   Result<void> restart_and_gate(const artifact::Manifest& m, const ActivationOptions& options,
                                 const ProgressFn& progress,

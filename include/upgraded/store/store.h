@@ -76,10 +76,11 @@ using ExtractFn = std::function<Result<artifact::ExtractStats>(
 /// before the switch until the outcome is recorded). After a crash the daemon finds it and
 /// brings the units back in line with `current`.
 struct PendingActivation {
-  std::string op;       ///< "activate" or "rollback"
-  std::string from;     ///< current before (may be empty)
-  std::string to;       ///< the release being activated
-  std::string started;  ///< RFC 3339 UTC
+  std::string op;        ///< "activate" or "rollback"
+  std::string from;      ///< current before (may be empty)
+  std::string to;        ///< the release being activated
+  std::string previous;  ///< the rollback target before it (restored if it fails)
+  std::string started;   ///< RFC 3339 UTC
 };
 
 struct StageResult {
@@ -133,6 +134,10 @@ class Store {
   /// Points `current` at `version`, durably (state.json, then the symlink, one directory fsync).
   /// The old current becomes the rollback target (previous).
   Result<void> switch_to(const AppLock& lock, const std::string& version) const;
+  /// Undoes a switch: points `current` at `version` and makes `previous` (empty: none) the
+  /// rollback target again, instead of the release being left (which just failed).
+  Result<void> switch_back(const AppLock& lock, const std::string& version,
+                           const std::string& previous) const;
   /// Removes a release. Refused for the current release and pinned ones.
   Result<void> remove(const AppLock& lock, const std::string& version) const;
   Result<void> set_pinned(const AppLock& lock, const std::string& version, bool pinned) const;
@@ -156,6 +161,8 @@ class Store {
   explicit Store(StoreOptions options) : m_options(std::move(options)) {}
   /// Every app directory there is, with or without a state file (for recovery).
   Result<std::vector<std::string>> app_dirs() const;
+  Result<void> switch_impl(const AppLock& lock, const std::string& version,
+                           const std::optional<std::string>& previous) const;
   StoreOptions m_options;
   std::map<std::string, Error> m_recovery_errors;
 };

@@ -1,0 +1,474 @@
+#!/usr/bin/python3
+"""The daemon end to end on the real-systemd testbed (design.md §10).
+
+Runs `upgraded --user --root DIR` against the testbed's user bus and systemd user manager, and
+drives it as its users would: python3-dbus (a configuration-management tool), busctl (a
+third-party client), and a caller running as `nobody`. The sample service is a shell script
+inside each release that writes its release's VERSION to a file and then stays up (or exits 3,
+for a release that must fail its health gate).
+
+    tests/testbed/with-systemd-user tests/integration/daemon_test.py UPGRADED UPGRADECTL
+
+Needs UPGRADED_TESTBED_OPEN_BUS=1 (so that `nobody` may connect to the bus).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import dbus
+from dbus.mainloop.glib import DBusGMainLoop
+from gi.repository import GLib
+
+UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
+TESTBED = os.environ["UPGRADED_TESTBED"]
+UNITS_DIR = os.environ["UPGRADED_TESTBED_UNITS"]
+NAME, PATH = "org.upgraded1", "/org/upgraded1"
+MANAGER, JOB = "org.upgraded1.Manager", "org.upgraded1.Job"
+
+DBusGMainLoop(set_as_default=True)
+
+
+def tree_digest(root):
+    """Every name, mode, size and content below root: what 'nothing changed' compares."""
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for n in sorted(dirs + files):
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            entry = (os.path.relpath(p, root), st.st_mode, st.st_size)
+            if os.path.islink(p):
+                entry += (os.readlink(p),)
+            elif os.path.isfile(p) and n != ".lock":
+                with open(p, "rb") as f:
+                    entry += (f.read(),)
+            out.append(entry)
+    return out
+
+
+class Daemon:
+    def __init__(self, root, env=None):
+        self.root = root
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+        self.log = open(os.path.join(root, "daemon.log"), "ab")
+
+    def start(self):
+        self.proc = subprocess.Popen([UPGRADED, "--user", "--root", self.root], env=self.env,
+                                     stdout=self.log, stderr=self.log)
+        bus = dbus.SessionBus()
+        driver = dbus.Interface(bus.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus"),
+                                "org.freedesktop.DBus")
+        for _ in range(200):
+            if driver.NameHasOwner(NAME):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError("upgraded exited with %s" % self.proc.returncode)
+            time.sleep(0.05)
+        raise AssertionError("upgraded did not take its bus name")
+
+    def stop(self):
+        rc = self.proc.returncode if self.proc else None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            rc = self.proc.wait(timeout=60)
+        self.log.close()
+        return rc
+
+
+class DaemonTest(unittest.TestCase):
+    app = "hello"
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(dir=TESTBED)
+        os.chmod(self.dir, 0o755)
+        self.root = os.path.join(self.dir, "root")
+        keys = os.path.join(self.root, "etc/upgraded/keys.d")
+        os.makedirs(keys)
+        self.key = os.path.join(self.dir, "release.key")
+        subprocess.run([UPGRADECTL, "keygen", "--private", self.key, "--public",
+                        os.path.join(keys, "release.pem")], check=True, stdout=subprocess.DEVNULL)
+        self.out = os.path.join(self.dir, "serving")
+        self.unit = self.app + ".service"
+        with open(os.path.join(UNITS_DIR, self.unit), "w") as f:
+            f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
+                    "Environment=OUT=%s\n" % (self.root, self.app, self.out))
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        self.daemon = Daemon(self.root)
+        self.daemon.start()
+        self.bus = dbus.SessionBus()
+        self.signals = []  # (name, args) in arrival order
+        self.removed = {}  # job path -> (result, message)
+        self.bus.add_signal_receiver(self._job_new, "JobNew", MANAGER)
+        self.bus.add_signal_receiver(self._job_removed, "JobRemoved", MANAGER)
+
+    def tearDown(self):
+        self.assertEqual(self.daemon.stop(), 0, "upgraded did not stop cleanly on SIGTERM")
+        subprocess.run(["systemctl", "--user", "stop", self.unit], check=False)
+        subprocess.run(["systemctl", "--user", "reset-failed", self.unit], check=False,
+                       stderr=subprocess.DEVNULL)
+        os.unlink(os.path.join(UNITS_DIR, self.unit))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _job_new(self, job_id, path):
+        self.signals.append(("JobNew", str(path)))
+
+    def _job_removed(self, job_id, path, result, message):
+        self.signals.append(("JobRemoved", str(path)))
+        self.removed[str(path)] = (str(result), str(message))
+
+    @property
+    def manager(self):
+        return dbus.Interface(self.bus.get_object(NAME, PATH), MANAGER)
+
+    def pack(self, version, fail=False, min_ready_s=1):
+        src = os.path.join(self.dir, "src-" + version)
+        os.makedirs(os.path.join(src, "bin"))
+        with open(os.path.join(src, "VERSION"), "w") as f:
+            f.write(version)
+        with open(os.path.join(src, "bin/hello"), "w") as f:
+            f.write('#!/bin/sh\nhere=$(dirname "$(readlink -f "$0")")\n'
+                    'cat "$here/../VERSION" > "$OUT"\n' +
+                    ("sleep 0.3; exit 3\n" if fail else "exec sleep 1000\n"))
+        os.chmod(os.path.join(src, "bin/hello"), 0o755)
+        extra = os.path.join(self.dir, "manifest-%s.json" % version)
+        with open(extra, "w") as f:
+            json.dump({"units": [self.unit],
+                       "health": {"min_ready_s": min_ready_s, "deadline_s": 30}}, f)
+        out = os.path.join(self.dir, version + ".upd")
+        subprocess.run([UPGRADECTL, "pack", "--key", self.key, "--app", self.app, "--version",
+                        version, "--manifest", extra, "-o", out, src], check=True)
+        os.chmod(out, 0o644)
+        return out
+
+    def install(self, artifact, activate=True):
+        fd = os.open(artifact, os.O_RDONLY)
+        try:
+            return str(self.manager.Install(dbus.types.UnixFd(fd),
+                                            {"activate": dbus.Boolean(activate)}))
+        finally:
+            os.close(fd)
+
+    def wait_job(self, path, timeout=60):
+        ctx = GLib.MainContext.default()
+        end = time.monotonic() + timeout
+        while path not in self.removed:
+            if time.monotonic() > end:
+                raise AssertionError("job %s did not end" % path)
+            ctx.iteration(False) or time.sleep(0.01)
+        return self.removed[path]
+
+    def run_job(self, path):
+        result, message = self.wait_job(path)
+        self.assertEqual(result, "done", message)
+
+    def serving(self, expect):
+        """What the service wrote; systemd reports Type=simple started once forked."""
+        text = None
+        for _ in range(200):
+            try:
+                with open(self.out) as f:
+                    text = f.read()
+            except FileNotFoundError:
+                text = None
+            if text == expect:
+                break
+            time.sleep(0.02)
+        return text
+
+    def unit_property(self, prop):
+        return subprocess.run(["systemctl", "--user", "show", "-P", prop, self.unit],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def app_root(self):
+        return os.path.join(self.root, "var/lib/upgraded/apps", self.app)
+
+    def current(self):
+        return os.readlink(os.path.join(self.app_root(), "current"))
+
+    def releases(self):
+        return {str(r[0]): (str(r[1]), str(r[2])) for r in self.manager.ListReleases(self.app)}
+
+    def assertDBusError(self, name, fn, *args):
+        with self.assertRaises(dbus.DBusException) as cm:
+            fn(*args)
+        self.assertEqual(cm.exception.get_dbus_name(), name, cm.exception.get_dbus_message())
+        return cm.exception.get_dbus_message()
+
+
+class Lifecycle(DaemonTest):
+    def test_install_upgrade_failed_health_gate_and_rollbacks(self):
+        v1, v2, v3 = self.pack("1.0.0"), self.pack("2.0.0"), self.pack("3.0.0", fail=True)
+
+        job = self.install(v1)
+        self.run_job(job)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        self.assertEqual(self.unit_property("ActiveState"), "active")
+        # JobNew came before JobRemoved, after the reply (we had the path before either).
+        self.assertEqual([s for s in self.signals if s[1] == job],
+                         [("JobNew", job), ("JobRemoved", job)])
+
+        self.run_job(self.install(v2))
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        self.assertEqual(self.current(), "releases/2.0.0")
+
+        result, message = self.wait_job(self.install(v3))
+        self.assertEqual(result, "failed")
+        self.assertIn("health gate: %s exited with status 3 after" % self.unit, message)
+        self.assertIn("rolled back to 2.0.0", message)
+        self.assertEqual(self.current(), "releases/2.0.0")
+        self.assertEqual(self.releases()["3.0.0"], ("bad", ""))
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        self.assertEqual(self.unit_property("ActiveState"), "active")
+
+        # A manual rollback, through busctl: a third-party client.
+        out = subprocess.run(["busctl", "--user", "--json=short", "call", NAME, PATH, MANAGER,
+                              "Rollback", "sa{sv}", self.app, "0"],
+                             capture_output=True, text=True, check=True).stdout
+        rollback_job = json.loads(out)["data"][0]
+        self.assertTrue(rollback_job.startswith("/org/upgraded1/job/"))
+        self.run_job(rollback_job)
+        self.assertEqual(self.current(), "releases/1.0.0")
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+        # busctl reads the same state.
+        out = subprocess.run(["busctl", "--user", "--json=short", "call", NAME, PATH, MANAGER,
+                              "ListReleases", "s", self.app],
+                             capture_output=True, text=True, check=True).stdout
+        rows = {r[0]: r for r in json.loads(out)["data"][0]}
+        self.assertEqual(rows["1.0.0"][1:3], ["good", "current"])
+        self.assertEqual(rows["2.0.0"][1:3], ["good", "previous"])
+        self.assertEqual(rows["3.0.0"][1], "bad")
+
+        history = self.manager.GetHistory(self.app, {})
+        ops = [(str(h[1]), str(h[3]), str(h[4])) for h in history]
+        self.assertEqual(ops, [("activate", "1.0.0", "done"), ("activate", "2.0.0", "done"),
+                               ("activate", "3.0.0", "rolled-back"),
+                               ("rollback", "1.0.0", "done")])
+        # Downtime of the upgrade to 2.0.0, from systemd's timestamps.
+        self.assertGreater(int(history[1][6][self.unit]), 0)
+        self.assertEqual(len(self.manager.GetHistory(self.app, {"limit": dbus.UInt32(1)})), 1)
+
+    def test_activating_a_bad_release_needs_allow_bad(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        result, _ = self.wait_job(self.install(self.pack("2.0.0", fail=True)))
+        self.assertEqual(result, "failed")
+        result, message = self.wait_job(self.manager.Activate(self.app, "2.0.0", {}))
+        self.assertEqual(result, "failed")
+        self.assertIn("marked bad", message)
+        self.assertEqual(self.current(), "releases/1.0.0")
+        # Remove: not the current release; the bad one may go.
+        self.assertDBusError("org.upgraded1.Error.PolicyRefused", self.manager.Remove, self.app,
+                             "1.0.0", {})
+        self.run_job(self.manager.Remove(self.app, "2.0.0", {}))
+        self.assertEqual(set(self.releases()), {"1.0.0"})
+        self.assertFalse(os.path.exists(os.path.join(self.app_root(), "releases/2.0.0")))
+
+
+class BadInput(DaemonTest):
+    def test_refusals_change_nothing(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        v2 = self.pack("2.0.0")
+        before = tree_digest(self.app_root())
+        pid = self.unit_property("MainPID")
+
+        self.assertDBusError("org.upgraded1.Error.InvalidArgument", self.manager.Install,
+                             dbus.types.UnixFd(os.open(v2, os.O_RDONLY)),
+                             {"activat": dbus.Boolean(True)})
+        self.assertDBusError("org.upgraded1.Error.InvalidArgument", self.manager.Install,
+                             dbus.types.UnixFd(os.open(v2, os.O_RDONLY)),
+                             {"activate": dbus.String("yes")})
+        # A tampered artifact: one byte of the manifest's signature region changed.
+        data = bytearray(open(v2, "rb").read())
+        data[700] ^= 0x01
+        bad = os.path.join(self.dir, "tampered.upd")
+        open(bad, "wb").write(bytes(data))
+        self.assertDBusError("org.upgraded1.Error.VerificationFailed", self.install, bad)
+        # Signed by a key the daemon does not trust.
+        other_key = os.path.join(self.dir, "other.key")
+        subprocess.run([UPGRADECTL, "keygen", "--private", other_key, "--public",
+                        os.path.join(self.dir, "other.pem")], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.key, trusted_key = other_key, self.key
+        foreign = self.pack("2.0.1")
+        self.key = trusted_key
+        self.assertDBusError("org.upgraded1.Error.VerificationFailed", self.install, foreign)
+        # Not a regular file.
+        r, w = os.pipe()
+        self.assertDBusError("org.upgraded1.Error.InvalidArgument", self.manager.Install,
+                             dbus.types.UnixFd(r), {})
+        os.close(r)
+        os.close(w)
+        self.assertDBusError("org.upgraded1.Error.InvalidArgument", self.manager.Activate,
+                             "../etc", "1.0.0", {})
+        self.assertDBusError("org.upgraded1.Error.NotFound", self.manager.Activate, self.app,
+                             "9.9.9", {})
+        self.assertDBusError("org.upgraded1.Error.NotFound", self.manager.ListReleases, "nosuch")
+        self.assertDBusError("org.upgraded1.Error.InvalidArgument", self.manager.Rollback,
+                             self.app, {"force": dbus.Boolean(True)})
+        self.assertDBusError("org.upgraded1.Error.Exists", self.install,
+                             os.path.join(self.dir, "1.0.0.upd"))
+
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.unit_property("MainPID"), pid)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+
+class Concurrency(DaemonTest):
+    def test_second_job_for_an_app_is_busy(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0", min_ready_s=3), activate=False))
+        v3 = self.pack("3.0.0")
+        job = self.manager.Activate(self.app, "2.0.0", {})
+        jobs = self.manager.ListJobs()
+        self.assertEqual([(int(j[0]), str(j[1]), str(j[2]), str(j[3])) for j in jobs],
+                         [(int(job.split("/")[-1]), "activate", self.app, "2.0.0")])
+        before = sorted(os.listdir(os.path.join(self.app_root(), "releases")))
+        self.assertDBusError("org.upgraded1.Error.Busy", self.manager.Activate, self.app,
+                             "1.0.0", {})
+        self.assertDBusError("org.upgraded1.Error.Busy", self.install, v3)
+        self.assertDBusError("org.upgraded1.Error.Busy", self.manager.Rollback, self.app, {})
+        self.assertEqual(sorted(os.listdir(os.path.join(self.app_root(), "releases"))), before)
+        # The job's properties, read by busctl.
+        out = subprocess.run(["busctl", "--user", "--json=short", "get-property", NAME, job,
+                              JOB, "Type", "App", "Version"],
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+        self.assertEqual([json.loads(line)["data"] for line in out if line],
+                         ["activate", self.app, "2.0.0"])
+        self.run_job(job)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        self.assertEqual(list(self.manager.ListJobs()), [])
+        # The lock is free again at once.
+        self.run_job(self.install(v3))
+
+
+class Cancel(DaemonTest):
+    def restart_daemon(self, env):
+        self.daemon.stop()
+        self.removed.clear()  # job numbers start again at 1
+        self.daemon = Daemon(self.root, env)
+        self.daemon.start()
+
+    def test_cancel_during_install_leaves_nothing(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        before = tree_digest(self.app_root())
+        self.restart_daemon({"UPGRADED_PAUSE_AT": "install.before_extract:1500"})
+        job = self.install(self.pack("2.0.0"))
+        self.bus.get_object(NAME, job).Cancel(dbus_interface=JOB)
+        result, message = self.wait_job(job)
+        self.assertEqual(result, "canceled", message)
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+    def test_cancel_before_the_switch_and_too_late_after_it(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0", min_ready_s=2), activate=False))
+        before = tree_digest(self.app_root())
+        pid = self.unit_property("MainPID")
+        self.restart_daemon({"UPGRADED_PAUSE_AT": "activation.before_commit:1500"})
+        job = self.manager.Activate(self.app, "2.0.0", {})
+        self.bus.get_object(NAME, job).Cancel(dbus_interface=JOB)
+        self.assertEqual(self.wait_job(job)[0], "canceled")
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.unit_property("MainPID"), pid)
+
+        self.restart_daemon({})
+        job = self.manager.Activate(self.app, "2.0.0", {})
+        obj = self.bus.get_object(NAME, job)
+        for _ in range(200):  # until it is committed (the switch), bounded
+            if obj.Get(JOB, "State", dbus_interface="org.freedesktop.DBus.Properties") == \
+                    "committed":
+                break
+            time.sleep(0.02)
+        self.assertDBusError("org.upgraded1.Error.NotCancelable",
+                             lambda: obj.Cancel(dbus_interface=JOB))
+        self.run_job(job)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+
+class Authorization(DaemonTest):
+    def as_nobody(self, code):
+        script = ("import dbus, os, sys\n"
+                  "m = dbus.Interface(dbus.SessionBus().get_object('%s', '%s'), '%s')\n"
+                  "try:\n"
+                  "    r = %s\n"
+                  "    print('ok', r)\n"
+                  "except dbus.DBusException as e:\n"
+                  "    print(e.get_dbus_name(), e.get_dbus_message())\n" %
+                  (NAME, PATH, MANAGER, code))
+        return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               "/usr/bin/python3", "-c", script], capture_output=True, text=True,
+                              check=True, env=dict(os.environ, HOME="/")).stdout.strip()
+
+    def test_nobody_is_refused_and_nothing_changes(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0")))
+        v3 = self.pack("3.0.0")
+        before = tree_digest(self.app_root())
+        pid = self.unit_property("MainPID")
+        for call in ["m.Activate('%s', '1.0.0', {})" % self.app,
+                     "m.Rollback('%s', {})" % self.app,
+                     "m.Remove('%s', '1.0.0', {})" % self.app,
+                     "m.Install(dbus.types.UnixFd(os.open('%s', os.O_RDONLY)), {})" % v3]:
+            out = self.as_nobody(call)
+            self.assertTrue(out.startswith("org.upgraded1.Error.AccessDenied"), out)
+            self.assertIn("not authorized", out)
+        # Read-only methods are open.
+        self.assertIn("'2.0.0'", self.as_nobody("m.ListApps()"))
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.unit_property("MainPID"), pid)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+
+class CrashRecovery(DaemonTest):
+    def crash_during(self, version, expect_current, expect_serving):
+        self.daemon.stop()
+        self.daemon = Daemon(self.root, {"UPGRADED_CRASH_AT": "activation.after_switch"})
+        self.daemon.start()
+        self.manager.Activate(self.app, version, {})
+        self.assertEqual(self.daemon.proc.wait(timeout=30), -signal.SIGKILL)
+        self.daemon.log.close()
+        # Switched, but the units still run the old release.
+        self.assertEqual(self.current(), "releases/" + version)
+        self.assertTrue(os.path.exists(os.path.join(self.app_root(), "activation.json")))
+        self.removed.clear()  # job numbers start again at 1
+        self.daemon = Daemon(self.root)
+        self.daemon.start()
+        # The recovery is the new daemon's first job; JobRemoved is caught even if it ended
+        # before we look.
+        self.wait_job("/org/upgraded1/job/1")
+        self.assertEqual(self.current(), "releases/" + expect_current)
+        self.assertEqual(self.serving(expect_serving), expect_serving)
+        self.assertEqual(self.unit_property("ActiveState"), "active")
+        self.assertFalse(os.path.exists(os.path.join(self.app_root(), "activation.json")))
+        last = self.manager.GetHistory(self.app, {"limit": dbus.UInt32(1)})[0]
+        self.assertEqual(str(last[1]), "recover")
+        return last
+
+    def test_sigkill_after_the_switch_then_restart_matches_units_to_current(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0"), activate=False))
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        last = self.crash_during("2.0.0", "2.0.0", "2.0.0")
+        self.assertEqual(str(last[4]), "done")
+        self.assertEqual(self.releases()["2.0.0"][0], "good")
+
+    def test_sigkill_while_activating_a_failing_release_rolls_back_after_restart(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0", fail=True), activate=False))
+        last = self.crash_during("2.0.0", "1.0.0", "1.0.0")
+        self.assertEqual(str(last[4]), "rolled-back")
+        self.assertEqual(self.releases()["2.0.0"][0], "bad")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], "-v"])
