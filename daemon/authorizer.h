@@ -27,7 +27,9 @@ struct Authorization {
 
 class Authorizer {
  public:
-  explicit Authorizer(sdbus::IConnection& bus);
+  /// `user_instance`: on a user bus the user the daemon runs as is authorized too (it is that
+  /// user's own instance).
+  Authorizer(sdbus::IConnection& bus, bool user_instance);
   ~Authorizer();
 
   /// The caller's uid, from the bus daemon; -1 if it cannot tell.
@@ -41,6 +43,7 @@ class Authorizer {
  private:
   std::unique_ptr<sdbus::IProxy> m_bus_driver;
   std::unique_ptr<sdbus::IProxy> m_polkit;
+  bool m_user_instance;
 };
 
 }  // namespace upgraded::daemon

@@ -75,7 +75,7 @@ int run(bool user, const std::string& root, std::string helper) {
         app + ": recovery failed, the app is unusable until repaired: " + error.message());
 
   auto manager =
-      std::make_unique<Manager>(*bus, **loop, *config, *store, **units, std::move(helper));
+      std::make_unique<Manager>(*bus, **loop, *config, *store, **units, std::move(helper), user);
   bus->requestName(kBusName);
   std::string files;
   for (const auto& f : config->files)

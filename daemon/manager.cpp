@@ -57,7 +57,7 @@ T value_or_throw(Result<T> r) {
 }  // namespace
 
 Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
-                 units::UnitControl& units, std::string extract_helper)
+                 units::UnitControl& units, std::string extract_helper, bool user_instance)
     : AdaptorInterfaces(bus, "/org/upgraded1"),
       m_bus(bus),
       m_loop(loop),
@@ -65,7 +65,7 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
       m_store(store),
       m_units(units),
       m_helper(std::move(extract_helper)),
-      m_auth(std::make_unique<Authorizer>(bus)) {
+      m_auth(std::make_unique<Authorizer>(bus, user_instance)) {
   registerAdaptor();
 }
 

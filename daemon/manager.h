@@ -24,7 +24,7 @@ class Authorizer;
 class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_adaptor> {
  public:
   Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
-          units::UnitControl& units, std::string extract_helper);
+          units::UnitControl& units, std::string extract_helper, bool user_instance);
   ~Manager();
 
   /// Starts a "recover" job for every app whose activation a crash interrupted.

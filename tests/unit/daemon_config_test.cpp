@@ -1,0 +1,79 @@
+// upgraded.conf and its drop-ins: defaults, overrides in order, and refusals that name the file
+// and line.
+
+#include <gtest/gtest.h>
+
+#include "config.h"
+#include "support/test_dir.h"
+
+using namespace upgraded;
+using namespace upgraded::test;
+
+namespace {
+
+class DaemonConfig : public ::testing::Test {
+ protected:
+  void SetUp() override { make_dirs(t / "etc/upgraded/upgraded.conf.d"); }
+  void conf(const std::string& name, const std::string& text) {
+    write_file(t / ("etc/upgraded/" + name), text);
+  }
+  TempDir t;
+};
+
+}  // namespace
+
+TEST_F(DaemonConfig, DefaultsWithoutAnyFileAndPathsUnderTheRoot) {
+  auto c = daemon::load_config(t.path());
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_TRUE(c->files.empty());
+  EXPECT_EQ(c->threshold, 1u);
+  EXPECT_EQ(c->keep, 3u);
+  EXPECT_FALSE(c->max_bytes);
+  EXPECT_EQ(c->keys_dir(), t / "etc/upgraded/keys.d");
+  EXPECT_EQ(c->state_dir(), t / "var/lib/upgraded");
+  auto host = daemon::load_config("/nonexistent-root-for-test");
+  ASSERT_TRUE(host.ok());
+  EXPECT_EQ(daemon::Config{}.state_dir(), "/var/lib/upgraded");
+}
+
+TEST_F(DaemonConfig, DropInsOverrideKeyByKeyInLexicalOrder) {
+  conf("upgraded.conf",
+       "[trust]\nthreshold = 2\n[store]\nkeep = 5\nmax_bytes = 1000\n"
+       "[apps.ozone]\nroot = \"/opt/ozone\"\n");
+  conf("upgraded.conf.d/20-late.conf", "[store]\nkeep = 7\n");
+  conf("upgraded.conf.d/10-early.conf", "[store]\nkeep = 6\n[activation]\njob_timeout_s = 30\n");
+  conf("upgraded.conf.d/ignored.txt", "this is not read");
+  auto c = daemon::load_config(t.path());
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->threshold, 2u);
+  EXPECT_EQ(c->keep, 7u);
+  EXPECT_EQ(c->max_bytes, 1000u);
+  EXPECT_EQ(c->job_timeout_s, 30u);
+  EXPECT_EQ(c->app_roots.at("ozone"), "/opt/ozone");
+  ASSERT_EQ(c->files.size(), 3u);
+  EXPECT_NE(c->files[1].find("10-early.conf"), std::string::npos);
+}
+
+TEST_F(DaemonConfig, RefusesUnknownKeysWrongTypesAndBadValuesNamingFileAndLine) {
+  struct Case {
+    std::string text, expect;
+  } cases[] = {
+      {"[store]\nkepp = 3\n", "upgraded.conf:2: unknown setting 'store.kepp'"},
+      {"[trust]\nthreshold = \"2\"\n", "threshold must be an integer"},
+      {"[trust]\nthreshold = 0\n", "threshold must be an integer from 1"},
+      {"[extract]\nstrip_unsafe_modes = 1\n", "must be true or false"},
+      {"[apps.ozone]\nroot = \"opt/ozone\"\n", "must be an absolute path"},
+      {"[apps.ozone]\nroot = \"/opt/../etc\"\n", "without '..'"},
+      {"[apps.\"../x\"]\nroot = \"/opt/x\"\n", ""},
+      {"[store\nkeep = 3\n", "upgraded.conf:1:"},
+      {"threshold = 1\n", "must be a section"},
+  };
+  for (const auto& c : cases) {
+    conf("upgraded.conf", c.text);
+    auto r = daemon::load_config(t.path());
+    ASSERT_FALSE(r.ok()) << c.text;
+    EXPECT_EQ(r.error().code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(r.error().message().find(c.expect), std::string::npos)
+        << c.text << " -> " << r.error().message();
+  }
+}
