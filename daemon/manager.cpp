@@ -123,10 +123,14 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
       std::optional<std::string> revoked;
       if (::stat(m_config.revoked_dir().c_str(), &rv) == 0) revoked = m_config.revoked_dir();
       auto keyring = value_or_throw(artifact::Keyring::load(m_config.keys_dir(), revoked));
-      // Signatures and manifest only (milliseconds); the payload is streamed in the job.
-      auto verified = value_or_throw(
-          artifact::open_verified(fd->get(), keyring, artifact::TrustPolicy{m_config.threshold}));
-      auto art = std::make_shared<artifact::VerifiedArtifact>(std::move(verified));
+      // Signatures and manifest only (milliseconds); the payload is streamed in the job. The
+      // container is read by the sandboxed helper: this process never parses an artifact, it
+      // only checks the signatures over the bytes the helper hands back.
+      auto head = value_or_throw(
+          sandbox::read_head_in_child(m_helper, fd->get(), std::chrono::seconds(30)));
+      auto art = std::make_shared<artifact::VerifiedManifest>(value_or_throw(
+          artifact::verify_manifest(std::move(head.manifest_bytes), head.signature_bytes, keyring,
+                                    artifact::TrustPolicy{m_config.threshold})));
       const std::string app = art->manifest.app, version = art->manifest.version;
       if (auto known = m_store.state(app)) {
         if (known->releases.count(version))
@@ -140,10 +144,10 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
                                             const ProgressFn& progress) -> Result<void> {
         progress("extracting", 5);
         pause_point("install.before_extract");
-        auto extract = [&](artifact::VerifiedArtifact& a, const artifact::ExtractPolicy& policy,
+        auto extract = [&](const artifact::ExtractPolicy& policy,
                            int dest) -> Result<artifact::ExtractStats> {
           auto stats = sandbox::extract_in_child(
-              {m_helper, fd->get(), a.manifest_bytes, policy, dest, job.cancel_fd()});
+              {m_helper, fd->get(), art->manifest_bytes, policy, dest, job.cancel_fd()});
           if (!stats) return stats;
           // Staging only: committing the state is the point of no return. Staging and
           // activating: the switch is, so only look at the flag here.

@@ -2,6 +2,7 @@
 // extract_protocol.h for its file descriptors); not meant to be run by hand.
 //
 //   upgraded-extract                  extract (the daemon's use)
+//   upgraded-extract --read-head      answer with manifest.json and manifest.sig, unverified
 //   upgraded-extract --probe-sandbox  enter the sandbox, try what it must refuse, print JSON
 //                                     (for the tests)
 
@@ -67,6 +68,12 @@ Result<artifact::ExtractStats> extract() {
   return artifact::extract_verified(art, request->policy, sandbox::kDestinationFd);
 }
 
+Result<std::pair<std::string, std::string>> read_head() {
+  auto container = artifact::ContainerReader::open(sandbox::kArtifactFd);
+  if (!container) return container.error();
+  return std::make_pair((*container)->manifest_bytes(), (*container)->signature_bytes());
+}
+
 // What the sandbox must refuse, tried from inside it.
 int probe(const sandbox::SandboxReport& report) {
   nlohmann::json out = {{"landlock_abi", report.landlock_abi},
@@ -94,12 +101,15 @@ int probe(const sandbox::SandboxReport& report) {
 
 int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
-  auto report = sandbox::enter_sandbox(sandbox::kDestinationFd);
+  const bool head = argc == 2 && std::strcmp(argv[1], "--read-head") == 0;
+  // Reading the head needs no directory: it may write nothing at all.
+  auto report = sandbox::enter_sandbox(head ? -1 : sandbox::kDestinationFd);
   if (!report) {
     (void)write_all(sandbox::kResponseFd,
                     sandbox::encode_response(report.error().with_context("entering the sandbox")));
     return 1;
   }
+  if (head) return write_all(sandbox::kResponseFd, sandbox::encode_head(read_head())) ? 0 : 1;
   if (argc == 2 && std::strcmp(argv[1], "--probe-sandbox") == 0) return probe(*report);
   auto stats = extract();
   return write_all(sandbox::kResponseFd, sandbox::encode_response(stats)) ? 0 : 1;

@@ -2,6 +2,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "upgraded/artifact/encoding.h"
+
 namespace upgraded::sandbox {
 namespace {
 
@@ -68,6 +70,54 @@ Result<Request> decode_request(const std::string& text) {
   }
 }
 
+namespace {
+
+std::string b64(const std::string& bytes) {
+  return artifact::base64_encode(
+      std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size()));
+}
+
+Result<std::string> unb64(const std::string& text) {
+  auto raw = artifact::base64_decode(text);
+  if (!raw) return malformed("head: bad base64");
+  return std::string(reinterpret_cast<const char*>(raw->data()), raw->size());
+}
+
+json error_json(const Error& e) {
+  return {{"ok", false}, {"code", static_cast<int>(e.code())}, {"message", e.message()}};
+}
+
+Error error_from(const json& doc) {
+  int code = doc.at("code").get<int>();
+  ErrorCode c = ErrorCode::kFailed;
+  for (ErrorCode known : kCodes)
+    if (static_cast<int>(known) == code) c = known;
+  return Error(c, doc.at("message").get<std::string>());
+}
+
+}  // namespace
+
+std::string encode_head(const Result<std::pair<std::string, std::string>>& head) {
+  json doc =
+      head ? json{{"ok", true}, {"manifest", b64(head->first)}, {"signature", b64(head->second)}}
+           : error_json(head.error());
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Result<std::pair<std::string, std::string>> decode_head(const std::string& text) {
+  try {
+    json doc = json::parse(text);
+    if (!doc.at("ok").get<bool>()) return error_from(doc);
+    auto m = unb64(doc.at("manifest").get<std::string>());
+    if (!m) return m.error();
+    auto s = unb64(doc.at("signature").get<std::string>());
+    if (!s) return s.error();
+    return std::make_pair(std::move(*m), std::move(*s));
+  } catch (const json::exception& e) {
+    return malformed(std::string("head: ") + e.what());
+  }
+}
+
 std::string encode_response(const Result<artifact::ExtractStats>& result) {
   json doc;
   if (result) {
@@ -81,9 +131,7 @@ std::string encode_response(const Result<artifact::ExtractStats>& result) {
              {"hardlinks", s.hardlinks},
              {"bytes", s.bytes}}}};
   } else {
-    doc = {{"ok", false},
-           {"code", static_cast<int>(result.error().code())},
-           {"message", result.error().message()}};
+    doc = error_json(result.error());
   }
   return doc.dump(-1, ' ', false, json::error_handler_t::replace);
 }
@@ -91,13 +139,7 @@ std::string encode_response(const Result<artifact::ExtractStats>& result) {
 Result<artifact::ExtractStats> decode_response(const std::string& text) {
   try {
     json doc = json::parse(text);
-    if (!doc.at("ok").get<bool>()) {
-      int code = doc.at("code").get<int>();
-      ErrorCode c = ErrorCode::kFailed;
-      for (ErrorCode known : kCodes)
-        if (static_cast<int>(known) == code) c = known;
-      return Error(c, doc.at("message").get<std::string>());
-    }
+    if (!doc.at("ok").get<bool>()) return error_from(doc);
     const json& s = doc.at("stats");
     artifact::ExtractStats out;
     out.entries = s.at("entries").get<std::uint64_t>();

@@ -1,7 +1,9 @@
 #pragma once
 
 // The conversation between the daemon and its extraction helper (upgraded-extract), both
-// sides. The helper gets file descriptors, never paths:
+// sides. `upgraded-extract --read-head` gets only fd 1 and fd 3 and answers with the artifact's
+// manifest and signature bytes. `upgraded-extract` (extraction) gets file descriptors, never
+// paths:
 //   fd 0  the request (JSON, then EOF): the verified manifest's bytes and the extraction policy
 //   fd 1  the response (one JSON object): the statistics, or the error's code and message
 //   fd 2  the daemon's stderr
@@ -31,6 +33,10 @@ struct Request {
   artifact::ExtractPolicy policy;
 };
 Result<Request> decode_request(const std::string& text);
+
+/// --read-head's answer: the raw bytes of manifest.json and manifest.sig (base64).
+std::string encode_head(const Result<std::pair<std::string, std::string>>& head);
+Result<std::pair<std::string, std::string>> decode_head(const std::string& text);
 
 std::string encode_response(const Result<artifact::ExtractStats>& result);
 Result<artifact::ExtractStats> decode_response(const std::string& text);

@@ -36,11 +36,14 @@ Result<int> restrict_writes_beneath(int dirfd) {
   long rs = ::syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
   if (rs < 0) return system_error(errno, "creating a Landlock ruleset");
   UniqueFd ruleset(static_cast<int>(rs));
-  landlock_path_beneath_attr beneath{};
-  beneath.allowed_access = writes;
-  beneath.parent_fd = dirfd;
-  if (::syscall(SYS_landlock_add_rule, ruleset.get(), LANDLOCK_RULE_PATH_BENEATH, &beneath, 0) != 0)
-    return system_error(errno, "adding the Landlock rule");
+  if (dirfd >= 0) {
+    landlock_path_beneath_attr beneath{};
+    beneath.allowed_access = writes;
+    beneath.parent_fd = dirfd;
+    if (::syscall(SYS_landlock_add_rule, ruleset.get(), LANDLOCK_RULE_PATH_BENEATH, &beneath, 0) !=
+        0)
+      return system_error(errno, "adding the Landlock rule");
+  }
   if (::syscall(SYS_landlock_restrict_self, ruleset.get(), 0) != 0)
     return system_error(errno, "enforcing Landlock");
   return static_cast<int>(abi);

@@ -17,12 +17,12 @@ struct SandboxReport {
 };
 
 /// In this order: no new privileges and not dumpable; Landlock, so that files can be created,
-/// written, renamed or removed only beneath `writable_dirfd`; every capability dropped (bounding,
-/// effective, permitted, inheritable, ambient); a seccomp filter that refuses (EPERM) what an
-/// extractor never needs: executing programs, sockets (no D-Bus, no network), ptrace and other
-/// processes' memory and file descriptors, signals to other processes, mounts, namespaces,
-/// modules, keyrings, bpf, uid/gid changes, reboot and clock changes. Landlock missing from the
-/// kernel is reported, not an error; anything else failing is.
+/// written, renamed or removed only beneath `writable_dirfd` (-1: nowhere); every capability
+/// dropped (bounding, effective, permitted, inheritable, ambient); a seccomp filter that refuses
+/// (EPERM) what an extractor never needs: executing programs, sockets (no D-Bus, no network),
+/// ptrace and other processes' memory and file descriptors, signals to other processes, mounts,
+/// namespaces, modules, keyrings, bpf, uid/gid changes, reboot and clock changes. Landlock missing
+/// from the kernel is reported, not an error; anything else failing is.
 Result<SandboxReport> enter_sandbox(int writable_dirfd);
 
 }  // namespace upgraded::sandbox

@@ -381,27 +381,9 @@ Result<artifact::Manifest> Store::manifest(const std::string& app,
   return artifact::parse_manifest(*text);
 }
 
-Result<StageResult> Store::stage(int artifact_fd, const artifact::Keyring& keyring,
-                                 const artifact::TrustPolicy& trust) const {
-  // Verify before touching the store: a bad artifact changes nothing, not even a lock file.
-  auto art = artifact::open_verified(artifact_fd, keyring, trust);
-  if (!art) return art.error();
-  auto lk = lock(art->manifest.app);
-  if (!lk) return lk.error();
-  return stage(*lk, *art);
-}
-
-Result<StageResult> Store::stage(const AppLock& lock, int artifact_fd,
-                                 const artifact::Keyring& keyring,
-                                 const artifact::TrustPolicy& trust) const {
-  auto art = artifact::open_verified(artifact_fd, keyring, trust);
-  if (!art) return art.error();
-  return stage(lock, *art);
-}
-
-Result<StageResult> Store::stage(const AppLock& lock, artifact::VerifiedArtifact& verified,
+Result<StageResult> Store::stage(const AppLock& lock, const artifact::VerifiedManifest& verified,
                                  const ExtractFn& extract) const {
-  artifact::VerifiedArtifact* art = &verified;
+  const artifact::VerifiedManifest* art = &verified;
   if (art->manifest.app != lock.app())
     return Error(ErrorCode::kInvalidArgument, "the artifact is for app " +
                                                   policy::quote(art->manifest.app) + ", not " +
@@ -435,8 +417,7 @@ Result<StageResult> Store::stage(const AppLock& lock, artifact::VerifiedArtifact
   if (!pfd) return undo(pfd.error());
   artifact::ExtractPolicy policy = m_options.extract;
   policy.read_only = true;
-  auto stats = extract ? extract(*art, policy, pfd->get())
-                       : artifact::extract_verified(*art, policy, pfd->get());  // synced
+  auto stats = extract(policy, pfd->get());  // synced
   pfd->reset();
   if (!stats) return undo(stats.error());
   crash_point("stage.after_extract");
@@ -454,7 +435,7 @@ Result<StageResult> Store::stage(const AppLock& lock, artifact::VerifiedArtifact
     return undo(r.error());
   crash_point("stage.after_state");
   (void)remove_journal(dfd);  // committed; a leftover journal is finished by the next lock()
-  return StageResult{std::move(art->manifest), std::move(art->signatures), *stats};
+  return StageResult{art->manifest, art->signatures, *stats};
 }
 
 namespace {

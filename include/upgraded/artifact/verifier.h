@@ -14,6 +14,21 @@
 
 namespace upgraded::artifact {
 
+/// A manifest whose signatures are verified, on its own (its artifact is read elsewhere, e.g.
+/// by the daemon's sandboxed helper).
+struct VerifiedManifest {
+  Manifest manifest;
+  std::string manifest_bytes;  ///< exactly as signed
+  SignatureReport signatures;
+};
+
+/// Verifies `signature_bytes` (manifest.sig) over `manifest_bytes` against `keyring` and
+/// `trust` before anything in the manifest is parsed, then parses the manifest. Errors are
+/// kVerificationFailed. Uses no archive code: the bytes may come from an untrusted reader.
+Result<VerifiedManifest> verify_manifest(std::string manifest_bytes,
+                                         std::string_view signature_bytes, const Keyring& keyring,
+                                         const TrustPolicy& trust);
+
 /// An artifact whose signatures and manifest are verified; its payload is not read yet.
 struct VerifiedArtifact {
   Manifest manifest;

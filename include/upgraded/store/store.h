@@ -66,11 +66,11 @@ struct HistoryEntry {
   std::map<std::string, std::uint64_t> downtime_usec;  ///< per unit
 };
 
-/// Extracts a verified artifact's payload into the empty directory `dest_dirfd` and makes it
-/// durable; artifact::extract_verified by default. The daemon supplies one that runs the
-/// extraction in a sandboxed child process.
+/// Extracts the payload of the artifact being staged into the empty directory `dest_dirfd` and
+/// makes it durable (one syncfs). In-process: artifact::extract_verified; the daemon runs the
+/// extraction in a sandboxed child process instead.
 using ExtractFn = std::function<Result<artifact::ExtractStats>(
-    artifact::VerifiedArtifact& artifact, const artifact::ExtractPolicy& policy, int dest_dirfd)>;
+    const artifact::ExtractPolicy& policy, int dest_dirfd)>;
 
 /// An activation that started and has not finished (`<app root>/activation.json`, present from
 /// before the switch until the outcome is recorded). After a crash the daemon finds it and
@@ -119,10 +119,13 @@ class Store {
   /// lock). An artifact of another app is refused (kInvalidArgument).
   Result<StageResult> stage(const AppLock& lock, int artifact_fd, const artifact::Keyring& keyring,
                             const artifact::TrustPolicy& trust) const;
-  /// The same, for an artifact the caller has opened and verified (artifact::open_verified),
-  /// extracted by `extract` (in-process by default). An artifact of another app is refused.
-  Result<StageResult> stage(const AppLock& lock, artifact::VerifiedArtifact& artifact,
-                            const ExtractFn& extract = {}) const;
+  /// The same, for an artifact the caller has opened and verified (artifact::open_verified).
+  Result<StageResult> stage(const AppLock& lock, artifact::VerifiedArtifact& artifact) const;
+  /// The same, for a verified manifest whose payload `extract` extracts. An artifact of another
+  /// app is refused. (The three overloads above live in stage_in_process.cpp, so that a program
+  /// using only this one links no archive code.)
+  Result<StageResult> stage(const AppLock& lock, const artifact::VerifiedManifest& verified,
+                            const ExtractFn& extract) const;
 
   /// Records (durably) that an activation is starting, before anything is touched.
   Result<void> begin_activation(const AppLock& lock, const PendingActivation& pending) const;

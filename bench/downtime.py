@@ -1,0 +1,156 @@
+#!/usr/bin/python3
+"""bench/downtime's body, run inside the testbed: see bench/downtime."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import dbus
+from dbus.mainloop.glib import DBusGMainLoop
+from gi.repository import GLib
+
+UPGRADED, UPGRADECTL, ROUNDS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+T = os.environ["UPGRADED_TESTBED"]
+UNIT = "bench.service"
+ROOT = os.path.join(T, "root")
+DBusGMainLoop(set_as_default=True)
+
+
+def run(*cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def show(prop):
+    return run("systemctl", "--user", "show", "-P", prop, UNIT).strip()
+
+
+def window():
+    """The last downtime window, from systemd's monotonic timestamps."""
+    return (int(show("ActiveEnterTimestampMonotonic")) -
+            int(show("ActiveExitTimestampMonotonic"))) / 1e6
+
+
+def pack(key, version):
+    src = os.path.join(T, "src", version)
+    os.makedirs(os.path.join(src, "bin"))
+    with open(os.path.join(src, "bin/service"), "w") as f:
+        f.write("#!/bin/sh\nexec sleep 100000\n")
+    os.chmod(os.path.join(src, "bin/service"), 0o755)
+    extra = os.path.join(T, "extra.json")
+    with open(extra, "w") as f:
+        json.dump({"units": [UNIT], "health": {"min_ready_s": 0, "deadline_s": 30}}, f)
+    out = os.path.join(T, version + ".upd")
+    run(UPGRADECTL, "pack", "--key", key, "--app", "bench", "--version", version, "--manifest",
+        extra, "-o", out, src)
+    return out
+
+
+def rss(pid):
+    """VmRSS, and how much of it is private memory (RssAnon) and shared library pages (RssFile)."""
+    fields = dict(l.split(":", 1) for l in open("/proc/%d/status" % pid))
+    return "%s (anon %s, file %s)" % tuple(" ".join(fields[k].split()) for k in
+                                            ("VmRSS", "RssAnon", "RssFile"))
+
+
+def main():
+    keys = os.path.join(ROOT, "etc/upgraded/keys.d")
+    os.makedirs(keys)
+    key = os.path.join(T, "k.key")
+    run(UPGRADECTL, "keygen", "--private", key, "--public", os.path.join(keys, "k.pem"))
+    with open(os.path.join(T, "systemd/user", UNIT), "w") as f:
+        f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/bench/current/bin/service\n" % ROOT)
+    run("systemctl", "--user", "daemon-reload")
+    with open(os.path.join(ROOT, "etc/upgraded/upgraded.conf"), "w") as f:
+        f.write("[store]\nkeep = 1000\n")  # no garbage collection inside the measurements
+    daemon = subprocess.Popen([UPGRADED, "--user", "--root", ROOT], stderr=subprocess.DEVNULL)
+    bus = dbus.SessionBus()
+    driver = dbus.Interface(bus.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus"),
+                            "org.freedesktop.DBus")
+    while not driver.NameHasOwner("org.upgraded1"):
+        time.sleep(0.02)
+    manager = dbus.Interface(bus.get_object("org.upgraded1", "/org/upgraded1"),
+                             "org.upgraded1.Manager")
+    removed = {}
+    bus.add_signal_receiver(lambda i, p, r, m: removed.__setitem__(str(p), (str(r), str(m))),
+                            "JobRemoved", "org.upgraded1.Manager")
+    ctx = GLib.MainContext.default()
+
+    def wait(path):
+        while path not in removed:
+            ctx.iteration(True)
+        result, message = removed[path]
+        if result != "done":
+            raise SystemExit("job failed: " + message)
+
+    versions = ["1.%d.0" % i for i in range(2 * ROUNDS + 1)]
+    artifacts = [pack(key, v) for v in versions]
+    for a in artifacts:  # staged up front: extraction is never part of a window
+        fd = os.open(a, os.O_RDONLY)
+        wait(str(manager.Install(dbus.types.UnixFd(fd), {"activate": False})))
+        os.close(fd)
+    wait(str(manager.Activate("bench", versions[0], {})))
+    rss_idle = rss(daemon.pid)
+
+    def active_since(t0):
+        """From t0 (CLOCK_MONOTONIC, like systemd's timestamps) until the unit became active."""
+        return int(show("ActiveEnterTimestampMonotonic")) / 1e6 - t0
+
+    plain_window, plain_wall, upgrade_window, rollback_wall = [], [], [], []
+    plain_active, rollback_active = [], []
+    for i in range(ROUNDS):
+        # The three measurements interleaved, so that drift of the machine hits all alike.
+        t0 = time.monotonic()
+        run("systemctl", "--user", "restart", UNIT)
+        plain_wall.append(time.monotonic() - t0)
+        plain_window.append(window())
+        plain_active.append(active_since(t0))
+
+        wait(str(manager.Activate("bench", versions[2 * i + 1], {})))
+        upgrade_window.append(window())
+        history = manager.GetHistory("bench", {"limit": dbus.UInt32(1)})
+        recorded = int(history[0][6][UNIT]) / 1e6
+        assert abs(recorded - upgrade_window[-1]) < 1e-6, (recorded, upgrade_window[-1])
+
+        t0 = time.monotonic()
+        wait(str(manager.Rollback("bench", {})))
+        rollback_wall.append(time.monotonic() - t0)
+        rollback_active.append(active_since(t0))
+        wait(str(manager.Activate("bench", versions[2 * i + 2], {})))
+
+    print("samples plain window", [round(x*1000,2) for x in plain_window])
+    print("samples upgrade window", [round(x*1000,2) for x in upgrade_window])
+    time.sleep(0.5)
+    rss_after = rss(daemon.pid)
+    if os.environ.get("BENCH_SMAPS"):  # where the resident pages are, largest first
+        rss_by, name = {}, "[anon]"
+        for line in open("/proc/%d/smaps" % daemon.pid):
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5:
+                name = parts[5] if len(parts) > 5 else "[anon]"
+            elif parts[0] == "Rss:":
+                rss_by[name] = rss_by.get(name, 0) + int(parts[1])
+        for n, kb in sorted(rss_by.items(), key=lambda x: -x[1])[:15]:
+            print("  %6d kB  %s" % (kb, n))
+    daemon.terminate()
+    daemon.wait()
+
+    def ms(xs):
+        return statistics.median(xs) * 1000
+
+    print("rounds: %d (medians; windows from systemd's ActiveExit/ActiveEnter timestamps)" % ROUNDS)
+    print("plain restart:   window %7.2f ms   wall %7.2f ms" % (ms(plain_window), ms(plain_wall)))
+    print("upgrade:         window %7.2f ms   ratio to plain window %.2f (target <= 1.10)" %
+          (ms(upgrade_window), ms(upgrade_window) / ms(plain_window)))
+    print("plain restart:   request until active %7.2f ms" % ms(plain_active))
+    print("rollback:        request until active %7.2f ms   ratio %.2f (target <= 1.20)" %
+          (ms(rollback_active), ms(rollback_active) / ms(plain_active)))
+    print("rollback:        request until JobRemoved %7.2f ms (bookkeeping after the unit is"
+          " active included)   ratio to plain wall %.2f" %
+          (ms(rollback_wall), ms(rollback_wall) / ms(plain_wall)))
+    print("idle RSS after the first activation: %s" % rss_idle)
+    print("idle RSS after all the runs:         %s   (target <= 8 MiB)" % rss_after)
+
+
+main()
