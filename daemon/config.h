@@ -30,6 +30,10 @@ struct Config {
   std::uint32_t job_timeout_s = 90;
   // [extract]
   artifact::ExtractPolicy extract;
+  /// The uid/gid the extraction helper runs as when the daemon runs as root. Unset: the
+  /// system user "upgraded-extract" if it exists, else kDefaultHelperId.
+  std::optional<std::uint32_t> helper_uid, helper_gid;
+  static constexpr std::uint32_t kDefaultHelperId = 2147483646;  // owns nothing on a host
   // [apps.<name>] root = "/opt/<name>" (absolute; interpreted under `root`)
   std::map<std::string, std::string> app_roots;
 

@@ -10,6 +10,8 @@
 
 #include <sdbus-c++/sdbus-c++.h>
 
+#include "log.h"
+
 namespace upgraded::daemon {
 
 Result<std::unique_ptr<EventLoop>> EventLoop::create(sdbus::IConnection& bus) {
@@ -51,21 +53,60 @@ void EventLoop::post(std::function<void()> fn) {
   (void)!::write(m_wake.get(), &one, sizeof one);
 }
 
+void EventLoop::run_task(std::function<std::function<void()>()> work) {
+  const std::uint64_t id = m_next_task++;
+  m_tasks[id] = std::thread([this, id, work = std::move(work)] {
+    std::function<void()> then;
+    try {
+      then = work();
+    } catch (const std::exception& e) {
+      log(Level::kError, std::string("internal error in a task, ignoring: ") + e.what());
+    }
+    post([this, id, then = std::move(then)] {
+      if (auto it = m_tasks.find(id); it != m_tasks.end()) {
+        it->second.join();  // it posted this as its last act
+        m_tasks.erase(it);
+      }
+      if (then) then();
+    });
+  });
+}
+
 void EventLoop::run_posted() {
   std::deque<std::function<void()>> work;
   {
     std::lock_guard lock(m_mutex);
     work.swap(m_posted);
   }
-  for (auto& fn : work)
-    fn();
+  for (auto& fn : work) {
+    // One failing closure must not take the daemon down with it.
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      log(Level::kError, std::string("internal error, ignoring: ") + e.what());
+    }
+  }
+}
+
+void EventLoop::ping_watchdog() {
+  if (!m_watchdog) return;
+  std::uint64_t v;
+  if (::read(m_watchdog.get(), &v, sizeof v) == sizeof v) ::sd_notify(0, "WATCHDOG=1");
 }
 
 Result<void> EventLoop::run(const std::function<void()>& on_terminate) {
   while (!m_stop) {
-    while (m_bus.processPendingRequest()) {
+    // A bounded batch of bus messages, then the posted work and the watchdog: a flood of calls
+    // must not starve the jobs' updates or get the daemon killed by its watchdog.
+    m_bus_busy = false;
+    for (int i = 0; m_bus.processPendingRequest(); ++i) {
+      if (i == 63) {
+        m_bus_busy = true;
+        break;
+      }
     }
     run_posted();
+    ping_watchdog();
     if (m_stop) break;
     auto pd = m_bus.getEventLoopPollData();
     pollfd fds[4] = {{pd.fd, pd.events, 0},
@@ -74,6 +115,8 @@ Result<void> EventLoop::run(const std::function<void()>& on_terminate) {
                      {m_watchdog.get(), POLLIN, 0}};
     int timeout = -1;
     if (auto rel = pd.getRelativeTimeout()) timeout = static_cast<int>((rel->count() + 999) / 1000);
+    // More bus messages may be buffered already: then poll only to collect the other events.
+    if (pd.fd >= 0 && m_bus_busy) timeout = 0;
     int n = ::poll(fds, m_watchdog ? 4 : 3, timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -88,11 +131,7 @@ Result<void> EventLoop::run(const std::function<void()>& on_terminate) {
       while (::read(m_signal.get(), &si, sizeof si) == sizeof si)
         on_terminate();
     }
-    if (m_watchdog && (fds[3].revents & POLLIN)) {
-      std::uint64_t v;
-      (void)!::read(m_watchdog.get(), &v, sizeof v);
-      ::sd_notify(0, "WATCHDOG=1");
-    }
+    if (m_watchdog && (fds[3].revents & POLLIN)) ping_watchdog();
   }
   return {};
 }

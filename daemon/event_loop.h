@@ -4,10 +4,13 @@
 // (signalfd) and the systemd watchdog (timerfd). Everything that touches the bus runs on this
 // thread; job threads only post() to it.
 
+#include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 
 #include "upgraded/fs/unique_fd.h"
 #include "upgraded/result.h"
@@ -26,6 +29,11 @@ class EventLoop {
 
   /// Runs `fn` on the loop's thread soon. Thread-safe.
   void post(std::function<void()> fn);
+  /// Runs `work` on a thread of its own (for anything that may block: reading a caller's file),
+  /// then the closure it returns on the loop's thread. Loop thread only.
+  void run_task(std::function<std::function<void()>()> work);
+  /// Tasks started and not yet finished.
+  std::size_t pending_tasks() const { return m_tasks.size(); }
   /// Runs until stop(). `on_terminate` is called (on the loop) for each SIGTERM or SIGINT.
   Result<void> run(const std::function<void()>& on_terminate);
   void stop() { m_stop = true; }
@@ -33,6 +41,7 @@ class EventLoop {
  private:
   explicit EventLoop(sdbus::IConnection& bus) : m_bus(bus) {}
   void run_posted();
+  void ping_watchdog();
 
   sdbus::IConnection& m_bus;
   UniqueFd m_wake;    // eventfd
@@ -41,6 +50,9 @@ class EventLoop {
   std::mutex m_mutex;
   std::deque<std::function<void()>> m_posted;
   bool m_stop = false;
+  bool m_bus_busy = false;
+  std::uint64_t m_next_task = 0;
+  std::map<std::uint64_t, std::thread> m_tasks;  // loop thread only
 };
 
 }  // namespace upgraded::daemon

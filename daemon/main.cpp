@@ -1,8 +1,10 @@
 // upgraded: the per-host upgrade daemon. See upgraded(8) and docs/dbus-api.md.
 
+#include <pwd.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <sdbus-c++/sdbus-c++.h>
 #include <CLI/CLI.hpp>
@@ -40,7 +42,18 @@ int run(bool user, const std::string& root, std::string helper) {
     log(Level::kError, "configuration: " + config.error().message());
     return 1;
   }
-  if (helper.empty()) helper = sandbox::default_helper_path();
+  sandbox::Helper extractor{helper.empty() ? sandbox::default_helper_path() : helper, {}};
+  if (::geteuid() == 0) {
+    // Never root: the helper runs as a uid that owns nothing but the tree it builds.
+    uid_t uid = Config::kDefaultHelperId;
+    gid_t gid = Config::kDefaultHelperId;
+    if (const passwd* pw = ::getpwnam("upgraded-extract")) {
+      uid = pw->pw_uid;
+      gid = pw->pw_gid;
+    }
+    extractor.as =
+        std::make_pair(config->helper_uid.value_or(uid), config->helper_gid.value_or(gid));
+  }
   if (auto r = make_dirs(config->state_dir()); !r) {
     log(Level::kError, r.error().message());
     return 1;
@@ -74,8 +87,7 @@ int run(bool user, const std::string& root, std::string helper) {
     log(Level::kError, LogContext{app, "", "", nullptr},
         app + ": recovery failed, the app is unusable until repaired: " + error.message());
 
-  auto manager =
-      std::make_unique<Manager>(*bus, **loop, *config, *store, **units, std::move(helper), user);
+  auto manager = std::make_unique<Manager>(*bus, **loop, *config, *store, **units, extractor, user);
   bus->requestName(kBusName);
   std::string files;
   for (const auto& f : config->files)

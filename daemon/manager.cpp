@@ -8,6 +8,7 @@
 #include "bus_errors.h"
 #include "log.h"
 #include "sandbox/extract_child.h"
+#include "trust_root.h"
 #include "upgraded/artifact/verifier.h"
 #include "upgraded/crash_point.h"
 #include "upgraded/policy/names.h"
@@ -48,6 +49,8 @@ void check_version(const std::string& version) {
   if (auto r = policy::validate_version(version); !r) throw invalid(r.error().message());
 }
 
+constexpr std::chrono::seconds kHelperTimeout{30};
+
 template <typename T>
 T value_or_throw(Result<T> r) {
   if (!r) throw bus_error::from(r.error());
@@ -57,14 +60,14 @@ T value_or_throw(Result<T> r) {
 }  // namespace
 
 Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
-                 units::UnitControl& units, std::string extract_helper, bool user_instance)
+                 units::UnitControl& units, sandbox::Helper helper, bool user_instance)
     : AdaptorInterfaces(bus, "/org/upgraded1"),
       m_bus(bus),
       m_loop(loop),
       m_config(std::move(config)),
       m_store(store),
       m_units(units),
-      m_helper(std::move(extract_helper)),
+      m_helper(std::move(helper)),
       m_auth(std::make_unique<Authorizer>(bus, user_instance)) {
   registerAdaptor();
 }
@@ -84,7 +87,7 @@ std::string Manager::Version() {
 // --- mutating methods -------------------------------------------------------------------------
 
 void Manager::authorized(std::shared_ptr<PathResult> reply, const std::string& action,
-                         std::function<sdbus::ObjectPath(uid_t)> then) {
+                         std::function<void(uid_t)> then) {
   const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
   const std::string sender = msg ? msg->getSender() : std::string();
   m_auth->check(sender, action, [this, reply, action, sender, then](const Authorization& a) {
@@ -98,7 +101,7 @@ void Manager::authorized(std::shared_ptr<PathResult> reply, const std::string& a
       }
       if (m_shutting_down)
         throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
-      reply->returnResults(then(a.uid));
+      then(a.uid);
     } catch (const sdbus::Error& e) {
       reply->returnError(e);
     } catch (const std::exception& e) {
@@ -113,72 +116,99 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
     check_options(options, {{"activate", "b"}});
     const bool activate = option<bool>(options, "activate", false);
     auto fd = std::make_shared<sdbus::UnixFd>(std::move(artifact));
-    authorized(reply, "org.upgraded1.install", [this, fd, activate](uid_t caller) {
+    authorized(reply, "org.upgraded1.install", [this, reply, fd, activate](uid_t caller) {
       struct stat st {};
       if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode))
         throw invalid("the artifact must be passed as a descriptor of a regular file");
       if ((::fcntl(fd->get(), F_GETFL) & O_ACCMODE) == O_WRONLY)
         throw invalid("the artifact's descriptor is not open for reading");
-      struct stat rv {};
-      std::optional<std::string> revoked;
-      if (::stat(m_config.revoked_dir().c_str(), &rv) == 0) revoked = m_config.revoked_dir();
-      auto keyring = value_or_throw(artifact::Keyring::load(m_config.keys_dir(), revoked));
-      // Signatures and manifest only (milliseconds); the payload is streamed in the job. The
-      // container is read by the sandboxed helper: this process never parses an artifact, it
-      // only checks the signatures over the bytes the helper hands back.
-      auto head = value_or_throw(
-          sandbox::read_head_in_child(m_helper, fd->get(), std::chrono::seconds(30)));
-      auto art = std::make_shared<artifact::VerifiedManifest>(value_or_throw(
-          artifact::verify_manifest(std::move(head.manifest_bytes), head.signature_bytes, keyring,
-                                    artifact::TrustPolicy{m_config.threshold})));
-      const std::string app = art->manifest.app, version = art->manifest.version;
-      if (auto known = m_store.state(app)) {
-        if (known->releases.count(version))
-          throw sdbus::Error(bus_error::kExists, app + " " + version + " is already installed");
-        if (known->floor && policy::compare_versions(version, *known->floor) < 0)
-          throw sdbus::Error(bus_error::kPolicyRefused,
-                             app + " " + version + " is older than the version floor " +
-                                 *known->floor + " (downgrade protection)");
-      }
-      Work work = [this, fd, art, activate](Job& job, const store::AppLock& lock,
-                                            const ProgressFn& progress) -> Result<void> {
-        progress("extracting", 5);
-        pause_point("install.before_extract");
-        auto extract = [&](const artifact::ExtractPolicy& policy,
-                           int dest) -> Result<artifact::ExtractStats> {
-          auto stats = sandbox::extract_in_child(
-              {m_helper, fd->get(), art->manifest_bytes, policy, dest, job.cancel_fd()});
-          if (!stats) return stats;
-          // Staging only: committing the state is the point of no return. Staging and
-          // activating: the switch is, so only look at the flag here.
-          bool go_on = activate ? !job.cancel_requested() : job.try_commit();
-          if (!go_on) return Error(ErrorCode::kCanceled, "canceled");
-          return stats;
-        };
-        auto staged = m_store.stage(lock, *art, extract);
-        if (!staged) return staged.error();
-        log(Level::kInfo, LogContext{job.app, job.version, std::to_string(job.id), nullptr},
-            "staged " + job.app + " " + job.version + ": " + std::to_string(staged->stats.files) +
-                " files, " + std::to_string(staged->stats.bytes) + " bytes");
-        if (!activate) {
-          progress("done", 100);
-          return {};
+      auto trust = value_or_throw(read_trust_root(m_config));
+      // The helper reads the container head and checks the signatures over it, in fresh
+      // sandboxed processes and off the loop (the caller's file may be slow to read). This
+      // process parses only the manifest, once it is known to be signed.
+      m_loop.run_task([this, reply, fd, activate, caller, trust = std::move(trust)]() mutable {
+        sandbox::VerifyRequest vr;
+        auto head = sandbox::read_head_in_child(m_helper, fd->get(), kHelperTimeout);
+        Result<artifact::SignatureReport> report = artifact::SignatureReport{};
+        if (!head) report = head.error();
+        if (head) {
+          vr = {head->manifest_bytes, head->signature_bytes, m_config.threshold,
+                std::move(trust.keys), std::move(trust.revoked)};
+          report = sandbox::verify_in_child(m_helper, vr, kHelperTimeout);
         }
-        activation::Activator activator(m_store, m_units);
-        auto done = activator.activate(lock, job.version, activation_options(job), progress);
-        if (!done) {
-          // Canceled before the switch: take the staged release away again, so nothing changed.
-          if (done.error().code() == ErrorCode::kCanceled) (void)m_store.remove(lock, job.version);
-          return done.error();
-        }
-        collect_garbage(lock, job);
-        return {};
-      };
-      return start_job("install", app, version, caller, std::move(work));
+        return std::function<void()>([this, reply, fd, activate, caller, report,
+                                      manifest_bytes = std::move(vr.manifest_bytes)] {
+          try {
+            if (m_shutting_down)
+              throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
+            auto signatures = value_or_throw(report);
+            auto manifest = value_or_throw(artifact::parse_manifest(manifest_bytes));
+            auto art = std::make_shared<artifact::VerifiedManifest>(
+                artifact::VerifiedManifest{std::move(manifest), manifest_bytes, signatures});
+            reply->returnResults(start_install(art, fd, activate, caller));
+          } catch (const sdbus::Error& e) {
+            reply->returnError(e);
+          }
+        });
+      });
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
+}
+
+sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManifest> art,
+                                         std::shared_ptr<sdbus::UnixFd> fd, bool activate,
+                                         uid_t caller) {
+  const std::string app = art->manifest.app, version = art->manifest.version;
+  bool new_app = true;
+  if (auto known = m_store.state(app)) {
+    new_app = false;
+    if (known->releases.count(version))
+      throw sdbus::Error(bus_error::kExists, app + " " + version + " is already installed");
+    if (known->floor && policy::compare_versions(version, *known->floor) < 0)
+      throw sdbus::Error(bus_error::kPolicyRefused, app + " " + version +
+                                                        " is older than the version floor " +
+                                                        *known->floor + " (downgrade protection)");
+  }
+  Work work = [this, fd, art, activate, new_app](Job& job, const store::AppLock& lock,
+                                                 const ProgressFn& progress) -> Result<void> {
+    progress("extracting", 5);
+    pause_point("install.before_extract");
+    auto extract = [&](const artifact::ExtractPolicy& policy,
+                       int dest) -> Result<artifact::ExtractStats> {
+      auto stats = sandbox::extract_in_child(
+          m_helper, {fd->get(), art->manifest_bytes, policy, dest, job.cancel_fd()});
+      if (!stats) return stats;
+      // Staging only: committing the state is the point of no return. Staging and activating:
+      // the switch is, so only look at the flag here.
+      bool go_on = activate ? !job.cancel_requested() : job.try_commit();
+      if (!go_on) return Error(ErrorCode::kCanceled, "canceled");
+      return stats;
+    };
+    auto staged = m_store.stage(lock, *art, extract);
+    if (!staged) return staged.error();
+    log(Level::kInfo, LogContext{job.app, job.version, std::to_string(job.id), nullptr},
+        "staged " + job.app + " " + job.version + ": " + std::to_string(staged->stats.files) +
+            " files, " + std::to_string(staged->stats.bytes) + " bytes");
+    if (!activate) {
+      progress("done", 100);
+      return {};
+    }
+    activation::Activator activator(m_store, m_units);
+    auto done = activator.activate(lock, job.version, activation_options(job), progress);
+    if (!done) {
+      // Canceled before the switch: take the staged release away again, so nothing changed.
+      if (done.error().code() == ErrorCode::kCanceled) {
+        (void)m_store.remove(lock, job.version);
+        if (new_app) (void)m_store.forget_app(lock);
+      }
+      return done.error();
+    }
+    collect_garbage(lock, job);
+    return {};
+  };
+  return start_job("install", app, version, caller, std::move(work));
 }
 
 void Manager::Activate(PathResult&& result, std::string app, std::string version, Options options) {
@@ -188,23 +218,24 @@ void Manager::Activate(PathResult&& result, std::string app, std::string version
     check_version(version);
     check_options(options, {{"allow_bad", "b"}});
     const bool allow_bad = option<bool>(options, "allow_bad", false);
-    authorized(reply, "org.upgraded1.activate", [this, app, version, allow_bad](uid_t caller) {
-      auto st = value_or_throw(m_store.state(app));
-      if (!st.releases.count(version))
-        throw sdbus::Error(bus_error::kNotFound,
-                           "no release " + version + " of " + app + " is installed");
-      Work work = [this, allow_bad](Job& job, const store::AppLock& lock,
-                                    const ProgressFn& progress) -> Result<void> {
-        activation::Activator activator(m_store, m_units);
-        auto how = activation_options(job);
-        how.allow_bad = allow_bad;
-        auto done = activator.activate(lock, job.version, how, progress);
-        if (!done) return done.error();
-        collect_garbage(lock, job);
-        return {};
-      };
-      return start_job("activate", app, version, caller, std::move(work));
-    });
+    authorized(reply, "org.upgraded1.activate",
+               [this, reply, app, version, allow_bad](uid_t caller) {
+                 auto st = value_or_throw(m_store.state(app));
+                 if (!st.releases.count(version))
+                   throw sdbus::Error(bus_error::kNotFound,
+                                      "no release " + version + " of " + app + " is installed");
+                 Work work = [this, allow_bad](Job& job, const store::AppLock& lock,
+                                               const ProgressFn& progress) -> Result<void> {
+                   activation::Activator activator(m_store, m_units);
+                   auto how = activation_options(job);
+                   how.allow_bad = allow_bad;
+                   auto done = activator.activate(lock, job.version, how, progress);
+                   if (!done) return done.error();
+                   collect_garbage(lock, job);
+                   return {};
+                 };
+                 reply->returnResults(start_job("activate", app, version, caller, std::move(work)));
+               });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
@@ -215,7 +246,7 @@ void Manager::Rollback(PathResult&& result, std::string app, Options options) {
   try {
     check_app(app);
     check_options(options, {});
-    authorized(reply, "org.upgraded1.rollback", [this, app](uid_t caller) {
+    authorized(reply, "org.upgraded1.rollback", [this, reply, app](uid_t caller) {
       auto st = value_or_throw(m_store.state(app));
       if (!st.previous)
         throw sdbus::Error(bus_error::kNotFound, app + " has no release to roll back to");
@@ -226,7 +257,7 @@ void Manager::Rollback(PathResult&& result, std::string app, Options options) {
         if (!done) return done.error();
         return {};
       };
-      return start_job("rollback", app, *st.previous, caller, std::move(work));
+      reply->returnResults(start_job("rollback", app, *st.previous, caller, std::move(work)));
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
@@ -239,7 +270,7 @@ void Manager::Remove(PathResult&& result, std::string app, std::string version, 
     check_app(app);
     check_version(version);
     check_options(options, {});
-    authorized(reply, "org.upgraded1.remove", [this, app, version](uid_t caller) {
+    authorized(reply, "org.upgraded1.remove", [this, reply, app, version](uid_t caller) {
       auto st = value_or_throw(m_store.state(app));
       auto rec = st.releases.find(version);
       if (rec == st.releases.end())
@@ -261,7 +292,7 @@ void Manager::Remove(PathResult&& result, std::string app, std::string version, 
         progress("done", 100);
         return {};
       };
-      return start_job("remove", app, version, caller, std::move(work));
+      reply->returnResults(start_job("remove", app, version, caller, std::move(work)));
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
@@ -305,6 +336,8 @@ sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string&
   if (!lock) throw bus_error::from(lock.error());
   auto shared_lock = std::make_shared<store::AppLock>(std::move(*lock));
   auto job = std::make_shared<Job>(m_next_id++, type, app, version, owner);
+  // A recovery has nothing to cancel: the units must be brought in line with `current`.
+  if (type == "recover") (void)job->try_commit();
   Running running;
   running.job = job;
   running.object = std::make_unique<JobObject>(
@@ -322,21 +355,26 @@ sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string&
     auto it = m_jobs.find(id);
     if (it == m_jobs.end()) return;
     emitJobNew(id, path);
-    it->second.thread = std::thread([this, job, shared_lock, work = std::move(work)] {
-      ProgressFn progress = [this, id = job->id](const std::string& step, int percent) {
-        m_loop.post([this, id, step, percent] {
-          if (auto j = m_jobs.find(id); j != m_jobs.end())
-            j->second.object->update(step, static_cast<std::uint32_t>(std::clamp(percent, 0, 100)));
-        });
-      };
-      Result<void> r = Error(ErrorCode::kFailed, "the job did not run");
-      try {
-        r = work(*job, *shared_lock, progress);
-      } catch (const std::exception& e) {
-        r = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
-      }
-      m_loop.post([this, id = job->id, r] { finish(id, r); });
-    });
+    try {
+      it->second.thread = std::thread([this, job, shared_lock, work = std::move(work)] {
+        ProgressFn progress = [this, id = job->id](const std::string& step, int percent) {
+          m_loop.post([this, id, step, percent] {
+            if (auto j = m_jobs.find(id); j != m_jobs.end())
+              j->second.object->update(step,
+                                       static_cast<std::uint32_t>(std::clamp(percent, 0, 100)));
+          });
+        };
+        Result<void> r = Error(ErrorCode::kFailed, "the job did not run");
+        try {
+          r = work(*job, *shared_lock, progress);
+        } catch (const std::exception& e) {
+          r = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
+        }
+        m_loop.post([this, id = job->id, r] { finish(id, r); });
+      });
+    } catch (const std::system_error& e) {
+      finish(id, Error(ErrorCode::kFailed, std::string("cannot start a thread: ") + e.what()));
+    }
   });
   return path;
 }
@@ -396,8 +434,7 @@ void Manager::recover_interrupted() {
             " was interrupted; restarting the units of the current release");
     try {
       start_job("recover", app, (*pending)->to, 0,
-                [this](Job& job, const store::AppLock& lock, const ProgressFn& progress) {
-                  (void)job.try_commit();
+                [this](Job&, const store::AppLock& lock, const ProgressFn& progress) {
                   activation::Activator activator(m_store, m_units);
                   activation::ActivationOptions o;
                   o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);

@@ -13,7 +13,9 @@
 #include "event_loop.h"
 #include "job.h"
 #include "org.upgraded1.Manager.adaptor.h"
+#include "sandbox/extract_child.h"
 #include "upgraded/activation/activator.h"
+#include "upgraded/artifact/verifier.h"
 #include "upgraded/store/store.h"
 #include "upgraded/units/unit_control.h"
 
@@ -24,7 +26,7 @@ class Authorizer;
 class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_adaptor> {
  public:
   Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
-          units::UnitControl& units, std::string extract_helper, bool user_instance);
+          units::UnitControl& units, sandbox::Helper helper, bool user_instance);
   ~Manager();
 
   /// Starts a "recover" job for every app whose activation a crash interrupted.
@@ -58,10 +60,12 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   GetHistory(const std::string& app, const Options& options) override;
   std::string Version() override;
 
-  /// Authorizes the current call for `action`, then runs `then` (which may throw sdbus::Error)
-  /// and replies with the job path it returns, or with the error.
+  /// Authorizes the current call for `action`, then runs `then`, which replies (now or later);
+  /// if it throws sdbus::Error, that is the reply.
   void authorized(std::shared_ptr<PathResult> reply, const std::string& action,
-                  std::function<sdbus::ObjectPath(uid_t caller)> then);
+                  std::function<void(uid_t caller)> then);
+  sdbus::ObjectPath start_install(std::shared_ptr<artifact::VerifiedManifest> art,
+                                  std::shared_ptr<sdbus::UnixFd> fd, bool activate, uid_t caller);
   /// Claims the app (in this daemon and in the store), creates the job's object and thread.
   sdbus::ObjectPath start_job(const std::string& type, const std::string& app,
                               const std::string& version, uid_t owner, Work work);
@@ -81,7 +85,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   Config m_config;
   const store::Store& m_store;
   units::UnitControl& m_units;
-  std::string m_helper;
+  sandbox::Helper m_helper;
   std::unique_ptr<Authorizer> m_auth;
   std::uint32_t m_next_id = 1;
   std::map<std::uint32_t, Running> m_jobs;

@@ -5,14 +5,18 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <vector>
 
 #include "sandbox/extract_protocol.h"
+#include "upgraded/fs/chown_tree.h"
+#include "upgraded/fs/durable.h"
 #include "upgraded/fs/unique_fd.h"
 
 #ifndef UPGRADED_LIBEXECDIR
@@ -50,45 +54,48 @@ int wait_child(pid_t pid) {
 }
 
 struct HelperRun {
-  const std::string& helper;
-  const char* mode;            // extra argument, or null
-  const std::string* request;  // written to fd 0, or null (fd 0 is /dev/null then)
-  int artifact_fd;
+  const Helper& helper;
+  const char* mode;                   // first argument, or null
+  const std::string* request;         // written to fd 0, or null (fd 0 is /dev/null then)
+  int artifact_fd;                    // -1: none
   int dest_dirfd;                     // -1: none
   int cancel_fd;                      // -1: none
   std::chrono::milliseconds timeout;  // 0: none
 };
 
 // Spawns the helper with the fds of extract_protocol.h, feeds it the request, and returns its
-// answer. Always reaps it.
+// answer. The helper cannot create processes (its seccomp filter), so once it is reaped
+// nothing of it is left. Always reaps it.
 Result<std::string> run_helper(const HelperRun& rq) {
   int req[2], resp[2];
   if (::pipe2(req, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
   UniqueFd req_r(req[0]), req_w(req[1]);
   if (::pipe2(resp, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
   UniqueFd resp_r(resp[0]), resp_w(resp[1]);
-  auto c_req = dup_high(req_r.get());
-  auto c_resp = dup_high(resp_w.get());
-  auto c_art = dup_high(rq.artifact_fd);
-  if (!c_req) return c_req.error();
-  if (!c_resp) return c_resp.error();
-  if (!c_art) return c_art.error();
-  UniqueFd c_dest;
-  if (rq.dest_dirfd >= 0) {
-    auto d = dup_high(rq.dest_dirfd);
-    if (!d) return d.error();
-    c_dest = std::move(*d);
-  }
-
+  std::vector<UniqueFd> sources;  // above the target numbers, so that no dup2 clobbers another
   posix_spawn_file_actions_t fa;
-  posix_spawnattr_t attr;
   ::posix_spawn_file_actions_init(&fa);
+  auto give = [&](int fd, int target) -> Result<void> {
+    auto d = dup_high(fd);
+    if (!d) return d.error();
+    ::posix_spawn_file_actions_adddup2(&fa, d->get(), target);
+    sources.push_back(std::move(*d));
+    return {};
+  };
+  Result<void> given = rq.request ? give(req_r.get(), kRequestFd) : Result<void>();
+  if (given) given = give(resp_w.get(), kResponseFd);
+  if (given && rq.artifact_fd >= 0) given = give(rq.artifact_fd, kArtifactFd);
+  if (given && rq.dest_dirfd >= 0) given = give(rq.dest_dirfd, kDestinationFd);
+  if (!given) {
+    ::posix_spawn_file_actions_destroy(&fa);
+    return given.error();
+  }
+  if (!rq.request) ::posix_spawn_file_actions_addopen(&fa, kRequestFd, "/dev/null", O_RDONLY, 0);
+  // Not the daemon's stderr (the journal): the helper reports through its answer only.
+  ::posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  ::posix_spawn_file_actions_addclosefrom_np(&fa, kDestinationFd + 1);
+  posix_spawnattr_t attr;
   ::posix_spawnattr_init(&attr);
-  ::posix_spawn_file_actions_adddup2(&fa, c_req->get(), kRequestFd);
-  ::posix_spawn_file_actions_adddup2(&fa, c_resp->get(), kResponseFd);
-  ::posix_spawn_file_actions_adddup2(&fa, c_art->get(), kArtifactFd);
-  if (c_dest) ::posix_spawn_file_actions_adddup2(&fa, c_dest.get(), kDestinationFd);
-  ::posix_spawn_file_actions_addclosefrom_np(&fa, c_dest ? kDestinationFd + 1 : kArtifactFd + 1);
   // The daemon blocks the signals it reads from a signalfd; the helper starts clean.
   sigset_t none, all;
   sigemptyset(&none);
@@ -96,19 +103,26 @@ Result<std::string> run_helper(const HelperRun& rq) {
   ::posix_spawnattr_setsigmask(&attr, &none);
   ::posix_spawnattr_setsigdefault(&attr, &all);
   ::posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-  char* argv[] = {const_cast<char*>(kHelperName), const_cast<char*>(rq.mode), nullptr};
+  std::vector<std::string> args = {kHelperName};
+  if (rq.mode) args.push_back(rq.mode);
+  if (rq.helper.as) {
+    args.push_back("--uid=" + std::to_string(rq.helper.as->first));
+    args.push_back("--gid=" + std::to_string(rq.helper.as->second));
+  }
+  std::vector<char*> argv;
+  for (auto& a : args)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
   char* envp[] = {nullptr};
   pid_t pid = -1;
-  int err = ::posix_spawn(&pid, rq.helper.c_str(), &fa, &attr, argv, envp);
+  int err = ::posix_spawn(&pid, rq.helper.path.c_str(), &fa, &attr, argv.data(), envp);
   ::posix_spawn_file_actions_destroy(&fa);
   ::posix_spawnattr_destroy(&attr);
-  if (err != 0) return system_error(err, "starting the helper " + rq.helper);
+  if (err != 0) return system_error(err, "starting the helper " + rq.helper.path);
   req_r.reset();
   resp_w.reset();
-  c_req->reset();
-  c_resp->reset();
-  c_art->reset();
-  c_dest.reset();
+  sources.clear();
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 
   auto kill_and_reap = [&] {
     ::kill(pid, SIGKILL);
@@ -127,38 +141,47 @@ Result<std::string> run_helper(const HelperRun& rq) {
   const auto deadline = std::chrono::steady_clock::now() + rq.timeout;
   std::string answer;
   char buf[4096];
-  for (;;) {
+  bool eof = false, exited = false;
+  while (!eof || !exited) {
     int wait_ms = -1;
     if (rq.timeout.count() > 0) {
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
           deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) {
         kill_and_reap();
-        return Error(ErrorCode::kFailed, "the helper did not answer within " +
+        return Error(ErrorCode::kFailed, "the helper did not finish within " +
                                              std::to_string(rq.timeout.count()) + " ms");
       }
       wait_ms = static_cast<int>(left.count());
     }
-    pollfd fds[2] = {{resp_r.get(), POLLIN, 0}, {rq.cancel_fd, POLLIN, 0}};
-    int n = ::poll(fds, rq.cancel_fd >= 0 ? 2 : 1, wait_ms);
+    // Without a pidfd (kernels before 5.3) the exit is awaited after EOF, without a deadline.
+    if (eof && !pidfd) break;
+    pollfd fds[3] = {{eof ? -1 : resp_r.get(), POLLIN, 0},
+                     {pidfd ? pidfd.get() : -1, POLLIN, 0},
+                     {rq.cancel_fd, POLLIN, 0}};
+    int n = ::poll(fds, 3, wait_ms);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       Error e = system_error(errno, "waiting for the helper");
       kill_and_reap();
       return e;
     }
-    if (rq.cancel_fd >= 0 && (fds[1].revents & POLLIN)) {
+    if (rq.cancel_fd >= 0 && (fds[2].revents & POLLIN)) {
       kill_and_reap();
       return Error(ErrorCode::kCanceled, "canceled");
     }
-    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+    if (fds[1].revents & POLLIN) exited = true;
+    if (!eof && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) {
       ssize_t got = ::read(resp_r.get(), buf, sizeof buf);
       if (got < 0 && errno == EINTR) continue;
-      if (got <= 0) break;
-      answer.append(buf, static_cast<std::size_t>(got));
-      if (answer.size() > kMaxMessage) {
-        kill_and_reap();
-        return Error(ErrorCode::kFailed, "the helper's answer is too large");
+      if (got <= 0) {
+        eof = true;
+      } else {
+        answer.append(buf, static_cast<std::size_t>(got));
+        if (answer.size() > kMaxMessage) {
+          kill_and_reap();
+          return Error(ErrorCode::kFailed, "the helper's answer is too large");
+        }
       }
     }
   }
@@ -187,7 +210,7 @@ std::string default_helper_path() {
   return std::string(UPGRADED_LIBEXECDIR) + "/" + kHelperName;
 }
 
-Result<ArtifactHead> read_head_in_child(const std::string& helper, int artifact_fd,
+Result<ArtifactHead> read_head_in_child(const Helper& helper, int artifact_fd,
                                         std::chrono::milliseconds timeout) {
   auto answer = run_helper({helper, "--read-head", nullptr, artifact_fd, -1, -1, timeout});
   if (!answer) return answer.error().with_context("reading the artifact");
@@ -196,16 +219,35 @@ Result<ArtifactHead> read_head_in_child(const std::string& helper, int artifact_
   return ArtifactHead{std::move(head->first), std::move(head->second)};
 }
 
-Result<artifact::ExtractStats> extract_in_child(const ExtractRequest& rq) {
+Result<artifact::SignatureReport> verify_in_child(const Helper& helper,
+                                                  const VerifyRequest& request,
+                                                  std::chrono::milliseconds timeout) {
+  std::string text = encode_verify_request(request);
+  auto answer = run_helper({helper, "--verify", &text, -1, -1, -1, timeout});
+  if (!answer) return answer.error().with_context("checking the signatures");
+  auto report = decode_verify_response(*answer);
+  if (report && report->trusted.size() < request.threshold)
+    return Error(ErrorCode::kVerificationFailed, "too few trusted signatures");
+  return report;
+}
+
+Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const ExtractRequest& rq) {
+  if (helper.as && ::fchown(rq.dest_dirfd, helper.as->first, helper.as->second) != 0)
+    return system_error(errno, "handing the destination to the helper");
   std::string request = encode_request(rq.manifest_bytes, rq.policy);
-  auto answer = run_helper({rq.helper, nullptr, &request, rq.artifact_fd, rq.dest_dirfd,
-                            rq.cancel_fd, std::chrono::milliseconds(0)});
+  auto answer = run_helper({helper, nullptr, &request, rq.artifact_fd, rq.dest_dirfd, rq.cancel_fd,
+                            std::chrono::milliseconds(0)});
   if (!answer) {
     if (answer.error().code() == ErrorCode::kCanceled)
       return Error(ErrorCode::kCanceled, "extraction canceled");
     return answer.error().with_context("extraction");
   }
-  return decode_response(*answer);
+  auto stats = decode_response(*answer);
+  if (!stats || !helper.as) return stats;
+  // Back to the daemon's uid, so that no later helper run (same uid) can touch this tree.
+  UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid()));
+  UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree's owners"));
+  return stats;
 }
 
 }  // namespace upgraded::sandbox

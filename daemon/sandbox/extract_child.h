@@ -1,12 +1,18 @@
 #pragma once
 
-// The daemon's side of the extraction helper: spawns upgraded-extract with posix_spawn, hands it
-// the artifact and the destination as file descriptors, and waits for its answer or a cancel.
+// The daemon's side of its helper (upgraded-extract): spawns it with posix_spawn, hands it file
+// descriptors (never paths), and waits for its answer, a cancel or a deadline. Every helper
+// run is a fresh process that confines itself before reading its input (sandbox.h).
+
+#include <sys/types.h>
 
 #include <chrono>
+#include <optional>
 #include <string>
 
+#include "sandbox/extract_protocol.h"
 #include "upgraded/artifact/extractor.h"
+#include "upgraded/artifact/signatures.h"
 #include "upgraded/result.h"
 
 namespace upgraded::sandbox {
@@ -15,28 +21,41 @@ namespace upgraded::sandbox {
 /// directory the project was configured with.
 std::string default_helper_path();
 
-struct ExtractRequest {
-  std::string helper;          ///< path of upgraded-extract
-  int artifact_fd = -1;        ///< a regular file, read with pread
-  std::string manifest_bytes;  ///< the manifest the caller verified
-  artifact::ExtractPolicy policy;
-  int dest_dirfd = -1;  ///< empty directory
-  int cancel_fd = -1;   ///< optional: readable means cancel (an eventfd)
+struct Helper {
+  std::string path;
+  /// The unprivileged uid/gid it runs as (when the daemon runs as root); none: the daemon's.
+  std::optional<std::pair<uid_t, gid_t>> as;
 };
 
-/// The first two members of an artifact, read by a fresh helper process (`--read-head`) in a
-/// sandbox that may write nothing: the daemon itself never parses an artifact's container. The
-/// bytes are untrusted until artifact::verify_manifest has checked them. At most `timeout`.
+/// The first two members of an artifact, read by `--read-head` in a sandbox that may write
+/// nothing. The bytes are untrusted until their signatures are checked.
 struct ArtifactHead {
   std::string manifest_bytes;
   std::string signature_bytes;
 };
-Result<ArtifactHead> read_head_in_child(const std::string& helper, int artifact_fd,
+Result<ArtifactHead> read_head_in_child(const Helper& helper, int artifact_fd,
                                         std::chrono::milliseconds timeout);
 
-/// Runs one extraction in a fresh helper process. The helper confines itself before it reads
-/// its request (sandbox.h). A cancel kills it (kCanceled); a helper that dies or answers
-/// nonsense is kFailed. On error the destination holds a partial tree: the caller removes it.
-Result<artifact::ExtractStats> extract_in_child(const ExtractRequest& request);
+/// Checks the signatures with `--verify`: the helper gets the bytes and the PEM texts of the
+/// trust root, never the artifact. Errors as artifact::verify_signatures.
+Result<artifact::SignatureReport> verify_in_child(const Helper& helper,
+                                                  const VerifyRequest& request,
+                                                  std::chrono::milliseconds timeout);
+
+struct ExtractRequest {
+  int artifact_fd = -1;        ///< a regular file, read with pread
+  std::string manifest_bytes;  ///< the manifest the caller verified
+  artifact::ExtractPolicy policy;
+  int dest_dirfd = -1;  ///< empty directory, owned by the daemon
+  int cancel_fd = -1;   ///< optional: readable means cancel (an eventfd)
+};
+
+/// Runs one extraction. With `helper.as`, the destination is handed to that uid for the
+/// extraction and the finished tree handed back to the daemon's uid and gid (fs::chown_tree,
+/// which refuses anything the helper did not create), then synced. A cancel kills the helper
+/// (kCanceled); a helper that dies or answers nonsense is kFailed. On error the destination
+/// holds a partial tree: the caller removes it.
+Result<artifact::ExtractStats> extract_in_child(const Helper& helper,
+                                                const ExtractRequest& request);
 
 }  // namespace upgraded::sandbox

@@ -1,14 +1,17 @@
-// upgraded-extract: extracts one verified artifact, confined. Spawned by the daemon (see
-// extract_protocol.h for its file descriptors); not meant to be run by hand.
+// upgraded-extract: the daemon's sandboxed helper. It reads artifacts, checks signatures and
+// extracts payloads, so that the daemon itself parses nothing an artifact contains. Spawned
+// by the daemon with the file descriptors of extract_protocol.h; not meant to be run by hand.
 //
-//   upgraded-extract                  extract (the daemon's use)
-//   upgraded-extract --read-head      answer with manifest.json and manifest.sig, unverified
-//   upgraded-extract --probe-sandbox  enter the sandbox, try what it must refuse, print JSON
-//                                     (for the tests)
+//   upgraded-extract [--uid=N --gid=N]                  extract (fds 0, 1, 3, 4)
+//   upgraded-extract --read-head [--uid=N --gid=N]      manifest.json + manifest.sig (fds 1, 3)
+//   upgraded-extract --verify [--uid=N --gid=N]         check signatures (fds 0, 1)
+//   upgraded-extract --probe-sandbox [--uid=N --gid=N]  try what the sandbox must refuse, print
+//                                                       JSON (fds 1, 4; for the tests)
 
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -19,6 +22,7 @@
 #include "sandbox/extract_protocol.h"
 #include "sandbox/sandbox.h"
 #include "upgraded/artifact/container.h"
+#include "upgraded/artifact/keys.h"
 #include "upgraded/artifact/unpack.h"
 
 using namespace upgraded;
@@ -74,17 +78,52 @@ Result<std::pair<std::string, std::string>> read_head() {
   return std::make_pair((*container)->manifest_bytes(), (*container)->signature_bytes());
 }
 
+Result<std::vector<artifact::PublicKey>> parse_keys(const std::vector<sandbox::PemFile>& files) {
+  std::vector<artifact::PublicKey> keys;
+  for (const auto& f : files) {
+    auto k = artifact::parse_public_key_pem(f.pem, f.source);
+    if (!k) return k.error();
+    keys.push_back(std::move(*k));
+  }
+  return keys;
+}
+
+Result<artifact::SignatureReport> verify() {
+  auto text = read_all(sandbox::kRequestFd, sandbox::kMaxMessage);
+  if (!text) return text.error();
+  auto request = sandbox::decode_verify_request(*text);
+  if (!request) return request.error();
+  auto trusted = parse_keys(request->keys);
+  if (!trusted) return trusted.error();
+  if (trusted->empty()) return Error(ErrorCode::kNotFound, "no trusted keys are installed");
+  auto revoked = parse_keys(request->revoked);
+  if (!revoked) return revoked.error();
+  std::set<std::string> revoked_ids;
+  for (const auto& k : *revoked)
+    revoked_ids.insert(k.id);
+  auto keyring = artifact::Keyring::from_keys(std::move(*trusted), std::move(revoked_ids));
+  return artifact::verify_signatures(request->manifest_bytes, request->signature_bytes, keyring,
+                                     artifact::TrustPolicy{request->threshold});
+}
+
 // What the sandbox must refuse, tried from inside it.
 int probe(const sandbox::SandboxReport& report) {
-  nlohmann::json out = {{"landlock_abi", report.landlock_abi},
+  nlohmann::json out = {{"uid", report.uid},
+                        {"landlock_abi", report.landlock_abi},
                         {"seccomp", report.seccomp},
                         {"capabilities_dropped", report.capabilities_dropped}};
   auto result = [](bool ok) { return ok ? std::string("allowed") : std::strerror(errno); };
-  int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  out["socket"] = result(s >= 0);
+  out["socket"] = result(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0) >= 0);
+  out["io_uring"] = result(::syscall(SYS_io_uring_setup, 1, nullptr) >= 0 || errno == EFAULT);
   out["kill_init"] = result(::kill(1, 0) == 0);
+  out["fork"] = result([] {
+    pid_t p = ::fork();
+    if (p == 0) ::_exit(0);
+    return p > 0;
+  }());
   char* const argv[] = {const_cast<char*>("/bin/true"), nullptr};
   out["execve"] = result(::execve("/bin/true", argv, nullptr) == 0);
+  out["read_shadow"] = result(::open("/etc/shadow", O_RDONLY | O_CLOEXEC) >= 0);
   int outside = ::open("/tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   int f =
       ::openat(outside, "upgraded-probe-outside", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -93,7 +132,8 @@ int probe(const sandbox::SandboxReport& report) {
   int g = ::openat(sandbox::kDestinationFd, "probe-inside", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
                    0600);
   out["create_inside"] = result(g >= 0);
-  out["setuid"] = result(::setuid(65534) == 0);
+  out["setuid"] = result(::setuid(0) == 0);
+  out["chown_inside"] = result(g >= 0 && ::fchown(g, 0, 0) == 0);
   return write_all(sandbox::kResponseFd, out.dump() + "\n") ? 0 : 1;
 }
 
@@ -101,16 +141,34 @@ int probe(const sandbox::SandboxReport& report) {
 
 int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
-  const bool head = argc == 2 && std::strcmp(argv[1], "--read-head") == 0;
-  // Reading the head needs no directory: it may write nothing at all.
-  auto report = sandbox::enter_sandbox(head ? -1 : sandbox::kDestinationFd);
+  std::string mode;
+  std::optional<uid_t> uid;
+  std::optional<gid_t> gid;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--uid=", 0) == 0)
+      uid = static_cast<uid_t>(std::stoul(a.substr(6)));
+    else if (a.rfind("--gid=", 0) == 0)
+      gid = static_cast<gid_t>(std::stoul(a.substr(6)));
+    else
+      mode = a;
+  }
+  std::optional<sandbox::Identity> as;
+  if (uid && gid) as = sandbox::Identity{*uid, *gid};
+  // Extraction writes beneath fd 4; nothing else writes anywhere.
+  const bool writes = mode.empty() || mode == "--probe-sandbox";
+  auto report = sandbox::enter_sandbox(writes ? sandbox::kDestinationFd : -1, as);
   if (!report) {
     (void)write_all(sandbox::kResponseFd,
                     sandbox::encode_response(report.error().with_context("entering the sandbox")));
     return 1;
   }
-  if (head) return write_all(sandbox::kResponseFd, sandbox::encode_head(read_head())) ? 0 : 1;
-  if (argc == 2 && std::strcmp(argv[1], "--probe-sandbox") == 0) return probe(*report);
+  if (mode == "--read-head")
+    return write_all(sandbox::kResponseFd, sandbox::encode_head(read_head())) ? 0 : 1;
+  if (mode == "--verify")
+    return write_all(sandbox::kResponseFd, sandbox::encode_verify_response(verify())) ? 0 : 1;
+  if (mode == "--probe-sandbox") return probe(*report);
+  if (!mode.empty()) return 2;
   auto stats = extract();
   return write_all(sandbox::kResponseFd, sandbox::encode_response(stats)) ? 0 : 1;
 }

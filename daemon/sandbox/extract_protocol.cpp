@@ -72,14 +72,15 @@ Result<Request> decode_request(const std::string& text) {
 
 namespace {
 
-std::string b64(const std::string& bytes) {
-  return artifact::base64_encode(
+// Hex, not base64: the daemon links no libcrypto, and these are a few kilobytes.
+std::string hex(const std::string& bytes) {
+  return artifact::to_hex(
       std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size()));
 }
 
-Result<std::string> unb64(const std::string& text) {
-  auto raw = artifact::base64_decode(text);
-  if (!raw) return malformed("head: bad base64");
+Result<std::string> unhex(const std::string& text) {
+  auto raw = artifact::from_hex(text);
+  if (!raw) return malformed("bytes: bad hex");
   return std::string(reinterpret_cast<const char*>(raw->data()), raw->size());
 }
 
@@ -99,7 +100,7 @@ Error error_from(const json& doc) {
 
 std::string encode_head(const Result<std::pair<std::string, std::string>>& head) {
   json doc =
-      head ? json{{"ok", true}, {"manifest", b64(head->first)}, {"signature", b64(head->second)}}
+      head ? json{{"ok", true}, {"manifest", hex(head->first)}, {"signature", hex(head->second)}}
            : error_json(head.error());
   return doc.dump(-1, ' ', false, json::error_handler_t::replace);
 }
@@ -108,13 +109,71 @@ Result<std::pair<std::string, std::string>> decode_head(const std::string& text)
   try {
     json doc = json::parse(text);
     if (!doc.at("ok").get<bool>()) return error_from(doc);
-    auto m = unb64(doc.at("manifest").get<std::string>());
+    auto m = unhex(doc.at("manifest").get<std::string>());
     if (!m) return m.error();
-    auto s = unb64(doc.at("signature").get<std::string>());
+    auto s = unhex(doc.at("signature").get<std::string>());
     if (!s) return s.error();
     return std::make_pair(std::move(*m), std::move(*s));
   } catch (const json::exception& e) {
     return malformed(std::string("head: ") + e.what());
+  }
+}
+
+std::string encode_verify_request(const VerifyRequest& r) {
+  json keys = json::array(), revoked = json::array();
+  for (const auto& k : r.keys)
+    keys.push_back({k.source, k.pem});
+  for (const auto& k : r.revoked)
+    revoked.push_back({k.source, k.pem});
+  json doc = {{"manifest", hex(r.manifest_bytes)},
+              {"signature", hex(r.signature_bytes)},
+              {"threshold", r.threshold},
+              {"keys", keys},
+              {"revoked", revoked}};
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Result<VerifyRequest> decode_verify_request(const std::string& text) {
+  try {
+    json doc = json::parse(text);
+    VerifyRequest r;
+    auto m = unhex(doc.at("manifest").get<std::string>());
+    if (!m) return m.error();
+    auto s = unhex(doc.at("signature").get<std::string>());
+    if (!s) return s.error();
+    r.manifest_bytes = std::move(*m);
+    r.signature_bytes = std::move(*s);
+    r.threshold = doc.at("threshold").get<unsigned>();
+    for (const auto& k : doc.at("keys"))
+      r.keys.push_back({k.at(0).get<std::string>(), k.at(1).get<std::string>()});
+    for (const auto& k : doc.at("revoked"))
+      r.revoked.push_back({k.at(0).get<std::string>(), k.at(1).get<std::string>()});
+    return r;
+  } catch (const json::exception& e) {
+    return malformed(std::string("verify request: ") + e.what());
+  }
+}
+
+std::string encode_verify_response(const Result<artifact::SignatureReport>& report) {
+  json doc = report ? json{{"ok", true},
+                           {"trusted", report->trusted},
+                           {"unknown", report->unknown},
+                           {"revoked", report->revoked}}
+                    : error_json(report.error());
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Result<artifact::SignatureReport> decode_verify_response(const std::string& text) {
+  try {
+    json doc = json::parse(text);
+    if (!doc.at("ok").get<bool>()) return error_from(doc);
+    artifact::SignatureReport r;
+    r.trusted = doc.at("trusted").get<std::vector<std::string>>();
+    r.unknown = doc.at("unknown").get<std::vector<std::string>>();
+    r.revoked = doc.at("revoked").get<std::vector<std::string>>();
+    return r;
+  } catch (const json::exception& e) {
+    return malformed(std::string("verify response: ") + e.what());
   }
 }
 

@@ -15,7 +15,10 @@
 
 #include <string>
 
+#include <vector>
+
 #include "upgraded/artifact/extractor.h"
+#include "upgraded/artifact/signatures.h"
 #include "upgraded/result.h"
 
 namespace upgraded::sandbox {
@@ -34,9 +37,28 @@ struct Request {
 };
 Result<Request> decode_request(const std::string& text);
 
-/// --read-head's answer: the raw bytes of manifest.json and manifest.sig (base64).
+/// --read-head's answer: the raw bytes of manifest.json and manifest.sig (hex).
 std::string encode_head(const Result<std::pair<std::string, std::string>>& head);
 Result<std::pair<std::string, std::string>> decode_head(const std::string& text);
+
+/// --verify: the manifest and signature bytes (from --read-head) and the trust root, as PEM
+/// texts read by the daemon; the answer is the signature report. The helper runs with nothing
+/// to write to and never sees the container.
+struct PemFile {
+  std::string source;  ///< file name, for messages
+  std::string pem;
+};
+struct VerifyRequest {
+  std::string manifest_bytes;
+  std::string signature_bytes;
+  unsigned threshold = 1;
+  std::vector<PemFile> keys;
+  std::vector<PemFile> revoked;
+};
+std::string encode_verify_request(const VerifyRequest& request);
+Result<VerifyRequest> decode_verify_request(const std::string& text);
+std::string encode_verify_response(const Result<artifact::SignatureReport>& report);
+Result<artifact::SignatureReport> decode_verify_response(const std::string& text);
 
 std::string encode_response(const Result<artifact::ExtractStats>& result);
 Result<artifact::ExtractStats> decode_response(const std::string& text);

@@ -145,9 +145,6 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     if (!om) return om.error();
     old_manifest = std::move(*om);
   }
-  if (auto pending = m_store.pending_activation(app); !pending || *pending)
-    return pending ? Error(ErrorCode::kBusy, app + " has an interrupted activation to finish first")
-                   : pending.error();
 
   store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
                         {}};
@@ -167,10 +164,11 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
   if (gate) {
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
+    (void)m_store.end_activation(lock);  // before the history: a crash between the two must not
+                                         // restart healthy units again
     h.result = "done";
     h.downtime_usec = report.downtime_usec;
     (void)m_store.append_history(lock, h);
-    (void)m_store.end_activation(lock);
     if (progress) progress("done", 100);
     return report;
   }
@@ -236,10 +234,10 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
   if (gate) {
     if (*st->current == p.to) (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kGood);
+    (void)m_store.end_activation(lock);
     h.result = "done";
     h.downtime_usec = report.downtime_usec;
     (void)m_store.append_history(lock, h);
-    (void)m_store.end_activation(lock);
     return report;
   }
   h.message += ": " + gate.error().message();
@@ -249,21 +247,38 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
     return roll_back_after(lock, std::move(report), previous, std::move(h), gate.error(), options,
                            progress);
   }
+  // As run() does: the release that failed is marked bad (a rollback target too).
+  if (*st->current == p.to) (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kBad);
+  (void)m_store.end_activation(lock);
   h.result = "failed";
   (void)m_store.append_history(lock, h);
-  (void)m_store.end_activation(lock);
   return gate.error();
+}
+
+// An activation that a crash interrupted is finished first, so that the units match `current`
+// before anything else changes. A failed health gate there is recorded by resume() and does not
+// stop what was asked for now.
+Result<void> Activator::finish_pending(const store::AppLock& lock, const ActivationOptions& options,
+                                       const ProgressFn& progress) {
+  auto pending = m_store.pending_activation(lock.app());
+  if (!pending) return pending.error();
+  if (!*pending) return {};
+  auto resumed = resume(lock, options, progress);
+  if (!resumed && resumed.error().code() != ErrorCode::kFailed) return resumed.error();
+  return {};
 }
 
 Result<ActivationReport> Activator::activate(const store::AppLock& lock, const std::string& version,
                                              const ActivationOptions& options,
                                              const ProgressFn& progress) {
+  UPGRADED_TRY(finish_pending(lock, options, progress));
   return run(lock, version, false, options, progress);
 }
 
 Result<ActivationReport> Activator::rollback(const store::AppLock& lock,
                                              const ActivationOptions& options,
                                              const ProgressFn& progress) {
+  UPGRADED_TRY(finish_pending(lock, options, progress));
   auto st = m_store.state(lock.app());
   if (!st) return st.error();
   if (!st->previous) return Error(ErrorCode::kNotFound, lock.app() + " has no rollback target");

@@ -535,6 +535,23 @@ Result<void> Store::remove(const AppLock& lock, const std::string& version) cons
   return remove_releases(l->fd.get(), st, {version});
 }
 
+Result<void> Store::forget_app(const AppLock& lock) const {
+  auto l = open_locked(app_root(lock.app()), lock.app());
+  if (!l) return l.error();
+  if (!l->state.releases.empty() || l->state.current)
+    return Error(ErrorCode::kPolicyRefused, lock.app() + " still has releases");
+  int dfd = l->fd.get();
+  // state.json first: without it the app is unknown, whatever else is left.
+  if (::unlinkat(dfd, kState, 0) != 0 && errno != ENOENT)
+    return system_error(errno, "removing state.json");
+  UPGRADED_TRY(fs::sync_fd(dfd, "app directory"));
+  for (const char* name : {"history.jsonl", "activation.json"})
+    (void)::unlinkat(dfd, name, 0);
+  for (const char* name : {"releases", "manifests"})
+    (void)::unlinkat(dfd, name, AT_REMOVEDIR);  // empty by now; a leftover is harmless
+  return fs::sync_fd(dfd, "app directory");
+}
+
 Result<void> Store::set_pinned(const AppLock& lock, const std::string& version, bool pinned) const {
   auto l = open_locked(app_root(lock.app()), lock.app());
   if (!l) return l.error();

@@ -1,11 +1,13 @@
-// The extraction helper, spawned as the daemon spawns it: it extracts a verified artifact, it
-// refuses a manifest other than the verified one, a cancel kills it, and its sandbox refuses
-// what an extractor never needs.
+// The helper, spawned as the daemon spawns it: it reads an artifact's head, checks signatures,
+// extracts a verified artifact (as an unprivileged uid when run as root, the tree handed back
+// to root afterwards), refuses a manifest other than the verified one, dies on a cancel, and
+// its sandbox refuses what it never needs.
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,12 +18,22 @@
 #include "support/raw_tar.h"
 #include "support/test_dir.h"
 #include "upgraded/artifact/verifier.h"
+#include "upgraded/fs/chown_tree.h"
 #include "upgraded/fs/durable.h"
 
 using namespace upgraded;
 using namespace upgraded::test;
+using namespace std::chrono_literals;
 
 namespace {
+
+constexpr uid_t kHelperId = 2147483646;
+
+sandbox::Helper helper() {
+  sandbox::Helper h{UPGRADED_EXTRACT_HELPER, {}};
+  if (::geteuid() == 0) h.as = std::make_pair(kHelperId, kHelperId);
+  return h;
+}
 
 class SandboxExtract : public ::testing::Test {
  protected:
@@ -30,21 +42,25 @@ class SandboxExtract : public ::testing::Test {
     make_dirs(t / "dest");
   }
 
+  UniqueFd artifact(const std::string& payload) {
+    build_artifact(t / "a.upd", {key}, payload);
+    return UniqueFd(::open((t / "a.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  }
+
   Result<artifact::ExtractStats> run(const std::string& payload, int cancel_fd = -1,
                                      const std::string& manifest_override = "") {
-    build_artifact(t / "a.upd", {key}, payload);
-    UniqueFd fd(::open((t / "a.upd").c_str(), O_RDONLY | O_CLOEXEC));
+    UniqueFd fd = artifact(payload);
     auto art = artifact::open_verified(fd.get(), keyring_of({key}), artifact::TrustPolicy{});
     EXPECT_TRUE(art.ok());
     auto dest = fs::open_directory(t / "dest");
     sandbox::ExtractRequest rq;
-    rq.helper = UPGRADED_EXTRACT_HELPER;
     rq.artifact_fd = fd.get();
     rq.manifest_bytes = manifest_override.empty() ? art->manifest_bytes : manifest_override;
     rq.policy.limits.free_space_reserve = 0;
+    rq.policy.read_only = true;
     rq.dest_dirfd = dest->get();
     rq.cancel_fd = cancel_fd;
-    return sandbox::extract_in_child(rq);
+    return sandbox::extract_in_child(helper(), rq);
   }
 
   TempDir t;
@@ -53,21 +69,62 @@ class SandboxExtract : public ::testing::Test {
 
 }  // namespace
 
-TEST_F(SandboxExtract, ExtractsAVerifiedArtifactInTheHelper) {
-  auto r = run(raw_tar({dir("bin"), file("bin/hello", "#!/bin/sh\n", 0755), file("VERSION", "1")}));
+TEST_F(SandboxExtract, ExtractsAVerifiedArtifactAndHandsTheTreeBackToItsOwner) {
+  auto r = run(raw_tar({dir("bin"), file("bin/hello", "#!/bin/sh\n", 0755), file("VERSION", "1"),
+                        symlink_to("current", "bin")}));
   ASSERT_TRUE(r.ok()) << r.error().message();
   EXPECT_EQ(r->files, 2u);
   EXPECT_EQ(r->directories, 1u);
   EXPECT_EQ(read_file(t / "dest/VERSION"), "1");
   EXPECT_EQ(::access((t / "dest/bin/hello").c_str(), X_OK), 0);
+  for (const char* p : {"dest", "dest/bin", "dest/bin/hello", "dest/VERSION", "dest/current"}) {
+    struct stat st {};
+    ASSERT_EQ(::lstat((t / p).c_str(), &st), 0) << p;
+    EXPECT_EQ(st.st_uid, ::geteuid()) << p;
+    EXPECT_EQ(st.st_gid, ::getegid()) << p;
+    EXPECT_EQ(st.st_mode & 0222, S_ISLNK(st.st_mode) ? st.st_mode & 0222 : 0u) << p;
+  }
+}
+
+TEST_F(SandboxExtract, ReadsTheHeadAndChecksSignaturesWithoutTheArtifact) {
+  UniqueFd fd = artifact(raw_tar({file("f", "x")}));
+  auto head = sandbox::read_head_in_child(helper(), fd.get(), 10s);
+  ASSERT_TRUE(head.ok()) << head.error().message();
+  sandbox::VerifyRequest vr{
+      head->manifest_bytes, head->signature_bytes, 1, {{"k.pem", read_file(key.public_path)}}, {}};
+  auto report = sandbox::verify_in_child(helper(), vr, 10s);
+  ASSERT_TRUE(report.ok()) << report.error().message();
+  EXPECT_EQ(report->trusted, std::vector<std::string>{key.id});
+
+  auto other = make_key(t, "other");
+  vr.keys = {{"other.pem", read_file(other.public_path)}};
+  report = sandbox::verify_in_child(helper(), vr, 10s);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.error().code(), ErrorCode::kVerificationFailed);
+
+  vr.keys = {{"k.pem", read_file(key.public_path)}};
+  vr.manifest_bytes[vr.manifest_bytes.size() / 2] ^= 1;
+  report = sandbox::verify_in_child(helper(), vr, 10s);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.error().code(), ErrorCode::kVerificationFailed);
+
+  vr.keys = {{"broken.pem", "not a key"}};
+  report = sandbox::verify_in_child(helper(), vr, 10s);
+  ASSERT_FALSE(report.ok()) << "a broken trust root is an error, not an empty one";
+
+  UniqueFd junk(::open((t / "junk").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  ASSERT_EQ(::write(junk.get(), "not an artifact", 15), 15);
+  auto bad = sandbox::read_head_in_child(helper(), junk.get(), 10s);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.error().code(), ErrorCode::kVerificationFailed) << bad.error().message();
 }
 
 TEST_F(SandboxExtract, RefusesAManifestOtherThanTheVerifiedOneAndWritesNothing) {
-  auto before = snapshot(t / "dest");
   auto r = run(raw_tar({file("f", "x")}), -1, R"({"not": "the manifest"})");
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code(), ErrorCode::kVerificationFailed) << r.error().message();
-  EXPECT_EQ(snapshot(t / "dest"), before);
+  auto names = fs::list_names(fs::open_directory(t / "dest")->get(), ".");
+  EXPECT_TRUE(names->empty());
 }
 
 TEST_F(SandboxExtract, PassesPolicyRefusalsThrough) {
@@ -87,19 +144,54 @@ TEST_F(SandboxExtract, ACancelKillsTheHelper) {
   EXPECT_EQ(errno, ECHILD);
 }
 
-TEST_F(SandboxExtract, TheSandboxRefusesWhatAnExtractorNeverNeeds) {
+TEST(ChownTree, RefusesAnEntryTheBuilderDidNotCreate) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
+  TempDir t;
+  make_dirs(t / "tree/sub");
+  write_file(t / "tree/sub/mine", "x");
+  write_file(t / "foreign", "y");
+  ASSERT_EQ(::chown((t / "tree").c_str(), kHelperId, kHelperId), 0);
+  ASSERT_EQ(::chown((t / "tree/sub").c_str(), kHelperId, kHelperId), 0);
+  ASSERT_EQ(::chown((t / "tree/sub/mine").c_str(), kHelperId, kHelperId), 0);
+  ASSERT_EQ(::link((t / "foreign").c_str(), (t / "tree/sub/link").c_str()), 0);
+  auto fd = fs::open_directory(t / "tree");
+  auto r = fs::chown_tree(fd->get(), kHelperId, 0, 0);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(r.error().message().find("link"), std::string::npos) << r.error().message();
+  ASSERT_EQ(::unlink((t / "tree/sub/link").c_str()), 0);
+  ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0).ok());
+  struct stat st {};
+  ASSERT_EQ(::stat((t / "tree/sub/mine").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 0u);
+}
+
+TEST(Sandbox, RefusesWhatTheHelperNeverNeeds) {
+  TempDir t;
+  make_dirs(t / "dest");
   int out[2];
   ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
   UniqueFd dest = std::move(*fs::open_directory(t / "dest"));
+  const bool root = ::geteuid() == 0;
+  if (root) {
+    ASSERT_EQ(::fchown(dest.get(), kHelperId, kHelperId), 0);
+  }
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, out[1], 1);
   posix_spawn_file_actions_adddup2(&fa, dest.get(), 4);
-  char* argv[] = {const_cast<char*>("upgraded-extract"), const_cast<char*>("--probe-sandbox"),
-                  nullptr};
+  std::string uid = "--uid=" + std::to_string(kHelperId),
+              gid = "--gid=" + std::to_string(kHelperId);
+  std::vector<char*> argv = {const_cast<char*>("upgraded-extract"),
+                             const_cast<char*>("--probe-sandbox")};
+  if (root) {
+    argv.push_back(uid.data());
+    argv.push_back(gid.data());
+  }
+  argv.push_back(nullptr);
   char* envp[] = {nullptr};
   pid_t pid;
-  ASSERT_EQ(::posix_spawn(&pid, UPGRADED_EXTRACT_HELPER, &fa, nullptr, argv, envp), 0);
+  ASSERT_EQ(::posix_spawn(&pid, UPGRADED_EXTRACT_HELPER, &fa, nullptr, argv.data(), envp), 0);
   posix_spawn_file_actions_destroy(&fa);
   ::close(out[1]);
   std::string text;
@@ -111,19 +203,26 @@ TEST_F(SandboxExtract, TheSandboxRefusesWhatAnExtractorNeverNeeds) {
   ::waitpid(pid, &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << text;
   auto probe = nlohmann::json::parse(text);
-  const std::string eperm = std::strerror(EPERM);
+  const std::string eperm = std::strerror(EPERM), eacces = std::strerror(EACCES);
+  if (root) {
+    EXPECT_EQ(probe["uid"].get<uid_t>(), kHelperId) << "never root";
+    EXPECT_EQ(probe["read_shadow"], eacces);
+  }
   EXPECT_TRUE(probe["seccomp"].get<bool>());
   EXPECT_TRUE(probe["capabilities_dropped"].get<bool>());
   EXPECT_EQ(probe["socket"], eperm) << "no D-Bus, no network";
+  EXPECT_EQ(probe["io_uring"], eperm) << "no sockets through io_uring either";
+  EXPECT_EQ(probe["fork"], eperm) << "threads only: nothing outlives the helper";
   EXPECT_EQ(probe["execve"], eperm);
   EXPECT_EQ(probe["kill_init"], eperm) << "no signals to other processes";
   EXPECT_EQ(probe["setuid"], eperm);
+  EXPECT_EQ(probe["chown_inside"], eperm);
   EXPECT_EQ(probe["create_inside"], "allowed");
   if (probe["landlock_abi"].get<int>() > 0) {
-    EXPECT_EQ(probe["create_outside"], std::string(std::strerror(EACCES)))
-        << "Landlock confines writes to the destination";
+    EXPECT_EQ(probe["create_outside"], eacces) << "Landlock confines writes to the destination";
   } else {
-    std::fprintf(stderr, "note: this kernel has no Landlock; writes are not confined\n");
+    std::fprintf(stderr,
+                 "note: this kernel has no Landlock; writes are confined by the uid only\n");
   }
   EXPECT_EQ(::access("/tmp/upgraded-probe-outside", F_OK), -1);
 }

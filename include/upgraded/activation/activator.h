@@ -71,6 +71,8 @@ class Activator {
                                   const ProgressFn& progress = {});
 
  private:
+  Result<void> finish_pending(const store::AppLock& lock, const ActivationOptions& options,
+                              const ProgressFn& progress);
   Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
                                bool is_rollback, const ActivationOptions& options,
                                const ProgressFn& progress);

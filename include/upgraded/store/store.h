@@ -141,6 +141,10 @@ class Store {
   /// rollback target again, instead of the release being left (which just failed).
   Result<void> switch_back(const AppLock& lock, const std::string& version,
                            const std::string& previous) const;
+  /// Forgets an app that has no releases left (its state and history), as if it had never
+  /// been installed; the app directory and its lock stay. Refused (kPolicyRefused) while it
+  /// has releases.
+  Result<void> forget_app(const AppLock& lock) const;
   /// Removes a release. Refused for the current release and pinned ones.
   Result<void> remove(const AppLock& lock, const std::string& version) const;
   Result<void> set_pinned(const AppLock& lock, const std::string& version, bool pinned) const;
