@@ -15,6 +15,7 @@ UPGRADED, UPGRADECTL, ROUNDS = sys.argv[1], sys.argv[2], int(sys.argv[3])
 T = os.environ["UPGRADED_TESTBED"]
 UNIT = "bench.service"
 ROOT = os.path.join(T, "root")
+SETTLE = float(os.environ.get("BENCH_SETTLE", "0.2"))  # idle seconds before each measurement
 DBusGMainLoop(set_as_default=True)
 
 
@@ -30,6 +31,15 @@ def window():
     """The last downtime window, from systemd's monotonic timestamps."""
     return (int(show("ActiveEnterTimestampMonotonic")) -
             int(show("ActiveExitTimestampMonotonic"))) / 1e6
+
+
+def phases():
+    """(stopping, stopped, starting) in ms: where a window went."""
+    t = {k: int(show(k + "TimestampMonotonic")) for k in
+         ("ActiveExit", "InactiveEnter", "InactiveExit", "ActiveEnter")}
+    return (round((t["InactiveEnter"] - t["ActiveExit"]) / 1000, 2),
+            round((t["InactiveExit"] - t["InactiveEnter"]) / 1000, 2),
+            round((t["ActiveEnter"] - t["InactiveExit"]) / 1000, 2))
 
 
 def pack(key, version):
@@ -93,32 +103,58 @@ def main():
     wait(str(manager.Activate("bench", versions[0], {})))
     rss_idle = rss(daemon.pid)
 
+    def stop_began_after(t0):
+        """From t0 until systemd began stopping the unit: the requester's own latency."""
+        return int(show("ActiveExitTimestampMonotonic")) / 1e6 - t0
+
     def active_since(t0):
         """From t0 (CLOCK_MONOTONIC, like systemd's timestamps) until the unit became active."""
         return int(show("ActiveEnterTimestampMonotonic")) / 1e6 - t0
 
     plain_window, plain_wall, upgrade_window, rollback_wall = [], [], [], []
     plain_active, rollback_active = [], []
+    plain_phases, upgrade_phases = [], []
+    plain_pre, rollback_pre, rollback_window = [], [], []
     for i in range(ROUNDS):
-        # The three measurements interleaved, so that drift of the machine hits all alike.
-        t0 = time.monotonic()
-        run("systemctl", "--user", "restart", UNIT)
-        plain_wall.append(time.monotonic() - t0)
-        plain_window.append(window())
-        plain_active.append(active_since(t0))
+        # The three measurements interleaved, so that drift of the machine hits all alike, and
+        # each from the same idle start: on this VM a window is several times longer when the
+        # CPUs were idle before it than when they were busy (waking an idle vCPU is slow), and
+        # what ran just before must not decide the comparison.
+        def plain():
+            time.sleep(SETTLE)
+            t0 = time.monotonic()
+            run("systemctl", "--user", "restart", UNIT)
+            plain_wall.append(time.monotonic() - t0)
+            plain_window.append(window())
+            plain_phases.append(phases())
+            plain_active.append(active_since(t0))
+            plain_pre.append(stop_began_after(t0))
 
-        wait(str(manager.Activate("bench", versions[2 * i + 1], {})))
-        upgrade_window.append(window())
-        history = manager.GetHistory("bench", {"limit": dbus.UInt32(1)})
-        recorded = int(history[0][6][UNIT]) / 1e6
-        assert abs(recorded - upgrade_window[-1]) < 1e-6, (recorded, upgrade_window[-1])
+        def upgrade():
+            time.sleep(SETTLE)
+            wait(str(manager.Activate("bench", versions[2 * i + 1], {})))
+            upgrade_window.append(window())
+            upgrade_phases.append(phases())
+            history = manager.GetHistory("bench", {"limit": dbus.UInt32(1)})
+            recorded = int(history[0][6][UNIT]) / 1e6
+            assert abs(recorded - upgrade_window[-1]) < 1e-6, (recorded, upgrade_window[-1])
 
+        # Alternate which goes first, so that neither always follows the other.
+        for step in ((plain, upgrade) if i % 2 == 0 else (upgrade, plain)):
+            step()
+
+        time.sleep(SETTLE)
         t0 = time.monotonic()
         wait(str(manager.Rollback("bench", {})))
         rollback_wall.append(time.monotonic() - t0)
         rollback_active.append(active_since(t0))
+        rollback_pre.append(stop_began_after(t0))
+        rollback_window.append(window())
         wait(str(manager.Activate("bench", versions[2 * i + 2], {})))
 
+    if os.environ.get("BENCH_PHASES"):
+        print("plain phases (stopping, stopped, starting) ms", plain_phases)
+        print("upgrade phases (stopping, stopped, starting) ms", upgrade_phases)
     print("samples plain window", [round(x*1000,2) for x in plain_window])
     print("samples upgrade window", [round(x*1000,2) for x in upgrade_window])
     time.sleep(0.5)
@@ -146,6 +182,9 @@ def main():
     print("plain restart:   request until active %7.2f ms" % ms(plain_active))
     print("rollback:        request until active %7.2f ms   ratio %.2f (target <= 1.20)" %
           (ms(rollback_active), ms(rollback_active) / ms(plain_active)))
+    print("                 of which: request until the stop began: plain %.2f ms, rollback %.2f ms;"
+          " window: plain %.2f ms, rollback %.2f ms" %
+          (ms(plain_pre), ms(rollback_pre), ms(plain_window), ms(rollback_window)))
     print("rollback:        request until JobRemoved %7.2f ms (bookkeeping after the unit is"
           " active included)   ratio to plain wall %.2f" %
           (ms(rollback_wall), ms(rollback_wall) / ms(plain_wall)))

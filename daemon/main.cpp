@@ -1,5 +1,6 @@
 // upgraded: the per-host upgrade daemon. See upgraded(8) and docs/dbus-api.md.
 
+#include <malloc.h>
 #include <pwd.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -132,6 +133,9 @@ int main(int argc, char** argv) {
   cli.set_version_flag("--version", UPGRADED_VERSION);
   CLI11_PARSE(cli, argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
+  // Jobs are short-lived threads that wait on I/O: one malloc arena for all of them, so that
+  // an idle daemon does not keep an arena per past job.
+  ::mallopt(M_ARENA_MAX, 1);
   try {
     return run(user, root, helper);
   } catch (const sdbus::Error& e) {

@@ -1,6 +1,7 @@
 #include "manager.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -400,6 +401,7 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
           (message.empty() ? "" : ": " + message));
   running.object.reset();  // the object is gone when JobRemoved arrives
   emitJobRemoved(id, sdbus::ObjectPath(job.path()), result, message);
+  if (m_jobs.empty()) ::malloc_trim(0);  // idle again: give the job's memory back
   if (m_shutting_down && m_jobs.empty() && m_idle) m_idle();
 }
 

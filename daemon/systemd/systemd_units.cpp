@@ -56,7 +56,8 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
     };
     self->m_manager = std::make_unique<ManagerProxy>(open(), *self);
     self->m_calls = open();
-    self->m_manager->Subscribe();  // systemd sends job signals only to subscribers
+    // No Subscribe(): systemd sends a job's JobRemoved to the client that queued it anyway,
+    // and a subscriber makes systemd serialize every unit's properties at every state change.
   } catch (const sdbus::Error& e) {
     return from_dbus(e, "connecting to systemd");
   }
