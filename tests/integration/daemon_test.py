@@ -396,7 +396,7 @@ class Cancel(DaemonTest):
 
 
 class Authorization(DaemonTest):
-    def as_nobody(self, code):
+    def as_nobody(self, code):  # also used by PolkitAuthorization
         script = ("import dbus, os, sys\n"
                   "m = dbus.Interface(dbus.SessionBus().get_object('%s', '%s'), '%s')\n"
                   "try:\n"
@@ -427,6 +427,140 @@ class Authorization(DaemonTest):
         self.assertEqual(tree_digest(self.app_root()), before)
         self.assertEqual(self.unit_property("MainPID"), pid)
         self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+
+class ServiceManagement(DaemonTest):
+    def wait_state(self, job, state):
+        obj = self.bus.get_object(NAME, job)
+        for _ in range(300):
+            if obj.Get(JOB, "State", dbus_interface="org.freedesktop.DBus.Properties") == state:
+                return
+            time.sleep(0.02)
+        self.fail("job %s never reached state %s" % (job, state))
+
+    def test_sigterm_finishes_a_committed_job_and_cancels_the_others(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0", min_ready_s=2), activate=False))
+        job = self.manager.Activate(self.app, "2.0.0", {})
+        self.wait_state(job, "committed")
+        self.daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        self.assertIsNone(self.daemon.proc.poll(), "it waits for the job past its point of no "
+                                                   "return")
+        self.assertDBusError("org.upgraded1.Error.ShuttingDown", self.manager.Rollback,
+                             self.app, {})
+        self.assertEqual(self.wait_job(job)[0], "done")
+        self.daemon.proc.wait(timeout=30)
+        self.assertEqual(self.daemon.stop(), 0)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+        self.removed.clear()
+        self.daemon = Daemon(self.root, {"UPGRADED_PAUSE_AT": "activation.before_commit:2000"})
+        self.daemon.start()
+        before = tree_digest(self.app_root())
+        job = self.manager.Activate(self.app, "1.0.0", {})
+        time.sleep(0.3)
+        self.daemon.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.wait_job(job)[0], "canceled")
+        self.daemon.proc.wait(timeout=30)
+        self.assertEqual(self.daemon.stop(), 0)
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+    def test_runs_as_a_notify_service_under_a_watchdog(self):
+        self.daemon.stop()
+        unit = "upgraded-under-test.service"
+        subprocess.run(["systemd-run", "--user", "--quiet", "--unit", unit,
+                        "-p", "Type=notify", "-p", "WatchdogSec=2", "-p", "NotifyAccess=main",
+                        "-E", "DBUS_SESSION_BUS_ADDRESS=" + os.environ["DBUS_SESSION_BUS_ADDRESS"],
+                        UPGRADED, "--user", "--root", self.root], check=True)
+        try:
+            show = lambda p: subprocess.run(["systemctl", "--user", "show", "-P", p, unit],
+                                            capture_output=True, text=True).stdout.strip()
+            # systemd-run returned once the start job was done: for Type=notify, at READY=1.
+            self.assertEqual(show("ActiveState"), "active")
+            self.assertEqual(show("StatusText"), "Ready")
+            pid = show("MainPID")
+            time.sleep(5)  # two and a half watchdog periods: without pings it would be killed
+            self.assertEqual(show("ActiveState"), "active")
+            self.assertEqual(show("MainPID"), pid)
+            self.assertEqual(len(self.manager.ListApps()), 0)
+            subprocess.run(["systemctl", "--user", "stop", unit], check=True)
+            self.assertEqual(show("Result"), "success")
+            self.assertEqual(show("ExecMainStatus"), "0")
+        finally:
+            subprocess.run(["systemctl", "--user", "stop", unit], check=False,
+                           stderr=subprocess.DEVNULL)
+
+
+class PolkitAuthorization(DaemonTest):
+    """A real polkitd (the Debian package), started on the testbed's bus with this project's
+    actions and a rule that lets `nobody` activate, and nothing else."""
+
+    RULES = """
+polkit.addRule(function(action, subject) {
+  if (action.id.indexOf("org.upgraded1.") != 0 || subject.user != "nobody") return;
+  return action.id == "org.upgraded1.activate" ? polkit.Result.YES : polkit.Result.NO;
+});
+"""
+
+    def setUp(self):
+        if not os.access("/usr/lib/polkit-1/polkitd", os.X_OK):
+            if os.environ.get("CI") == "true":
+                self.fail("polkitd is not installed (scripts/install-deps installs it)")
+            self.skipTest("polkitd is not installed")
+        super().setUp()
+        here = os.path.dirname(os.path.abspath(__file__))
+        actions = os.path.join(self.dir, "polkit-actions")
+        rules = os.path.join(self.dir, "polkit-rules")
+        os.makedirs(actions)
+        os.makedirs(rules)
+        shutil.copy(os.path.join(here, "../../dbus/org.upgraded1.policy"), actions)
+        with open(os.path.join(rules, "50-upgraded-test.rules"), "w") as f:
+            f.write(self.RULES)
+        # Bind mounts inside the testbed's private mount namespace: the host sees nothing.
+        self.mounts = []
+        for src, dst in ((actions, "/usr/share/polkit-1/actions"),
+                         (rules, "/etc/polkit-1/rules.d")):
+            subprocess.run(["mount", "--bind", src, dst], check=True)
+            self.mounts.append(dst)
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=os.environ["DBUS_SESSION_BUS_ADDRESS"])
+        self.polkitd = subprocess.Popen(["/usr/lib/polkit-1/polkitd", "--no-debug"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        driver = dbus.Interface(self.bus.get_object("org.freedesktop.DBus",
+                                                    "/org/freedesktop/DBus"),
+                                "org.freedesktop.DBus")
+        for _ in range(200):
+            if driver.NameHasOwner("org.freedesktop.PolicyKit1"):
+                break
+            time.sleep(0.05)
+        else:
+            self.fail("polkitd did not take its name")
+
+    def tearDown(self):
+        if hasattr(self, "polkitd"):
+            self.polkitd.terminate()
+            self.polkitd.wait(timeout=10)
+        for m in getattr(self, "mounts", []):
+            subprocess.run(["umount", m], check=False)
+        super().tearDown()
+
+    def test_polkit_decides_for_a_caller_that_is_not_root(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0")))
+        before = tree_digest(self.app_root())
+        out = Authorization.as_nobody(self, "m.Rollback('%s', {})" % self.app)
+        self.assertTrue(out.startswith("org.upgraded1.Error.AccessDenied"), out)
+        self.assertIn("polkit denied org.upgraded1.rollback", out)
+        out = Authorization.as_nobody(self, "m.Remove('%s', '1.0.0', {})" % self.app)
+        self.assertTrue(out.startswith("org.upgraded1.Error.AccessDenied"), out)
+        self.assertEqual(tree_digest(self.app_root()), before)
+        # The rule allows nobody to activate: the job runs and is nobody's to cancel.
+        out = Authorization.as_nobody(self, "m.Activate('%s', '1.0.0', {})" % self.app)
+        self.assertTrue(out.startswith("ok /org/upgraded1/job/"), out)
+        self.run_job(out.split()[1])
+        self.assertEqual(self.current(), "releases/1.0.0")
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
 
 
 class CrashRecovery(DaemonTest):
