@@ -103,11 +103,10 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
         auto n = number(0, kMax);
         if (!n) return n.error();
         l.free_inode_reserve = *n;
-      } else if (key == "extract.helper_uid" || key == "extract.helper_gid") {
-        auto n = number(1, 4294967294ULL);
+      } else if (key == "extract.helper_ids") {
+        auto n = number(1000, 4294967294ULL - Config::kHelperIds);
         if (!n) return n.error();
-        (key == "extract.helper_uid" ? c.helper_uid : c.helper_gid) =
-            static_cast<std::uint32_t>(*n);
+        c.helper_ids = static_cast<std::uint32_t>(*n);
       } else if (key == "extract.strip_unsafe_modes") {
         auto b = bool_value(file, key, v);
         if (!b) return b.error();

@@ -30,10 +30,11 @@ struct Config {
   std::uint32_t job_timeout_s = 90;
   // [extract]
   artifact::ExtractPolicy extract;
-  /// The uid/gid the extraction helper runs as when the daemon runs as root. Unset: the
-  /// system user "upgraded-extract" if it exists, else kDefaultHelperId.
-  std::optional<std::uint32_t> helper_uid, helper_gid;
-  static constexpr std::uint32_t kDefaultHelperId = 2147483646;  // owns nothing on a host
+  /// When the daemon runs as root, each run of its helper gets a uid (and the same gid) of its
+  /// own from [helper_ids, helper_ids + kHelperIds): ids that own nothing on the host.
+  std::uint32_t helper_ids = kDefaultHelperIds;
+  static constexpr std::uint32_t kDefaultHelperIds = 2147418112;  // 0x7fff0000
+  static constexpr std::uint32_t kHelperIds = 65536;
   // [apps.<name>] root = "/opt/<name>" (absolute; interpreted under `root`)
   std::map<std::string, std::string> app_roots;
 

@@ -44,6 +44,12 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create(sdbus::IConnection& bus) {
   return loop;
 }
 
+void EventLoop::join_tasks() {
+  for (auto& [id, thread] : m_tasks)
+    if (thread.joinable()) thread.join();
+  m_tasks.clear();
+}
+
 void EventLoop::post(std::function<void()> fn) {
   {
     std::lock_guard lock(m_mutex);

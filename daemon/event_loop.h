@@ -27,6 +27,10 @@ class EventLoop {
   /// they inherit the mask) and reads them from a signalfd instead.
   static Result<std::unique_ptr<EventLoop>> create(sdbus::IConnection& bus);
 
+  /// Joins the tasks still running (their continuations are dropped).
+  ~EventLoop() { join_tasks(); }
+  void join_tasks();
+
   /// Runs `fn` on the loop's thread soon. Thread-safe.
   void post(std::function<void()> fn);
   /// Runs `work` on a thread of its own (for anything that may block: reading a caller's file),

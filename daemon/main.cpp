@@ -1,7 +1,6 @@
 // upgraded: the per-host upgrade daemon. See upgraded(8) and docs/dbus-api.md.
 
 #include <malloc.h>
-#include <pwd.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
@@ -44,17 +43,8 @@ int run(bool user, const std::string& root, std::string helper) {
     return 1;
   }
   sandbox::Helper extractor{helper.empty() ? sandbox::default_helper_path() : helper, {}};
-  if (::geteuid() == 0) {
-    // Never root: the helper runs as a uid that owns nothing but the tree it builds.
-    uid_t uid = Config::kDefaultHelperId;
-    gid_t gid = Config::kDefaultHelperId;
-    if (const passwd* pw = ::getpwnam("upgraded-extract")) {
-      uid = pw->pw_uid;
-      gid = pw->pw_gid;
-    }
-    extractor.as =
-        std::make_pair(config->helper_uid.value_or(uid), config->helper_gid.value_or(gid));
-  }
+  // Never root: when the daemon is, each helper run gets a uid of its own (Manager).
+  if (::geteuid() == 0) extractor.as = std::make_pair(config->helper_ids, config->helper_ids);
   if (auto r = make_dirs(config->state_dir()); !r) {
     log(Level::kError, r.error().message());
     return 1;
@@ -110,6 +100,9 @@ int run(bool user, const std::string& root, std::string helper) {
     bus->releaseName(kBusName);
   } catch (const sdbus::Error&) {
   }
+  // Tasks use the manager, and the manager's job threads post to the loop: tasks first, then
+  // the manager, then (at the end of this scope) the loop.
+  (*loop)->join_tasks();
   manager.reset();
   log(Level::kInfo, "stopped");
   return r ? 0 : 1;

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "sandbox/extract_child.h"
 #include "trust_root.h"
+#include "upgraded/artifact/container.h"
 #include "upgraded/artifact/verifier.h"
 #include "upgraded/crash_point.h"
 #include "upgraded/policy/names.h"
@@ -50,7 +51,9 @@ void check_version(const std::string& version) {
   if (auto r = policy::validate_version(version); !r) throw invalid(r.error().message());
 }
 
-constexpr std::chrono::seconds kHelperTimeout{30};
+// Reading an artifact's head and checking its signatures take milliseconds; the bound keeps
+// Install's reply well within a D-Bus client's default timeout (25 s) even for a stalled file.
+constexpr std::chrono::seconds kHelperTimeout{10};
 
 template <typename T>
 T value_or_throw(Result<T> r) {
@@ -127,17 +130,25 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
       // The helper reads the container head and checks the signatures over it, in fresh
       // sandboxed processes and off the loop (the caller's file may be slow to read). This
       // process parses only the manifest, once it is known to be signed.
-      m_loop.run_task([this, reply, fd, activate, caller, trust = std::move(trust)]() mutable {
+      m_loop.run_task([this, reply, fd, activate, caller, head_helper = next_helper(),
+                       verify_helper = next_helper(), trust = std::move(trust)]() mutable {
         sandbox::VerifyRequest vr;
-        auto head = sandbox::read_head_in_child(m_helper, fd->get(), kHelperTimeout);
         Result<artifact::SignatureReport> report = artifact::SignatureReport{};
-        if (!head) report = head.error();
-        if (head) {
-          vr = {head->manifest_bytes, head->signature_bytes, m_config.threshold,
-                std::move(trust.keys), std::move(trust.revoked)};
-          report = sandbox::verify_in_child(m_helper, vr, kHelperTimeout);
+        std::uint64_t payload_offset = 0;
+        try {
+          auto head = sandbox::read_head_in_child(head_helper, fd->get(), kHelperTimeout);
+          if (!head) report = head.error();
+          if (head) {
+            payload_offset = artifact::canonical_payload_offset(head->manifest_bytes.size(),
+                                                                head->signature_bytes.size());
+            vr = {head->manifest_bytes, head->signature_bytes, m_config.threshold,
+                  std::move(trust.keys), std::move(trust.revoked)};
+            report = sandbox::verify_in_child(verify_helper, vr, kHelperTimeout);
+          }
+        } catch (const std::exception& e) {
+          report = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
         }
-        return std::function<void()>([this, reply, fd, activate, caller, report,
+        return std::function<void()>([this, reply, fd, activate, caller, report, payload_offset,
                                       manifest_bytes = std::move(vr.manifest_bytes)] {
           try {
             if (m_shutting_down)
@@ -146,10 +157,13 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
             auto manifest = value_or_throw(artifact::parse_manifest(manifest_bytes));
             auto art = std::make_shared<artifact::VerifiedManifest>(
                 artifact::VerifiedManifest{std::move(manifest), manifest_bytes, signatures});
-            reply->returnResults(start_install(art, fd, activate, caller));
+            reply->returnResults(start_install(art, fd, payload_offset, activate, caller));
           } catch (const sdbus::Error& e) {
             reply->returnError(e);
+          } catch (const std::exception& e) {
+            reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
           }
+          maybe_idle();
         });
       });
     });
@@ -159,7 +173,8 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
 }
 
 sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManifest> art,
-                                         std::shared_ptr<sdbus::UnixFd> fd, bool activate,
+                                         std::shared_ptr<sdbus::UnixFd> fd,
+                                         std::uint64_t payload_offset, bool activate,
                                          uid_t caller) {
   const std::string app = art->manifest.app, version = art->manifest.version;
   bool new_app = true;
@@ -172,18 +187,19 @@ sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManif
                                                         " is older than the version floor " +
                                                         *known->floor + " (downgrade protection)");
   }
-  Work work = [this, fd, art, activate, new_app](Job& job, const store::AppLock& lock,
-                                                 const ProgressFn& progress) -> Result<void> {
+  Work work = [this, fd, art, payload_offset, activate, new_app, helper = next_helper()](
+                  Job& job, const store::AppLock& lock,
+                  const ProgressFn& progress) -> Result<void> {
     progress("extracting", 5);
     pause_point("install.before_extract");
     auto extract = [&](const artifact::ExtractPolicy& policy,
                        int dest) -> Result<artifact::ExtractStats> {
       auto stats = sandbox::extract_in_child(
-          m_helper, {fd->get(), art->manifest_bytes, policy, dest, job.cancel_fd()});
+          helper, {fd->get(), art->manifest_bytes, payload_offset, policy, dest, job.cancel_fd()});
       if (!stats) return stats;
       // Staging only: committing the state is the point of no return. Staging and activating:
       // the switch is, so only look at the flag here.
-      bool go_on = activate ? !job.cancel_requested() : job.try_commit();
+      bool go_on = activate ? !job.cancel_requested() : commit(job);
       if (!go_on) return Error(ErrorCode::kCanceled, "canceled");
       return stats;
     };
@@ -254,7 +270,9 @@ void Manager::Rollback(PathResult&& result, std::string app, Options options) {
       Work work = [this](Job& job, const store::AppLock& lock,
                          const ProgressFn& progress) -> Result<void> {
         activation::Activator activator(m_store, m_units);
-        auto done = activator.rollback(lock, activation_options(job), progress);
+        auto how = activation_options(job);
+        how.expected_target = job.version;
+        auto done = activator.rollback(lock, how, progress);
         if (!done) return done.error();
         return {};
       };
@@ -285,7 +303,7 @@ void Manager::Remove(PathResult&& result, std::string app, std::string version, 
                            app + " " + version + " is pinned; unpin it first");
       Work work = [this](Job& job, const store::AppLock& lock,
                          const ProgressFn& progress) -> Result<void> {
-        if (!job.try_commit()) return Error(ErrorCode::kCanceled, "canceled");
+        if (!commit(job)) return Error(ErrorCode::kCanceled, "canceled");
         progress("removing", 50);
         UPGRADED_TRY(m_store.remove(lock, job.version));
         (void)m_store.append_history(
@@ -305,14 +323,35 @@ void Manager::Remove(PathResult&& result, std::string app, std::string version, 
 activation::ActivationOptions Manager::activation_options(Job& job) const {
   activation::ActivationOptions o;
   o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
-  o.commit = [this, &job] {
-    if (!job.try_commit()) return false;
-    m_loop.post([this, id = job.id] {
-      if (auto it = m_jobs.find(id); it != m_jobs.end()) it->second.object->set_state("committed");
-    });
-    return true;
-  };
+  o.commit = [this, &job] { return commit(job); };
   return o;
+}
+
+bool Manager::commit(Job& job) const {
+  if (!job.try_commit()) return false;
+  m_loop.post([this, id = job.id] {
+    if (auto it = m_jobs.find(id); it != m_jobs.end()) it->second.object->set_state("committed");
+  });
+  return true;
+}
+
+sandbox::Helper Manager::next_helper() {
+  sandbox::Helper h = m_helper;
+  // Each helper run gets a uid of its own, so that no two of them (two apps installing at
+  // once) can touch each other's trees: a uid owns only what its one run created.
+  if (h.as) {
+    auto id = static_cast<uid_t>(h.as->first + m_next_helper_id++ % Config::kHelperIds);
+    h.as = std::make_pair(id, static_cast<gid_t>(id));
+  }
+  return h;
+}
+
+void Manager::maybe_idle() {
+  if (m_shutting_down && m_jobs.empty() && m_loop.pending_tasks() == 0 && m_idle) {
+    auto idle = std::move(m_idle);
+    m_idle = nullptr;
+    idle();
+  }
 }
 
 // After a switch, not before an extraction: deleting many files right before creating many is
@@ -402,7 +441,7 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
   running.object.reset();  // the object is gone when JobRemoved arrives
   emitJobRemoved(id, sdbus::ObjectPath(job.path()), result, message);
   if (m_jobs.empty()) ::malloc_trim(0);  // idle again: give the job's memory back
-  if (m_shutting_down && m_jobs.empty() && m_idle) m_idle();
+  maybe_idle();
 }
 
 void Manager::cancel(const std::shared_ptr<Job>& job, const std::string& sender) {
@@ -456,7 +495,7 @@ void Manager::shut_down(std::function<void()> idle) {
   for (auto& [id, running] : m_jobs)
     if (running.job->request_cancel() == Job::CancelOutcome::kAsked)
       running.object->set_state("canceling");
-  if (m_jobs.empty()) m_idle();
+  maybe_idle();
 }
 
 // --- read-only methods ------------------------------------------------------------------------

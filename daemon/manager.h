@@ -65,7 +65,14 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void authorized(std::shared_ptr<PathResult> reply, const std::string& action,
                   std::function<void(uid_t caller)> then);
   sdbus::ObjectPath start_install(std::shared_ptr<artifact::VerifiedManifest> art,
-                                  std::shared_ptr<sdbus::UnixFd> fd, bool activate, uid_t caller);
+                                  std::shared_ptr<sdbus::UnixFd> fd, std::uint64_t payload_offset,
+                                  bool activate, uid_t caller);
+  /// The job's point of no return (Job::try_commit), announced as State "committed".
+  bool commit(Job& job) const;
+  /// The helper for one run, with a uid of its own.
+  sandbox::Helper next_helper();
+  /// Calls the shutdown continuation once no job and no task is left.
+  void maybe_idle();
   /// Claims the app (in this daemon and in the store), creates the job's object and thread.
   sdbus::ObjectPath start_job(const std::string& type, const std::string& app,
                               const std::string& version, uid_t owner, Work work);
@@ -88,6 +95,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   sandbox::Helper m_helper;
   std::unique_ptr<Authorizer> m_auth;
   std::uint32_t m_next_id = 1;
+  std::uint32_t m_next_helper_id = 0;
   std::map<std::uint32_t, Running> m_jobs;
   std::map<std::string, std::uint32_t> m_busy;  // app -> job
   bool m_shutting_down = false;

@@ -35,17 +35,6 @@ Result<UniqueFd> dup_high(int fd) {
   return UniqueFd(d);
 }
 
-Result<void> write_all(int fd, const std::string& data) {
-  std::size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return system_error(errno, "writing the helper's request");
-    done += static_cast<std::size_t>(n);
-  }
-  return {};
-}
-
 int wait_child(pid_t pid) {
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
@@ -90,7 +79,12 @@ Result<std::string> run_helper(const HelperRun& rq) {
     ::posix_spawn_file_actions_destroy(&fa);
     return given.error();
   }
+  // Every number the helper knows is something deliberate: /dev/null where it gets nothing.
   if (!rq.request) ::posix_spawn_file_actions_addopen(&fa, kRequestFd, "/dev/null", O_RDONLY, 0);
+  if (rq.artifact_fd < 0)
+    ::posix_spawn_file_actions_addopen(&fa, kArtifactFd, "/dev/null", O_RDONLY, 0);
+  if (rq.dest_dirfd < 0)
+    ::posix_spawn_file_actions_addopen(&fa, kDestinationFd, "/dev/null", O_RDONLY, 0);
   // Not the daemon's stderr (the journal): the helper reports through its answer only.
   ::posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
   ::posix_spawn_file_actions_addclosefrom_np(&fa, kDestinationFd + 1);
@@ -128,16 +122,15 @@ Result<std::string> run_helper(const HelperRun& rq) {
     ::kill(pid, SIGKILL);
     wait_child(pid);
   };
-  // The request is small and the helper reads all of it before anything else; a helper that
-  // died meanwhile makes this fail with EPIPE (SIGPIPE is ignored by the daemon).
-  if (rq.request) {
-    if (auto w = write_all(req_w.get(), *rq.request); !w) {
-      kill_and_reap();
-      return w.error();
-    }
+  // The request is written as the helper reads it, in the same loop that watches the cancel,
+  // the deadline and the helper's exit: a helper that stops reading cannot block the daemon.
+  std::string_view to_write = rq.request ? std::string_view(*rq.request) : std::string_view();
+  if (to_write.empty()) {
+    req_w.reset();
+  } else if (::fcntl(req_w.get(), F_SETFL, O_NONBLOCK) != 0) {
+    kill_and_reap();
+    return system_error(errno, "preparing the helper's request");
   }
-  req_w.reset();
-
   const auto deadline = std::chrono::steady_clock::now() + rq.timeout;
   std::string answer;
   char buf[4096];
@@ -156,10 +149,11 @@ Result<std::string> run_helper(const HelperRun& rq) {
     }
     // Without a pidfd (kernels before 5.3) the exit is awaited after EOF, without a deadline.
     if (eof && !pidfd) break;
-    pollfd fds[3] = {{eof ? -1 : resp_r.get(), POLLIN, 0},
+    pollfd fds[4] = {{eof ? -1 : resp_r.get(), POLLIN, 0},
                      {pidfd ? pidfd.get() : -1, POLLIN, 0},
-                     {rq.cancel_fd, POLLIN, 0}};
-    int n = ::poll(fds, 3, wait_ms);
+                     {rq.cancel_fd, POLLIN, 0},
+                     {req_w ? req_w.get() : -1, POLLOUT, 0}};
+    int n = ::poll(fds, 4, wait_ms);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       Error e = system_error(errno, "waiting for the helper");
@@ -171,6 +165,15 @@ Result<std::string> run_helper(const HelperRun& rq) {
       return Error(ErrorCode::kCanceled, "canceled");
     }
     if (fds[1].revents & POLLIN) exited = true;
+    if (req_w && (fds[3].revents & (POLLOUT | POLLERR | POLLHUP))) {
+      ssize_t w = ::write(req_w.get(), to_write.data(), to_write.size());
+      if (w < 0 && errno != EAGAIN && errno != EINTR) {
+        req_w.reset();  // the helper is gone (EPIPE): its exit status will tell
+      } else if (w > 0) {
+        to_write.remove_prefix(static_cast<std::size_t>(w));
+        if (to_write.empty()) req_w.reset();
+      }
+    }
     if (!eof && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) {
       ssize_t got = ::read(resp_r.get(), buf, sizeof buf);
       if (got < 0 && errno == EINTR) continue;
@@ -234,7 +237,7 @@ Result<artifact::SignatureReport> verify_in_child(const Helper& helper,
 Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const ExtractRequest& rq) {
   if (helper.as && ::fchown(rq.dest_dirfd, helper.as->first, helper.as->second) != 0)
     return system_error(errno, "handing the destination to the helper");
-  std::string request = encode_request(rq.manifest_bytes, rq.policy);
+  std::string request = encode_request(rq.manifest_bytes, rq.payload_offset, rq.policy);
   auto answer = run_helper({helper, nullptr, &request, rq.artifact_fd, rq.dest_dirfd, rq.cancel_fd,
                             std::chrono::milliseconds(0)});
   if (!answer) {
@@ -245,7 +248,8 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   auto stats = decode_response(*answer);
   if (!stats || !helper.as) return stats;
   // Back to the daemon's uid, so that no later helper run (same uid) can touch this tree.
-  UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid()));
+  UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
+                              rq.policy.read_only));
   UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree's owners"));
   return stats;
 }

@@ -43,8 +43,9 @@ Result<artifact::SignatureReport> verify_in_child(const Helper& helper,
                                                   std::chrono::milliseconds timeout);
 
 struct ExtractRequest {
-  int artifact_fd = -1;        ///< a regular file, read with pread
-  std::string manifest_bytes;  ///< the manifest the caller verified
+  int artifact_fd = -1;              ///< a regular file, read with pread
+  std::string manifest_bytes;        ///< the manifest the caller verified
+  std::uint64_t payload_offset = 0;  ///< artifact::canonical_payload_offset of the artifact
   artifact::ExtractPolicy policy;
   int dest_dirfd = -1;  ///< empty directory, owned by the daemon
   int cancel_fd = -1;   ///< optional: readable means cancel (an eventfd)

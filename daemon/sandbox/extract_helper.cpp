@@ -124,11 +124,10 @@ int probe(const sandbox::SandboxReport& report) {
   char* const argv[] = {const_cast<char*>("/bin/true"), nullptr};
   out["execve"] = result(::execve("/bin/true", argv, nullptr) == 0);
   out["read_shadow"] = result(::open("/etc/shadow", O_RDONLY | O_CLOEXEC) >= 0);
-  int outside = ::open("/tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int f =
-      ::openat(outside, "upgraded-probe-outside", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  int f = ::open("/tmp/upgraded-probe-outside", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   out["create_outside"] = result(f >= 0);
-  if (f >= 0) ::unlinkat(outside, "upgraded-probe-outside", 0);
+  if (f >= 0) ::unlink("/tmp/upgraded-probe-outside");
+  out["read_outside"] = result(::open("/etc/hostname", O_RDONLY | O_CLOEXEC) >= 0);
   int g = ::openat(sandbox::kDestinationFd, "probe-inside", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
                    0600);
   out["create_inside"] = result(g >= 0);

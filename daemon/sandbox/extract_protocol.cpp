@@ -25,10 +25,11 @@ Error malformed(const std::string& what) {
 
 }  // namespace
 
-std::string encode_request(const std::string& manifest_bytes,
+std::string encode_request(const std::string& manifest_bytes, std::uint64_t payload_offset,
                            const artifact::ExtractPolicy& policy) {
   const auto& l = policy.limits;
   json doc = {{"manifest", manifest_bytes},
+              {"payload_offset", payload_offset},
               {"limits",
                {{"max_entries", l.max_entries},
                 {"max_total_bytes", l.max_total_bytes},
@@ -49,6 +50,7 @@ Result<Request> decode_request(const std::string& text) {
     json doc = json::parse(text);
     Request r;
     r.manifest_bytes = doc.at("manifest").get<std::string>();
+    r.payload_offset = doc.at("payload_offset").get<std::uint64_t>();
     const json& l = doc.at("limits");
     auto& out = r.policy.limits;
     out.max_entries = l.at("max_entries").get<std::uint64_t>();

@@ -6,12 +6,12 @@
 // paths:
 //   fd 0  the request (JSON, then EOF): the verified manifest's bytes and the extraction policy
 //   fd 1  the response (one JSON object): the statistics, or the error's code and message
-//   fd 2  the daemon's stderr
+//   fd 2  /dev/null
 //   fd 3  the artifact, read-only
 //   fd 4  the empty destination directory
-// The helper re-reads the artifact's first two members and refuses to go on unless the manifest
-// is byte for byte the one the daemon verified, so it needs no keys; then it streams the
-// payload through the chunk verifier into fd 4.
+// The extraction parses nothing unverified: it reads the payload member's data at the offset the
+// daemon computed from the canonical layout, and hands every chunk to the verifier (hashes from
+// the verified manifest) before libarchive sees it; so it needs no keys.
 
 #include <string>
 
@@ -29,10 +29,11 @@ constexpr int kArtifactFd = 3;
 constexpr int kDestinationFd = 4;
 constexpr std::size_t kMaxMessage = 8 << 20;
 
-std::string encode_request(const std::string& manifest_bytes,
+std::string encode_request(const std::string& manifest_bytes, std::uint64_t payload_offset,
                            const artifact::ExtractPolicy& policy);
 struct Request {
   std::string manifest_bytes;
+  std::uint64_t payload_offset = 0;
   artifact::ExtractPolicy policy;
 };
 Result<Request> decode_request(const std::string& text);

@@ -1,6 +1,7 @@
 #include "sandbox/sandbox.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
 #include <linux/landlock.h>
@@ -22,18 +23,23 @@
 namespace upgraded::sandbox {
 namespace {
 
-// Returns the Landlock ABI in force (0: the kernel has none).
-Result<int> restrict_writes_beneath(int dirfd) {
+// Confines every file access by path (reading, writing, creating, removing, linking,
+// executing) to beneath `dirfd` (-1: nowhere). Returns the Landlock ABI in force (0: the kernel
+// has none). Descriptors opened before (the artifact, the destination) stay usable.
+Result<int> restrict_files_beneath(int dirfd) {
   long abi = ::syscall(SYS_landlock_create_ruleset, nullptr, 0, LANDLOCK_CREATE_RULESET_VERSION);
   if (abi < 0) {
     if (errno == ENOSYS || errno == EOPNOTSUPP) return 0;
     return system_error(errno, "querying Landlock");
   }
-  std::uint64_t writes = LANDLOCK_ACCESS_FS_WRITE_FILE | LANDLOCK_ACCESS_FS_REMOVE_DIR |
-                         LANDLOCK_ACCESS_FS_REMOVE_FILE | LANDLOCK_ACCESS_FS_MAKE_CHAR |
-                         LANDLOCK_ACCESS_FS_MAKE_DIR | LANDLOCK_ACCESS_FS_MAKE_REG |
-                         LANDLOCK_ACCESS_FS_MAKE_SOCK | LANDLOCK_ACCESS_FS_MAKE_FIFO |
-                         LANDLOCK_ACCESS_FS_MAKE_BLOCK | LANDLOCK_ACCESS_FS_MAKE_SYM;
+  // Reads too: a helper that could open files elsewhere could also fchmod or futimens them,
+  // which Landlock does not cover.
+  std::uint64_t writes =
+      LANDLOCK_ACCESS_FS_EXECUTE | LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR |
+      LANDLOCK_ACCESS_FS_WRITE_FILE | LANDLOCK_ACCESS_FS_REMOVE_DIR |
+      LANDLOCK_ACCESS_FS_REMOVE_FILE | LANDLOCK_ACCESS_FS_MAKE_CHAR | LANDLOCK_ACCESS_FS_MAKE_DIR |
+      LANDLOCK_ACCESS_FS_MAKE_REG | LANDLOCK_ACCESS_FS_MAKE_SOCK | LANDLOCK_ACCESS_FS_MAKE_FIFO |
+      LANDLOCK_ACCESS_FS_MAKE_BLOCK | LANDLOCK_ACCESS_FS_MAKE_SYM;
   if (abi >= 2) writes |= LANDLOCK_ACCESS_FS_REFER;
   if (abi >= 3) writes |= LANDLOCK_ACCESS_FS_TRUNCATE;
   landlock_ruleset_attr attr{};
@@ -103,9 +109,10 @@ Result<void> load_seccomp_filter() {
       // identity
       "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setfsuid", "setfsgid",
       "setgroups", "capset",
-      // ownership, attributes, truncation by path
-      "chown", "fchown", "lchown", "fchownat", "mknod", "mknodat", "truncate", "setxattr",
-      "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr"};
+      // ownership, modes by path (the extractor uses fchmod on what it created), attributes,
+      // truncation by path
+      "chown", "fchown", "lchown", "fchownat", "chmod", "fchmodat", "mknod", "mknodat", "truncate",
+      "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr"};
   for (const char* name : denied) {
     int nr = seccomp_syscall_resolve_name(name);
     if (nr == __NR_SCMP_ERROR) continue;  // not on this architecture
@@ -134,6 +141,13 @@ Result<void> load_seccomp_filter() {
     if (flag & kNamespaces)
       ok = seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
                             SCMP_A0_64(SCMP_CMP_MASKED_EQ, flag, flag)) == 0;
+  // fcntl(F_SETOWN/F_SETSIG) + O_ASYNC would deliver signals to any process of the uid.
+  for (scmp_datum_t cmd : {F_SETOWN, F_SETOWN_EX, F_SETSIG})
+    ok = ok && seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), SCMP_SYS(fcntl), 1,
+                                SCMP_A1_32(SCMP_CMP_EQ, cmd)) == 0;
+  // Newer than libseccomp 2.5.4's tables: by number (x86_64, aarch64 and most others).
+  constexpr int kFchmodat2 = 452;
+  ok = ok && seccomp_rule_add(ctx.get(), SCMP_ACT_ERRNO(EPERM), kFchmodat2, 0) == 0;
   if (!ok) return Error(ErrorCode::kFailed, "seccomp: cannot add the argument filters");
   if (int r = seccomp_load(ctx.get()); r != 0)
     return system_error(-r, "loading the seccomp filter");
@@ -151,9 +165,16 @@ Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> 
   UPGRADED_TRY(clear_capabilities());
   report.capabilities_dropped = true;
   report.uid = ::getuid();
-  auto abi = restrict_writes_beneath(writable_dirfd);
+  auto abi = restrict_files_beneath(writable_dirfd);
   if (!abi) return abi.error();
   report.landlock_abi = *abi;
+  // Under a uid of its own the helper owns nothing outside its tree; under the daemon's uid (a
+  // --user instance) only Landlock keeps it off the user's files.
+  if (*abi == 0 && !as)
+    return Error(ErrorCode::kFailed,
+                 "this kernel has no Landlock, which the helper needs when it cannot run as a uid "
+                 "of its own (run the daemon as root, or on Linux 5.13 or later with Landlock "
+                 "enabled)");
   UPGRADED_TRY(load_seccomp_filter());
   report.seccomp = true;
   return report;

@@ -121,9 +121,9 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   ActivationReport report;
   report.from = st->current.value_or("");
   report.to = version;
-  if (st->current == version) return report;
   if (rec->second.status == store::ReleaseStatus::kBad && !options.allow_bad)
     return refuse(app + " " + version + " is marked bad (it failed before)");
+  if (st->current == version) return report;
   if (!m->hooks.empty())
     return refuse(app + " " + version +
                   " declares hooks, which this version of upgraded does not run yet");
@@ -177,8 +177,8 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   if (is_rollback || !old_manifest) {
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
     h.result = "failed";
-    (void)m_store.append_history(lock, h);
     (void)m_store.end_activation(lock);
+    (void)m_store.append_history(lock, h);
     return failure;
   }
   return roll_back_after(lock, std::move(report), previous, std::move(h), failure, options,
@@ -204,8 +204,8 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
   h.result = back ? "rolled-back" : "failed";
   if (!back) h.message += "; rollback to " + report.from + " failed too: " + back.error().message();
   h.downtime_usec = report.downtime_usec;
-  (void)m_store.append_history(lock, h);
   (void)m_store.end_activation(lock);
+  (void)m_store.append_history(lock, h);
   if (!back) return Error(ErrorCode::kFailed, h.message);
   return Error(ErrorCode::kFailed, failure.message() + "; rolled back to " + report.from);
 }
@@ -263,6 +263,9 @@ Result<void> Activator::finish_pending(const store::AppLock& lock, const Activat
   auto pending = m_store.pending_activation(lock.app());
   if (!pending) return pending.error();
   if (!*pending) return {};
+  // Finishing it restarts units: past the point of no return for the caller too.
+  if (options.commit && !options.commit())
+    return Error(ErrorCode::kCanceled, "canceled before " + lock.app() + " was touched");
   auto resumed = resume(lock, options, progress);
   if (!resumed && resumed.error().code() != ErrorCode::kFailed) return resumed.error();
   return {};
@@ -282,6 +285,11 @@ Result<ActivationReport> Activator::rollback(const store::AppLock& lock,
   auto st = m_store.state(lock.app());
   if (!st) return st.error();
   if (!st->previous) return Error(ErrorCode::kNotFound, lock.app() + " has no rollback target");
+  if (!options.expected_target.empty() && *st->previous != options.expected_target)
+    return Error(ErrorCode::kFailed,
+                 "the rollback target of " + lock.app() + " is now " + *st->previous + ", not " +
+                     options.expected_target +
+                     " (an interrupted activation was finished first); nothing was rolled back");
   return run(lock, *st->previous, true, options, progress);
 }
 

@@ -72,6 +72,7 @@ Result<void> check_header(const char* h, std::string_view name, std::uint64_t si
 
 struct ContainerReader::Impl {
   int fd = -1;
+  bool raw = false;  // payload_at(): pread at payload_data_start, no archive parsing
   bool use_pread = true;
   std::uint64_t offset = 0;  // bytes handed to libarchive so far
   bool eof = false;
@@ -192,6 +193,18 @@ Result<std::unique_ptr<ContainerReader>> ContainerReader::open(int fd) {
   return self;
 }
 
+std::unique_ptr<ContainerReader> ContainerReader::payload_at(int fd, std::uint64_t offset,
+                                                             const PayloadInfo& info) {
+  std::unique_ptr<ContainerReader> self(new ContainerReader());
+  Impl& im = *self->m_impl;
+  im.fd = fd;
+  im.raw = true;
+  im.keep_prefix = false;
+  im.payload_data_start = offset;
+  im.payload_size = info.size;
+  return self;
+}
+
 void ContainerReader::cancel() {
   std::uint64_t one = 1;
   if (m_impl->cancel_fd >= 0) (void)!::write(m_impl->cancel_fd, &one, sizeof one);
@@ -236,6 +249,20 @@ Result<void> ContainerReader::begin_payload(const PayloadInfo& info) {
 
 Result<std::size_t> ContainerReader::read_payload(std::span<std::byte> out) {
   Impl& im = *m_impl;
+  if (im.raw) {
+    std::uint64_t left = im.payload_size - im.payload_read;
+    std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(out.size(), left));
+    if (want == 0) return std::size_t{0};
+    for (;;) {
+      ssize_t n = ::pread(im.fd, out.data(), want,
+                          static_cast<off_t>(im.payload_data_start + im.payload_read));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return system_error(errno, "reading the payload");
+      if (n == 0) return bad("payload member is truncated");
+      im.payload_read += static_cast<std::uint64_t>(n);
+      return static_cast<std::size_t>(n);
+    }
+  }
   la_ssize_t n = archive_read_data(im.a, out.data(), out.size());
   if (n < 0) return im.archive_failure("reading payload");
   im.payload_read += static_cast<std::uint64_t>(n);
@@ -245,6 +272,7 @@ Result<std::size_t> ContainerReader::read_payload(std::span<std::byte> out) {
 Result<void> ContainerReader::finish() {
   Impl& im = *m_impl;
   if (im.payload_read != im.payload_size) return bad("payload member is truncated");
+  if (im.raw) return {};
   archive_entry* entry = nullptr;
   int r = archive_read_next_header(im.a, &entry);
   if (r == ARCHIVE_OK) return bad("unexpected member after the payload");

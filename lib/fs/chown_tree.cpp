@@ -16,16 +16,25 @@
 namespace upgraded::fs {
 namespace {
 
-Result<void> check_owner(const struct stat& st, uid_t from_uid, const std::string& path) {
+Result<void> check_entry(const struct stat& st, uid_t from_uid, bool read_only,
+                         const std::string& path) {
+  auto refuse = [&](const std::string& why) {
+    return Error(ErrorCode::kPolicyRefused, policy::quote(path) + " " + why);
+  };
   if (st.st_uid != from_uid)
-    return Error(ErrorCode::kPolicyRefused, policy::quote(path) + " is owned by uid " +
-                                                std::to_string(st.st_uid) +
-                                                ", not by the extraction helper");
+    return refuse("is owned by uid " + std::to_string(st.st_uid) +
+                  ", not by the extraction helper");
+  if (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
+    return refuse("is not a directory, regular file or symlink");
+  if (S_ISLNK(st.st_mode)) return {};  // a symlink's mode means nothing
+  if (st.st_mode & (S_ISUID | S_ISGID | S_ISVTX))
+    return refuse("has a setuid, setgid or sticky bit");
+  if (read_only && (st.st_mode & 0222)) return refuse("is writable in a read-only release");
   return {};
 }
 
-Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, uid_t uid,
-                            gid_t gid) {
+Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, uid_t uid, gid_t gid,
+                            bool read_only) {
   int dup = ::fcntl(dfd, F_DUPFD_CLOEXEC, 0);
   if (dup < 0) return system_error(errno, "duplicating fd for '" + where + "'");
   DIR* dir = ::fdopendir(dup);
@@ -33,6 +42,7 @@ Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, u
     ::close(dup);
     return system_error(errno, "listing '" + where + "'");
   }
+  ::rewinddir(dir);  // the duplicate shares the caller's file offset
   std::vector<std::string> names;
   errno = 0;
   while (dirent* de = ::readdir(dir)) {
@@ -47,12 +57,12 @@ Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, u
     struct stat st {};
     if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
       return system_error(errno, "inspecting " + policy::quote(path));
-    UPGRADED_TRY(check_owner(st, from_uid, path));
+    UPGRADED_TRY(check_entry(st, from_uid, read_only, path));
     if (S_ISDIR(st.st_mode)) {
       int cfd = ::openat(dfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
       if (cfd < 0) return system_error(errno, "opening " + policy::quote(path));
       UniqueFd child(cfd);
-      UPGRADED_TRY(chown_contents(cfd, path, from_uid, uid, gid));
+      UPGRADED_TRY(chown_contents(cfd, path, from_uid, uid, gid, read_only));
       if (::fchown(cfd, uid, gid) != 0) return system_error(errno, "chown " + policy::quote(path));
     } else if (::fchownat(dfd, name.c_str(), uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
       return system_error(errno, "chown " + policy::quote(path));
@@ -63,11 +73,11 @@ Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, u
 
 }  // namespace
 
-Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid) {
+Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid, bool read_only) {
   struct stat st {};
   if (::fstat(dirfd, &st) != 0) return system_error(errno, "inspecting the tree's root");
-  UPGRADED_TRY(check_owner(st, from_uid, "."));
-  UPGRADED_TRY(chown_contents(dirfd, ".", from_uid, uid, gid));
+  UPGRADED_TRY(check_entry(st, from_uid, read_only, "."));
+  UPGRADED_TRY(chown_contents(dirfd, ".", from_uid, uid, gid, read_only));
   if (::fchown(dirfd, uid, gid) != 0) return system_error(errno, "chown of the tree's root");
   return {};
 }

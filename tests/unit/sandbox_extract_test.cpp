@@ -17,6 +17,7 @@
 #include "support/artifact_builder.h"
 #include "support/raw_tar.h"
 #include "support/test_dir.h"
+#include "upgraded/artifact/container.h"
 #include "upgraded/artifact/verifier.h"
 #include "upgraded/fs/chown_tree.h"
 #include "upgraded/fs/durable.h"
@@ -44,18 +45,23 @@ class SandboxExtract : public ::testing::Test {
 
   UniqueFd artifact(const std::string& payload) {
     build_artifact(t / "a.upd", {key}, payload);
-    return UniqueFd(::open((t / "a.upd").c_str(), O_RDONLY | O_CLOEXEC));
+    return UniqueFd(::open((t / "a.upd").c_str(), O_RDWR | O_CLOEXEC));
   }
 
   Result<artifact::ExtractStats> run(const std::string& payload, int cancel_fd = -1,
-                                     const std::string& manifest_override = "") {
+                                     const std::function<void(int fd)>& tamper = {}) {
     UniqueFd fd = artifact(payload);
+    auto head = artifact::ContainerReader::open(fd.get());
+    EXPECT_TRUE(head.ok());
     auto art = artifact::open_verified(fd.get(), keyring_of({key}), artifact::TrustPolicy{});
     EXPECT_TRUE(art.ok());
+    if (tamper) tamper(fd.get());
     auto dest = fs::open_directory(t / "dest");
     sandbox::ExtractRequest rq;
     rq.artifact_fd = fd.get();
-    rq.manifest_bytes = manifest_override.empty() ? art->manifest_bytes : manifest_override;
+    rq.manifest_bytes = art->manifest_bytes;
+    rq.payload_offset = artifact::canonical_payload_offset((*head)->manifest_bytes().size(),
+                                                           (*head)->signature_bytes().size());
     rq.policy.limits.free_space_reserve = 0;
     rq.policy.read_only = true;
     rq.dest_dirfd = dest->get();
@@ -119,8 +125,18 @@ TEST_F(SandboxExtract, ReadsTheHeadAndChecksSignaturesWithoutTheArtifact) {
   EXPECT_EQ(bad.error().code(), ErrorCode::kVerificationFailed) << bad.error().message();
 }
 
-TEST_F(SandboxExtract, RefusesAManifestOtherThanTheVerifiedOneAndWritesNothing) {
-  auto r = run(raw_tar({file("f", "x")}), -1, R"({"not": "the manifest"})");
+TEST_F(SandboxExtract, RefusesAPayloadChangedAfterTheSignatureCheckAndWritesNothing) {
+  // The caller keeps its file and may change it after verification: the helper parses nothing
+  // before its chunk hash matched.
+  auto r = run(raw_tar({file("f", "x")}), -1, [](int fd) {
+    struct stat st {};
+    ASSERT_EQ(::fstat(fd, &st), 0);
+    char last = 0;
+    off_t at = st.st_size - 1024 - 1;  // inside the payload, before the end-of-archive blocks
+    ASSERT_EQ(::pread(fd, &last, 1, at), 1);
+    last ^= 0x20;
+    ASSERT_EQ(::pwrite(fd, &last, 1, at), 1);
+  });
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code(), ErrorCode::kVerificationFailed) << r.error().message();
   auto names = fs::list_names(fs::open_directory(t / "dest")->get(), ".");
@@ -150,17 +166,36 @@ TEST(ChownTree, RefusesAnEntryTheBuilderDidNotCreate) {
   make_dirs(t / "tree/sub");
   write_file(t / "tree/sub/mine", "x");
   write_file(t / "foreign", "y");
-  ASSERT_EQ(::chown((t / "tree").c_str(), kHelperId, kHelperId), 0);
-  ASSERT_EQ(::chown((t / "tree/sub").c_str(), kHelperId, kHelperId), 0);
-  ASSERT_EQ(::chown((t / "tree/sub/mine").c_str(), kHelperId, kHelperId), 0);
+  // A refused walk may have handed some entries over already (the tree is then discarded):
+  // each check starts from a tree the helper owns.
+  auto helper_owns_all = [&] {
+    for (const char* p : {"tree", "tree/sub", "tree/sub/mine"})
+      ASSERT_EQ(::chown((t / p).c_str(), kHelperId, kHelperId), 0);
+  };
+  helper_owns_all();
   ASSERT_EQ(::link((t / "foreign").c_str(), (t / "tree/sub/link").c_str()), 0);
   auto fd = fs::open_directory(t / "tree");
-  auto r = fs::chown_tree(fd->get(), kHelperId, 0, 0);
+  auto r = fs::chown_tree(fd->get(), kHelperId, 0, 0, false);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code(), ErrorCode::kPolicyRefused);
   EXPECT_NE(r.error().message().find("link"), std::string::npos) << r.error().message();
   ASSERT_EQ(::unlink((t / "tree/sub/link").c_str()), 0);
-  ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0).ok());
+  // Modes a well-behaved extraction never leaves: refused, whatever the builder did.
+  for (mode_t bad : {04755, 02755, 01755}) {
+    helper_owns_all();
+    ASSERT_EQ(::chmod((t / "tree/sub/mine").c_str(), bad), 0);
+    EXPECT_FALSE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false).ok()) << std::oct << bad;
+  }
+  helper_owns_all();
+  ASSERT_EQ(::chmod((t / "tree/sub/mine").c_str(), 0644), 0);
+  EXPECT_FALSE(fs::chown_tree(fd->get(), kHelperId, 0, 0, true).ok()) << "writable, read-only";
+  helper_owns_all();
+  ASSERT_EQ(::mkfifo((t / "tree/fifo").c_str(), 0444), 0);
+  ASSERT_EQ(::lchown((t / "tree/fifo").c_str(), kHelperId, kHelperId), 0);
+  EXPECT_FALSE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false).ok()) << "a fifo";
+  ASSERT_EQ(::unlink((t / "tree/fifo").c_str()), 0);
+  helper_owns_all();
+  ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false).ok());
   struct stat st {};
   ASSERT_EQ(::stat((t / "tree/sub/mine").c_str(), &st), 0);
   EXPECT_EQ(st.st_uid, 0u);
@@ -220,6 +255,7 @@ TEST(Sandbox, RefusesWhatTheHelperNeverNeeds) {
   EXPECT_EQ(probe["create_inside"], "allowed");
   if (probe["landlock_abi"].get<int>() > 0) {
     EXPECT_EQ(probe["create_outside"], eacces) << "Landlock confines writes to the destination";
+    EXPECT_EQ(probe["read_outside"], eacces) << "and reads";
   } else {
     std::fprintf(stderr,
                  "note: this kernel has no Landlock; writes are confined by the uid only\n");

@@ -24,6 +24,9 @@ struct ActivationOptions {
   /// `current`): the point of no return. Returning false cancels the activation with nothing
   /// changed (kCanceled).
   std::function<bool()> commit;
+  /// rollback(): the target the caller announced (empty: any). If finishing an interrupted
+  /// activation first changed it, nothing is rolled back.
+  std::string expected_target;
 };
 
 struct ActivationReport {

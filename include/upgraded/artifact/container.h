@@ -21,6 +21,14 @@ inline constexpr std::size_t kTarRecord = 10240;
 
 /// Sequential reader of an artifact's container. Reads from offset 0 of `fd` with pread (or
 /// read() for pipes), never rereads a byte, and never touches the fd's file offset for files.
+/// Where the payload's data starts in a canonical container whose manifest.json and
+/// manifest.sig have these sizes (three 512-byte headers, data padded to 512).
+inline std::uint64_t canonical_payload_offset(std::uint64_t manifest_size,
+                                              std::uint64_t signature_size) {
+  auto pad = [](std::uint64_t n) { return (n + 511) / 512 * 512; };
+  return 3 * 512 + pad(manifest_size) + pad(signature_size);
+}
+
 class ContainerReader {
  public:
   ~ContainerReader();
@@ -29,6 +37,12 @@ class ContainerReader {
 
   /// Reads the first two members. Nothing in them is trusted yet. Errors: kVerificationFailed.
   static Result<std::unique_ptr<ContainerReader>> open(int fd);
+  /// A reader of the payload member's data alone, at `offset` in the regular file `fd`, that
+  /// parses nothing: for a process that must not parse unverified bytes (the daemon's
+  /// extraction helper), which hands every byte to the chunk verifier first. read_payload()
+  /// serves `info.size` bytes; finish() checks only that all were read.
+  static std::unique_ptr<ContainerReader> payload_at(int fd, std::uint64_t offset,
+                                                     const PayloadInfo& info);
 
   const std::string& manifest_bytes() const { return m_manifest; }
   const std::string& signature_bytes() const { return m_signature; }

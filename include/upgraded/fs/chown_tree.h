@@ -9,10 +9,12 @@
 namespace upgraded::fs {
 
 /// Changes the owner of `dirfd` and of everything below it (symlinks themselves, never their
-/// targets) from `from_uid` to `uid`:`gid`. An entry owned by anyone but `from_uid` is refused
-/// (kPolicyRefused) before it is touched: the tree's builder may not smuggle in a hard link to
-/// somebody else's file. Directories are opened with O_NOFOLLOW, so the walk never leaves the
-/// tree.
-Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid);
+/// targets) from `from_uid` to `uid`:`gid`, checking each entry before it is touched; refused
+/// (kPolicyRefused) are: an entry owned by anyone but `from_uid` (the builder may not smuggle
+/// in a hard link to somebody else's file); anything but directories, regular files and
+/// symlinks; setuid, setgid and sticky bits; and, with `read_only`, any write bit. So whatever
+/// the builder did, the result is what a well-behaved extraction would have produced, or
+/// nothing. Directories are opened with O_NOFOLLOW: the walk never leaves the tree.
+Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid, bool read_only);
 
 }  // namespace upgraded::fs
