@@ -1,6 +1,5 @@
 #include "upgraded/fs/chown_tree.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "upgraded/fs/durable.h"
 #include "upgraded/fs/unique_fd.h"
 #include "upgraded/policy/names.h"
 
@@ -35,24 +35,9 @@ Result<void> check_entry(const struct stat& st, uid_t from_uid, bool read_only,
 
 Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, uid_t uid, gid_t gid,
                             bool read_only) {
-  int dup = ::fcntl(dfd, F_DUPFD_CLOEXEC, 0);
-  if (dup < 0) return system_error(errno, "duplicating fd for '" + where + "'");
-  DIR* dir = ::fdopendir(dup);
-  if (!dir) {
-    ::close(dup);
-    return system_error(errno, "listing '" + where + "'");
-  }
-  ::rewinddir(dir);  // the duplicate shares the caller's file offset
-  std::vector<std::string> names;
-  errno = 0;
-  while (dirent* de = ::readdir(dir)) {
-    if (!std::strcmp(de->d_name, ".") || !std::strcmp(de->d_name, "..")) continue;
-    names.emplace_back(de->d_name);
-  }
-  int read_errno = errno;
-  ::closedir(dir);
-  if (read_errno != 0) return system_error(read_errno, "listing '" + where + "'");
-  for (const auto& name : names) {
+  auto names = list_names(dfd, ".");
+  if (!names) return names.error().with_context("listing '" + where + "'");
+  for (const auto& name : *names) {
     std::string path = where + "/" + name;
     struct stat st {};
     if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
