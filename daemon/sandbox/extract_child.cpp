@@ -246,11 +246,13 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
     return answer.error().with_context("extraction");
   }
   auto stats = decode_response(*answer);
-  if (!stats || !helper.as) return stats;
-  // Back to the daemon's uid, so that no later helper run (same uid) can touch this tree.
-  UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
-                              rq.policy.read_only));
-  UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree's owners"));
+  if (!stats) return stats;
+  // Back to the daemon's uid, so that no later helper run can touch this tree.
+  if (helper.as)
+    UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
+                                rq.policy.read_only));
+  // The helper leaves the one syncfs to us: contents and owners made durable together.
+  UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree"));
   return stats;
 }
 

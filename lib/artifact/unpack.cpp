@@ -14,14 +14,14 @@
 namespace upgraded::artifact {
 
 Result<ExtractStats> extract_verified(VerifiedArtifact& artifact, const ExtractPolicy& policy,
-                                      int dest_dirfd) {
+                                      int dest_dirfd, bool sync) {
   const PayloadInfo& payload = artifact.manifest.payload;
   VerifiedPayloadStream stream(*artifact.container, payload, WholeHashOn::kReader);
   auto stats = extract_payload(stream, payload.compression, payload.size, dest_dirfd, policy);
   if (!stats) return stats.error();
   // One syncfs instead of an fsync per file: the same durability for the whole tree at a
   // fraction of the cost (50,000 fsyncs take far longer than the extraction itself).
-  UPGRADED_TRY(fs::sync_filesystem(dest_dirfd, "extracted files"));
+  if (sync) UPGRADED_TRY(fs::sync_filesystem(dest_dirfd, "extracted files"));
   return stats;
 }
 

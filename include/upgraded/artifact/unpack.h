@@ -27,8 +27,9 @@ Result<UnpackResult> unpack_artifact(int artifact_fd, const Keyring& keyring,
 /// Extracts the payload of an artifact whose signatures and manifest are verified into the
 /// existing, empty directory `dest_dirfd`, verifying every chunk on the way, then syncs the
 /// filesystem (one syncfs). The building block for unpack_artifact and the release store. On
-/// failure the directory's content is unspecified and the caller removes it.
+/// failure the directory's content is unspecified and the caller removes it. `sync` false
+/// leaves the syncfs to the caller (who has more to change before making it durable).
 Result<ExtractStats> extract_verified(VerifiedArtifact& artifact, const ExtractPolicy& policy,
-                                      int dest_dirfd);
+                                      int dest_dirfd, bool sync = true);
 
 }  // namespace upgraded::artifact
