@@ -12,6 +12,9 @@ enum ExitCode : int {
   kExitPolicyRefused = 3,
   kExitVerificationFailed = 4,
   kExitBusy = 5,
+  kExitUnreachable = 6,   ///< the daemon cannot be reached (not running, no bus)
+  kExitAccessDenied = 7,  ///< not authorized (root or polkit needed)
+  kExitNotFound = 8,      ///< no such app, release or job
 };
 
 int exit_code_for(const upgraded::Error& error);

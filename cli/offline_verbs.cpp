@@ -12,6 +12,7 @@
 #include <string>
 
 #include "exit_codes.h"
+#include "output.h"
 #include "upgraded/artifact/encoding.h"
 #include "upgraded/artifact/keys.h"
 #include "upgraded/artifact/packer.h"
@@ -59,19 +60,6 @@ Result<UniqueFd> open_artifact(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) return system_error(errno, "opening '" + path + "'");
   return UniqueFd(fd);
-}
-
-std::string human_size(std::uint64_t n) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(n);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
 }
 
 void print_manifest(const Manifest& m) {

@@ -62,6 +62,11 @@ void JobObject::set_state(const std::string& state) {
   getObject().emitPropertiesChangedSignal(INTERFACE_NAME, {"State"});
 }
 
+void JobObject::set_error(const std::string& error_name) {
+  m_job->error = error_name;
+  getObject().emitPropertiesChangedSignal(INTERFACE_NAME, {"Error"});
+}
+
 void JobObject::Cancel() {
   const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
   m_cancel(m_job, msg ? msg->getSender() : std::string());

@@ -40,6 +40,7 @@ class Job {
   std::string state = "running";
   std::uint32_t progress = 0;
   std::string step = "queued";
+  std::string error;  ///< D-Bus error name once failed or canceled
 
  private:
   mutable std::mutex m_mutex;
@@ -58,6 +59,7 @@ class JobObject final : public sdbus::AdaptorInterfaces<org::upgraded1::Job_adap
   /// Sets Step and Progress (and State) and announces the change.
   void update(const std::string& step, std::uint32_t progress);
   void set_state(const std::string& state);
+  void set_error(const std::string& error_name);
 
  private:
   void Cancel() override;
@@ -68,6 +70,7 @@ class JobObject final : public sdbus::AdaptorInterfaces<org::upgraded1::Job_adap
   std::string State() override { return m_job->state; }
   std::uint32_t Progress() override { return m_job->progress; }
   std::string Step() override { return m_job->step; }
+  std::string Error() override { return m_job->error; }
 
   std::shared_ptr<Job> m_job;
   CancelFn m_cancel;

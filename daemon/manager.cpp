@@ -212,8 +212,13 @@ sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManif
       progress("done", 100);
       return {};
     }
+    // Staging was the first half of this job: the activation's steps fill the second.
+    progress("staged", 50);
+    ProgressFn second_half = [&progress](const std::string& step, int percent) {
+      progress(step, 50 + percent / 2);
+    };
     activation::Activator activator(m_store, m_units);
-    auto done = activator.activate(lock, job.version, activation_options(job), progress);
+    auto done = activator.activate(lock, job.version, activation_options(job), second_half);
     if (!done) {
       // Canceled before the switch: take the staged release away again, so nothing changed.
       if (done.error().code() == ErrorCode::kCanceled) {
@@ -438,6 +443,7 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
   log(r ? Level::kInfo : Level::kError, c,
       job.type + " " + job.app + " " + job.version + ": " + result +
           (message.empty() ? "" : ": " + message));
+  if (!r) running.object->set_error(bus_error::name_for(r.error().code()));
   running.object.reset();  // the object is gone when JobRemoved arrives
   emitJobRemoved(id, sdbus::ObjectPath(job.path()), result, message);
   if (m_jobs.empty()) ::malloc_trim(0);  // idle again: give the job's memory back

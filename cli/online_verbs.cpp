@@ -1,0 +1,464 @@
+// The verbs that talk to the daemon, through the proxies generated from dbus/*.xml.
+
+#include "online_verbs.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <sdbus-c++/sdbus-c++.h>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "exit_codes.h"
+#include "org.upgraded1.Manager.proxy.h"
+#include "output.h"
+
+namespace upgradectl {
+namespace {
+
+using nlohmann::json;
+constexpr const char* kName = "org.upgraded1";
+constexpr const char* kPath = "/org/upgraded1";
+
+int exit_code_for_error_name(const std::string& name) {
+  if (name == "org.upgraded1.Error.InvalidArgument") return kExitUsage;
+  if (name == "org.upgraded1.Error.PolicyRefused") return kExitPolicyRefused;
+  if (name == "org.upgraded1.Error.VerificationFailed") return kExitVerificationFailed;
+  if (name == "org.upgraded1.Error.Busy") return kExitBusy;
+  if (name == "org.upgraded1.Error.AccessDenied") return kExitAccessDenied;
+  if (name == "org.upgraded1.Error.NotFound") return kExitNotFound;
+  if (name == "org.freedesktop.DBus.Error.ServiceUnknown" ||
+      name == "org.freedesktop.DBus.Error.NameHasNoOwner" ||
+      name == "org.freedesktop.DBus.Error.NoReply" ||
+      name == "org.freedesktop.DBus.Error.NoServer" ||
+      name == "org.freedesktop.DBus.Error.FileNotFound" ||
+      name == "org.freedesktop.DBus.Error.Disconnected" ||
+      name == "org.freedesktop.DBus.Error.Spawn.ChildExited" ||
+      name == "org.freedesktop.DBus.Error.TimedOut")
+    return kExitUnreachable;
+  return kExitFailed;
+}
+
+// What to do next, for the errors where there is something to say.
+std::string hint_for(const std::string& name, bool user) {
+  if (exit_code_for_error_name(name) == kExitUnreachable)
+    return user ? "is `upgraded --user` running on your session bus?"
+                : "is upgraded.service installed? (systemctl status upgraded)";
+  if (name == "org.upgraded1.Error.AccessDenied")
+    return "run it as root (sudo), or ask for the polkit action it names";
+  if (name == "org.upgraded1.Error.Busy") return "wait for that job (upgradectl jobs), then retry";
+  return "";
+}
+
+int report_dbus(const sdbus::Error& e, bool user) {
+  std::string message = e.getMessage().empty() ? e.getName() : e.getMessage();
+  std::fprintf(stderr, "upgradectl: %s\n", message.c_str());
+  if (auto hint = hint_for(e.getName(), user); !hint.empty())
+    std::fprintf(stderr, "upgradectl: %s\n", hint.c_str());
+  return exit_code_for_error_name(e.getName());
+}
+
+// A connection to the daemon, with JobRemoved subscribed before any call, so that the end of a
+// job it starts cannot be missed.
+class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy> {
+ public:
+  // The connection runs no event loop yet: signals that arrive during a call are queued and
+  // dispatched once run_job starts the loop.
+  explicit Client(sdbus::IConnection& bus) : ProxyInterfaces(bus, kName, kPath) { registerProxy(); }
+  ~Client() { unregisterProxy(); }
+
+  struct Outcome {
+    std::string result, message;
+  };
+  // Waits for JobRemoved of `job`.
+  Outcome wait(const std::string& job) {
+    std::unique_lock lock(m_mutex);
+    m_cv.wait(lock, [&] { return m_removed.count(job) > 0; });
+    return m_removed[job];
+  }
+
+ private:
+  void onJobNew(const uint32_t&, const sdbus::ObjectPath&) override {}
+  void onJobRemoved(const uint32_t&, const sdbus::ObjectPath& job, const std::string& result,
+                    const std::string& message) override {
+    std::lock_guard lock(m_mutex);
+    m_removed[job] = {result, message};
+    m_cv.notify_all();
+  }
+  std::mutex m_mutex;
+  std::condition_variable m_cv;
+  std::map<std::string, Outcome> m_removed;
+};
+
+// Follows a job's properties: progress for people, and the error name for the exit code. The
+// match is added before the call that creates the job, so that nothing it emits is missed.
+class JobWatch {
+ public:
+  JobWatch(sdbus::IConnection& bus, upgradectl::Progress& progress) : m_progress(progress) {
+    m_slot = bus.addMatch(
+        "type='signal',sender='org.upgraded1',interface='org.freedesktop.DBus.Properties',"
+        "member='PropertiesChanged',path_namespace='/org/upgraded1/job'",
+        [this](sdbus::Message& msg) { on_changed(msg); });
+  }
+  void follow(const std::string& path) {
+    std::lock_guard lock(m_mutex);
+    m_path = path;
+  }
+  std::string error() {
+    std::lock_guard lock(m_mutex);
+    return m_error;
+  }
+
+ private:
+  void on_changed(sdbus::Message& msg) {
+    std::string iface;
+    std::map<std::string, sdbus::Variant> changed;
+    std::vector<std::string> invalidated;
+    try {
+      msg >> iface >> changed >> invalidated;
+    } catch (const sdbus::Error&) {
+      return;
+    }
+    std::lock_guard lock(m_mutex);
+    if (msg.getPath() != m_path || iface != "org.upgraded1.Job") return;
+    if (auto it = changed.find("Error"); it != changed.end())
+      m_error = it->second.get<std::string>();
+    if (auto it = changed.find("Step"); it != changed.end()) m_step = it->second.get<std::string>();
+    if (auto it = changed.find("Progress"); it != changed.end())
+      m_percent = it->second.get<uint32_t>();
+    if (changed.count("Step") || changed.count("Progress")) m_progress.update(m_step, m_percent);
+  }
+  upgradectl::Progress& m_progress;
+  sdbus::Slot m_slot;
+  std::mutex m_mutex;
+  std::string m_path, m_error, m_step;
+  uint32_t m_percent = 0;
+};
+
+struct Common {
+  bool user = false;
+  bool json = false;
+  bool quiet = false;
+  bool no_block = false;
+};
+
+std::unique_ptr<sdbus::IConnection> connect(bool user) {
+  return user ? sdbus::createSessionBusConnection() : sdbus::createSystemBusConnection();
+}
+
+// Starts a job with `call` and, unless --no-block, follows it to its end.
+int run_job(const Common& c, const std::function<sdbus::ObjectPath(Client&)>& call,
+            const std::string& what) {
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    Progress progress(what, c.quiet);
+    JobWatch watch(*bus, progress);
+    sdbus::ObjectPath job = call(client);
+    if (c.no_block) {
+      std::printf("%s\n", job.c_str());
+      return kExitOk;
+    }
+    watch.follow(job);
+    bus->enterEventLoopAsync();
+    auto outcome = client.wait(job);
+    bus->leaveEventLoop();
+    progress.finish(outcome.result == "done");
+    if (outcome.result == "done") return kExitOk;
+    std::string name = watch.error();
+    std::fprintf(stderr, "upgradectl: %s %s: %s\n", what.c_str(), outcome.result.c_str(),
+                 outcome.message.c_str());
+    if (outcome.result == "canceled") return kExitFailed;
+    return name.empty() ? kExitFailed : exit_code_for_error_name(name);
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+}
+
+void add_common(CLI::App* cmd, Common& c, bool job, bool read) {
+  cmd->add_flag("--user", c.user, "talk to the per-user instance on the session bus");
+  if (read) cmd->add_flag("--json", c.json, "machine-readable output (docs/upgradectl.md)");
+  if (job) {
+    cmd->add_flag("--no-block", c.no_block, "print the job's path and return at once");
+    cmd->add_flag("-q,--quiet", c.quiet, "no progress output");
+  }
+}
+
+int run_status(const Common& c, const std::string& app) {
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    auto apps = client.ListApps();
+    auto jobs = client.ListJobs();
+    json out = json::array();
+    Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "JOB"});
+    for (const auto& a : apps) {
+      const std::string& name = std::get<0>(a);
+      if (!app.empty() && name != app) continue;
+      std::string job;
+      for (const auto& j : jobs)
+        if (std::get<2>(j) == name)
+          job = std::to_string(std::get<0>(j)) + " " + std::get<1>(j) + " " + std::get<4>(j);
+      out.push_back({{"app", name},
+                     {"current", std::get<1>(a)},
+                     {"previous", std::get<2>(a)},
+                     {"last_known_good", std::get<3>(a)},
+                     {"job", job}});
+      t.add({name, std::get<1>(a), std::get<2>(a), std::get<3>(a), job});
+    }
+    if (!app.empty() && out.empty()) {
+      std::fprintf(stderr, "upgradectl: no app '%s' is installed\n", app.c_str());
+      return kExitNotFound;
+    }
+    if (c.json)
+      std::printf("%s\n", out.dump(2).c_str());
+    else if (out.empty())
+      std::printf("No apps are installed.\n");
+    else
+      t.print();
+    return kExitOk;
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+}
+
+int run_list(const Common& c, const std::string& only) {
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    std::vector<std::string> apps;
+    if (!only.empty()) {
+      apps.push_back(only);
+    } else {
+      for (const auto& a : client.ListApps())
+        apps.push_back(std::get<0>(a));
+    }
+    json out = json::array();
+    Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
+    for (const auto& app : apps) {
+      for (const auto& r : client.ListReleases(app)) {
+        out.push_back({{"app", app},
+                       {"version", std::get<0>(r)},
+                       {"status", std::get<1>(r)},
+                       {"role", std::get<2>(r)},
+                       {"staged_at", std::get<3>(r)},
+                       {"pinned", std::get<4>(r)},
+                       {"size", std::get<5>(r)}});
+        t.add({app, std::get<0>(r), colored_status(std::get<1>(r)), std::get<2>(r), std::get<3>(r),
+               std::get<4>(r) ? "yes" : "", human_size(std::get<5>(r))});
+      }
+    }
+    if (c.json)
+      std::printf("%s\n", out.dump(2).c_str());
+    else if (out.empty())
+      std::printf("No releases are installed.\n");
+    else
+      t.print();
+    return kExitOk;
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+}
+
+int run_jobs(const Common& c) {
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    json out = json::array();
+    Table t({"ID", "TYPE", "APP", "VERSION", "STATE"});
+    for (const auto& j : client.ListJobs()) {
+      out.push_back({{"id", std::get<0>(j)},
+                     {"type", std::get<1>(j)},
+                     {"app", std::get<2>(j)},
+                     {"version", std::get<3>(j)},
+                     {"state", std::get<4>(j)},
+                     {"path", std::string(std::get<5>(j))}});
+      t.add({std::to_string(std::get<0>(j)), std::get<1>(j), std::get<2>(j), std::get<3>(j),
+             std::get<4>(j)});
+    }
+    if (c.json)
+      std::printf("%s\n", out.dump(2).c_str());
+    else if (out.empty())
+      std::printf("No jobs are running.\n");
+    else
+      t.print();
+    return kExitOk;
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+}
+
+int run_history(const Common& c, const std::string& app, unsigned limit) {
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    auto entries = client.GetHistory(app, {{"limit", sdbus::Variant(uint32_t(limit))}});
+    json out = json::array();
+    Table t({"TIME", "OP", "FROM", "TO", "RESULT", "DOWNTIME", "MESSAGE"});
+    for (const auto& h : entries) {
+      json downtime = json::object();
+      std::uint64_t worst = 0;
+      for (const auto& [unit, usec] : std::get<6>(h)) {
+        downtime[unit] = usec;
+        worst = std::max<std::uint64_t>(worst, usec);
+      }
+      out.push_back({{"time", std::get<0>(h)},
+                     {"op", std::get<1>(h)},
+                     {"from", std::get<2>(h)},
+                     {"to", std::get<3>(h)},
+                     {"result", std::get<4>(h)},
+                     {"message", std::get<5>(h)},
+                     {"downtime_usec", downtime}});
+      char dt[32] = "";
+      if (!std::get<6>(h).empty())
+        std::snprintf(dt, sizeof dt, "%.1f ms", static_cast<double>(worst) / 1000);
+      t.add({std::get<0>(h), std::get<1>(h), std::get<2>(h), std::get<3>(h),
+             colored_status(std::get<4>(h)), dt, std::get<5>(h)});
+    }
+    if (c.json)
+      std::printf("%s\n", out.dump(2).c_str());
+    else if (out.empty())
+      std::printf("No history for %s.\n", app.c_str());
+    else
+      t.print();
+    return kExitOk;
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+}
+
+int run_cancel(const Common& c, unsigned id) {
+  try {
+    auto bus = connect(c.user);
+    auto job = sdbus::createProxy(*bus, kName, "/org/upgraded1/job/" + std::to_string(id));
+    job->callMethod("Cancel").onInterface("org.upgraded1.Job");
+    if (!c.quiet) std::printf("Asked job %u to cancel.\n", id);
+    return kExitOk;
+  } catch (const sdbus::Error& e) {
+    if (e.getName() == "org.freedesktop.DBus.Error.UnknownObject" ||
+        e.getName() == "org.freedesktop.DBus.Error.UnknownMethod") {
+      std::fprintf(stderr, "upgradectl: there is no job %u (it may have ended)\n", id);
+      return kExitNotFound;
+    }
+    return report_dbus(e, c.user);
+  }
+}
+
+}  // namespace
+
+void add_online_verbs(CLI::App& app, int& exit_code) {
+  {
+    auto* cmd = app.add_subcommand("status", "Show installed apps: current and rollback releases");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    add_common(cmd, *c, false, true);
+    cmd->add_option("APP", *name, "only this app");
+    cmd->callback([&exit_code, c, name] { exit_code = run_status(*c, *name); });
+  }
+  {
+    auto* cmd = app.add_subcommand("list", "List installed releases");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    add_common(cmd, *c, false, true);
+    cmd->add_option("APP", *name, "only this app");
+    cmd->callback([&exit_code, c, name] { exit_code = run_list(*c, *name); });
+  }
+  {
+    auto* cmd = app.add_subcommand(
+        "install", "Install a signed artifact and activate it (unless --stage-only)");
+    auto c = std::make_shared<Common>();
+    auto file = std::make_shared<std::string>();
+    auto stage_only = std::make_shared<bool>(false);
+    add_common(cmd, *c, true, false);
+    cmd->add_flag("--stage-only", *stage_only, "install without activating");
+    auto wait = std::make_shared<bool>(true);
+    cmd->add_flag("--wait", *wait, "follow the job to its end (the default; for package hooks)");
+    cmd->add_option("FILE", *file, "artifact (.upd)")->required();
+    cmd->callback([&exit_code, c, file, stage_only] {
+      int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+      if (fd < 0) {
+        exit_code = report(upgraded::system_error(errno, "opening '" + *file + "'"));
+        return;
+      }
+      sdbus::UnixFd artifact(fd, sdbus::adopt_fd);
+      exit_code = run_job(
+          *c,
+          [&](Client& cl) {
+            return cl.Install(artifact, {{"activate", sdbus::Variant(!*stage_only)}});
+          },
+          "install " + *file);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand("activate", "Make an installed release the running one");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto version = std::make_shared<std::string>();
+    auto allow_bad = std::make_shared<bool>(false);
+    add_common(cmd, *c, true, false);
+    cmd->add_flag("--allow-bad", *allow_bad, "also activate a release marked bad");
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->add_option("VERSION", *version, "release")->required();
+    cmd->callback([&exit_code, c, name, version, allow_bad] {
+      std::map<std::string, sdbus::Variant> o;
+      if (*allow_bad) o["allow_bad"] = sdbus::Variant(true);
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.Activate(*name, *version, o); },
+          "activate " + *name + " " + *version);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand("rollback", "Go back to the previous release");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    add_common(cmd, *c, true, false);
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->callback([&exit_code, c, name] {
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.Rollback(*name, {}); }, "rollback " + *name);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand("remove", "Remove an installed release");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto version = std::make_shared<std::string>();
+    add_common(cmd, *c, true, false);
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->add_option("VERSION", *version, "release")->required();
+    cmd->callback([&exit_code, c, name, version] {
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.Remove(*name, *version, {}); },
+          "remove " + *name + " " + *version);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand("jobs", "List running jobs");
+    auto c = std::make_shared<Common>();
+    add_common(cmd, *c, false, true);
+    cmd->callback([&exit_code, c] { exit_code = run_jobs(*c); });
+  }
+  {
+    auto* cmd = app.add_subcommand("cancel", "Cancel a job before its point of no return");
+    auto c = std::make_shared<Common>();
+    auto id = std::make_shared<unsigned>(0);
+    cmd->add_flag("--user", c->user, "talk to the per-user instance on the session bus");
+    cmd->add_flag("-q,--quiet", c->quiet, "print nothing on success");
+    cmd->add_option("JOB", *id, "job number (upgradectl jobs)")->required();
+    cmd->callback([&exit_code, c, id] { exit_code = run_cancel(*c, *id); });
+  }
+  {
+    auto* cmd = app.add_subcommand("history", "Show an app's activations and rollbacks");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto limit = std::make_shared<unsigned>(20);
+    add_common(cmd, *c, false, true);
+    cmd->add_option("--limit,-n", *limit, "newest entries to show")->check(CLI::Range(1, 10000));
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->callback([&exit_code, c, name, limit] { exit_code = run_history(*c, *name, *limit); });
+  }
+}
+
+}  // namespace upgradectl

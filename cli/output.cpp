@@ -1,0 +1,105 @@
+#include "output.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+namespace upgradectl {
+namespace {
+
+// Width on screen of UTF-8 text without escape sequences (one column per code point).
+std::size_t visible_width(const std::string& s) {
+  std::size_t n = 0;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\033') {
+      while (i < s.size() && s[i] != 'm')
+        ++i;
+      continue;
+    }
+    if ((static_cast<unsigned char>(s[i]) & 0xC0) != 0x80) ++n;
+  }
+  return n;
+}
+
+}  // namespace
+
+bool use_color() {
+  static const bool color = ::isatty(STDOUT_FILENO) && !std::getenv("NO_COLOR");
+  return color;
+}
+
+std::string human_size(std::uint64_t n) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  return buf;
+}
+
+std::string colored_status(const std::string& s) {
+  if (!use_color()) return s;
+  if (s == "good" || s == "done") return "\033[32m" + s + "\033[0m";
+  if (s == "bad" || s == "failed") return "\033[31m" + s + "\033[0m";
+  if (s == "rolled-back") return "\033[33m" + s + "\033[0m";
+  return s;
+}
+
+void Table::print() const {
+  std::vector<std::size_t> width(m_header.size(), 0);
+  for (std::size_t i = 0; i < m_header.size(); ++i)
+    width[i] = visible_width(m_header[i]);
+  for (const auto& row : m_rows)
+    for (std::size_t i = 0; i < row.size() && i < width.size(); ++i)
+      width[i] = std::max(width[i], visible_width(row[i]));
+  auto line = [&](const std::vector<std::string>& cells, bool header) {
+    std::string out;
+    for (std::size_t i = 0; i < cells.size(); ++i) {
+      std::string cell = cells[i];
+      bool last = i + 1 == cells.size();
+      if (!last) cell += std::string(width[i] - visible_width(cells[i]) + 2, ' ');
+      out += cell;
+    }
+    while (!out.empty() && out.back() == ' ')
+      out.pop_back();
+    if (header && use_color()) out = "\033[1m" + out + "\033[0m";
+    std::printf("%s\n", out.c_str());
+  };
+  line(m_header, true);
+  for (const auto& row : m_rows)
+    line(row, false);
+}
+
+Progress::Progress(std::string what, bool quiet)
+    : m_what(std::move(what)), m_quiet(quiet), m_tty(::isatty(STDERR_FILENO)) {}
+
+void Progress::update(const std::string& step, unsigned percent) {
+  std::lock_guard lock(m_mutex);
+  if (m_quiet) return;
+  if (m_tty) {
+    constexpr unsigned kWidth = 30;
+    unsigned filled = std::min(percent, 100u) * kWidth / 100;
+    std::fprintf(stderr, "\r\033[K%s [%s%s] %3u%% %s", m_what.c_str(),
+                 std::string(filled, '#').c_str(), std::string(kWidth - filled, '.').c_str(),
+                 percent, step.c_str());
+    m_drawn = true;
+  } else if (step != m_last_step) {
+    std::fprintf(stderr, "%s: %s (%u%%)\n", m_what.c_str(), step.c_str(), percent);
+  }
+  m_last_step = step;
+}
+
+void Progress::finish(bool ok) {
+  std::lock_guard lock(m_mutex);
+  if (m_quiet) return;
+  if (m_tty && m_drawn) std::fprintf(stderr, "\r\033[K");
+  if (ok && (m_tty || m_last_step != "done")) std::fprintf(stderr, "%s: done\n", m_what.c_str());
+}
+
+}  // namespace upgradectl

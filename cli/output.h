@@ -1,0 +1,46 @@
+#pragma once
+
+// Output for people: aligned tables, colour only on a terminal (and never with NO_COLOR), and a
+// progress line that redraws itself on a terminal and prints plain lines otherwise.
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace upgradectl {
+
+/// True when stdout is a terminal and NO_COLOR is not set.
+bool use_color();
+std::string human_size(std::uint64_t bytes);
+/// A release or history status, coloured on a terminal (good/done green, bad/failed red).
+std::string colored_status(const std::string& status);
+
+class Table {
+ public:
+  explicit Table(std::vector<std::string> header) : m_header(std::move(header)) {}
+  void add(std::vector<std::string> row) { m_rows.push_back(std::move(row)); }
+  void print() const;
+
+ private:
+  std::vector<std::string> m_header;
+  std::vector<std::vector<std::string>> m_rows;
+};
+
+/// A job's progress on stderr: a redrawn bar with the step's name on a terminal, one line per
+/// step otherwise, nothing with `quiet`. Thread-safe (updates come from the bus thread).
+class Progress {
+ public:
+  Progress(std::string what, bool quiet);
+  void update(const std::string& step, unsigned percent);
+  void finish(bool ok);
+
+ private:
+  std::mutex m_mutex;
+  std::string m_what;
+  bool m_quiet, m_tty;
+  std::string m_last_step;
+  bool m_drawn = false;
+};
+
+}  // namespace upgradectl

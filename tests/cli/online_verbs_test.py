@@ -1,0 +1,216 @@
+#!/usr/bin/python3
+"""upgradectl's verbs that talk to the daemon, end to end on the real-systemd testbed: output
+for people and --json, and the documented exit codes.
+
+    tests/testbed/with-systemd-user tests/cli/online_verbs_test.py UPGRADED UPGRADECTL
+
+Needs UPGRADED_TESTBED_OPEN_BUS=1 (a caller running as nobody).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
+TESTBED = os.environ["UPGRADED_TESTBED"]
+UNITS_DIR = os.environ["UPGRADED_TESTBED_UNITS"]
+
+
+class OnlineVerbs(unittest.TestCase):
+    app = "hello"
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(dir=TESTBED)
+        os.chmod(self.dir, 0o755)
+        self.root = os.path.join(self.dir, "root")
+        keys = os.path.join(self.root, "etc/upgraded/keys.d")
+        os.makedirs(keys)
+        self.key = os.path.join(self.dir, "release.key")
+        self.ctl("keygen", "--private", self.key, "--public", os.path.join(keys, "k.pem"),
+                 user=False)
+        self.out = os.path.join(self.dir, "serving")
+        self.unit = self.app + ".service"
+        with open(os.path.join(UNITS_DIR, self.unit), "w") as f:
+            f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
+                    "Environment=OUT=%s\n" % (self.root, self.app, self.out))
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        self.daemon = None
+
+    def tearDown(self):
+        self.stop_daemon()
+        subprocess.run(["systemctl", "--user", "stop", self.unit], check=False)
+        subprocess.run(["systemctl", "--user", "reset-failed", self.unit], check=False,
+                       stderr=subprocess.DEVNULL)
+        os.unlink(os.path.join(UNITS_DIR, self.unit))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start_daemon(self, env=None):
+        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
+        self.daemon = subprocess.Popen([UPGRADED, "--user", "--root", self.root],
+                                       env=dict(os.environ, **(env or {})),
+                                       stdout=self.log, stderr=self.log)
+        for _ in range(200):
+            if self.ctl("jobs", check=None).returncode == 0:
+                return
+            time.sleep(0.05)
+        self.fail("upgraded did not come up")
+
+    def stop_daemon(self):
+        if self.daemon and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.assertEqual(self.daemon.wait(timeout=60), 0)
+        if self.daemon:
+            self.log.close()
+        self.daemon = None
+
+    def ctl(self, *args, user=True, check=0, as_nobody=False):
+        cmd = [UPGRADECTL, *args] + (["--user"] if user else [])
+        if as_nobody:
+            cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] + cmd
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if check is not None:
+            self.assertEqual(r.returncode, check, "%s\nstdout: %s\nstderr: %s" %
+                             (" ".join(args), r.stdout, r.stderr))
+        self.assertNotIn("\033", r.stdout + r.stderr, "no colour when not on a terminal")
+        return r
+
+    def pack(self, version, fail=False, min_ready_s=1):
+        src = os.path.join(self.dir, "src-" + version)
+        os.makedirs(os.path.join(src, "bin"))
+        with open(os.path.join(src, "VERSION"), "w") as f:
+            f.write(version)
+        with open(os.path.join(src, "bin/hello"), "w") as f:
+            f.write('#!/bin/sh\nhere=$(dirname "$(readlink -f "$0")")\n'
+                    'cat "$here/../VERSION" > "$OUT"\n' +
+                    ("sleep 0.3; exit 3\n" if fail else "exec sleep 1000\n"))
+        os.chmod(os.path.join(src, "bin/hello"), 0o755)
+        extra = os.path.join(self.dir, "m-%s.json" % version)
+        with open(extra, "w") as f:
+            json.dump({"units": [self.unit],
+                       "health": {"min_ready_s": min_ready_s, "deadline_s": 30}}, f)
+        out = os.path.join(self.dir, version + ".upd")
+        self.ctl("pack", "--key", self.key, "--app", self.app, "--version", version,
+                 "--manifest", extra, "-o", out, src, user=False)
+        os.chmod(out, 0o644)
+        return out
+
+    def serving(self, expect):
+        text = None
+        for _ in range(200):
+            try:
+                with open(self.out) as f:
+                    text = f.read()
+            except FileNotFoundError:
+                pass
+            if text == expect:
+                break
+            time.sleep(0.02)
+        return text
+
+    def test_every_verb_its_output_and_its_exit_code(self):
+        # No daemon: exit 6 and what to do.
+        r = self.ctl("status", check=6)
+        self.assertIn("upgraded --user", r.stderr)
+        self.start_daemon()
+        self.assertIn("No apps are installed", self.ctl("status").stdout)
+
+        r = self.ctl("install", self.pack("1.0.0"))
+        self.assertIn("install", r.stderr)
+        self.assertIn("health gate", r.stderr, "plain progress lines when not on a terminal")
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        self.ctl("install", "--stage-only", "-q", self.pack("2.0.0"))
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+        releases = json.loads(self.ctl("list", "--json").stdout)
+        self.assertEqual([(r["version"], r["status"], r["role"]) for r in releases],
+                         [("1.0.0", "good", "current"), ("2.0.0", "staged", "")])
+        self.assertEqual(set(releases[0]),
+                         {"app", "version", "status", "role", "staged_at", "pinned", "size"})
+        table = self.ctl("list", self.app).stdout.splitlines()
+        self.assertEqual(table[0].split(), ["APP", "VERSION", "STATUS", "ROLE", "STAGED",
+                                            "PINNED", "SIZE"])
+        self.assertEqual(len(table), 3)
+        status = json.loads(self.ctl("status", "--json").stdout)
+        self.assertEqual(status, [{"app": self.app, "current": "1.0.0", "previous": "",
+                                   "last_known_good": "1.0.0", "job": ""}])
+        self.ctl("status", "nosuch", check=8)
+
+        # --no-block prints the job; a second job for the app is busy (5).
+        job = self.ctl("activate", self.app, "2.0.0", "--no-block").stdout.strip()
+        self.assertRegex(job, r"^/org/upgraded1/job/\d+$")
+        jobs = json.loads(self.ctl("jobs", "--json").stdout)
+        self.assertEqual([(j["type"], j["app"], j["version"], j["path"]) for j in jobs],
+                         [("activate", self.app, "2.0.0", job)])
+        r = self.ctl("rollback", self.app, check=5)
+        self.assertIn("busy", r.stderr)
+        for _ in range(300):
+            if not json.loads(self.ctl("jobs", "--json").stdout):
+                break
+            time.sleep(0.05)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+        # A release that fails its health gate: exit 1, rolled back, then refused as bad (3).
+        r = self.ctl("install", self.pack("3.0.0", fail=True), check=1)
+        self.assertIn("health gate", r.stderr)
+        self.assertIn("rolled back to 2.0.0", r.stderr)
+        r = self.ctl("activate", self.app, "3.0.0", check=3)
+        self.assertIn("marked bad", r.stderr)
+        self.ctl("activate", self.app, "9.9.9", check=8)
+        self.ctl("remove", self.app, "2.0.0", check=3)  # the current release
+
+        self.ctl("rollback", self.app)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        history = json.loads(self.ctl("history", self.app, "--json").stdout)
+        self.assertEqual([(h["op"], h["to"], h["result"]) for h in history],
+                         [("activate", "1.0.0", "done"), ("activate", "2.0.0", "done"),
+                          ("activate", "3.0.0", "rolled-back"), ("rollback", "1.0.0", "done")])
+        self.assertGreater(history[1]["downtime_usec"][self.unit], 0)
+        self.assertEqual(len(json.loads(self.ctl("history", self.app, "-n", "2",
+                                                 "--json").stdout)), 2)
+        self.assertIn("rolled-back", self.ctl("history", self.app).stdout)
+        self.ctl("remove", self.app, "3.0.0")
+        self.assertNotIn("3.0.0", self.ctl("list").stdout)
+
+        # Verification failure (4), usage (2), an unknown job (8), and nobody (7).
+        with open(self.pack("4.0.0"), "rb") as f:
+            data = bytearray(f.read())
+        data[700] ^= 1
+        bad = os.path.join(self.dir, "bad.upd")
+        with open(bad, "wb") as f:
+            f.write(bytes(data))
+        self.ctl("install", bad, check=4)
+        self.ctl("activate", self.app, check=2)
+        self.ctl("cancel", "999", check=8)
+        r = self.ctl("rollback", self.app, check=7, as_nobody=True)
+        self.assertIn("not authorized", r.stderr)
+        self.assertIn("root", r.stderr)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+    def test_cancel_stops_a_job_its_follower_reports_it(self):
+        self.start_daemon()
+        self.ctl("install", self.pack("1.0.0"))
+        self.ctl("install", "--stage-only", self.pack("2.0.0"))
+        self.stop_daemon()
+        self.start_daemon({"UPGRADED_PAUSE_AT": "activation.before_commit:2000"})
+        follower = subprocess.Popen([UPGRADECTL, "activate", self.app, "2.0.0", "--user"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(100):
+            jobs = json.loads(self.ctl("jobs", "--json").stdout)
+            if jobs:
+                break
+            time.sleep(0.05)
+        self.assertIn("Asked job", self.ctl("cancel", str(jobs[0]["id"])).stdout)
+        _, err = follower.communicate(timeout=30)
+        self.assertEqual(follower.returncode, 1, err)
+        self.assertIn("canceled", err)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], "-v"])
