@@ -199,7 +199,12 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
   Result<void> back = old_manifest ? m_store.switch_back(lock, report.from, previous)
                                    : Result<void>(old_manifest.error());
   if (back)
-    back = restart_and_gate(*old_manifest, options, progress, back_downtime, /*soak=*/false);
+    back = restart_and_gate(
+        *old_manifest, options,
+        [&progress](const std::string& step, int percent) {
+          if (progress) progress("rolling back: " + step, 90 + percent / 10);
+        },
+        back_downtime, /*soak=*/false);
   report.rolled_back = true;
   h.result = back ? "rolled-back" : "failed";
   if (!back) h.message += "; rollback to " + report.from + " failed too: " + back.error().message();
