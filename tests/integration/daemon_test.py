@@ -493,6 +493,48 @@ class ServiceManagement(DaemonTest):
                            stderr=subprocess.DEVNULL)
 
 
+class NotifyService(DaemonTest):
+    """A Type=notify unit: the health gate starts counting only once the service said READY=1,
+    and a release that never does fails the gate and is rolled back."""
+
+    def setUp(self):
+        super().setUp()
+        with open(os.path.join(UNITS_DIR, self.unit), "w") as f:
+            f.write("[Service]\nType=notify\nNotifyAccess=all\nTimeoutStartSec=3\n"
+                    "ExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
+                    "Environment=OUT=%s\n" % (self.root, self.app, self.out))
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+
+    def pack_notify(self, version, ready=True):
+        src = os.path.join(self.dir, "src-" + version)
+        os.makedirs(os.path.join(src, "bin"))
+        with open(os.path.join(src, "bin/hello"), "w") as f:
+            f.write("#!/bin/sh\nsleep 1\necho %s > \"$OUT\"\n%sexec sleep 1000\n" %
+                    (version, "systemd-notify --ready\n" if ready else ""))
+        os.chmod(os.path.join(src, "bin/hello"), 0o755)
+        extra = os.path.join(self.dir, "manifest-%s.json" % version)
+        with open(extra, "w") as f:
+            json.dump({"units": [self.unit], "health": {"min_ready_s": 1, "deadline_s": 30}}, f)
+        out = os.path.join(self.dir, version + ".upd")
+        subprocess.run([UPGRADECTL, "pack", "--key", self.key, "--app", self.app, "--version",
+                        version, "--manifest", extra, "-o", out, src], check=True,
+                       stdout=subprocess.DEVNULL)
+        return out
+
+    def test_readiness_is_awaited_and_a_service_that_never_gets_ready_is_rolled_back(self):
+        self.run_job(self.install(self.pack_notify("1.0.0")))
+        # The restart's job ended only at READY=1, which the script sends after writing OUT.
+        with open(self.out) as f:
+            self.assertEqual(f.read().strip(), "1.0.0")
+        self.assertEqual(self.unit_property("ActiveState"), "active")
+        result, message = self.wait_job(self.install(self.pack_notify("2.0.0", ready=False)))
+        self.assertEqual(result, "failed")
+        self.assertIn("rolled back to 1.0.0", message)
+        self.assertEqual(self.releases()["2.0.0"][0], "bad")
+        self.assertEqual(self.current(), "releases/1.0.0")
+        self.assertEqual(self.unit_property("ActiveState"), "active")
+
+
 class PolkitAuthorization(DaemonTest):
     """A real polkitd (the Debian package), started on the testbed's bus with this project's
     actions and a rule that lets `nobody` activate, and nothing else."""
