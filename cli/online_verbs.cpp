@@ -434,6 +434,42 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
           "remove " + *name + " " + *version);
     });
   }
+  for (bool pin : {true, false}) {
+    auto* cmd = app.add_subcommand(
+        pin ? "pin" : "unpin",
+        pin ? "Pin a release: never removed, by remove or gc" : "Unpin a release");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto version = std::make_shared<std::string>();
+    add_common(cmd, *c, true, false);
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->add_option("VERSION", *version, "release")->required();
+    cmd->callback([&exit_code, c, name, version, pin] {
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.SetPinned(*name, *version, pin, {}); },
+          std::string(pin ? "pin " : "unpin ") + *name + " " + *version);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand(
+        "gc", "Remove old releases (never current, previous, pinned or last known-good)");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto keep = std::make_shared<std::optional<unsigned>>();
+    auto max_bytes = std::make_shared<std::optional<std::uint64_t>>();
+    add_common(cmd, *c, true, false);
+    cmd->add_option("--keep", *keep, "releases to keep (default: the configured retention)")
+        ->check(CLI::Range(1u, 10000u));
+    cmd->add_option("--max-bytes", *max_bytes, "a byte budget for the app's releases");
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->callback([&exit_code, c, name, keep, max_bytes] {
+      std::map<std::string, sdbus::Variant> o;
+      if (*keep) o["keep"] = sdbus::Variant(uint32_t(**keep));
+      if (*max_bytes) o["max_bytes"] = sdbus::Variant(uint64_t(**max_bytes));
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.GarbageCollect(*name, o); }, "gc " + *name);
+    });
+  }
   {
     auto* cmd = app.add_subcommand("jobs", "List running jobs");
     auto c = std::make_shared<Common>();

@@ -323,6 +323,76 @@ void Manager::Remove(PathResult&& result, std::string app, std::string version, 
   }
 }
 
+void Manager::SetPinned(PathResult&& result, std::string app, std::string version, bool pinned,
+                        Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_version(version);
+    check_options(options, {});
+    authorized(reply, "org.upgraded1.setpinned", [this, reply, app, version, pinned](uid_t caller) {
+      auto st = value_or_throw(m_store.state(app));
+      if (!st.releases.count(version))
+        throw sdbus::Error(bus_error::kNotFound,
+                           "no release " + version + " of " + app + " is installed");
+      Work work = [this, pinned](Job& job, const store::AppLock& lock,
+                                 const ProgressFn& progress) -> Result<void> {
+        if (!commit(job)) return Error(ErrorCode::kCanceled, "canceled");
+        progress(pinned ? "pinning" : "unpinning", 50);
+        UPGRADED_TRY(m_store.set_pinned(lock, job.version, pinned));
+        progress("done", 100);
+        return {};
+      };
+      reply->returnResults(
+          start_job(pinned ? "pin" : "unpin", app, version, caller, std::move(work)));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::GarbageCollect(PathResult&& result, std::string app, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_options(options, {{"keep", "u"}, {"max_bytes", "t"}});
+    store::GcPolicy policy{m_config.keep, m_config.max_bytes};
+    if (options.count("keep")) policy.keep = option<std::uint32_t>(options, "keep", 0);
+    if (options.count("max_bytes"))
+      policy.max_bytes = option<std::uint64_t>(options, "max_bytes", 0);
+    if (policy.keep < 1) throw invalid("keep must be at least 1");
+    authorized(reply, "org.upgraded1.garbagecollect", [this, reply, app, policy](uid_t caller) {
+      (void)value_or_throw(m_store.state(app));  // NotFound for an unknown app
+      Work work = [this, policy](Job& job, const store::AppLock& lock,
+                                 const ProgressFn& progress) -> Result<void> {
+        if (!commit(job)) return Error(ErrorCode::kCanceled, "canceled");
+        progress("removing", 50);
+        auto gc = m_store.gc(lock, policy);
+        if (!gc) return gc.error();
+        std::string removed;
+        for (const auto& v : gc->removed)
+          removed += (removed.empty() ? "" : ", ") + v;
+        (void)m_store.append_history(
+            lock,
+            store::HistoryEntry{"",
+                                "gc",
+                                "",
+                                "",
+                                "done",
+                                removed.empty() ? "nothing to remove"
+                                                : "removed " + removed + " (" +
+                                                      std::to_string(gc->freed_bytes) + " bytes)",
+                                {}});
+        progress("done", 100);
+        return {};
+      };
+      reply->returnResults(start_job("gc", app, "", caller, std::move(work)));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
 // --- jobs -------------------------------------------------------------------------------------
 
 activation::ActivationOptions Manager::activation_options(Job& job) const {

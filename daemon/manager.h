@@ -48,6 +48,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
                 Options options) override;
   void Rollback(PathResult&& result, std::string app, Options options) override;
   void Remove(PathResult&& result, std::string app, std::string version, Options options) override;
+  void SetPinned(PathResult&& result, std::string app, std::string version, bool pinned,
+                 Options options) override;
+  void GarbageCollect(PathResult&& result, std::string app, Options options) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
       override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>

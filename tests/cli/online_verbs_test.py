@@ -177,6 +177,25 @@ class OnlineVerbs(unittest.TestCase):
         self.ctl("remove", self.app, "3.0.0")
         self.assertNotIn("3.0.0", self.ctl("list").stdout)
 
+        # pin, unpin, gc: a pinned release survives remove (3) and gc.
+        self.ctl("install", "--stage-only", "-q", self.pack("5.0.0"))
+        self.ctl("install", "--stage-only", "-q", self.pack("6.0.0"))
+        self.ctl("pin", self.app, "5.0.0", "-q")
+        pinned = {r["version"]: r["pinned"] for r in json.loads(self.ctl("list", "--json").stdout)}
+        self.assertEqual(pinned, {"1.0.0": False, "2.0.0": False, "5.0.0": True, "6.0.0": False})
+        self.ctl("remove", self.app, "5.0.0", check=3)
+        self.ctl("gc", self.app, "--keep", "1", "-q")
+        left = [r["version"] for r in json.loads(self.ctl("list", "--json").stdout)]
+        self.assertEqual(left, ["1.0.0", "2.0.0", "5.0.0"], "current, previous and pinned stay")
+        self.ctl("unpin", self.app, "5.0.0", "-q")
+        self.ctl("gc", self.app, "--keep", "1", "-q")
+        left = [r["version"] for r in json.loads(self.ctl("list", "--json").stdout)]
+        self.assertEqual(left, ["1.0.0", "2.0.0"])
+        gc = [h for h in json.loads(self.ctl("history", self.app, "--json").stdout)
+              if h["op"] == "gc"]
+        self.assertIn("removed 6.0.0", gc[0]["message"])
+        self.assertIn("removed 5.0.0", gc[1]["message"])
+
         # Verification failure (4), usage (2), an unknown job (8), and nobody (7).
         with open(self.pack("4.0.0"), "rb") as f:
             data = bytearray(f.read())
