@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "exit_codes.h"
+#include "offline_store.h"
 #include "org.upgraded1.Manager.proxy.h"
 #include "output.h"
 
@@ -361,9 +362,16 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto* cmd = app.add_subcommand("list", "List installed releases");
     auto c = std::make_shared<Common>();
     auto name = std::make_shared<std::string>();
+    auto offline = std::make_shared<bool>(false);
+    auto root = std::make_shared<std::string>("/");
     add_common(cmd, *c, false, true);
+    cmd->add_flag("--offline", *offline, "read the store directly, without the daemon");
+    cmd->add_option("--root", *root, "with --offline: the instance whose /var is under DIR")
+        ->type_name("DIR");
     cmd->add_option("APP", *name, "only this app");
-    cmd->callback([&exit_code, c, name] { exit_code = run_list(*c, *name); });
+    cmd->callback([&exit_code, c, name, offline, root] {
+      exit_code = *offline ? run_offline_list(*root, *name, c->json) : run_list(*c, *name);
+    });
   }
   {
     auto* cmd = app.add_subcommand(
@@ -375,8 +383,20 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_flag("--stage-only", *stage_only, "install without activating");
     auto wait = std::make_shared<bool>(true);
     cmd->add_flag("--wait", *wait, "follow the job to its end (the default; for package hooks)");
+    auto offline = std::make_shared<bool>(false);
+    auto root = std::make_shared<std::string>("/");
+    cmd->add_flag("--offline", *offline,
+                  "without the daemon (no systemd running: chroot, image build): stage and "
+                  "switch through the store; the daemon restarts the units when it next starts");
+    cmd->add_option("--root", *root,
+                    "with --offline: the instance whose /etc and /var are under DIR")
+        ->type_name("DIR");
     cmd->add_option("FILE", *file, "artifact (.upd)")->required();
-    cmd->callback([&exit_code, c, file, stage_only] {
+    cmd->callback([&exit_code, c, file, stage_only, offline, root] {
+      if (*offline) {
+        exit_code = run_offline_install(*root, *file, *stage_only, c->quiet);
+        return;
+      }
       int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
       if (fd < 0) {
         exit_code = report(upgraded::system_error(errno, "opening '" + *file + "'"));

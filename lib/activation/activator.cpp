@@ -106,6 +106,34 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
   return {};
 }
 
+Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
+                              bool allow_bad, bool is_rollback) {
+  const std::string& app = st.app;
+  const std::string& version = m.version;
+  auto rec = st.releases.find(version);
+  if (rec == st.releases.end())
+    return Error(ErrorCode::kNotFound, "no release " + version + " of " + app);
+  if (rec->second.status == store::ReleaseStatus::kBad && !allow_bad)
+    return refuse(app + " " + version + " is marked bad (it failed before)");
+  if (st.current == version) return {};
+  if (!m.hooks.empty())
+    return refuse(app + " " + version +
+                  " declares hooks, which this version of upgraded does not run yet");
+  if (!is_rollback && st.current && !m.upgrade_from.empty()) {
+    bool allowed = false;
+    for (const auto& p : m.upgrade_from)
+      allowed = allowed || policy::version_matches(*st.current, p);
+    if (!allowed)
+      return refuse(app + " " + version + " cannot be upgraded to from " + *st.current +
+                    " (upgrade_from)");
+  }
+  if (st.finalized_data_format && *st.finalized_data_format > m.data_format.writes)
+    return refuse(app + " " + version + " writes data format " +
+                  std::to_string(m.data_format.writes) + ", but format " +
+                  std::to_string(*st.finalized_data_format) + " is finalized");
+  return {};
+}
+
 Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::string& version,
                                         bool is_rollback, const ActivationOptions& options,
                                         const ProgressFn& progress) {
@@ -121,24 +149,8 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   ActivationReport report;
   report.from = st->current.value_or("");
   report.to = version;
-  if (rec->second.status == store::ReleaseStatus::kBad && !options.allow_bad)
-    return refuse(app + " " + version + " is marked bad (it failed before)");
+  UPGRADED_TRY(check_activation(*st, *m, options.allow_bad, is_rollback));
   if (st->current == version) return report;
-  if (!m->hooks.empty())
-    return refuse(app + " " + version +
-                  " declares hooks, which this version of upgraded does not run yet");
-  if (!is_rollback && st->current && !m->upgrade_from.empty()) {
-    bool allowed = false;
-    for (const auto& p : m->upgrade_from)
-      allowed = allowed || policy::version_matches(*st->current, p);
-    if (!allowed)
-      return refuse(app + " " + version + " cannot be upgraded to from " + *st->current +
-                    " (upgrade_from)");
-  }
-  if (st->finalized_data_format && *st->finalized_data_format > m->data_format.writes)
-    return refuse(app + " " + version + " writes data format " +
-                  std::to_string(m->data_format.writes) + ", but format " +
-                  std::to_string(*st->finalized_data_format) + " is finalized");
   std::optional<artifact::Manifest> old_manifest;
   if (st->current) {
     auto om = m_store.manifest(app, *st->current);

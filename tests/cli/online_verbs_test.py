@@ -211,6 +211,49 @@ class OnlineVerbs(unittest.TestCase):
         self.assertIn("root", r.stderr)
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
 
+    def offline(self, *args, check=0):
+        """upgradectl as a package hook runs it in a chroot: no bus, no systemd, no daemon."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")}
+        r = subprocess.run([UPGRADECTL, *args, "--offline", "--root", self.root],
+                           capture_output=True, text=True, env=env)
+        self.assertEqual(r.returncode, check, "%s\n%s%s" % (args, r.stdout, r.stderr))
+        return r
+
+    def test_offline_install_defers_the_units_to_the_daemons_next_start(self):
+        v1, v2 = self.pack("1.0.0"), self.pack("2.0.0")
+        r = self.offline("install", v1)
+        self.assertIn("Switched hello to 1.0.0", r.stdout)
+        self.offline("install", "--stage-only", v2)
+        releases = json.loads(self.offline("list", "--json").stdout)
+        self.assertEqual([(r["version"], r["status"], r["role"]) for r in releases],
+                         [("1.0.0", "active", "current"), ("2.0.0", "staged", "")])
+        self.assertFalse(os.path.exists(self.out), "no unit was started")
+        app_root = os.path.join(self.root, "var/lib/upgraded/apps", self.app)
+        self.assertTrue(os.path.exists(os.path.join(app_root, "activation.json")))
+        # A tampered artifact: refused (4), nothing changes.
+        with open(v2, "rb") as f:
+            data = bytearray(f.read())
+        data[len(data) // 2] ^= 1
+        bad = os.path.join(self.dir, "bad.upd")
+        with open(bad, "wb") as f:
+            f.write(bytes(data))
+        before = sorted(os.listdir(os.path.join(app_root, "releases")))
+        self.offline("install", bad, check=4)
+        self.assertEqual(sorted(os.listdir(os.path.join(app_root, "releases"))), before)
+
+        # The daemon's first start finishes the activation: the unit runs 1.0.0, proven healthy.
+        self.start_daemon()
+        for _ in range(300):
+            if not os.path.exists(os.path.join(app_root, "activation.json")):
+                break
+            time.sleep(0.05)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        releases = json.loads(self.ctl("list", "--json").stdout)
+        self.assertEqual(releases[0]["status"], "good")
+        history = json.loads(self.ctl("history", self.app, "--json").stdout)
+        self.assertEqual((history[-1]["op"], history[-1]["result"]), ("recover", "done"))
+
     def test_cancel_stops_a_job_its_follower_reports_it(self):
         self.start_daemon()
         self.ctl("install", self.pack("1.0.0"))

@@ -41,6 +41,14 @@ struct ActivationReport {
 /// "health gate", "rolling back".
 using ProgressFn = std::function<void(const std::string& step, int percent)>;
 
+/// The policy checks of activating the release `m` describes, with the app's state `st`: it is
+/// installed, not marked bad (unless `allow_bad`), declares no hooks, its upgrade_from admits the
+/// current release (not for a rollback), and it writes a data format at least as new as the
+/// finalized one. kPolicyRefused (kNotFound for a missing release). Activating the current
+/// release passes once it is not bad.
+Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
+                              bool allow_bad, bool is_rollback);
+
 class Activator {
  public:
   Activator(const store::Store& store, units::UnitControl& units)

@@ -1,0 +1,148 @@
+#include "offline_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "config.h"
+#include "exit_codes.h"
+#include "output.h"
+#include "upgraded/activation/activator.h"
+#include "upgraded/artifact/verifier.h"
+#include "upgraded/store/store.h"
+
+namespace upgradectl {
+namespace {
+
+using namespace upgraded;
+
+Result<void> make_dirs(const std::string& path) {
+  for (std::size_t pos = 1; pos != std::string::npos;) {
+    pos = path.find('/', pos + 1);
+    std::string partial = path.substr(0, pos);
+    if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
+      return system_error(errno, "creating " + partial);
+  }
+  return {};
+}
+
+struct Opened {
+  daemon::Config config;
+  std::optional<store::Store> store;
+};
+
+Result<Opened> open_store(const std::string& root) {
+  auto config = daemon::load_config(root);
+  if (!config) return config.error().with_context("configuration");
+  UPGRADED_TRY(make_dirs(config->state_dir()));
+  store::StoreOptions so;
+  so.root = config->state_dir();
+  for (const auto& [app, app_root] : config->app_roots)
+    so.app_roots[app] = config->path(app_root);
+  so.extract = config->extract;
+  auto st = store::Store::open(so);  // recovers every app
+  if (!st) return st.error();
+  for (const auto& [app, error] : st->recovery_errors())
+    std::fprintf(stderr,
+                 "upgradectl: %s: recovery failed, the app is unusable until repaired: %s\n",
+                 app.c_str(), error.message().c_str());
+  Opened o{std::move(*config), {}};
+  o.store.emplace(std::move(*st));
+  return o;
+}
+
+}  // namespace
+
+int run_offline_install(const std::string& root, const std::string& file, bool stage_only,
+                        bool quiet) {
+  auto opened = open_store(root);
+  if (!opened) return report(opened.error());
+  const auto& config = opened->config;
+  const store::Store& st = *opened->store;
+  struct stat rv {};
+  std::optional<std::string> revoked;
+  if (::stat(config.revoked_dir().c_str(), &rv) == 0) revoked = config.revoked_dir();
+  auto keyring = artifact::Keyring::load(config.keys_dir(), revoked);
+  if (!keyring) return report(keyring.error());
+  int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) return report(system_error(errno, "opening '" + file + "'"));
+  UniqueFd owner(fd);
+  auto art = artifact::open_verified(fd, *keyring, artifact::TrustPolicy{config.threshold});
+  if (!art) return report(art.error().with_context("verifying '" + file + "'"));
+  const std::string app = art->manifest.app, version = art->manifest.version;
+  auto lock = st.lock(app);
+  if (!lock) return report(lock.error());
+  auto staged = st.stage(*lock, *art);
+  if (!staged) return report(staged.error().with_context("installing '" + file + "'"));
+  if (!quiet)
+    std::printf("Staged %s %s (%llu files, %s).\n", app.c_str(), version.c_str(),
+                static_cast<unsigned long long>(staged->stats.files),
+                human_size(staged->stats.bytes).c_str());
+  if (stage_only) return kExitOk;
+
+  auto state = st.state(app);
+  if (!state) return report(state.error());
+  if (auto ok = activation::check_activation(*state, staged->manifest, false, false); !ok)
+    return report(ok.error());
+  // The daemon finishes this activation when it next starts (docs/state.md): it restarts the
+  // units of the release `current` names and runs the health gate, rolling back on failure.
+  store::PendingActivation pending{"activate", state->current.value_or(""), version,
+                                   state->previous.value_or(""), ""};
+  if (auto r = st.begin_activation(*lock, pending); !r) return report(r.error());
+  if (auto r = st.switch_to(*lock, version); !r) {
+    (void)st.end_activation(*lock);
+    return report(r.error());
+  }
+  if (!quiet)
+    std::printf(
+        "Switched %s to %s. Its units were not touched: upgraded restarts them and checks their "
+        "health when it next starts.\n",
+        app.c_str(), version.c_str());
+  return kExitOk;
+}
+
+int run_offline_list(const std::string& root, const std::string& only, bool json_out) {
+  auto opened = open_store(root);
+  if (!opened) return report(opened.error());
+  const store::Store& st = *opened->store;
+  std::vector<std::string> apps;
+  if (!only.empty()) {
+    apps.push_back(only);
+  } else {
+    auto all = st.apps();
+    if (!all) return report(all.error());
+    apps = *all;
+  }
+  nlohmann::json out = nlohmann::json::array();
+  Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
+  for (const auto& app : apps) {
+    auto state = st.state(app);
+    if (!state) return report(state.error());
+    for (const auto& v : state->versions_in_order()) {
+      const auto& r = state->releases.at(v);
+      std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";
+      std::string status(store::to_string(r.status));
+      out.push_back({{"app", app},
+                     {"version", v},
+                     {"status", status},
+                     {"role", role},
+                     {"staged_at", r.staged_at},
+                     {"pinned", r.pinned},
+                     {"size", r.size}});
+      t.add({app, v, colored_status(status), role, r.staged_at, r.pinned ? "yes" : "",
+             human_size(r.size)});
+    }
+  }
+  if (json_out)
+    std::printf("%s\n", out.dump(2).c_str());
+  else if (out.empty())
+    std::printf("No releases are installed.\n");
+  else
+    t.print();
+  return kExitOk;
+}
+
+}  // namespace upgradectl
