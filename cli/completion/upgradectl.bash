@@ -1,0 +1,77 @@
+# bash completion for upgradectl(1)                                     -*- shell-script -*-
+# Verbs, their options, app names and versions (asked from the daemon, quietly), and files.
+
+_upgradectl_apps() {
+  upgradectl status --json $1 2>/dev/null | sed -n 's/^ *"app": "\(.*\)",*$/\1/p'
+}
+
+_upgradectl_versions() {  # APP [--user]
+  upgradectl list "$1" --json $2 2>/dev/null | sed -n 's/^ *"version": "\(.*\)",*$/\1/p'
+}
+
+_upgradectl() {
+  local cur prev words cword
+  _init_completion || return
+  local verbs="status list install activate rollback remove pin unpin gc jobs cancel history
+    keygen pack verify unpack inspect"
+  if [ "$cword" -eq 1 ]; then
+    COMPREPLY=($(compgen -W "$verbs --help --version" -- "$cur"))
+    return
+  fi
+  local verb=${words[1]} user=""
+  [[ " ${words[*]} " == *" --user "* ]] && user=--user
+  local opts
+  case $verb in
+    status | jobs) opts="--user --json" ;;
+    list) opts="--user --json --offline --root" ;;
+    install) opts="--user --stage-only --wait --no-block --quiet --offline --root" ;;
+    activate) opts="--user --allow-bad --no-block --quiet" ;;
+    rollback | remove | pin | unpin) opts="--user --no-block --quiet" ;;
+    gc) opts="--user --keep --max-bytes --no-block --quiet" ;;
+    cancel) opts="--user --quiet" ;;
+    history) opts="--user --json --limit" ;;
+    keygen) opts="--private --public" ;;
+    pack) opts="--key --app --version --manifest --output --payload --created --level --chunk-size" ;;
+    verify) opts="--keys --revoked --threshold --json" ;;
+    unpack) opts="--keys --revoked --threshold --strip-unsafe-modes" ;;
+    inspect) opts="--json" ;;
+  esac
+  case $prev in
+    --root | --keys | --revoked)
+      _filedir -d
+      return
+      ;;
+    --key | --private | --public | --manifest | --output | -o | --payload)
+      _filedir
+      return
+      ;;
+  esac
+  if [[ $cur == -* ]]; then
+    COMPREPLY=($(compgen -W "$opts --help" -- "$cur"))
+    return
+  fi
+  # Positional arguments: count the words that are not options.
+  local i n=0 app=""
+  for ((i = 2; i < cword; i++)); do
+    [[ ${words[i]} == -* ]] && continue
+    case ${words[i - 1]} in --root | --keys | --revoked | --key | --private | --public | \
+      --manifest | --output | -o | --payload | --keep | --max-bytes | --limit | -n | --threshold | \
+      --created | --level | --chunk-size | --app | --version) continue ;; esac
+    n=$((n + 1))
+    [ $n -eq 1 ] && app=${words[i]}
+  done
+  case $verb in
+    status | list | rollback | gc | history)
+      [ $n -eq 0 ] && COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur")) ;;
+    activate | remove | pin | unpin)
+      if [ $n -eq 0 ]; then
+        COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur"))
+      elif [ $n -eq 1 ]; then
+        COMPREPLY=($(compgen -W "$(_upgradectl_versions "$app" $user)" -- "$cur"))
+      fi
+      ;;
+    install | verify | inspect | unpack) _filedir '@(upd)' ;;
+    pack) _filedir -d ;;
+  esac
+}
+complete -F _upgradectl upgradectl
