@@ -254,6 +254,52 @@ class OnlineVerbs(unittest.TestCase):
         history = json.loads(self.ctl("history", self.app, "--json").stdout)
         self.assertEqual((history[-1]["op"], history[-1]["result"]), ("recover", "done"))
 
+    def test_colour_and_a_progress_bar_only_on_a_terminal_and_never_with_no_color(self):
+        self.start_daemon()
+        self.ctl("install", self.pack("1.0.0"))
+
+        def on_tty(cmd, env=None):
+            # script(1) gives the command a terminal and copies what it shows.
+            return subprocess.run(["script", "-qec", " ".join(cmd), "/dev/null"],
+                                  capture_output=True, text=True,
+                                  env=dict(os.environ, **(env or {}))).stdout
+        listing = on_tty([UPGRADECTL, "list", "--user"])
+        self.assertIn("\033[32mgood\033[0m", listing)
+        self.assertNotIn("\033[", on_tty([UPGRADECTL, "list", "--user"], {"NO_COLOR": "1"}))
+        shown = on_tty([UPGRADECTL, "install", "--user", self.pack("2.0.0")])
+        self.assertIn("\033[K", shown, "the progress line is redrawn in place")
+        self.assertRegex(shown, r"\[#+\.*\] +\d+% ")
+
+    def test_the_first_call_starts_the_daemon_by_d_bus_activation(self):
+        # As dbus/org.upgraded1.service does on the system bus: the bus asks systemd to start
+        # the unit that owns the name.
+        services = os.path.join(os.environ["XDG_RUNTIME_DIR"], "dbus-1/services")
+        os.makedirs(services, exist_ok=True)
+        unit = "upgraded-activated.service"
+        with open(os.path.join(UNITS_DIR, unit), "w") as f:
+            f.write("[Service]\nType=notify\nBusName=org.upgraded1\n"
+                    "ExecStart=%s --user --root %s\n" % (os.path.abspath(UPGRADED), self.root))
+        with open(os.path.join(services, "org.upgraded1.service"), "w") as f:
+            f.write("[D-BUS Service]\nName=org.upgraded1\nExec=/bin/false\n"
+                    "SystemdService=%s\n" % unit)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        subprocess.run(["busctl", "--user", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                        "org.freedesktop.DBus", "ReloadConfig"], check=True)
+        try:
+            r = self.ctl("install", "--wait", self.pack("1.0.0"))
+            self.assertIn("done", r.stderr)
+            self.assertEqual(self.serving("1.0.0"), "1.0.0")
+            state = subprocess.run(["systemctl", "--user", "is-active", unit],
+                                   capture_output=True, text=True).stdout.strip()
+            self.assertEqual(state, "active")
+        finally:
+            subprocess.run(["systemctl", "--user", "stop", unit], check=False)
+            os.unlink(os.path.join(services, "org.upgraded1.service"))
+            os.unlink(os.path.join(UNITS_DIR, unit))
+            subprocess.run(["busctl", "--user", "call", "org.freedesktop.DBus",
+                            "/org/freedesktop/DBus", "org.freedesktop.DBus", "ReloadConfig"],
+                           check=False)
+
     def test_cancel_stops_a_job_its_follower_reports_it(self):
         self.start_daemon()
         self.ctl("install", self.pack("1.0.0"))
