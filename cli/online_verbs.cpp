@@ -13,6 +13,7 @@
 
 #include "exit_codes.h"
 #include "offline_store.h"
+#include "org.upgraded1.Job.proxy.h"
 #include "org.upgraded1.Manager.proxy.h"
 #include "output.h"
 
@@ -333,8 +334,14 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
 int run_cancel(const Common& c, unsigned id) {
   try {
     auto bus = connect(c.user);
-    auto job = sdbus::createProxy(*bus, kName, "/org/upgraded1/job/" + std::to_string(id));
-    job->callMethod("Cancel").onInterface("org.upgraded1.Job");
+    struct JobProxy final : sdbus::ProxyInterfaces<org::upgraded1::Job_proxy> {
+      JobProxy(sdbus::IConnection& b, std::string path)
+          : ProxyInterfaces(b, kName, std::move(path)) {
+        registerProxy();
+      }
+      ~JobProxy() { unregisterProxy(); }
+    } job(*bus, "/org/upgraded1/job/" + std::to_string(id));
+    job.Cancel();
     if (!c.quiet) std::printf("Asked job %u to cancel.\n", id);
     return kExitOk;
   } catch (const sdbus::Error& e) {
