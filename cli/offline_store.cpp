@@ -12,22 +12,13 @@
 #include "output.h"
 #include "upgraded/activation/activator.h"
 #include "upgraded/artifact/verifier.h"
+#include "upgraded/fs/durable.h"
 #include "upgraded/store/store.h"
 
 namespace upgradectl {
 namespace {
 
 using namespace upgraded;
-
-Result<void> make_dirs(const std::string& path) {
-  for (std::size_t pos = 1; pos != std::string::npos;) {
-    pos = path.find('/', pos + 1);
-    std::string partial = path.substr(0, pos);
-    if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
-      return system_error(errno, "creating " + partial);
-  }
-  return {};
-}
 
 struct Opened {
   daemon::Config config;
@@ -37,12 +28,8 @@ struct Opened {
 Result<Opened> open_store(const std::string& root) {
   auto config = daemon::load_config(root);
   if (!config) return config.error().with_context("configuration");
-  UPGRADED_TRY(make_dirs(config->state_dir()));
-  store::StoreOptions so;
-  so.root = config->state_dir();
-  for (const auto& [app, app_root] : config->app_roots)
-    so.app_roots[app] = config->path(app_root);
-  so.extract = config->extract;
+  UPGRADED_TRY(fs::make_directories(config->state_dir()));
+  store::StoreOptions so = config->store_options();
   auto st = store::Store::open(so);  // recovers every app
   if (!st) return st.error();
   for (const auto& [app, error] : st->recovery_errors())
@@ -125,23 +112,10 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
       const auto& r = state->releases.at(v);
       std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";
       std::string status(store::to_string(r.status));
-      out.push_back({{"app", app},
-                     {"version", v},
-                     {"status", status},
-                     {"role", role},
-                     {"staged_at", r.staged_at},
-                     {"pinned", r.pinned},
-                     {"size", r.size}});
-      t.add({app, v, colored_status(status), role, r.staged_at, r.pinned ? "yes" : "",
-             human_size(r.size)});
+      add_release_row(out, t, app, v, status, role, r.staged_at, r.pinned, r.size);
     }
   }
-  if (json_out)
-    std::printf("%s\n", out.dump(2).c_str());
-  else if (out.empty())
-    std::printf("No releases are installed.\n");
-  else
-    t.print();
+  print_rows(json_out, out, t, "No releases are installed.");
   return kExitOk;
 }
 

@@ -214,12 +214,7 @@ int run_status(const Common& c, const std::string& app) {
       std::fprintf(stderr, "upgradectl: no app '%s' is installed\n", app.c_str());
       return kExitNotFound;
     }
-    if (c.json)
-      std::printf("%s\n", out.dump(2).c_str());
-    else if (out.empty())
-      std::printf("No apps are installed.\n");
-    else
-      t.print();
+    print_rows(c.json, out, t, "No apps are installed.");
     return kExitOk;
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);
@@ -241,23 +236,11 @@ int run_list(const Common& c, const std::string& only) {
     Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
     for (const auto& app : apps) {
       for (const auto& r : client.ListReleases(app)) {
-        out.push_back({{"app", app},
-                       {"version", std::get<0>(r)},
-                       {"status", std::get<1>(r)},
-                       {"role", std::get<2>(r)},
-                       {"staged_at", std::get<3>(r)},
-                       {"pinned", std::get<4>(r)},
-                       {"size", std::get<5>(r)}});
-        t.add({app, std::get<0>(r), colored_status(std::get<1>(r)), std::get<2>(r), std::get<3>(r),
-               std::get<4>(r) ? "yes" : "", human_size(std::get<5>(r))});
+        add_release_row(out, t, app, std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
+                        std::get<4>(r), std::get<5>(r));
       }
     }
-    if (c.json)
-      std::printf("%s\n", out.dump(2).c_str());
-    else if (out.empty())
-      std::printf("No releases are installed.\n");
-    else
-      t.print();
+    print_rows(c.json, out, t, "No releases are installed.");
     return kExitOk;
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);
@@ -280,12 +263,7 @@ int run_jobs(const Common& c) {
       t.add({std::to_string(std::get<0>(j)), std::get<1>(j), std::get<2>(j), std::get<3>(j),
              std::get<4>(j)});
     }
-    if (c.json)
-      std::printf("%s\n", out.dump(2).c_str());
-    else if (out.empty())
-      std::printf("No jobs are running.\n");
-    else
-      t.print();
+    print_rows(c.json, out, t, "No jobs are running.");
     return kExitOk;
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);
@@ -319,12 +297,7 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
       t.add({std::get<0>(h), std::get<1>(h), std::get<2>(h), std::get<3>(h),
              colored_status(std::get<4>(h)), dt, std::get<5>(h)});
     }
-    if (c.json)
-      std::printf("%s\n", out.dump(2).c_str());
-    else if (out.empty())
-      std::printf("No history for %s.\n", app.c_str());
-    else
-      t.print();
+    print_rows(c.json, out, t, "No history for " + app + ".");
     return kExitOk;
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);

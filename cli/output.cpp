@@ -76,6 +76,30 @@ void Table::print() const {
     line(row, false);
 }
 
+void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
+                     const std::string& version, const std::string& status, const std::string& role,
+                     const std::string& staged_at, bool pinned, std::uint64_t size) {
+  out.push_back({{"app", app},
+                 {"version", version},
+                 {"status", status},
+                 {"role", role},
+                 {"staged_at", staged_at},
+                 {"pinned", pinned},
+                 {"size", size}});
+  table.add({app, version, colored_status(status), role, staged_at, pinned ? "yes" : "",
+             human_size(size)});
+}
+
+void print_rows(bool json, const nlohmann::json& out, const Table& table,
+                const std::string& empty) {
+  if (json)
+    std::printf("%s\n", out.dump(2).c_str());
+  else if (out.empty())
+    std::printf("%s\n", empty.c_str());
+  else
+    table.print();
+}
+
 Progress::Progress(std::string what, bool quiet)
     : m_what(std::move(what)), m_quiet(quiet), m_tty(::isatty(STDERR_FILENO)) {}
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,14 @@ class Table {
   std::vector<std::string> m_header;
   std::vector<std::vector<std::string>> m_rows;
 };
+
+/// `upgradectl list`'s row for one release, in both forms (the JSON one is a stable schema,
+/// docs/upgradectl.md).
+void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
+                     const std::string& version, const std::string& status, const std::string& role,
+                     const std::string& staged_at, bool pinned, std::uint64_t size);
+/// Prints `out` with --json, else `table`, else `empty` when there are no rows.
+void print_rows(bool json, const nlohmann::json& out, const Table& table, const std::string& empty);
 
 /// A job's progress on stderr: a redrawn bar with the step's name on a terminal, one line per
 /// step otherwise, nothing with `quiet`. Thread-safe (updates come from the bus thread).

@@ -143,6 +143,15 @@ std::string Config::path(const std::string& absolute) const {
   return root + absolute;
 }
 
+store::StoreOptions Config::store_options() const {
+  store::StoreOptions so;
+  so.root = state_dir();
+  for (const auto& [app, app_root] : app_roots)
+    so.app_roots[app] = path(app_root);
+  so.extract = extract;
+  return so;
+}
+
 Result<Config> load_config(const std::string& root) {
   Config c;
   c.root = root.empty() ? "/" : root;

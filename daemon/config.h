@@ -14,6 +14,7 @@
 
 #include "upgraded/artifact/extractor.h"
 #include "upgraded/result.h"
+#include "upgraded/store/store.h"
 
 namespace upgraded::daemon {
 
@@ -43,6 +44,8 @@ struct Config {
   std::string keys_dir() const { return path("/etc/upgraded/keys.d"); }
   std::string revoked_dir() const { return path("/etc/upgraded/revoked.d"); }
   std::string state_dir() const { return path("/var/lib/upgraded"); }
+  /// The release store this configuration describes (its root, app roots, extraction policy).
+  store::StoreOptions store_options() const;
 };
 
 /// Reads the configuration of the instance rooted at `root` (missing files: defaults).

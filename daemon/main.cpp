@@ -15,6 +15,7 @@
 #include "manager.h"
 #include "sandbox/extract_child.h"
 #include "systemd/systemd_units.h"
+#include "upgraded/fs/durable.h"
 
 using namespace upgraded;
 using namespace upgraded::daemon;
@@ -22,19 +23,6 @@ using namespace upgraded::daemon;
 namespace {
 
 constexpr const char* kBusName = "org.upgraded1";
-
-Result<void> make_dirs(const std::string& path) {
-  std::string partial;
-  std::size_t pos = 0;
-  while (pos != std::string::npos) {
-    pos = path.find('/', pos + 1);
-    partial = path.substr(0, pos);
-    if (partial.empty()) continue;
-    if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
-      return system_error(errno, "creating " + partial);
-  }
-  return {};
-}
 
 int run(bool user, const std::string& root, std::string helper) {
   auto config = load_config(root);
@@ -45,7 +33,7 @@ int run(bool user, const std::string& root, std::string helper) {
   sandbox::Helper extractor{helper.empty() ? sandbox::default_helper_path() : helper, {}};
   // Never root: when the daemon is, each helper run gets a uid of its own (Manager).
   if (::geteuid() == 0) extractor.as = std::make_pair(config->helper_ids, config->helper_ids);
-  if (auto r = make_dirs(config->state_dir()); !r) {
+  if (auto r = fs::make_directories(config->state_dir()); !r) {
     log(Level::kError, r.error().message());
     return 1;
   }
@@ -64,11 +52,7 @@ int run(bool user, const std::string& root, std::string helper) {
     return 1;
   }
 
-  store::StoreOptions so;
-  so.root = config->state_dir();
-  for (const auto& [app, app_root] : config->app_roots)
-    so.app_roots[app] = config->path(app_root);
-  so.extract = config->extract;
+  store::StoreOptions so = config->store_options();
   auto store = store::Store::open(so);  // recovers every app
   if (!store) {
     log(Level::kError, "opening the store " + so.root + ": " + store.error().message());

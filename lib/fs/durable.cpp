@@ -86,6 +86,17 @@ Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsig
   }
 }
 
+Result<void> make_directories(const std::string& path, mode_t mode) {
+  for (std::size_t pos = 0; pos != std::string::npos;) {
+    pos = path.find('/', pos + 1);
+    std::string partial = path.substr(0, pos);
+    if (partial.empty()) continue;
+    if (::mkdir(partial.c_str(), mode) != 0 && errno != EEXIST)
+      return system_error(errno, "creating " + partial);
+  }
+  return {};
+}
+
 Result<UniqueFd> open_directory(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return system_error(errno, "opening directory '" + path + "'");

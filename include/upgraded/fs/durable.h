@@ -1,5 +1,7 @@
 #pragma once
 
+#include <sys/types.h>
+
 // Durable filesystem primitives: everything the store and the extractor need to make a change
 // survive a power cut (write, fsync, rename, fsync the parent) and to open paths strictly beneath
 // a directory fd, never through symlinks.
@@ -22,6 +24,9 @@ Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsig
 
 /// Opens a directory (O_DIRECTORY | O_CLOEXEC) by ordinary path, e.g. from the command line.
 Result<UniqueFd> open_directory(const std::string& path);
+
+/// mkdir -p: creates `path` and its missing parents with `mode` (existing ones are left alone).
+Result<void> make_directories(const std::string& path, mode_t mode = 0755);
 
 /// fsync(2) on `fd`, naming `what` in the error.
 Result<void> sync_fd(int fd, std::string_view what);
