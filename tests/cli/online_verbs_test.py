@@ -17,6 +17,9 @@ import tempfile
 import time
 import unittest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
+from sample_service import pack_sample, wait_for_content  # noqa: E402
+
 UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
 TESTBED = os.environ["UPGRADED_TESTBED"]
 UNITS_DIR = os.environ["UPGRADED_TESTBED_UNITS"]
@@ -81,37 +84,12 @@ class OnlineVerbs(unittest.TestCase):
         return r
 
     def pack(self, version, fail=False, min_ready_s=1):
-        src = os.path.join(self.dir, "src-" + version)
-        os.makedirs(os.path.join(src, "bin"))
-        with open(os.path.join(src, "VERSION"), "w") as f:
-            f.write(version)
-        with open(os.path.join(src, "bin/hello"), "w") as f:
-            f.write('#!/bin/sh\nhere=$(dirname "$(readlink -f "$0")")\n'
-                    'cat "$here/../VERSION" > "$OUT"\n' +
-                    ("sleep 0.3; exit 3\n" if fail else "exec sleep 1000\n"))
-        os.chmod(os.path.join(src, "bin/hello"), 0o755)
-        extra = os.path.join(self.dir, "m-%s.json" % version)
-        with open(extra, "w") as f:
-            json.dump({"units": [self.unit],
-                       "health": {"min_ready_s": min_ready_s, "deadline_s": 30}}, f)
-        out = os.path.join(self.dir, version + ".upd")
-        self.ctl("pack", "--key", self.key, "--app", self.app, "--version", version,
-                 "--manifest", extra, "-o", out, src, user=False)
-        os.chmod(out, 0o644)
-        return out
+        return pack_sample(UPGRADECTL, self.key, self.dir, self.app, self.unit, version, fail,
+                           min_ready_s)
 
     def serving(self, expect):
-        text = None
-        for _ in range(200):
-            try:
-                with open(self.out) as f:
-                    text = f.read()
-            except FileNotFoundError:
-                pass
-            if text == expect:
-                break
-            time.sleep(0.02)
-        return text
+        """What the service wrote, once it wrote `expect` (bounded)."""
+        return wait_for_content(self.out, expect)
 
     def test_every_verb_its_output_and_its_exit_code(self):
         # No daemon: exit 6 and what to do.

@@ -22,6 +22,9 @@ import tempfile
 import time
 import unittest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
+from sample_service import pack_sample, wait_for_content  # noqa: E402
+
 import dbus
 from dbus.mainloop.glib import DBusGMainLoop
 from gi.repository import GLib
@@ -131,24 +134,8 @@ class DaemonTest(unittest.TestCase):
         return dbus.Interface(self.bus.get_object(NAME, PATH), MANAGER)
 
     def pack(self, version, fail=False, min_ready_s=1):
-        src = os.path.join(self.dir, "src-" + version)
-        os.makedirs(os.path.join(src, "bin"))
-        with open(os.path.join(src, "VERSION"), "w") as f:
-            f.write(version)
-        with open(os.path.join(src, "bin/hello"), "w") as f:
-            f.write('#!/bin/sh\nhere=$(dirname "$(readlink -f "$0")")\n'
-                    'cat "$here/../VERSION" > "$OUT"\n' +
-                    ("sleep 0.3; exit 3\n" if fail else "exec sleep 1000\n"))
-        os.chmod(os.path.join(src, "bin/hello"), 0o755)
-        extra = os.path.join(self.dir, "manifest-%s.json" % version)
-        with open(extra, "w") as f:
-            json.dump({"units": [self.unit],
-                       "health": {"min_ready_s": min_ready_s, "deadline_s": 30}}, f)
-        out = os.path.join(self.dir, version + ".upd")
-        subprocess.run([UPGRADECTL, "pack", "--key", self.key, "--app", self.app, "--version",
-                        version, "--manifest", extra, "-o", out, src], check=True)
-        os.chmod(out, 0o644)
-        return out
+        return pack_sample(UPGRADECTL, self.key, self.dir, self.app, self.unit, version, fail,
+                           min_ready_s)
 
     def install(self, artifact, activate=True):
         fd = os.open(artifact, os.O_RDONLY)
@@ -172,18 +159,8 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(result, "done", message)
 
     def serving(self, expect):
-        """What the service wrote; systemd reports Type=simple started once forked."""
-        text = None
-        for _ in range(200):
-            try:
-                with open(self.out) as f:
-                    text = f.read()
-            except FileNotFoundError:
-                text = None
-            if text == expect:
-                break
-            time.sleep(0.02)
-        return text
+        """What the service wrote, once it wrote `expect` (bounded)."""
+        return wait_for_content(self.out, expect)
 
     def unit_property(self, prop):
         return subprocess.run(["systemctl", "--user", "show", "-P", prop, self.unit],

@@ -1,0 +1,45 @@
+"""The sample service of the integration tests, shared by tests/integration/daemon_test.py and
+tests/cli/online_verbs_test.py: a release whose bin/hello writes the release's VERSION to $OUT
+and stays up (or, with fail, exits 3 after 0.3 s: a release that fails its health gate)."""
+
+import json
+import os
+import subprocess
+import time
+
+
+def pack_sample(upgradectl, key, workdir, app, unit, version, fail=False, min_ready_s=1):
+    """Builds and signs the sample release `version`; returns the artifact's path."""
+    src = os.path.join(workdir, "src-" + version)
+    os.makedirs(os.path.join(src, "bin"))
+    with open(os.path.join(src, "VERSION"), "w") as f:
+        f.write(version)
+    with open(os.path.join(src, "bin/hello"), "w") as f:
+        f.write('#!/bin/sh\nhere=$(dirname "$(readlink -f "$0")")\n'
+                'cat "$here/../VERSION" > "$OUT"\n' +
+                ("sleep 0.3; exit 3\n" if fail else "exec sleep 1000\n"))
+    os.chmod(os.path.join(src, "bin/hello"), 0o755)
+    extra = os.path.join(workdir, "manifest-%s.json" % version)
+    with open(extra, "w") as f:
+        json.dump({"units": [unit], "health": {"min_ready_s": min_ready_s, "deadline_s": 30}}, f)
+    out = os.path.join(workdir, version + ".upd")
+    subprocess.run([upgradectl, "pack", "--key", key, "--app", app, "--version", version,
+                    "--manifest", extra, "-o", out, src], check=True, stdout=subprocess.DEVNULL)
+    os.chmod(out, 0o644)
+    return out
+
+
+def wait_for_content(path, expect, tries=200, delay=0.02):
+    """What the file holds once it holds `expect`, or after `tries` looks (a Type=simple start
+    is "done" once systemd has forked the service, before it wrote anything)."""
+    text = None
+    for _ in range(tries):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+        if text == expect:
+            break
+        time.sleep(delay)
+    return text
