@@ -15,6 +15,7 @@ enum ExitCode : int {
   kExitUnreachable = 6,   ///< the daemon cannot be reached (not running, no bus)
   kExitAccessDenied = 7,  ///< not authorized (root or polkit needed)
   kExitNotFound = 8,      ///< no such app, release or job
+  kExitExists = 9,        ///< install: that release is already installed
 };
 
 int exit_code_for(const upgraded::Error& error);

@@ -20,12 +20,23 @@ namespace {
 
 using namespace upgraded;
 
+// Exit codes as the daemon's verbs give them (upgradectl install/list), not the offline verbs'.
+int report_store(const Error& e) {
+  int code = report(e);
+  if (e.code() == ErrorCode::kNotFound) return kExitNotFound;
+  if (e.code() == ErrorCode::kExists) return kExitExists;
+  return code;
+}
+
 struct Opened {
   daemon::Config config;
   std::optional<store::Store> store;
 };
 
 Result<Opened> open_store(const std::string& root) {
+  // What the daemon's unit sets (UMask=0022): trees a unit's User= can read, whatever the
+  // caller's umask.
+  ::umask(022);
   auto config = daemon::load_config(root);
   if (!config) return config.error().with_context("configuration");
   UPGRADED_TRY(fs::make_directories(config->state_dir()));
@@ -44,26 +55,37 @@ Result<Opened> open_store(const std::string& root) {
 }  // namespace
 
 int run_offline_install(const std::string& root, const std::string& file, bool stage_only,
-                        bool quiet) {
+                        bool quiet, bool force) {
+  // On a running system the daemon would not notice: `current` would switch under running
+  // units, and their next restart would start the new release without a health gate.
+  struct stat sd {};
+  bool live = (root.empty() || root == "/") && ::stat("/run/systemd/system", &sd) == 0;
+  if (live && !force) {
+    std::fprintf(stderr,
+                 "upgradectl: systemd is running here: use `upgradectl install --wait FILE`, which "
+                 "the daemon carries out (D-Bus activation starts it); --offline is for chroots "
+                 "and image builds (--root DIR), --force overrides\n");
+    return kExitUsage;
+  }
   auto opened = open_store(root);
-  if (!opened) return report(opened.error());
+  if (!opened) return report_store(opened.error());
   const auto& config = opened->config;
   const store::Store& st = *opened->store;
   struct stat rv {};
   std::optional<std::string> revoked;
   if (::stat(config.revoked_dir().c_str(), &rv) == 0) revoked = config.revoked_dir();
   auto keyring = artifact::Keyring::load(config.keys_dir(), revoked);
-  if (!keyring) return report(keyring.error());
+  if (!keyring) return report_store(keyring.error());
   int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
-  if (fd < 0) return report(system_error(errno, "opening '" + file + "'"));
+  if (fd < 0) return report_store(system_error(errno, "opening '" + file + "'"));
   UniqueFd owner(fd);
   auto art = artifact::open_verified(fd, *keyring, artifact::TrustPolicy{config.threshold});
-  if (!art) return report(art.error().with_context("verifying '" + file + "'"));
+  if (!art) return report_store(art.error().with_context("verifying '" + file + "'"));
   const std::string app = art->manifest.app, version = art->manifest.version;
   auto lock = st.lock(app);
-  if (!lock) return report(lock.error());
+  if (!lock) return report_store(lock.error());
   auto staged = st.stage(*lock, *art);
-  if (!staged) return report(staged.error().with_context("installing '" + file + "'"));
+  if (!staged) return report_store(staged.error().with_context("installing '" + file + "'"));
   if (!quiet)
     std::printf("Staged %s %s (%llu files, %s).\n", app.c_str(), version.c_str(),
                 static_cast<unsigned long long>(staged->stats.files),
@@ -71,17 +93,25 @@ int run_offline_install(const std::string& root, const std::string& file, bool s
   if (stage_only) return kExitOk;
 
   auto state = st.state(app);
-  if (!state) return report(state.error());
+  if (!state) return report_store(state.error());
   if (auto ok = activation::check_activation(*state, staged->manifest, false, false); !ok)
-    return report(ok.error());
+    return report_store(ok.error());
   // The daemon finishes this activation when it next starts (docs/state.md): it restarts the
   // units of the release `current` names and runs the health gate, rolling back on failure.
   store::PendingActivation pending{"activate", state->current.value_or(""), version,
                                    state->previous.value_or(""), ""};
-  if (auto r = st.begin_activation(*lock, pending); !r) return report(r.error());
+  // A second offline install before the daemon ran: the release that was running before the
+  // first one stays what a failure falls back to (the one in between never passed a gate).
+  auto earlier = st.pending_activation(app);
+  if (!earlier) return report_store(earlier.error());
+  if (*earlier) {
+    pending.from = (*earlier)->from;
+    pending.previous = (*earlier)->previous;
+  }
+  if (auto r = st.begin_activation(*lock, pending); !r) return report_store(r.error());
   if (auto r = st.switch_to(*lock, version); !r) {
     (void)st.end_activation(*lock);
-    return report(r.error());
+    return report_store(r.error());
   }
   if (!quiet)
     std::printf(
@@ -93,21 +123,21 @@ int run_offline_install(const std::string& root, const std::string& file, bool s
 
 int run_offline_list(const std::string& root, const std::string& only, bool json_out) {
   auto opened = open_store(root);
-  if (!opened) return report(opened.error());
+  if (!opened) return report_store(opened.error());
   const store::Store& st = *opened->store;
   std::vector<std::string> apps;
   if (!only.empty()) {
     apps.push_back(only);
   } else {
     auto all = st.apps();
-    if (!all) return report(all.error());
+    if (!all) return report_store(all.error());
     apps = *all;
   }
   nlohmann::json out = nlohmann::json::array();
   Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
   for (const auto& app : apps) {
     auto state = st.state(app);
-    if (!state) return report(state.error());
+    if (!state) return report_store(state.error());
     for (const auto& v : state->versions_in_order()) {
       const auto& r = state->releases.at(v);
       std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";

@@ -12,8 +12,10 @@ namespace upgradectl {
 /// for keys and config, `root`/var/lib/upgraded for the store) and, unless `stage_only`, switches
 /// `current` to it with an activation record: the daemon restarts the release's units and runs
 /// the health gate when it next starts.
+/// On a host where systemd runs (`root` is /), refused unless `force`: the running daemon would
+/// not restart the units.
 int run_offline_install(const std::string& root, const std::string& file, bool stage_only,
-                        bool quiet);
+                        bool quiet, bool force);
 /// The releases in the store under `root`, as `upgradectl list` shows them.
 int run_offline_list(const std::string& root, const std::string& app, bool json);
 

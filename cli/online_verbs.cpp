@@ -31,20 +31,24 @@ int exit_code_for_error_name(const std::string& name) {
   if (name == "org.upgraded1.Error.Busy") return kExitBusy;
   if (name == "org.upgraded1.Error.AccessDenied") return kExitAccessDenied;
   if (name == "org.upgraded1.Error.NotFound") return kExitNotFound;
+  if (name == "org.upgraded1.Error.Exists") return kExitExists;
+  if (name == "org.upgraded1.Error.ShuttingDown") return kExitUnreachable;
   if (name == "org.freedesktop.DBus.Error.ServiceUnknown" ||
       name == "org.freedesktop.DBus.Error.NameHasNoOwner" ||
-      name == "org.freedesktop.DBus.Error.NoReply" ||
       name == "org.freedesktop.DBus.Error.NoServer" ||
       name == "org.freedesktop.DBus.Error.FileNotFound" ||
       name == "org.freedesktop.DBus.Error.Disconnected" ||
-      name == "org.freedesktop.DBus.Error.Spawn.ChildExited" ||
-      name == "org.freedesktop.DBus.Error.TimedOut")
+      name == "org.freedesktop.DBus.Error.Spawn.ChildExited")
     return kExitUnreachable;
   return kExitFailed;
 }
 
 // What to do next, for the errors where there is something to say.
 std::string hint_for(const std::string& name, bool user) {
+  if (name == "org.freedesktop.DBus.Error.NoReply" || name == "org.freedesktop.DBus.Error.TimedOut")
+    return "no reply in time; a job may still have started: upgradectl jobs";
+  if (name == "org.upgraded1.Error.ShuttingDown")
+    return "upgraded is stopping; retry when it is back";
   if (exit_code_for_error_name(name) == kExitUnreachable)
     return user ? "is `upgraded --user` running on your session bus?"
                 : "is upgraded.service installed? (systemctl status upgraded)";
@@ -74,11 +78,21 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
   struct Outcome {
     std::string result, message;
   };
-  // Waits for JobRemoved of `job`.
+  // Waits for JobRemoved of `job`, or for the daemon to leave the bus (a crash, a kill): then
+  // the job cannot end as far as this client can tell, and waiting longer would hang a
+  // package hook for ever.
   Outcome wait(const std::string& job) {
     std::unique_lock lock(m_mutex);
-    m_cv.wait(lock, [&] { return m_removed.count(job) > 0; });
-    return m_removed[job];
+    m_cv.wait(lock, [&] { return m_removed.count(job) > 0 || m_daemon_gone; });
+    if (m_removed.count(job)) return m_removed[job];
+    return {"failed",
+            "upgraded stopped while the job ran; when it starts again it finishes what a crash "
+            "interrupted (see upgradectl status and upgradectl history)"};
+  }
+  void daemon_gone() {
+    std::lock_guard lock(m_mutex);
+    m_daemon_gone = true;
+    m_cv.notify_all();
   }
 
  private:
@@ -92,6 +106,7 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
   std::mutex m_mutex;
   std::condition_variable m_cv;
   std::map<std::string, Outcome> m_removed;
+  bool m_daemon_gone = false;
 };
 
 // Follows a job's properties: progress for people, and the error name for the exit code. The
@@ -147,7 +162,11 @@ struct Common {
 };
 
 std::unique_ptr<sdbus::IConnection> connect(bool user) {
-  return user ? sdbus::createSessionBusConnection() : sdbus::createSystemBusConnection();
+  auto bus = user ? sdbus::createSessionBusConnection() : sdbus::createSystemBusConnection();
+  // Install replies after the signature check (up to ~20 s) and polkit may ask for a password:
+  // more than sd-bus's default 25 s.
+  bus->setMethodCallTimeout(std::chrono::minutes(5));
+  return bus;
 }
 
 // Starts a job with `call` and, unless --no-block, follows it to its end.
@@ -158,6 +177,18 @@ int run_job(const Common& c, const std::function<sdbus::ObjectPath(Client&)>& ca
     Client client(*bus);
     Progress progress(what, c.quiet);
     JobWatch watch(*bus, progress);
+    auto owner = bus->addMatch(
+        "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+        "member='NameOwnerChanged',arg0='org.upgraded1'",
+        [&client](sdbus::Message& msg) {
+          std::string name, old_owner, new_owner;
+          try {
+            msg >> name >> old_owner >> new_owner;
+          } catch (const sdbus::Error&) {
+            return;
+          }
+          if (new_owner.empty()) client.daemon_gone();  // not when D-Bus activation starts it
+        });
     sdbus::ObjectPath job = call(client);
     if (c.no_block) {
       std::printf("%s\n", job.c_str());
@@ -347,7 +378,9 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     add_common(cmd, *c, false, true);
     cmd->add_flag("--offline", *offline, "read the store directly, without the daemon");
     cmd->add_option("--root", *root, "with --offline: the instance whose /var is under DIR")
-        ->type_name("DIR");
+        ->type_name("DIR")
+        ->needs(cmd->get_option("--offline"));
+    cmd->get_option("--offline")->excludes("--user");
     cmd->add_option("APP", *name, "only this app");
     cmd->callback([&exit_code, c, name, offline, root] {
       exit_code = *offline ? run_offline_list(*root, *name, c->json) : run_list(*c, *name);
@@ -370,11 +403,16 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
                   "switch through the store; the daemon restarts the units when it next starts");
     cmd->add_option("--root", *root,
                     "with --offline: the instance whose /etc and /var are under DIR")
-        ->type_name("DIR");
+        ->type_name("DIR")
+        ->needs(cmd->get_option("--offline"));
+    cmd->get_option("--offline")->excludes("--user")->excludes("--no-block");
     cmd->add_option("FILE", *file, "artifact (.upd)")->required();
-    cmd->callback([&exit_code, c, file, stage_only, offline, root] {
+    auto force = std::make_shared<bool>(false);
+    cmd->add_flag("--force", *force, "with --offline: even where systemd is running")
+        ->needs(cmd->get_option("--offline"));
+    cmd->callback([&exit_code, c, file, stage_only, offline, root, force] {
       if (*offline) {
-        exit_code = run_offline_install(*root, *file, *stage_only, c->quiet);
+        exit_code = run_offline_install(*root, *file, *stage_only, c->quiet, *force);
         return;
       }
       int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);

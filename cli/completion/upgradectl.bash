@@ -1,11 +1,19 @@
 # bash completion for upgradectl(1)                                     -*- shell-script -*-
 # Verbs, their options, app names and versions (asked from the daemon, quietly), and files.
 
+# Asks the daemon only if it is running: a TAB must not start it (D-Bus activation) or wait.
+_upgradectl_running() {
+  busctl ${1:-} --timeout=2 call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
+    NameHasOwner s org.upgraded1 2>/dev/null | grep -q true
+}
+
 _upgradectl_apps() {
+  _upgradectl_running $1 || return
   upgradectl status --json $1 2>/dev/null | sed -n 's/^ *"app": "\(.*\)",*$/\1/p'
 }
 
 _upgradectl_versions() {  # APP [--user]
+  _upgradectl_running $2 || return
   upgradectl list "$1" --json $2 2>/dev/null | sed -n 's/^ *"version": "\(.*\)",*$/\1/p'
 }
 
@@ -44,6 +52,10 @@ _upgradectl() {
     --key | --private | --public | --manifest | --output | -o | --payload)
       _filedir
       return
+      ;;
+    --keep | --max-bytes | --limit | -n | --threshold | --app | --version | --level | \
+      --chunk-size | --created)
+      return  # a value of the user's choosing
       ;;
   esac
   if [[ $cur == -* ]]; then

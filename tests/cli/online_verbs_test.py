@@ -209,6 +209,16 @@ class OnlineVerbs(unittest.TestCase):
         self.assertFalse(os.path.exists(self.out), "no unit was started")
         app_root = os.path.join(self.root, "var/lib/upgraded/apps", self.app)
         self.assertTrue(os.path.exists(os.path.join(app_root, "activation.json")))
+        # A second offline activation keeps what the first one would fall back to.
+        self.offline("install", self.pack("1.5.0"))
+        with open(os.path.join(app_root, "activation.json")) as f:
+            record = json.load(f)
+        self.assertEqual((record["from"], record["to"]), ("", "1.5.0"))
+        self.offline("install", "--stage-only", v1, check=9)  # already installed
+        # Where systemd runs, --offline on / is refused: the daemon would not notice.
+        r = subprocess.run([UPGRADECTL, "install", "--offline", v2], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("systemd is running", r.stderr)
         # A tampered artifact: refused (4), nothing changes.
         with open(v2, "rb") as f:
             data = bytearray(f.read())
@@ -226,9 +236,9 @@ class OnlineVerbs(unittest.TestCase):
             if not os.path.exists(os.path.join(app_root, "activation.json")):
                 break
             time.sleep(0.05)
-        self.assertEqual(self.serving("1.0.0"), "1.0.0")
-        releases = json.loads(self.ctl("list", "--json").stdout)
-        self.assertEqual(releases[0]["status"], "good")
+        self.assertEqual(self.serving("1.5.0"), "1.5.0")
+        releases = {r["version"]: r["status"] for r in json.loads(self.ctl("list", "--json").stdout)}
+        self.assertEqual(releases["1.5.0"], "good")
         history = json.loads(self.ctl("history", self.app, "--json").stdout)
         self.assertEqual((history[-1]["op"], history[-1]["result"]), ("recover", "done"))
 
@@ -277,6 +287,20 @@ class OnlineVerbs(unittest.TestCase):
             subprocess.run(["busctl", "--user", "call", "org.freedesktop.DBus",
                             "/org/freedesktop/DBus", "org.freedesktop.DBus", "ReloadConfig"],
                            check=False)
+
+    def test_a_follower_does_not_wait_for_ever_when_the_daemon_dies(self):
+        self.start_daemon({"UPGRADED_PAUSE_AT": "install.before_extract:5000"})
+        follower = subprocess.Popen([UPGRADECTL, "install", "--user", self.pack("1.0.0")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(100):
+            if json.loads(self.ctl("jobs", "--json").stdout):
+                break
+            time.sleep(0.05)
+        self.daemon.kill()
+        self.daemon.wait()
+        _, err = follower.communicate(timeout=10)
+        self.assertEqual(follower.returncode, 1, err)
+        self.assertIn("upgraded stopped while the job ran", err)
 
     def test_cancel_stops_a_job_its_follower_reports_it(self):
         self.start_daemon()
