@@ -3,10 +3,10 @@
 #include "online_verbs.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <sdbus-c++/sdbus-c++.h>
-#include <condition_variable>
 #include <cstdio>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -81,18 +81,33 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
   // Waits for JobRemoved of `job`, or for the daemon to leave the bus (a crash, a kill): then
   // the job cannot end as far as this client can tell, and waiting longer would hang a
   // package hook for ever.
-  Outcome wait(const std::string& job) {
-    std::unique_lock lock(m_mutex);
-    m_cv.wait(lock, [&] { return m_removed.count(job) > 0 || m_daemon_gone; });
-    if (m_removed.count(job)) return m_removed[job];
-    return {"failed",
-            "upgraded stopped while the job ran; when it starts again it finishes what a crash "
-            "interrupted (see upgradectl status and upgradectl history)"};
+  //
+  // The bus is processed on this thread (no event loop thread), so that a connection that
+  // drops surfaces here as an sdbus::Error the caller handles.
+  Outcome wait(sdbus::IConnection& bus, const std::string& job) {
+    for (;;) {
+      while (bus.processPendingRequest()) {
+      }
+      {
+        std::lock_guard lock(m_mutex);
+        if (m_removed.count(job)) return m_removed[job];
+        if (m_daemon_gone)
+          return {"failed",
+                  "upgraded stopped while the job ran; when it starts again it finishes what a "
+                  "crash interrupted (see upgradectl status and upgradectl history)"};
+      }
+      auto pd = bus.getEventLoopPollData();
+      pollfd pfd{pd.fd, pd.events, 0};
+      int timeout = -1;
+      if (auto rel = pd.getRelativeTimeout())
+        timeout = static_cast<int>((rel->count() + 999) / 1000);
+      if (::poll(&pfd, 1, timeout) < 0 && errno != EINTR)
+        throw sdbus::Error("org.freedesktop.DBus.Error.Disconnected", "waiting for the bus failed");
+    }
   }
   void daemon_gone() {
     std::lock_guard lock(m_mutex);
     m_daemon_gone = true;
-    m_cv.notify_all();
   }
 
  private:
@@ -101,10 +116,8 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
                     const std::string& message) override {
     std::lock_guard lock(m_mutex);
     m_removed[job] = {result, message};
-    m_cv.notify_all();
   }
   std::mutex m_mutex;
-  std::condition_variable m_cv;
   std::map<std::string, Outcome> m_removed;
   bool m_daemon_gone = false;
 };
@@ -195,9 +208,7 @@ int run_job(const Common& c, const std::function<sdbus::ObjectPath(Client&)>& ca
       return kExitOk;
     }
     watch.follow(job);
-    bus->enterEventLoopAsync();
-    auto outcome = client.wait(job);
-    bus->leaveEventLoop();
+    auto outcome = client.wait(*bus, job);
     progress.finish(outcome.result == "done");
     if (outcome.result == "done") return kExitOk;
     std::string name = watch.error();
