@@ -32,8 +32,40 @@ Result<bool> bool_value(const std::string& file, const std::string& key, const t
   return *v;
 }
 
+constexpr std::uint64_t kMax = std::uint64_t(1) << 62;
+
+// Every numeric setting: its key, its range, and where it goes.
+struct NumberSetting {
+  const char* key;
+  std::uint64_t min, max;
+  void (*apply)(Config&, std::uint64_t);
+};
+const NumberSetting kNumberSettings[] = {
+    {"trust.threshold", 1, 64, [](Config& c, std::uint64_t n) { c.threshold = unsigned(n); }},
+    {"store.keep", 1, 10000, [](Config& c, std::uint64_t n) { c.keep = n; }},
+    {"store.max_bytes", 0, kMax,
+     [](Config& c, std::uint64_t n) {
+       c.max_bytes = n == 0 ? std::nullopt : std::optional<std::uint64_t>(n);
+     }},
+    {"activation.job_timeout_s", 1, 86400,
+     [](Config& c, std::uint64_t n) { c.job_timeout_s = std::uint32_t(n); }},
+    {"extract.max_entries", 1, kMax,
+     [](Config& c, std::uint64_t n) { c.extract.limits.max_entries = n; }},
+    {"extract.max_total_bytes", 1, kMax,
+     [](Config& c, std::uint64_t n) { c.extract.limits.max_total_bytes = n; }},
+    {"extract.max_file_size", 1, kMax,
+     [](Config& c, std::uint64_t n) { c.extract.limits.max_file_size = n; }},
+    {"extract.max_expansion_ratio", 1, kMax,
+     [](Config& c, std::uint64_t n) { c.extract.limits.max_expansion_ratio = n; }},
+    {"extract.free_space_reserve", 0, kMax,
+     [](Config& c, std::uint64_t n) { c.extract.limits.free_space_reserve = n; }},
+    {"extract.free_inode_reserve", 0, kMax,
+     [](Config& c, std::uint64_t n) { c.extract.limits.free_inode_reserve = n; }},
+    {"extract.helper_ids", 1000, 4294967294ULL - Config::kHelperIds,
+     [](Config& c, std::uint64_t n) { c.helper_ids = std::uint32_t(n); }},
+};
+
 Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
-  constexpr std::uint64_t kMax = std::uint64_t(1) << 62;
   for (auto&& [section_key, section] : doc) {
     std::string name(section_key.str());
     const toml::table* t = section.as_table();
@@ -59,62 +91,20 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
     }
     for (auto&& [k, v] : *t) {
       std::string key = name + "." + std::string(k.str());
-      auto& l = c.extract.limits;
-      auto number = [&](std::uint64_t min, std::uint64_t max) {
-        return unsigned_value(file, key, v, min, max);
-      };
-      if (key == "trust.threshold") {
-        auto n = number(1, 64);
-        if (!n) return n.error();
-        c.threshold = static_cast<unsigned>(*n);
-      } else if (key == "store.keep") {
-        auto n = number(1, 10000);
-        if (!n) return n.error();
-        c.keep = *n;
-      } else if (key == "store.max_bytes") {
-        auto n = number(0, kMax);
-        if (!n) return n.error();
-        c.max_bytes = *n == 0 ? std::nullopt : std::optional<std::uint64_t>(*n);
-      } else if (key == "activation.job_timeout_s") {
-        auto n = number(1, 86400);
-        if (!n) return n.error();
-        c.job_timeout_s = static_cast<std::uint32_t>(*n);
-      } else if (key == "extract.max_entries") {
-        auto n = number(1, kMax);
-        if (!n) return n.error();
-        l.max_entries = *n;
-      } else if (key == "extract.max_total_bytes") {
-        auto n = number(1, kMax);
-        if (!n) return n.error();
-        l.max_total_bytes = *n;
-      } else if (key == "extract.max_file_size") {
-        auto n = number(1, kMax);
-        if (!n) return n.error();
-        l.max_file_size = *n;
-      } else if (key == "extract.max_expansion_ratio") {
-        auto n = number(1, kMax);
-        if (!n) return n.error();
-        l.max_expansion_ratio = *n;
-      } else if (key == "extract.free_space_reserve") {
-        auto n = number(0, kMax);
-        if (!n) return n.error();
-        l.free_space_reserve = *n;
-      } else if (key == "extract.free_inode_reserve") {
-        auto n = number(0, kMax);
-        if (!n) return n.error();
-        l.free_inode_reserve = *n;
-      } else if (key == "extract.helper_ids") {
-        auto n = number(1000, 4294967294ULL - Config::kHelperIds);
-        if (!n) return n.error();
-        c.helper_ids = static_cast<std::uint32_t>(*n);
-      } else if (key == "extract.strip_unsafe_modes") {
+      if (key == "extract.strip_unsafe_modes") {
         auto b = bool_value(file, key, v);
         if (!b) return b.error();
         c.extract.unsafe_modes =
             *b ? artifact::UnsafeModes::kStrip : artifact::UnsafeModes::kRefuse;
-      } else {
-        return bad(file, v, "unknown setting '" + key + "'");
+        continue;
       }
+      const NumberSetting* setting = nullptr;
+      for (const auto& candidate : kNumberSettings)
+        if (key == candidate.key) setting = &candidate;
+      if (!setting) return bad(file, v, "unknown setting '" + key + "'");
+      auto n = unsigned_value(file, key, v, setting->min, setting->max);
+      if (!n) return n.error();
+      setting->apply(c, *n);
     }
   }
   return {};
