@@ -8,15 +8,14 @@ import sys
 import time
 
 import dbus
-from dbus.mainloop.glib import DBusGMainLoop
-from gi.repository import GLib
+
+from daemon_client import Daemon
 
 UPGRADED, UPGRADECTL, ROUNDS = sys.argv[1], sys.argv[2], int(sys.argv[3])
 T = os.environ["UPGRADED_TESTBED"]
 UNIT = "bench.service"
 ROOT = os.path.join(T, "root")
 SETTLE = float(os.environ.get("BENCH_SETTLE", "0.2"))  # idle seconds before each measurement
-DBusGMainLoop(set_as_default=True)
 
 
 def run(*cmd):
@@ -74,23 +73,11 @@ def main():
     run("systemctl", "--user", "daemon-reload")
     with open(os.path.join(ROOT, "etc/upgraded/upgraded.conf"), "w") as f:
         f.write("[store]\nkeep = 1000\n")  # no garbage collection inside the measurements
-    daemon = subprocess.Popen([UPGRADED, "--user", "--root", ROOT], stderr=subprocess.DEVNULL)
-    bus = dbus.SessionBus()
-    driver = dbus.Interface(bus.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus"),
-                            "org.freedesktop.DBus")
-    while not driver.NameHasOwner("org.upgraded1"):
-        time.sleep(0.02)
-    manager = dbus.Interface(bus.get_object("org.upgraded1", "/org/upgraded1"),
-                             "org.upgraded1.Manager")
-    removed = {}
-    bus.add_signal_receiver(lambda i, p, r, m: removed.__setitem__(str(p), (str(r), str(m))),
-                            "JobRemoved", "org.upgraded1.Manager")
-    ctx = GLib.MainContext.default()
+    daemon = Daemon(UPGRADED, ROOT)
+    manager = daemon.manager
 
     def wait(path):
-        while path not in removed:
-            ctx.iteration(True)
-        result, message = removed[path]
+        result, message = daemon.wait(path)
         if result != "done":
             raise SystemExit("job failed: " + message)
 
@@ -101,7 +88,7 @@ def main():
         wait(str(manager.Install(dbus.types.UnixFd(fd), {"activate": False})))
         os.close(fd)
     wait(str(manager.Activate("bench", versions[0], {})))
-    rss_idle = rss(daemon.pid)
+    rss_idle = rss(daemon.proc.pid)
 
     def stop_began_after(t0):
         """From t0 until systemd began stopping the unit: the requester's own latency."""
@@ -158,10 +145,10 @@ def main():
     print("samples plain window", [round(x*1000,2) for x in plain_window])
     print("samples upgrade window", [round(x*1000,2) for x in upgrade_window])
     time.sleep(0.5)
-    rss_after = rss(daemon.pid)
+    rss_after = rss(daemon.proc.pid)
     if os.environ.get("BENCH_SMAPS"):  # where the resident pages are, largest first
         rss_by, name = {}, "[anon]"
-        for line in open("/proc/%d/smaps" % daemon.pid):
+        for line in open("/proc/%d/smaps" % daemon.proc.pid):
             parts = line.split()
             if "-" in parts[0] and len(parts) >= 5:
                 name = parts[5] if len(parts) > 5 else "[anon]"
@@ -169,8 +156,7 @@ def main():
                 rss_by[name] = rss_by.get(name, 0) + int(parts[1])
         for n, kb in sorted(rss_by.items(), key=lambda x: -x[1])[:15]:
             print("  %6d kB  %s" % (kb, n))
-    daemon.terminate()
-    daemon.wait()
+    daemon.stop()
 
     def ms(xs):
         return statistics.median(xs) * 1000

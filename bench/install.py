@@ -8,13 +8,12 @@ import sys
 import time
 
 import dbus
-from dbus.mainloop.glib import DBusGMainLoop
-from gi.repository import GLib
+
+from daemon_client import Daemon
 
 UPGRADED, UPGRADECTL, RUNS = sys.argv[1], sys.argv[2], int(sys.argv[3])
 # On disk, not in the testbed's directory: its files must land where releases would.
 W = os.environ.get("BENCH_DIR", "/var/tmp/upgraded-bench-install.%d" % os.getpid())
-DBusGMainLoop(set_as_default=True)
 
 
 def run(*cmd):
@@ -54,18 +53,8 @@ def main():
             run(UPGRADECTL, "pack", "--key", key, "--app", app, "--version", "1.%d" % i,
                 "-o", out, src)
             artifacts[name].append(out)
-    daemon = subprocess.Popen([UPGRADED, "--user", "--root", root], stderr=subprocess.DEVNULL)
-    bus = dbus.SessionBus()
-    driver = dbus.Interface(bus.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus"),
-                            "org.freedesktop.DBus")
-    while not driver.NameHasOwner("org.upgraded1"):
-        time.sleep(0.02)
-    manager = dbus.Interface(bus.get_object("org.upgraded1", "/org/upgraded1"),
-                             "org.upgraded1.Manager")
-    removed = {}
-    bus.add_signal_receiver(lambda i, p, r, m: removed.__setitem__(str(p), (str(r), str(m))),
-                            "JobRemoved", "org.upgraded1.Manager")
-    ctx = GLib.MainContext.default()
+    daemon = Daemon(UPGRADED, root)
+    manager = daemon.manager
     keysdir = os.path.join(W, "keys")
     os.makedirs(keysdir)
     run("cp", os.path.join(keys, "k.pem"), keysdir)
@@ -83,20 +72,17 @@ def main():
             def by_daemon():
                 fd = os.open(a, os.O_RDONLY)
                 t0 = time.monotonic()
-                job = str(manager.Install(dbus.types.UnixFd(fd), {}))
-                while job not in removed:
-                    ctx.iteration(True)
+                outcome = daemon.wait(manager.Install(dbus.types.UnixFd(fd), {}))
                 install.append(time.monotonic() - t0)
                 os.close(fd)
-                assert removed[job][0] == "done", removed[job]
+                assert outcome[0] == "done", outcome
 
             for step in ((by_cli, by_daemon) if i % 2 == 0 else (by_daemon, by_cli)):
                 step()
         mu, mi = statistics.median(unpack), statistics.median(install)
         print("%-22s upgradectl unpack %7.3f s   daemon install %7.3f s   ratio %.2f" %
               (name, mu, mi, mi / mu))
-    daemon.terminate()
-    daemon.wait()
+    daemon.stop()
 
 
 try:

@@ -13,12 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
-from sample_service import pack_sample, wait_for_content  # noqa: E402
+from sample_service import Instance, pack_sample, wait_for_content  # noqa: E402
 
 UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
 TESTBED = os.environ["UPGRADED_TESTBED"]
@@ -29,20 +28,9 @@ class OnlineVerbs(unittest.TestCase):
     app = "hello"
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(dir=TESTBED)
-        os.chmod(self.dir, 0o755)
-        self.root = os.path.join(self.dir, "root")
-        keys = os.path.join(self.root, "etc/upgraded/keys.d")
-        os.makedirs(keys)
-        self.key = os.path.join(self.dir, "release.key")
-        self.ctl("keygen", "--private", self.key, "--public", os.path.join(keys, "k.pem"),
-                 user=False)
-        self.out = os.path.join(self.dir, "serving")
-        self.unit = self.app + ".service"
-        with open(os.path.join(UNITS_DIR, self.unit), "w") as f:
-            f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
-                    "Environment=OUT=%s\n" % (self.root, self.app, self.out))
-        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        inst = Instance(UPGRADECTL, TESTBED, UNITS_DIR, self.app)
+        self.dir, self.root, self.key = inst.dir, inst.root, inst.key
+        self.out, self.unit = inst.out, inst.unit
         self.daemon = None
 
     def tearDown(self):

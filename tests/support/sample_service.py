@@ -5,6 +5,7 @@ and stays up (or, with fail, exits 3 after 0.3 s: a release that fails its healt
 import json
 import os
 import subprocess
+import tempfile
 import time
 
 
@@ -43,3 +44,25 @@ def wait_for_content(path, expect, tries=200, delay=0.02):
             break
         time.sleep(delay)
     return text
+
+
+class Instance:
+    """A daemon instance's files and the sample service's unit, in a fresh directory of the
+    testbed: dir, root (the instance's "/"), key (the private signing key; its public half is
+    trusted), out (where the service writes the release it runs), unit."""
+
+    def __init__(self, upgradectl, testbed, units_dir, app):
+        self.dir = tempfile.mkdtemp(dir=testbed)
+        os.chmod(self.dir, 0o755)
+        self.root = os.path.join(self.dir, "root")
+        keys = os.path.join(self.root, "etc/upgraded/keys.d")
+        os.makedirs(keys)
+        self.key = os.path.join(self.dir, "release.key")
+        subprocess.run([upgradectl, "keygen", "--private", self.key, "--public",
+                        os.path.join(keys, "release.pem")], check=True, stdout=subprocess.DEVNULL)
+        self.out = os.path.join(self.dir, "serving")
+        self.unit = app + ".service"
+        with open(os.path.join(units_dir, self.unit), "w") as f:
+            f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
+                    "Environment=OUT=%s\n" % (self.root, app, self.out))
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
