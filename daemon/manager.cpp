@@ -7,6 +7,7 @@
 
 #include "authorizer.h"
 #include "bus_errors.h"
+#include "bus_options.h"
 #include "log.h"
 #include "sandbox/extract_child.h"
 #include "trust_root.h"
@@ -21,27 +22,6 @@ namespace {
 
 sdbus::Error invalid(const std::string& message) {
   return sdbus::Error(bus_error::kInvalidArgument, message);
-}
-
-// Unknown keys and wrong value types are refused, so that a client's typo never silently means
-// "default".
-void check_options(const std::map<std::string, sdbus::Variant>& options,
-                   std::initializer_list<std::pair<const char*, const char*>> allowed) {
-  for (const auto& [key, value] : options) {
-    const char* want = nullptr;
-    for (const auto& [name, signature] : allowed)
-      if (key == name) want = signature;
-    if (!want) throw invalid("unknown option " + policy::quote(key));
-    if (value.peekValueType() != want)
-      throw invalid("option " + policy::quote(key) + " must have type '" + want + "', not '" +
-                    value.peekValueType() + "'");
-  }
-}
-
-template <typename T>
-T option(const std::map<std::string, sdbus::Variant>& options, const char* key, T fallback) {
-  auto it = options.find(key);
-  return it == options.end() ? fallback : it->second.get<T>();
 }
 
 void check_app(const std::string& app) {
