@@ -23,6 +23,7 @@ namespace {
 using nlohmann::json;
 constexpr const char* kName = "org.upgraded1";
 constexpr const char* kPath = "/org/upgraded1";
+using Options = std::map<std::string, sdbus::Variant>;
 
 int exit_code_for_error_name(const std::string& name) {
   if (name == "org.upgraded1.Error.InvalidArgument") return kExitUsage;
@@ -66,14 +67,41 @@ int report_dbus(const sdbus::Error& e, bool user) {
   return exit_code_for_error_name(e.getName());
 }
 
+constexpr const char* kBusDriver = "org.freedesktop.DBus";
+
+// The job a call started, and the unique bus name of the daemon that started it (the reply's
+// sender): the only connection whose signals about the job count.
+struct Started {
+  sdbus::ObjectPath job;
+  std::string daemon;
+};
+
 // A connection to the daemon, with JobRemoved subscribed before any call, so that the end of a
 // job it starts cannot be missed.
+//
+// Signals are data from strangers: anyone on the bus can send one that looks like the daemon's,
+// addressed to this connection, and sd-bus cannot check a well-known sender name locally. So
+// every handler compares the sender with the daemon's unique name (or the bus driver's).
 class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy> {
  public:
   // The connection runs no event loop yet: signals that arrive during a call are queued and
-  // dispatched once run_job starts the loop.
+  // dispatched once run_job starts the loop, by which time the daemon's name is known.
   explicit Client(sdbus::IConnection& bus) : ProxyInterfaces(bus, kName, kPath) { registerProxy(); }
   ~Client() { unregisterProxy(); }
+
+  /// Calls a Manager method that starts a job; remembers who replied.
+  template <typename... Args>
+  Started start(const char* method, const Args&... args) {
+    auto call = getProxy().createMethodCall(INTERFACE_NAME, method);
+    (call << ... << args);
+    auto reply = getProxy().callMethod(call);
+    Started s;
+    reply >> s.job;
+    s.daemon = reply.getSender();
+    std::lock_guard lock(m_mutex);
+    m_daemon = s.daemon;
+    return s;
+  }
 
   struct Outcome {
     std::string result, message;
@@ -105,28 +133,39 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
         throw sdbus::Error("org.freedesktop.DBus.Error.Disconnected", "waiting for the bus failed");
     }
   }
-  void daemon_gone() {
+  // NameOwnerChanged for org.upgraded1, from the bus driver: the daemon that runs our job left
+  // (not when D-Bus activation starts one: then the old owner is empty).
+  void owner_changed(const std::string& old_owner) {
     std::lock_guard lock(m_mutex);
-    m_daemon_gone = true;
+    if (!m_daemon.empty() && old_owner == m_daemon) m_daemon_gone = true;
+  }
+  bool from_daemon(const sdbus::Message& msg) {
+    std::lock_guard lock(m_mutex);
+    return !m_daemon.empty() && msg.getSender() == m_daemon;
   }
 
  private:
   void onJobNew(const uint32_t&, const sdbus::ObjectPath&) override {}
   void onJobRemoved(const uint32_t&, const sdbus::ObjectPath& job, const std::string& result,
                     const std::string& message) override {
+    const sdbus::Message* msg = getProxy().getCurrentlyProcessedMessage();
+    if (!msg || !from_daemon(*msg)) return;
     std::lock_guard lock(m_mutex);
     m_removed[job] = {result, message};
   }
   std::mutex m_mutex;
+  std::string m_daemon;  // the unique name that replied to start()
   std::map<std::string, Outcome> m_removed;
   bool m_daemon_gone = false;
 };
 
 // Follows a job's properties: progress for people, and the error name for the exit code. The
-// match is added before the call that creates the job, so that nothing it emits is missed.
+// match is added before the call that creates the job, so that nothing it emits is missed; what
+// does not come from the daemon that started the job is ignored.
 class JobWatch {
  public:
-  JobWatch(sdbus::IConnection& bus, upgradectl::Progress& progress) : m_progress(progress) {
+  JobWatch(sdbus::IConnection& bus, Client& client, upgradectl::Progress& progress)
+      : m_client(client), m_progress(progress) {
     m_slot = bus.addMatch(
         "type='signal',sender='org.upgraded1',interface='org.freedesktop.DBus.Properties',"
         "member='PropertiesChanged',path_namespace='/org/upgraded1/job'",
@@ -143,6 +182,7 @@ class JobWatch {
 
  private:
   void on_changed(sdbus::Message& msg) {
+    if (!m_client.from_daemon(msg)) return;
     std::string iface;
     std::map<std::string, sdbus::Variant> changed;
     std::vector<std::string> invalidated;
@@ -153,13 +193,19 @@ class JobWatch {
     }
     std::lock_guard lock(m_mutex);
     if (msg.getPath() != m_path || iface != "org.upgraded1.Job") return;
-    if (auto it = changed.find("Error"); it != changed.end())
-      m_error = it->second.get<std::string>();
-    if (auto it = changed.find("Step"); it != changed.end()) m_step = it->second.get<std::string>();
-    if (auto it = changed.find("Progress"); it != changed.end())
-      m_percent = it->second.get<uint32_t>();
+    try {
+      if (auto it = changed.find("Error"); it != changed.end())
+        m_error = it->second.get<std::string>();
+      if (auto it = changed.find("Step"); it != changed.end())
+        m_step = it->second.get<std::string>();
+      if (auto it = changed.find("Progress"); it != changed.end())
+        m_percent = it->second.get<uint32_t>();
+    } catch (const sdbus::Error&) {
+      return;  // a value of the wrong type: not what the API sends
+    }
     if (changed.count("Step") || changed.count("Progress")) m_progress.update(m_step, m_percent);
   }
+  Client& m_client;
   upgradectl::Progress& m_progress;
   sdbus::Slot m_slot;
   std::mutex m_mutex;
@@ -183,26 +229,26 @@ std::unique_ptr<sdbus::IConnection> connect(bool user) {
 }
 
 // Starts a job with `call` and, unless --no-block, follows it to its end.
-int run_job(const Common& c, const std::function<sdbus::ObjectPath(Client&)>& call,
-            const std::string& what) {
+int run_job(const Common& c, const std::function<Started(Client&)>& call, const std::string& what) {
   try {
     auto bus = connect(c.user);
     Client client(*bus);
     Progress progress(what, c.quiet);
-    JobWatch watch(*bus, progress);
+    JobWatch watch(*bus, client, progress);
     auto owner = bus->addMatch(
         "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
         "member='NameOwnerChanged',arg0='org.upgraded1'",
         [&client](sdbus::Message& msg) {
+          if (msg.getSender() != kBusDriver) return;  // only the bus driver says who owns what
           std::string name, old_owner, new_owner;
           try {
             msg >> name >> old_owner >> new_owner;
           } catch (const sdbus::Error&) {
             return;
           }
-          if (new_owner.empty()) client.daemon_gone();  // not when D-Bus activation starts it
+          if (name == kName) client.owner_changed(old_owner);
         });
-    sdbus::ObjectPath job = call(client);
+    sdbus::ObjectPath job = call(client).job;
     if (c.no_block) {
       std::printf("%s\n", job.c_str());
       return kExitOk;
@@ -435,7 +481,8 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
       exit_code = run_job(
           *c,
           [&](Client& cl) {
-            return cl.Install(artifact, {{"activate", sdbus::Variant(!*stage_only)}});
+            return cl.start("Install", artifact,
+                            Options{{"activate", sdbus::Variant(!*stage_only)}});
           },
           "install " + *file);
     });
@@ -454,7 +501,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
       std::map<std::string, sdbus::Variant> o;
       if (*allow_bad) o["allow_bad"] = sdbus::Variant(true);
       exit_code = run_job(
-          *c, [&](Client& cl) { return cl.Activate(*name, *version, o); },
+          *c, [&](Client& cl) { return cl.start("Activate", *name, *version, o); },
           "activate " + *name + " " + *version);
     });
   }
@@ -466,7 +513,8 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("APP", *name, "app")->required();
     cmd->callback([&exit_code, c, name] {
       exit_code = run_job(
-          *c, [&](Client& cl) { return cl.Rollback(*name, {}); }, "rollback " + *name);
+          *c, [&](Client& cl) { return cl.start("Rollback", *name, Options{}); },
+          "rollback " + *name);
     });
   }
   {
@@ -479,7 +527,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("VERSION", *version, "release")->required();
     cmd->callback([&exit_code, c, name, version] {
       exit_code = run_job(
-          *c, [&](Client& cl) { return cl.Remove(*name, *version, {}); },
+          *c, [&](Client& cl) { return cl.start("Remove", *name, *version, Options{}); },
           "remove " + *name + " " + *version);
     });
   }
@@ -495,7 +543,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("VERSION", *version, "release")->required();
     cmd->callback([&exit_code, c, name, version, pin] {
       exit_code = run_job(
-          *c, [&](Client& cl) { return cl.SetPinned(*name, *version, pin, {}); },
+          *c, [&](Client& cl) { return cl.start("SetPinned", *name, *version, pin, Options{}); },
           std::string(pin ? "pin " : "unpin ") + *name + " " + *version);
     });
   }
@@ -516,7 +564,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
       if (*keep) o["keep"] = sdbus::Variant(uint32_t(**keep));
       if (*max_bytes) o["max_bytes"] = sdbus::Variant(uint64_t(**max_bytes));
       exit_code = run_job(
-          *c, [&](Client& cl) { return cl.GarbageCollect(*name, o); }, "gc " + *name);
+          *c, [&](Client& cl) { return cl.start("GarbageCollect", *name, o); }, "gc " + *name);
     });
   }
   {

@@ -10,6 +10,10 @@ namespace {
 
 constexpr const char* kService = "org.freedesktop.systemd1";
 constexpr const char* kManagerPath = "/org/freedesktop/systemd1";
+constexpr const char* kBusDriver = "org.freedesktop.DBus";
+// JobRemoved results kept for units being waited on. Each wait claims its own at once, so this
+// is only ever a few; the bound holds whatever systemd sends.
+constexpr std::size_t kMaxRemembered = 64;
 
 Error from_dbus(const sdbus::Error& e, const std::string& doing) {
   ErrorCode code = e.getName() == "org.freedesktop.systemd1.NoSuchUnit" ? ErrorCode::kNotFound
@@ -38,11 +42,13 @@ class SystemdUnits::ManagerProxy final
     registerProxy();  // the JobRemoved match is in place from here on
   }
   ~ManagerProxy() { unregisterProxy(); }
+  sdbus::IConnection& connection() { return getProxy().getConnection(); }
 
  private:
   void onJobRemoved(const uint32_t&, const sdbus::ObjectPath& job, const std::string& unit,
                     const std::string& result) override {
-    m_owner.on_job_removed(job, unit, result);
+    const sdbus::Message* msg = getProxy().getCurrentlyProcessedMessage();
+    m_owner.on_job_removed(msg ? msg->getSender() : std::string(), job, unit, result);
   }
   SystemdUnits& m_owner;
 };
@@ -56,6 +62,32 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
     };
     self->m_manager = std::make_unique<ManagerProxy>(open(), *self);
     self->m_calls = open();
+    // Who owns systemd's name, and from now on every change of it. Only the bus driver can
+    // send as org.freedesktop.DBus (dbus-daemon sets the sender field), so that match is safe.
+    SystemdUnits* me = self.get();
+    self->m_owner_match = self->m_manager->connection().addMatch(
+        std::string("type='signal',sender='") + kBusDriver +
+            "',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',"
+            "member='NameOwnerChanged',arg0='" +
+            kService + "'",
+        [me](sdbus::Message& msg) {
+          if (msg.getSender() != kBusDriver) return;
+          std::string name, old_owner, new_owner;
+          try {
+            msg >> name >> old_owner >> new_owner;
+          } catch (const sdbus::Error&) {
+            return;
+          }
+          if (name == kService) me->on_owner_changed(new_owner);
+        });
+    std::string owner;
+    auto driver = sdbus::createProxy(*self->m_calls, kBusDriver, "/org/freedesktop/DBus");
+    driver->callMethod("GetNameOwner")
+        .onInterface(kBusDriver)
+        .withArguments(std::string(kService))
+        .storeResultsTo(owner);
+    std::lock_guard lock(self->m_mutex);
+    if (!self->m_owner_seen) self->m_systemd_owner = owner;
     // No Subscribe(): systemd sends a job's JobRemoved to the client that queued it anyway,
     // and a subscriber makes systemd serialize every unit's properties at every state change.
   } catch (const sdbus::Error& e) {
@@ -64,13 +96,28 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
   return self;
 }
 
-SystemdUnits::~SystemdUnits() = default;
+SystemdUnits::~SystemdUnits() {
+  // No handler may run while the members it uses go away.
+  if (m_manager) m_manager->connection().leaveEventLoop();
+}
 
-void SystemdUnits::on_job_removed(const std::string& job, const std::string& unit,
-                                  const std::string& result) {
+void SystemdUnits::on_owner_changed(const std::string& owner) {
   std::lock_guard lock(m_mutex);
+  m_systemd_owner = owner;
+  m_owner_seen = true;
+}
+
+void SystemdUnits::on_job_removed(const std::string& sender, const std::string& job,
+                                  const std::string& unit, const std::string& result) {
+  std::lock_guard lock(m_mutex);
+  // Anyone on the bus can send a signal that looks like systemd's: only its owner counts.
+  if (sender.empty() || sender != m_systemd_owner) return;
   if (!m_waiting.count(unit)) return;  // not ours: nobody will claim it
-  m_done[job] = {unit, result};
+  if (m_done.emplace(job, std::make_pair(unit, result)).second) m_done_order.push_back(job);
+  while (m_done_order.size() > kMaxRemembered) {
+    m_done.erase(m_done_order.front());
+    m_done_order.pop_front();
+  }
   m_cv.notify_all();
 }
 
@@ -91,6 +138,7 @@ Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
       self.m_waiting.erase(unit);
       for (auto it = self.m_done.begin(); it != self.m_done.end();)
         it = it->second.first == unit ? self.m_done.erase(it) : std::next(it);
+      std::erase_if(self.m_done_order, [&](const std::string& j) { return !self.m_done.count(j); });
     }
   } unwait{*this, unit};
 
@@ -116,6 +164,7 @@ Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
                                            std::to_string(timeout.count()) + " ms");
     result = m_done[job].second;
     m_done.erase(job);
+    std::erase(m_done_order, job);
   }
   if (result == "done") return {};
   std::string detail;

@@ -4,10 +4,13 @@
 // the user bus for `upgraded --user`).
 
 #include <condition_variable>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+
+#include <sdbus-c++/TypeTraits.h>
 
 #include "upgraded/units/unit_control.h"
 
@@ -38,16 +41,25 @@ class SystemdUnits final : public units::UnitControl {
   SystemdUnits() = default;
   Result<void> run_job(const char* verb, const std::string& unit,
                        std::chrono::milliseconds timeout);
-  void on_job_removed(const std::string& job, const std::string& unit, const std::string& result);
+  void on_job_removed(const std::string& sender, const std::string& job, const std::string& unit,
+                      const std::string& result);
+  void on_owner_changed(const std::string& owner);
 
   std::unique_ptr<ManagerProxy> m_manager;      // owns its connection and signal thread
+  sdbus::Slot m_owner_match;                    // NameOwnerChanged of systemd's name
   std::unique_ptr<sdbus::IConnection> m_calls;  // plain synchronous calls (properties)
   std::mutex m_calls_mutex;
 
   std::mutex m_mutex;
   std::condition_variable m_cv;
+  // A signal's sender is whoever sent it: JobRemoved counts only from the connection that owns
+  // org.freedesktop.systemd1 now (tracked through the bus driver's NameOwnerChanged), never
+  // from the well-known name alone, which sd-bus cannot check locally.
+  std::string m_systemd_owner;  // unique name; empty: systemd is not on the bus
+  bool m_owner_seen = false;    // NameOwnerChanged arrived (newer than GetNameOwner's answer)
   std::map<std::string, int> m_waiting;                               // unit -> callers waiting
   std::map<std::string, std::pair<std::string, std::string>> m_done;  // job -> (unit, result)
+  std::deque<std::string> m_done_order;  // m_done's keys, oldest first (bounds what is kept)
 };
 
 }  // namespace upgraded::daemon

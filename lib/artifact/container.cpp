@@ -40,32 +40,37 @@ bool all_zero(const char* p, std::size_t n) {
   return true;
 }
 
-// Checks that the 512 bytes at `h` are the one canonical header block for a regular member
-// `name` of `size` bytes (docs/artifact-format.md §2.2). libarchive has already checked the
-// checksum's value; this pins the bytes it tolerates (terminators, extension headers).
+// The fields of a ustar header, for messages about the first byte that differs.
+const char* field_at(std::size_t offset) {
+  struct Field {
+    std::size_t end;
+    const char* name;
+  };
+  static constexpr Field kFields[] = {
+      {100, "name"},    {108, "mode"},     {116, "uid"},      {124, "gid"},      {136, "size"},
+      {148, "mtime"},   {156, "checksum"}, {157, "typeflag"}, {257, "linkname"}, {263, "magic"},
+      {265, "version"}, {297, "uname"},    {329, "gname"},    {337, "devmajor"}, {345, "devminor"},
+      {500, "prefix"},  {512, "padding"}};
+  for (const auto& f : kFields)
+    if (offset < f.end) return f.name;
+  return "padding";
+}
+
+// The 512 bytes at `h` must be the canonical header of `name` with `size` bytes: no byte of an
+// artifact outside its members' data is free (docs/artifact-format.md §2.2).
 Result<void> check_header(const char* h, std::string_view name, std::uint64_t size) {
-  std::string where = "header of '" + std::string(name) + "'";
-  if (std::memcmp(h, name.data(), name.size()) != 0 ||
-      !all_zero(h + name.size(), 100 - name.size()))
-    return bad(where + ": name field is not canonical");
-  char size_field[13];
-  std::snprintf(size_field, sizeof size_field, "%011llo", static_cast<unsigned long long>(size));
-  if (std::memcmp(h + 124, size_field, 11) != 0 || (h[135] != 0 && h[135] != ' '))
-    return bad(where + ": size field is not canonical");
-  for (int i = 148; i < 154; ++i)
-    if (h[i] < '0' || h[i] > '7') return bad(where + ": checksum field is not canonical");
-  if (h[154] != 0 || h[155] != ' ') return bad(where + ": checksum field is not canonical");
-  if (h[156] != '0' && h[156] != 0) return bad(where + ": not a regular file member");
-  if (!all_zero(h + 157, 100)) return bad(where + ": has a link name");
-  bool posix = std::memcmp(h + 257,
-                           "ustar\0"
-                           "00",
-                           8) == 0;
-  bool gnu = std::memcmp(h + 257, "ustar  \0", 8) == 0;
-  if (!posix && !gnu) return bad(where + ": not a ustar header");
-  if (!all_zero(h + 345, kTarBlock - 345))
-    return bad(where + ": prefix or extension fields are set");
+  auto want = canonical_header(name, size);
+  for (std::size_t i = 0; i < kTarBlock; ++i)
+    if (h[i] != want[i])
+      return bad("header of '" + std::string(name) + "' is not canonical: its " + field_at(i) +
+                 " field differs at byte " + std::to_string(i));
   return {};
+}
+
+// The bytes after the payload's data in a canonical container: zero padding to 512 and two zero
+// blocks, then the end of the file.
+std::uint64_t canonical_end(std::uint64_t data_end) {
+  return pad512(data_end) + 2 * kTarBlock;
 }
 
 }  // namespace
@@ -193,8 +198,11 @@ Result<std::unique_ptr<ContainerReader>> ContainerReader::open(int fd) {
   return self;
 }
 
-std::unique_ptr<ContainerReader> ContainerReader::payload_at(int fd, std::uint64_t offset,
-                                                             const PayloadInfo& info) {
+Result<std::unique_ptr<ContainerReader>> ContainerReader::payload_at(int fd, std::uint64_t offset,
+                                                                     const PayloadInfo& info) {
+  if (offset < 3 * kTarBlock || offset % kTarBlock != 0)
+    return Error(ErrorCode::kInvalidArgument,
+                 "the payload cannot start at byte " + std::to_string(offset) + " of a container");
   std::unique_ptr<ContainerReader> self(new ContainerReader());
   Impl& im = *self->m_impl;
   im.fd = fd;
@@ -202,6 +210,18 @@ std::unique_ptr<ContainerReader> ContainerReader::payload_at(int fd, std::uint64
   im.keep_prefix = false;
   im.payload_data_start = offset;
   im.payload_size = info.size;
+  // The header is compared, not parsed: it must be the canonical one for this payload.
+  char header[kTarBlock];
+  std::size_t got = 0;
+  while (got < sizeof header) {
+    ssize_t n = ::pread(fd, header + got, sizeof header - got,
+                        static_cast<off_t>(offset - kTarBlock + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return system_error(errno, "reading the payload's header");
+    if (n == 0) return bad("artifact is truncated");
+    got += static_cast<std::size_t>(n);
+  }
+  UPGRADED_TRY(check_header(header, payload_member_name(info.compression), info.size));
   return self;
 }
 
@@ -272,7 +292,25 @@ Result<std::size_t> ContainerReader::read_payload(std::span<std::byte> out) {
 Result<void> ContainerReader::finish() {
   Impl& im = *m_impl;
   if (im.payload_read != im.payload_size) return bad("payload member is truncated");
-  if (im.raw) return {};
+  const std::uint64_t data_end = im.payload_data_start + im.payload_size;
+  const std::uint64_t end = canonical_end(data_end);
+  if (im.raw) {
+    // Only zeros may follow, and exactly that many: read one byte more than canonical.
+    std::vector<char> rest(static_cast<std::size_t>(end - data_end) + 1);
+    std::size_t got = 0;
+    while (got < rest.size()) {
+      ssize_t n =
+          ::pread(im.fd, rest.data() + got, rest.size() - got, static_cast<off_t>(data_end + got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return system_error(errno, "reading the end of the artifact");
+      if (n == 0) break;
+      got += static_cast<std::size_t>(n);
+    }
+    if (got < rest.size() - 1) return bad("artifact is truncated");
+    if (got == rest.size()) return bad("data after the end of the archive");
+    if (!all_zero(rest.data(), got)) return bad("end of archive is not canonical (non-zero bytes)");
+    return {};
+  }
   archive_entry* entry = nullptr;
   int r = archive_read_next_header(im.a, &entry);
   if (r == ARCHIVE_OK) return bad("unexpected member after the payload");
@@ -282,65 +320,77 @@ Result<void> ContainerReader::finish() {
     auto n = im.fill();
     if (!n) return n.error();
     if (*n == 0) break;
-    if (im.offset > im.payload_data_start + im.payload_size + kTailCap)
-      return bad("data after the end of the archive");
+    if (im.offset > end + kTailCap) return bad("data after the end of the archive");
   }
-  std::uint64_t data_end = im.payload_data_start + im.payload_size;
-  // Two zero blocks end the archive; the file may stop there (what pack writes) or be padded to
-  // a full 10240-byte record (GNU tar's default). Any other length is truncation or appending.
-  std::uint64_t minimal_end = pad512(data_end) + 2 * kTarBlock;
-  std::uint64_t record_end = (minimal_end + kTarRecord - 1) / kTarRecord * kTarRecord;
   for (std::uint64_t pos = data_end; pos < im.offset; ++pos)
     if (im.tail[pos % kTailCap] != 0)
-      return bad(pos >= minimal_end ? "data after the end of the archive"
-                                    : "end of archive is not canonical (non-zero padding)");
-  if (im.offset < minimal_end || (im.offset > minimal_end && im.offset < record_end))
-    return bad("artifact is truncated");
-  if (im.offset > record_end) return bad("data after the end of the archive");
+      return bad(pos >= end ? "data after the end of the archive"
+                            : "end of archive is not canonical (non-zero padding)");
+  if (im.offset < end) return bad("artifact is truncated");
+  if (im.offset > end) return bad("data after the end of the archive");
   return {};
 }
 
+std::array<char, kTarBlock> canonical_header(std::string_view name, std::uint64_t size) {
+  std::array<char, kTarBlock> h{};
+  auto put = [&](std::size_t offset, std::string_view text) {
+    std::memcpy(h.data() + offset, text.data(), text.size());
+  };
+  put(0, name.substr(0, 100));
+  put(100, "0000644");  // each numeric field: octal digits, then NUL
+  put(108, "0000000");
+  put(116, "0000000");
+  char size_field[13];
+  std::snprintf(size_field, sizeof size_field, "%011llo",
+                static_cast<unsigned long long>(size & kMaxPayloadSize));
+  put(124, std::string_view(size_field, 11));
+  put(136, "00000000000");
+  h[156] = '0';
+  put(257, std::string_view("ustar\0"
+                            "00",
+                            8));
+  put(329, "0000000");
+  put(337, "0000000");
+  // The checksum: the sum of all bytes with the field taken as spaces; six digits, NUL, space.
+  unsigned sum = 8 * ' ';
+  for (std::size_t i = 0; i < kTarBlock; ++i)
+    sum += static_cast<unsigned char>(h[i]);
+  char sum_field[8];
+  std::snprintf(sum_field, sizeof sum_field, "%06o", sum);
+  put(148, std::string_view(sum_field, 6));
+  h[154] = '\0';
+  h[155] = ' ';
+  return h;
+}
+
 Result<void> write_container(int out_fd, std::string_view manifest, std::string_view signature,
-                             int payload_fd, std::uint64_t payload_size, Compression compression,
-                             std::int64_t mtime) {
-  std::unique_ptr<archive, decltype(&archive_write_free)> a(archive_write_new(),
-                                                            &archive_write_free);
-  std::unique_ptr<archive_entry, decltype(&archive_entry_free)> entry(archive_entry_new(),
-                                                                      &archive_entry_free);
-  if (!a || !entry) return Error(ErrorCode::kFailed, "allocating archive writer");
-  auto fail = [&](const char* doing) {
-    const char* msg = archive_error_string(a.get());
-    return Error(ErrorCode::kFailed, std::string(doing) + ": " + (msg ? msg : "libarchive error"));
-  };
-  if (archive_write_set_format_ustar(a.get()) != ARCHIVE_OK ||
-      archive_write_add_filter_none(a.get()) != ARCHIVE_OK ||
-      archive_write_set_bytes_per_block(a.get(), kTarRecord) != ARCHIVE_OK ||
-      archive_write_set_bytes_in_last_block(a.get(), 1) != ARCHIVE_OK ||
-      archive_write_open_fd(a.get(), out_fd) != ARCHIVE_OK)
-    return fail("opening container writer");
-  auto add = [&](std::string_view name, std::uint64_t size) -> Result<void> {
-    archive_entry_clear(entry.get());
-    archive_entry_set_pathname(entry.get(), std::string(name).c_str());
-    archive_entry_set_filetype(entry.get(), AE_IFREG);
-    archive_entry_set_perm(entry.get(), 0644);
-    archive_entry_set_size(entry.get(), static_cast<la_int64_t>(size));
-    archive_entry_set_mtime(entry.get(), mtime, 0);
-    archive_entry_set_uid(entry.get(), 0);
-    archive_entry_set_gid(entry.get(), 0);
-    if (archive_write_header(a.get(), entry.get()) != ARCHIVE_OK) return fail("writing header");
+                             int payload_fd, std::uint64_t payload_size, Compression compression) {
+  if (payload_size == 0 || payload_size > kMaxPayloadSize)
+    return Error(ErrorCode::kInvalidArgument, "the payload must have 1 byte to 8 GiB - 1");
+  auto write_all = [&](const char* p, std::size_t n) -> Result<void> {
+    while (n > 0) {
+      ssize_t w = ::write(out_fd, p, n);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) return system_error(errno, "writing the artifact");
+      p += w;
+      n -= static_cast<std::size_t>(w);
+    }
     return {};
   };
-  auto data = [&](std::string_view bytes) -> Result<void> {
-    if (archive_write_data(a.get(), bytes.data(), bytes.size()) !=
-        static_cast<la_ssize_t>(bytes.size()))
-      return fail("writing member data");
-    return {};
+  static const char kZeros[2 * kTarBlock] = {};
+  auto pad = [&](std::uint64_t size) {
+    return write_all(kZeros, static_cast<std::size_t>(pad512(size) - size));
   };
-  UPGRADED_TRY(add("manifest.json", manifest.size()));
-  UPGRADED_TRY(data(manifest));
-  UPGRADED_TRY(add("manifest.sig", signature.size()));
-  UPGRADED_TRY(data(signature));
-  UPGRADED_TRY(add(payload_member_name(compression), payload_size));
+  auto member = [&](std::string_view name, std::string_view data) -> Result<void> {
+    auto h = canonical_header(name, data.size());
+    UPGRADED_TRY(write_all(h.data(), h.size()));
+    UPGRADED_TRY(write_all(data.data(), data.size()));
+    return pad(data.size());
+  };
+  UPGRADED_TRY(member("manifest.json", manifest));
+  UPGRADED_TRY(member("manifest.sig", signature));
+  auto h = canonical_header(payload_member_name(compression), payload_size);
+  UPGRADED_TRY(write_all(h.data(), h.size()));
   std::vector<char> buf(kReadSize);
   std::uint64_t done = 0;
   while (done < payload_size) {
@@ -350,11 +400,11 @@ Result<void> write_container(int out_fd, std::string_view manifest, std::string_
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return system_error(errno, "reading payload");
     if (n == 0) return Error(ErrorCode::kFailed, "payload shrank while packing");
-    UPGRADED_TRY(data(std::string_view(buf.data(), static_cast<std::size_t>(n))));
+    UPGRADED_TRY(write_all(buf.data(), static_cast<std::size_t>(n)));
     done += static_cast<std::uint64_t>(n);
   }
-  if (archive_write_close(a.get()) != ARCHIVE_OK) return fail("finishing container");
-  return {};
+  UPGRADED_TRY(pad(payload_size));
+  return write_all(kZeros, sizeof kZeros);
 }
 
 }  // namespace upgraded::artifact

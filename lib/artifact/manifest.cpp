@@ -262,6 +262,9 @@ Result<Manifest> parse_manifest(std::string_view bytes) {
   auto chunks = p.find("chunks");
   if (chunks == p.end() || !chunks->is_array()) return bad("payload.chunks must be an array");
   std::uint64_t expected = (m.payload.size + m.payload.chunk_size - 1) / m.payload.chunk_size;
+  if (expected > kMaxChunks)
+    return bad("payload.size and chunk_size need " + std::to_string(expected) +
+               " chunks; at most " + std::to_string(kMaxChunks) + " are allowed");
   if (chunks->size() != expected)
     return bad("payload.chunks has " + std::to_string(chunks->size()) +
                " entries, size and "

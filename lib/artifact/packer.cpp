@@ -289,7 +289,7 @@ Result<PayloadInfo> describe_payload(int fd, Compression compression, std::uint6
 Result<std::vector<std::string>> sign_and_write(const std::string& manifest_bytes,
                                                 const std::vector<std::string>& key_paths,
                                                 int payload_fd, const PayloadInfo& payload,
-                                                std::int64_t mtime, const std::string& output) {
+                                                const std::string& output) {
   if (key_paths.empty())
     return Error(ErrorCode::kInvalidArgument, "at least one signing key is needed");
   std::vector<Signature> sigs;
@@ -318,7 +318,7 @@ Result<std::vector<std::string>> sign_and_write(const std::string& manifest_byte
     return e;
   };
   if (auto r = write_container(fd, manifest_bytes, sig_text, payload_fd, payload.size,
-                               payload.compression, mtime);
+                               payload.compression);
       !r)
     return fail(r.error());
   if (auto r = fs::sync_fd(fd, policy::quote(tmp)); !r) return fail(r.error());
@@ -381,8 +381,7 @@ Result<PackResult> pack(const PackOptions& o) {
   std::string manifest_bytes = serialize_manifest(m);
   if (manifest_bytes.size() > kMaxManifestSize)
     return Error(ErrorCode::kInvalidArgument, "manifest would be larger than 1 MiB");
-  auto ids =
-      sign_and_write(manifest_bytes, o.key_paths, payload_fd.get(), m.payload, created, o.output);
+  auto ids = sign_and_write(manifest_bytes, o.key_paths, payload_fd.get(), m.payload, o.output);
   if (!ids) return ids.error();
   struct stat st {};
   ::stat(o.output.c_str(), &st);

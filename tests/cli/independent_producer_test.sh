@@ -42,7 +42,9 @@ for k in ed ec rsa; do
   entries+="${entries:+,}{\"key_id\":\"$id\",\"algorithm\":\"$alg\",\"signature\":\"$(base64 -w0 $k.sig)\"}"
 done
 printf '{"format":1,"signatures":[%s]}' "$entries" >manifest.sig
-tar --format=ustar -cf indie.upd manifest.json manifest.sig payload.tar.zst
+# docs/artifact-format.md §2.2: the canonical headers and end.
+tar --format=ustar --owner=0 --group=0 --numeric-owner --mode=0644 --mtime=@0 -b1 \
+  -cf indie.upd manifest.json manifest.sig payload.tar.zst
 
 "$U" verify --keys keys --threshold 3 indie.upd
 "$U" unpack --keys keys --threshold 3 indie.upd out

@@ -72,7 +72,11 @@ rm -r revoked.d
 mkdir pax && (cd pax && tar -xf ../h.upd && tar --format=pax -cf ../pax.upd manifest.json manifest.sig payload.tar.zst)
 check "a pax-format container is not canonical" 4 "$U" verify --keys keys pax.upd
 (cd pax && tar --format=gnu -cf ../gnu.upd manifest.json manifest.sig payload.tar.zst)
-check "GNU tar can produce a valid container" 0 "$U" verify --keys keys gnu.upd
+check "a container with GNU tar's default headers is not canonical" 4 "$U" verify --keys keys gnu.upd
+(cd pax && tar --format=ustar --owner=0 --group=0 --numeric-owner --mode=0644 --mtime=@0 -b1 \
+   -cf ../canonical.upd manifest.json manifest.sig payload.tar.zst)
+check "GNU tar with the documented options makes the canonical container" 0 "$U" verify --keys keys canonical.upd
+expect "byte for byte what pack wrote" cmp h.upd canonical.upd
 
 check "unpack" 0 "$U" unpack --keys keys h.upd out
 expect "unpacked tree matches" diff -r src out

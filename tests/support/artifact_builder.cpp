@@ -36,7 +36,7 @@ void build_artifact(const std::string& output, const std::vector<TestKey>& keys,
   std::vector<std::string> paths;
   for (const auto& k : keys)
     paths.push_back(k.private_path);
-  auto r = artifact::sign_and_write(bytes, paths, fd.get(), m.payload, 1700000000, output);
+  auto r = artifact::sign_and_write(bytes, paths, fd.get(), m.payload, output);
   if (!r) throw std::runtime_error(r.error().message());
   ::unlink(payload_path.c_str());
 }

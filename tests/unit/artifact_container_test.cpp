@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <cstdlib>
+#include <cstring>
 
 #include <atomic>
 #include <chrono>
@@ -136,12 +138,117 @@ TEST_F(Container, RejectsAppendedData) {
   expect_nothing_extracted();
 }
 
-TEST_F(Container, AcceptsZeroPaddingToAFullTarRecord) {
-  // GNU tar pads archives to 10240-byte records; an independent producer may do the same.
-  std::size_t padded = (good.size() + kTarRecord - 1) / kTarRecord * kTarRecord;
+TEST_F(Container, RejectsZeroPaddingToAFullTarRecord) {
+  // GNU tar pads archives to 10240-byte records unless told -b1: one canonical length only, so
+  // that an artifact has exactly one byte sequence.
+  std::size_t padded = (good.size() + 10239) / 10240 * 10240;
   ASSERT_GT(padded, good.size());
   write_file(t / "padded.upd", good + std::string(padded - good.size(), '\0'));
-  EXPECT_TRUE(verify(t / "padded.upd").ok());
+  auto v = verify(t / "padded.upd");
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.error().message().find("data after the end"), std::string::npos)
+      << v.error().message();
+}
+
+TEST_F(Container, RejectsEveryHeaderChangeEvenWithAMatchingChecksum) {
+  // A tar header's checksum catches one changed byte but not a changed field plus a fixed-up
+  // checksum. Every header field is pinned, so even that is refused: mode, owner, mtime, names,
+  // device numbers are not free to differ between two copies of one artifact.
+  auto fix_checksum = [](std::string& bytes, std::size_t header) {
+    std::memset(&bytes[header + 148], ' ', 8);
+    unsigned sum = 0;
+    for (std::size_t i = 0; i < 512; ++i)
+      sum += static_cast<unsigned char>(bytes[header + i]);
+    char field[8];
+    std::snprintf(field, sizeof field, "%06o", sum);
+    std::memcpy(&bytes[header + 148], field, 6);
+    bytes[header + 154] = '\0';
+  };
+  UniqueFd fd(::open((t / "good.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto c = ContainerReader::open(fd.get());
+  ASSERT_TRUE(c.ok());
+  const std::size_t headers[] = {
+      0, 512 + ((*c)->manifest_bytes().size() + 511) / 512 * 512,
+      canonical_payload_offset((*c)->manifest_bytes().size(), (*c)->signature_bytes().size()) -
+          512};
+  int checked = 0;
+  for (std::size_t h : headers) {
+    for (std::size_t i = 0; i < 512; ++i) {
+      if (i >= 148 && i < 156) continue;  // the checksum field itself
+      for (char value : {'0', '7', ' ', '\0', 'x'}) {
+        if (good[h + i] == value) continue;
+        std::string bad = good;
+        bad[h + i] = value;
+        fix_checksum(bad, h);
+        write_file(t / "bad.upd", bad);
+        auto v = verify(t / "bad.upd");
+        ASSERT_FALSE(v.ok()) << "header at " << h << ", byte " << i << " = " << int(value);
+        ++checked;
+      }
+    }
+  }
+  std::printf("header changes with a valid checksum rejected: %d\n", checked);
+}
+
+TEST_F(Container, PayloadAtReadsOnlyThePayloadAndComparesItsHeaderAndTheEnd) {
+  UniqueFd fd(::open((t / "good.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto c = ContainerReader::open(fd.get());
+  ASSERT_TRUE(c.ok());
+  auto manifest = parse_manifest((*c)->manifest_bytes());
+  ASSERT_TRUE(manifest.ok());
+  const std::uint64_t offset =
+      canonical_payload_offset((*c)->manifest_bytes().size(), (*c)->signature_bytes().size());
+  auto read_all = [&](const std::string& bytes) -> Result<std::string> {
+    write_file(t / "at.upd", bytes);
+    UniqueFd f(::open((t / "at.upd").c_str(), O_RDONLY | O_CLOEXEC));
+    auto r = ContainerReader::payload_at(f.get(), offset, manifest->payload);
+    if (!r) return r.error();
+    std::string out(manifest->payload.size, '\0');
+    std::size_t got = 0;
+    while (got < out.size()) {
+      auto n = (*r)->read_payload(std::as_writable_bytes(std::span(out)).subspan(got));
+      if (!n) return n.error();
+      if (*n == 0) break;
+      got += *n;
+    }
+    UPGRADED_TRY((*r)->finish());
+    return out;
+  };
+  auto whole = read_all(good);
+  ASSERT_TRUE(whole.ok()) << whole.error().message();
+  EXPECT_EQ(*whole, payload);
+  // What lies before the payload's header is not read at all.
+  std::string head_changed = good;
+  head_changed[100] ^= 1;
+  head_changed[600] ^= 1;
+  EXPECT_TRUE(read_all(head_changed).ok());
+  // The header, the padding and the end are compared with their canonical bytes.
+  for (std::size_t at : {std::size_t(offset - 512 + 130), std::size_t(offset - 512 + 300),
+                         std::size_t(good.size() - 1)}) {
+    std::string bad = good;
+    bad[at] ^= 1;
+    auto r = read_all(bad);
+    ASSERT_FALSE(r.ok()) << at;
+    EXPECT_EQ(r.error().code(), ErrorCode::kVerificationFailed) << r.error().message();
+  }
+  EXPECT_FALSE(read_all(good + std::string(1, '\0')).ok());
+  EXPECT_FALSE(read_all(good.substr(0, good.size() - 1)).ok());
+}
+
+TEST_F(Container, GnuTarMakesTheCanonicalHeader) {
+  // docs/artifact-format.md §2.2 names the tar command whose headers are canonical.
+  make_dirs(t / "m");
+  write_file(t / "m/manifest.json", std::string(777, 'j'));
+  std::string cmd = "tar -C " + (t / "m") +
+                    " --format=ustar --owner=0 --group=0 --numeric-owner --mode=0644 "
+                    "--mtime=@0 -b1 -cf " +
+                    (t / "m.tar") + " manifest.json";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::string tar = read_file(t / "m.tar");
+  ASSERT_GE(tar.size(), 512u);
+  auto want = canonical_header("manifest.json", 777);
+  EXPECT_EQ(tar.substr(0, 512), std::string(want.data(), want.size()));
+  EXPECT_EQ(tar.size(), 512u + 1024u + 1024u);  // header, padded data, two zero blocks
 }
 
 TEST_F(Container, RejectsEmptyAndForeignFiles) {
@@ -182,9 +289,9 @@ TEST_F(Container, RejectsAManifestFromOneArtifactWithThePayloadOfAnother) {
   write_file(t / "other.payload", other_payload);
   UniqueFd pfd(::open((t / "other.payload").c_str(), O_RDONLY | O_CLOEXEC));
   UniqueFd out(::open((t / "mixed.upd").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  ASSERT_TRUE(write_container(out.get(), manifest, sig, pfd.get(), other_payload.size(),
-                              Compression::kZstd, 0)
-                  .ok());
+  ASSERT_TRUE(
+      write_container(out.get(), manifest, sig, pfd.get(), other_payload.size(), Compression::kZstd)
+          .ok());
   auto v = verify(t / "mixed.upd");
   ASSERT_FALSE(v.ok());
   EXPECT_EQ(v.error().code(), ErrorCode::kVerificationFailed);

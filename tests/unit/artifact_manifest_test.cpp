@@ -122,3 +122,22 @@ TEST(ManifestExtras, MergeAuthorFieldsAndRefusePackOwnedOnes) {
     EXPECT_EQ(m, before) << "a refused extra must change nothing";
   }
 }
+
+TEST(Manifest, RefusesARawNulByteWhichTheJsonLexerWouldTakeForTheEnd) {
+  std::string text = serialize_manifest(sample());
+  expect_refused(text + std::string(1, '\0'), "NUL byte");
+  expect_refused(text + std::string("\0{\"app\": \"evil\"}", 17), "NUL byte");
+  expect_refused(with(text, "\"notes\"", std::string("\0\"notes\"", 8)), "NUL byte");
+}
+
+TEST(Manifest, RefusesMoreChunksThanTheFormatAllows) {
+  Manifest m = sample();
+  m.payload.chunk_size = kMinChunkSize;
+  m.payload.size = (kMaxChunks + 1) * kMinChunkSize;
+  m.payload.chunks.assign(kMaxChunks + 1, Sha256Digest{});
+  expect_refused(serialize_manifest(m), "at most 12288");
+  m.payload.size = kMaxChunks * kMinChunkSize;
+  m.payload.chunks.resize(kMaxChunks);
+  auto ok = parse_manifest(serialize_manifest(m));
+  EXPECT_TRUE(ok.ok()) << ok.error().message();
+}

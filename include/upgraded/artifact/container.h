@@ -6,6 +6,7 @@
 // the canonical byte layout, so that every byte of an artifact is either signed, hashed, or
 // required to have one exact value.
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -17,7 +18,12 @@
 namespace upgraded::artifact {
 
 inline constexpr std::size_t kTarBlock = 512;
-inline constexpr std::size_t kTarRecord = 10240;
+
+/// The one header block a member `name` of `size` bytes may have (docs/artifact-format.md
+/// §2.2): every field is fixed - mode 0644, owner 0:0 without names, mtime 0, a ustar header
+/// as `tar --format=ustar --owner=0 --group=0 --numeric-owner --mode=0644 --mtime=@0` writes it.
+/// Readers compare the whole block with this; `pack` writes it.
+std::array<char, kTarBlock> canonical_header(std::string_view name, std::uint64_t size);
 
 /// Sequential reader of an artifact's container. Reads from offset 0 of `fd` with pread (or
 /// read() for pipes), never rereads a byte, and never touches the fd's file offset for files.
@@ -39,10 +45,12 @@ class ContainerReader {
   static Result<std::unique_ptr<ContainerReader>> open(int fd);
   /// A reader of the payload member's data alone, at `offset` in the regular file `fd`, that
   /// parses nothing: for a process that must not parse unverified bytes (the daemon's
-  /// extraction helper), which hands every byte to the chunk verifier first. read_payload()
-  /// serves `info.size` bytes; finish() checks only that all were read.
-  static std::unique_ptr<ContainerReader> payload_at(int fd, std::uint64_t offset,
-                                                     const PayloadInfo& info);
+  /// extraction helper), which hands every byte to the chunk verifier first. The payload's
+  /// header block (right before `offset`) must be byte for byte the canonical one for `info`;
+  /// read_payload() serves `info.size` bytes; finish() compares the end of the file with the
+  /// canonical end. Nothing before the header is read. Errors: kVerificationFailed.
+  static Result<std::unique_ptr<ContainerReader>> payload_at(int fd, std::uint64_t offset,
+                                                             const PayloadInfo& info);
 
   const std::string& manifest_bytes() const { return m_manifest; }
   const std::string& signature_bytes() const { return m_signature; }
@@ -56,8 +64,8 @@ class ContainerReader {
   /// now and from now on. Thread-safe; used to stop a reading thread.
   void cancel();
 
-  /// After the whole payload: the archive must end here, in canonical form (two zero blocks,
-  /// optionally zero padding to a 10240-byte record, nothing after).
+  /// After the whole payload: the archive must end here, in canonical form (zero padding to
+  /// 512 bytes, two zero blocks, nothing after).
   Result<void> finish();
 
  private:
@@ -68,10 +76,9 @@ class ContainerReader {
   std::string m_signature;
 };
 
-/// Writes a canonical container to `out_fd`: the three members with mode 0644, owner 0:0 and
-/// mtime `mtime`; the payload is copied from `payload_fd` (offset 0, `payload_size` bytes).
+/// Writes a canonical container to `out_fd`: the three members with their canonical headers;
+/// the payload is copied from `payload_fd` (offset 0, `payload_size` bytes).
 Result<void> write_container(int out_fd, std::string_view manifest, std::string_view signature,
-                             int payload_fd, std::uint64_t payload_size, Compression compression,
-                             std::int64_t mtime);
+                             int payload_fd, std::uint64_t payload_size, Compression compression);
 
 }  // namespace upgraded::artifact

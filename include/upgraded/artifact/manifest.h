@@ -23,6 +23,8 @@ inline constexpr std::uint64_t kMaxPayloadSize = 077777777777ULL;
 inline constexpr std::uint64_t kMinChunkSize = 64 * 1024;
 inline constexpr std::uint64_t kMaxChunkSize = 16 * 1024 * 1024;
 inline constexpr std::uint64_t kDefaultChunkSize = 1024 * 1024;
+/// At most this many chunk hashes (docs/artifact-format.md §3); pack doubles chunk_size until
+/// the payload fits.
 inline constexpr std::size_t kMaxChunks = 12 * 1024;
 
 enum class Strategy { kAllAtOnce, kOneByOne, kRolling };

@@ -52,6 +52,6 @@ Result<PayloadInfo> describe_payload(int fd, Compression compression, std::uint6
 Result<std::vector<std::string>> sign_and_write(const std::string& manifest_bytes,
                                                 const std::vector<std::string>& key_paths,
                                                 int payload_fd, const PayloadInfo& payload,
-                                                std::int64_t mtime, const std::string& output);
+                                                const std::string& output);
 
 }  // namespace upgraded::artifact
