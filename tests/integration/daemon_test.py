@@ -60,6 +60,7 @@ class Daemon:
         self.root = root
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
+        self.unique = None
         self.log = open(os.path.join(root, "daemon.log"), "ab")
 
     def start(self):
@@ -70,6 +71,9 @@ class Daemon:
                                 "org.freedesktop.DBus")
         for _ in range(200):
             if driver.NameHasOwner(NAME):
+                # Signals count only from this daemon: the tests share one bus connection, which
+                # may still hold an earlier daemon's signals (whose job numbers were the same).
+                self.unique = str(driver.GetNameOwner(NAME))
                 return
             if self.proc.poll() is not None:
                 raise AssertionError("upgraded exited with %s" % self.proc.returncode)
@@ -97,8 +101,9 @@ class DaemonTest(unittest.TestCase):
         self.bus = dbus.SessionBus()
         self.signals = []  # (name, args) in arrival order
         self.removed = {}  # job path -> (result, message)
-        self.bus.add_signal_receiver(self._job_new, "JobNew", MANAGER)
-        self.bus.add_signal_receiver(self._job_removed, "JobRemoved", MANAGER)
+        self.bus.add_signal_receiver(self._job_new, "JobNew", MANAGER, sender_keyword="sender")
+        self.bus.add_signal_receiver(self._job_removed, "JobRemoved", MANAGER,
+                                     sender_keyword="sender")
 
     def tearDown(self):
         self.assertEqual(self.daemon.stop(), 0, "upgraded did not stop cleanly on SIGTERM")
@@ -110,10 +115,14 @@ class DaemonTest(unittest.TestCase):
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _job_new(self, job_id, path):
+    def _job_new(self, job_id, path, sender=None):
+        if sender != self.daemon.unique:
+            return
         self.signals.append(("JobNew", str(path)))
 
-    def _job_removed(self, job_id, path, result, message):
+    def _job_removed(self, job_id, path, result, message, sender=None):
+        if sender != self.daemon.unique:
+            return
         self.signals.append(("JobRemoved", str(path)))
         self.removed[str(path)] = (str(result), str(message))
 

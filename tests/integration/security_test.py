@@ -1,0 +1,246 @@
+#!/usr/bin/python3
+"""Regression tests for the security review's findings, tried as a local attacker would, on the
+real-systemd testbed (design.md §10): an unprivileged user (`nobody`) on the same bus forges
+signals at the daemon and at upgradectl, an artifact changes after Install replied, and so on.
+Each asserts what stayed on disk and what kept running, not only an error text.
+
+    tests/testbed/with-systemd-user tests/integration/security_test.py UPGRADED UPGRADECTL
+
+Needs UPGRADED_TESTBED_OPEN_BUS=1 (so that `nobody` may connect to the bus).
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from daemon_test import (DaemonTest, Daemon, NAME, PATH, MANAGER, UPGRADECTL,  # noqa: E402
+                         UNITS_DIR, tree_digest)
+
+import dbus
+
+FORGE = r"""
+import dbus, dbus.lowlevel, json, sys
+spec = json.load(sys.stdin)
+bus = dbus.SessionBus()
+driver = dbus.Interface(bus.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus"),
+                        "org.freedesktop.DBus")
+# Every connection of the victim process: found as any user can, by its pid.
+targets = []
+for name in driver.ListNames():
+    if not name.startswith(":"):
+        continue
+    try:
+        if int(driver.GetConnectionUnixProcessID(name)) == spec["pid"]:
+            targets.append(str(name))
+    except dbus.DBusException:
+        pass
+sent = 0
+for t in targets:
+    for s in spec["signals"]:
+        msg = dbus.lowlevel.SignalMessage(s["path"], s["interface"], s["member"])
+        msg.set_destination(t)
+        msg.append(*s["args"], signature=s["signature"])
+        bus.send_message(msg)
+        sent += 1
+bus.flush()
+print(json.dumps({"targets": targets, "sent": sent}))
+"""
+
+
+def forge(pid, signals):
+    """Sends `signals` as `nobody` to every bus connection of process `pid`."""
+    import json
+    out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          "/usr/bin/python3", "-c", FORGE],
+                         input=json.dumps({"pid": pid, "signals": signals}),
+                         capture_output=True, text=True, env=dict(os.environ, HOME="/"))
+    if out.returncode != 0:
+        raise AssertionError("forging failed: " + out.stderr)
+    return json.loads(out.stdout)
+
+
+def systemd_job_removed(job_path, unit, result, job_id=1):
+    return {"path": "/org/freedesktop/systemd1", "interface": "org.freedesktop.systemd1.Manager",
+            "member": "JobRemoved", "signature": "uoss",
+            "args": [job_id, job_path, unit, result]}
+
+
+class ForgedSystemdSignals(DaemonTest):
+    """Finding 1: a JobRemoved that did not come from systemd must not decide a restart."""
+
+    def setUp(self):
+        super().setUp()
+        # A restart that takes a while: the window in which a forged signal would land.
+        with open(os.path.join(UNITS_DIR, self.unit), "w") as f:
+            f.write("[Service]\nExecStartPre=/bin/sleep 1.5\n"
+                    "ExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
+                    "Environment=OUT=%s\n" % (self.root, self.app, self.out))
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+
+    def systemd_jobs_for_unit(self):
+        out = subprocess.run(["busctl", "--user", "--json=short", "call",
+                              "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                              "org.freedesktop.systemd1.Manager", "ListJobs"],
+                             capture_output=True, text=True, check=True).stdout
+        import json
+        return [(j[0], j[4]) for j in json.loads(out)["data"][0] if j[1] == self.unit]
+
+    def test_a_forged_job_removed_does_not_fail_the_upgrade(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        job = self.install(self.pack("2.0.0"))
+        for _ in range(300):  # the restart's systemd job, as any user can see it
+            jobs = self.systemd_jobs_for_unit()
+            if jobs:
+                break
+            time.sleep(0.01)
+        self.assertTrue(jobs, "the restart never showed up in systemd's job list")
+        job_id, job_path = jobs[0]
+        # The real job's path with "failed", and a flood of made-up paths (what is remembered
+        # while waiting is bounded).
+        signals = [systemd_job_removed(job_path, self.unit, "failed", job_id)]
+        signals += [systemd_job_removed("/org/freedesktop/systemd1/job/%d" % (100000 + i),
+                                        self.unit, "failed") for i in range(2000)]
+        sent = forge(self.daemon.proc.pid, signals)
+        self.assertGreaterEqual(len(sent["targets"]), 2, sent)  # the daemon has several
+        result, message = self.wait_job(job)
+        self.assertEqual(result, "done", message)
+        self.assertEqual(self.current(), "releases/2.0.0")
+        self.assertEqual(self.releases()["2.0.0"][0], "good")
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        self.assertEqual(self.unit_property("ActiveState"), "active")
+
+
+class ForgedDaemonSignals(DaemonTest):
+    """Finding 2: upgradectl's exit code, which package hooks trust, comes only from the daemon
+    that started its job."""
+
+    def follow_and_forge(self, artifact, make_signals):
+        proc = subprocess.Popen([UPGRADECTL, "install", "--user", artifact],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Forge as soon as the job exists (the daemon pauses before its switch, so the window
+        # is wide), at upgradectl's connection.
+        for _ in range(500):
+            jobs = self.manager.ListJobs()
+            if jobs:
+                break
+            time.sleep(0.01)
+        self.assertTrue(jobs)
+        path = str(jobs[0][5])
+        sent = forge(proc.pid, make_signals(path, int(jobs[0][0])))
+        self.assertEqual(len(sent["targets"]), 1, sent)
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, out, err
+
+    def restart_paused(self):
+        self.daemon.stop()
+        self.removed.clear()
+        self.daemon = Daemon(self.root, {"UPGRADED_PAUSE_AT": "activation.before_commit:1500"})
+        self.daemon.start()
+
+    def test_forged_job_removed_and_properties_do_not_make_a_failed_install_succeed(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        failing = self.pack("2.0.0", fail=True)
+        self.restart_paused()
+
+        def signals(path, job_id):
+            return [{"path": PATH, "interface": MANAGER, "member": "JobRemoved",
+                     "signature": "uoss", "args": [job_id, path, "done", ""]},
+                    {"path": path, "interface": "org.freedesktop.DBus.Properties",
+                     "member": "PropertiesChanged", "signature": "sa{sv}as",
+                     "args": ["org.upgraded1.Job", {"Error": dbus.String("")}, []]}]
+        rc, out, err = self.follow_and_forge(failing, signals)
+        self.assertEqual(rc, 1, err)  # the job failed (health gate), exit 1
+        self.assertIn("rolled back to 1.0.0", err)
+        self.assertEqual(self.current(), "releases/1.0.0")
+        self.assertEqual(self.releases()["2.0.0"][0], "bad")
+
+    def test_forged_failure_and_a_forged_daemon_exit_do_not_fail_a_good_install(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        good = self.pack("2.0.0")
+        self.restart_paused()
+        daemon_names = forge(self.daemon.proc.pid, [])["targets"]
+
+        def signals(path, job_id):
+            out = [{"path": PATH, "interface": MANAGER, "member": "JobRemoved",
+                    "signature": "uoss", "args": [job_id, path, "failed", "forged"]},
+                   {"path": path, "interface": "org.freedesktop.DBus.Properties",
+                    "member": "PropertiesChanged", "signature": "sa{sv}as",
+                    "args": ["org.upgraded1.Job",
+                             {"Error": dbus.String("org.upgraded1.Error.PolicyRefused")}, []]}]
+            for name in daemon_names:  # "the daemon left the bus"
+                out.append({"path": "/org/freedesktop/DBus", "interface": "org.freedesktop.DBus",
+                            "member": "NameOwnerChanged", "signature": "sss",
+                            "args": [NAME, name, ""]})
+            return out
+        rc, out, err = self.follow_and_forge(good, signals)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.current(), "releases/2.0.0")
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+
+class ArtifactChangedAfterInstall(DaemonTest):
+    """Finding 3: the extraction reads only the payload, at the offset the verified head fixed;
+    it parses no byte of the head again."""
+
+    def install_then_change(self, offsets, version="2.0.0"):
+        """Install (stage only) with the extraction paused, change bytes of the file meanwhile
+        (in place: the daemon holds the descriptor), then wait for the job."""
+        self.daemon.stop()
+        self.removed.clear()
+        self.daemon = Daemon(self.root, {"UPGRADED_PAUSE_AT": "install.before_extract:1000"})
+        self.daemon.start()
+        artifact = self.pack(version)
+        with open(artifact, "rb") as f:
+            original = f.read()
+        job = self.install(artifact, activate=False)
+        with open(artifact, "r+b") as f:
+            for at in offsets(original):
+                f.seek(at)
+                f.write(bytes([original[at] ^ 0x01]))
+        return self.wait_job(job)
+
+    @staticmethod
+    def payload_offset(data):
+        msize = int(data[124:135], 8)
+        sig_header = 512 + (msize + 511) // 512 * 512
+        ssize = int(data[sig_header + 124:sig_header + 135], 8)
+        return 3 * 512 + (msize + 511) // 512 * 512 + (ssize + 511) // 512 * 512
+
+    def test_a_changed_head_has_no_effect_and_the_verified_release_is_installed(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        # A byte of manifest.json's tar header (its mtime), of manifest.json and of
+        # manifest.sig: before the fix, libarchive re-read the head ("Damaged tar archive").
+        result, message = self.install_then_change(
+            lambda d: [140, 600, 512 + (int(d[124:135], 8) + 511) // 512 * 512 + 700])
+        self.assertEqual(result, "done", message)
+        self.assertEqual(self.releases()["2.0.0"][0], "staged")
+        with open(os.path.join(self.app_root(), "releases/2.0.0/VERSION")) as f:
+            self.assertEqual(f.read(), "2.0.0")
+
+    def test_a_changed_payload_byte_fails_and_nothing_is_installed(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        before = tree_digest(self.app_root())
+        result, message = self.install_then_change(lambda d: [self.payload_offset(d) + 20])
+        self.assertEqual(result, "failed")
+        self.assertIn("does not match its signed SHA-256", message)
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+    def test_a_changed_payload_header_or_end_fails(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        before = tree_digest(self.app_root())
+        result, message = self.install_then_change(lambda d: [self.payload_offset(d) - 512 + 140])
+        self.assertEqual(result, "failed")
+        self.assertIn("not canonical", message)
+        result, message = self.install_then_change(lambda d: [len(d) - 3], "2.0.1")
+        self.assertEqual(result, "failed")
+        self.assertIn("end of archive", message)
+        self.assertEqual(tree_digest(self.app_root()), before)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], "-v"])
