@@ -83,9 +83,10 @@ Result<std::pair<std::string, std::string>> read_head() {
 Result<std::vector<artifact::PublicKey>> parse_keys(const std::vector<sandbox::PemFile>& files) {
   std::vector<artifact::PublicKey> keys;
   for (const auto& f : files) {
-    auto k = artifact::parse_public_key_pem(f.pem, f.source);
-    if (!k) return k.error();
-    keys.push_back(std::move(*k));
+    auto file_keys = artifact::parse_public_keys_pem(f.pem, f.source);  // every key of a file
+    if (!file_keys) return file_keys.error();
+    for (auto& k : *file_keys)
+      keys.push_back(std::move(k));
   }
   return keys;
 }

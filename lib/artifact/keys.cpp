@@ -15,6 +15,7 @@
 #include "upgraded/artifact/encoding.h"
 #include "upgraded/fs/durable.h"
 #include "upgraded/fs/unique_fd.h"
+#include "upgraded/policy/names.h"
 
 namespace upgraded::artifact {
 namespace {
@@ -88,13 +89,9 @@ bool PublicKey::verify(std::span<const std::byte> data,
   return ok == 1;
 }
 
-Result<PublicKey> parse_public_key_pem(std::string_view pem, const std::string& source) {
-  std::unique_ptr<BIO, BioDeleter> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  if (!bio) return Error(ErrorCode::kFailed, "allocating BIO");
-  EVP_PKEY* raw = PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr);
-  if (!raw)
-    return Error(ErrorCode::kInvalidArgument,
-                 "'" + source + "' is not a PEM public key: " + openssl_reason());
+namespace {
+
+Result<PublicKey> public_key_from(EVP_PKEY* raw, const std::string& source) {
   PublicKey key;
   key.key.reset(raw, EVP_PKEY_free);
   key.algorithm = algorithm_of(raw);
@@ -106,6 +103,62 @@ Result<PublicKey> parse_public_key_pem(std::string_view pem, const std::string& 
   key.id = std::move(*id);
   key.source = source;
   return key;
+}
+
+struct PemBlock {
+  char* name = nullptr;
+  char* header = nullptr;
+  unsigned char* data = nullptr;
+  long length = 0;
+  ~PemBlock() {
+    OPENSSL_free(name);
+    OPENSSL_free(header);
+    OPENSSL_free(data);
+  }
+};
+
+}  // namespace
+
+Result<std::vector<PublicKey>> parse_public_keys_pem(std::string_view pem,
+                                                     const std::string& source) {
+  if (pem.size() > kMaxKeyFileSize)
+    return Error(ErrorCode::kInvalidArgument, "'" + source + "' is larger than 64 KiB");
+  std::unique_ptr<BIO, BioDeleter> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  if (!bio) return Error(ErrorCode::kFailed, "allocating BIO");
+  std::vector<PublicKey> keys;
+  ERR_clear_error();
+  for (;;) {
+    PemBlock block;
+    if (PEM_read_bio(bio.get(), &block.name, &block.header, &block.data, &block.length) != 1) {
+      unsigned long e = ERR_peek_last_error();
+      if (ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE) {
+        ERR_clear_error();
+        break;  // no further block: the text after the last one is commentary
+      }
+      return Error(ErrorCode::kInvalidArgument, "'" + source + "': PEM block " +
+                                                    std::to_string(keys.size() + 1) +
+                                                    " is malformed: " + openssl_reason());
+    }
+    std::string where = "'" + source + "', PEM block " + std::to_string(keys.size() + 1);
+    if (std::string_view(block.name) != "PUBLIC KEY")
+      return Error(ErrorCode::kInvalidArgument,
+                   where + " is a " + policy::quote(block.name) + ", not a PUBLIC KEY");
+    if (block.header && block.header[0] != '\0')
+      return Error(ErrorCode::kInvalidArgument, where + " has PEM headers (encrypted?)");
+    const unsigned char* p = block.data;
+    EVP_PKEY* raw = d2i_PUBKEY(nullptr, &p, block.length);
+    if (!raw || p != block.data + block.length) {
+      if (raw) EVP_PKEY_free(raw);
+      return Error(ErrorCode::kInvalidArgument,
+                   where + " is not a SubjectPublicKeyInfo: " + openssl_reason());
+    }
+    auto key = public_key_from(raw, source);
+    if (!key) return key.error();
+    keys.push_back(std::move(*key));
+  }
+  if (keys.empty())
+    return Error(ErrorCode::kInvalidArgument, "'" + source + "' holds no PEM public key");
+  return keys;
 }
 
 Result<PrivateKey> PrivateKey::load(const std::string& pem_path) {
@@ -193,9 +246,11 @@ Result<std::vector<PublicKey>> load_dir(const std::string& dir, bool must_exist)
     std::string path = dir + "/" + name;
     auto text = fs::read_file(AT_FDCWD, path, kMaxKeyFileSize);
     if (!text) return text.error();
-    auto key = parse_public_key_pem(*text, path);
-    if (!key) return key.error();
-    keys.push_back(std::move(*key));
+    // Every key of the file: `cat a.pem b.pem > revoked.d/old.pem` revokes both.
+    auto file_keys = parse_public_keys_pem(*text, path);
+    if (!file_keys) return file_keys.error();
+    for (auto& k : *file_keys)
+      keys.push_back(std::move(k));
   }
   return keys;
 }

@@ -242,5 +242,67 @@ class ArtifactChangedAfterInstall(DaemonTest):
         self.assertEqual(tree_digest(self.app_root()), before)
 
 
+class TrustRootAndTrees(DaemonTest):
+    def pack_tree(self, version, extra):
+        """The sample release, with `extra(src)` applied to its tree before packing."""
+        import json
+        src = os.path.join(self.dir, "tree-" + version)
+        os.makedirs(os.path.join(src, "bin"))
+        with open(os.path.join(src, "VERSION"), "w") as f:
+            f.write(version)
+        with open(os.path.join(src, "bin/hello"), "w") as f:
+            f.write('#!/bin/sh\nhere=$(dirname "$(readlink -f "$0")")\n'
+                    'cat "$here/../VERSION" > "$OUT"\nexec sleep 1000\n')
+        os.chmod(os.path.join(src, "bin/hello"), 0o755)
+        extra(src)
+        manifest = os.path.join(self.dir, "m-%s.json" % version)
+        with open(manifest, "w") as f:
+            json.dump({"units": [self.unit], "health": {"min_ready_s": 0, "deadline_s": 30}}, f)
+        out = os.path.join(self.dir, "t-%s.upd" % version)
+        subprocess.run([UPGRADECTL, "pack", "--key", self.key, "--app", self.app, "--version",
+                        version, "--manifest", manifest, "-o", out, src], check=True,
+                       stdout=subprocess.DEVNULL)
+        return out
+
+    def test_a_release_with_hard_links_installs_as_root(self):
+        """Finding 6: the helper's tree is handed back to root with its hard links."""
+        self.assertEqual(os.geteuid(), 0, "the testbed runs as root: the helper gets a uid")
+
+        def links(src):
+            os.link(os.path.join(src, "bin/hello"), os.path.join(src, "bin/hello-alias"))
+            os.link(os.path.join(src, "VERSION"), os.path.join(src, "VERSION.copy"))
+        self.run_job(self.install(self.pack_tree("1.0.0", links)))
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        rel = os.path.join(self.app_root(), "releases/1.0.0")
+        a, b = os.stat(os.path.join(rel, "bin/hello")), os.stat(os.path.join(rel, "bin/hello-alias"))
+        self.assertEqual((a.st_ino, a.st_nlink, a.st_uid), (b.st_ino, 2, 0))
+        self.assertEqual(os.stat(os.path.join(rel, "VERSION.copy")).st_ino,
+                         os.stat(os.path.join(rel, "VERSION")).st_ino)
+
+    def test_every_key_of_a_revocation_file_is_revoked(self):
+        """Finding 5: `cat other.pem trusted.pem > revoked.d/old.pem` revokes both keys."""
+        self.run_job(self.install(self.pack("1.0.0")))
+        v2 = self.pack("2.0.0")
+        etc = os.path.join(self.root, "etc/upgraded")
+        other = os.path.join(self.dir, "other")
+        subprocess.run([UPGRADECTL, "keygen", "--private", other + ".key", "--public",
+                        other + ".pem"], check=True, stdout=subprocess.DEVNULL)
+        os.makedirs(os.path.join(etc, "revoked.d"))
+        with open(os.path.join(etc, "revoked.d/old.pem"), "w") as f:
+            for pem in (other + ".pem", os.path.join(etc, "keys.d/release.pem")):
+                with open(pem) as k:
+                    f.write(k.read())
+        before = tree_digest(self.app_root())
+        pid = self.unit_property("MainPID")
+        message = self.assertDBusError("org.upgraded1.Error.VerificationFailed", self.install, v2)
+        self.assertIn("revoked", message)
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.unit_property("MainPID"), pid)
+        # The same file in keys.d trusts both keys; with the revocation gone, v2 installs.
+        os.unlink(os.path.join(etc, "revoked.d/old.pem"))
+        self.run_job(self.install(v2))
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+
+
 if __name__ == "__main__":
     unittest.main(argv=[sys.argv[0], "-v"])

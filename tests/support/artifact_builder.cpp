@@ -45,9 +45,9 @@ artifact::Keyring keyring_of(const std::vector<TestKey>& keys) {
   std::vector<artifact::PublicKey> pubs;
   for (const auto& k : keys) {
     auto pem = read_file(k.public_path);
-    auto key = artifact::parse_public_key_pem(pem, k.public_path);
+    auto key = artifact::parse_public_keys_pem(pem, k.public_path);
     if (!key) throw std::runtime_error(key.error().message());
-    pubs.push_back(*key);
+    pubs.push_back(key->at(0));
   }
   return artifact::Keyring::from_keys(std::move(pubs));
 }

@@ -30,9 +30,9 @@ TestKey make_evp_key(const TempDir& t, const std::string& name, const char* type
   PEM_write_PUBKEY(f, key);
   std::fclose(f);
   EVP_PKEY_free(key);
-  auto pub = parse_public_key_pem(read_file(k.public_path), k.public_path);
+  auto pub = parse_public_keys_pem(read_file(k.public_path), k.public_path);
   EXPECT_TRUE(pub.ok());
-  k.id = pub->id;
+  k.id = pub->at(0).id;
   return k;
 }
 
@@ -82,7 +82,7 @@ TEST_F(Signatures, RefuseAMessageThatChangedAfterSigning) {
 TEST_F(Signatures, NeverCountRevokedKeys) {
   std::vector<PublicKey> pubs;
   for (auto* k : {&a, &b})
-    pubs.push_back(*parse_public_key_pem(read_file(k->public_path), "x"));
+    pubs.push_back(parse_public_keys_pem(read_file(k->public_path), "x")->at(0));
   auto ring = Keyring::from_keys(pubs, {a.id});
   auto r = verify_signatures(msg, sign_with({a}, msg), ring, TrustPolicy{});
   ASSERT_FALSE(r.ok());
@@ -168,6 +168,50 @@ TEST(Keyring, LoadsADirectoryAndRefusesABrokenOne) {
   EXPECT_TRUE(revoked->is_revoked(*id));
   write_file(t / "keys/broken.pem", "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n");
   EXPECT_FALSE(Keyring::load(t / "keys").ok());
+}
+
+TEST(Keyring, RevokesAndTrustsEveryKeyOfAFileWithSeveral) {
+  // `cat a.pem b.pem > revoked.d/old.pem` must revoke both, not only the first.
+  TempDir t;
+  make_dirs(t / "keys");
+  make_dirs(t / "revoked");
+  auto a = generate_ed25519_key(t / "a.key", t / "a.pem");
+  auto b = generate_ed25519_key(t / "b.key", t / "b.pem");
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::string both = read_file(t / "a.pem") + "a comment between blocks\n" + read_file(t / "b.pem");
+  write_file(t / "keys/both.pem", both);
+  auto ring = Keyring::load(t / "keys", t / "revoked");
+  ASSERT_TRUE(ring.ok()) << ring.error().message();
+  EXPECT_EQ(ring->size(), 2u);
+  EXPECT_NE(ring->find(*a), nullptr);
+  EXPECT_NE(ring->find(*b), nullptr);
+  write_file(t / "revoked/old.pem", both);
+  auto revoked = Keyring::load(t / "keys", t / "revoked");
+  ASSERT_TRUE(revoked.ok());
+  EXPECT_TRUE(revoked->is_revoked(*a));
+  EXPECT_TRUE(revoked->is_revoked(*b));
+  EXPECT_EQ(revoked->find(*b), nullptr);
+}
+
+TEST(Keyring, RefusesAFileWithAnythingButPublicKeyBlocks) {
+  TempDir t;
+  auto a = generate_ed25519_key(t / "a.key", t / "a.pem");
+  ASSERT_TRUE(a.ok());
+  std::string pub = read_file(t / "a.pem");
+  auto refused = [&](const std::string& text, const std::string& why) {
+    auto r = parse_public_keys_pem(text, "f.pem");
+    ASSERT_FALSE(r.ok()) << why;
+    EXPECT_NE(r.error().message().find(why), std::string::npos) << r.error().message();
+  };
+  refused("", "holds no PEM public key");
+  refused("just text\n", "holds no PEM public key");
+  refused(pub + read_file(t / "a.key"), "not a PUBLIC KEY");  // a private key by mistake
+  refused(pub + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "PEM block 2");
+  refused(pub + "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n", "PEM block 2");
+  auto one = parse_public_keys_pem(pub, "f.pem");
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(one->size(), 1u);
+  EXPECT_EQ(one->at(0).id, *a);
 }
 
 TEST(Keygen, WritesAPrivateKeyReadableOnlyByItsOwnerAndNeverOverwrites) {

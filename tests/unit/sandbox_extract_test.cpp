@@ -92,6 +92,25 @@ TEST_F(SandboxExtract, ExtractsAVerifiedArtifactAndHandsTheTreeBackToItsOwner) {
   }
 }
 
+TEST_F(SandboxExtract, KeepsHardLinksWhenTheTreeIsHandedBack) {
+  // pack and unpack keep hard links; the root daemon's hand-back must too (it refused the
+  // second name of a file it had just handed over).
+  auto r = run(raw_tar({dir("bin"), file("bin/tool", "#!/bin/sh\n", 0755),
+                        hardlink_to("bin/tool-alias", "bin/tool"), hardlink_to("third", "bin/tool"),
+                        file("other", "y")}));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(r->hardlinks, 2u);
+  struct stat a {
+  }, b{}, c{};
+  ASSERT_EQ(::stat((t / "dest/bin/tool").c_str(), &a), 0);
+  ASSERT_EQ(::stat((t / "dest/bin/tool-alias").c_str(), &b), 0);
+  ASSERT_EQ(::stat((t / "dest/third").c_str(), &c), 0);
+  EXPECT_EQ(a.st_ino, b.st_ino);
+  EXPECT_EQ(a.st_ino, c.st_ino);
+  EXPECT_EQ(a.st_nlink, 3u);
+  EXPECT_EQ(a.st_uid, ::geteuid());
+}
+
 TEST_F(SandboxExtract, ReadsTheHeadAndChecksSignaturesWithoutTheArtifact) {
   UniqueFd fd = artifact(raw_tar({file("f", "x")}));
   auto head = sandbox::read_head_in_child(helper(), fd.get(), 10s);
@@ -194,6 +213,19 @@ TEST(ChownTree, RefusesAnEntryTheBuilderDidNotCreate) {
   ASSERT_EQ(::lchown((t / "tree/fifo").c_str(), kHelperId, kHelperId), 0);
   EXPECT_FALSE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false).ok()) << "a fifo";
   ASSERT_EQ(::unlink((t / "tree/fifo").c_str()), 0);
+  // A hard link within the tree is handed over with its file; one leaving the tree is not.
+  helper_owns_all();
+  ASSERT_EQ(::link((t / "tree/sub/mine").c_str(), (t / "tree/alias").c_str()), 0);
+  auto linked = fs::chown_tree(fd->get(), kHelperId, 0, 0, false);
+  ASSERT_TRUE(linked.ok()) << linked.error().message();
+  helper_owns_all();
+  ASSERT_EQ(::link((t / "tree/sub/mine").c_str(), (t / "outside").c_str()), 0);
+  auto leaving = fs::chown_tree(fd->get(), kHelperId, 0, 0, false);
+  ASSERT_FALSE(leaving.ok());
+  EXPECT_NE(leaving.error().message().find("3 links, 2 of them in the tree"), std::string::npos)
+      << leaving.error().message();
+  ASSERT_EQ(::unlink((t / "outside").c_str()), 0);
+  ASSERT_EQ(::unlink((t / "tree/alias").c_str()), 0);
   helper_owns_all();
   ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false).ok());
   struct stat st {};

@@ -54,8 +54,12 @@ class PrivateKey {
   std::string m_algorithm;
 };
 
-/// Parses one PEM public key (SubjectPublicKeyInfo). Unsupported key types are an error.
-Result<PublicKey> parse_public_key_pem(std::string_view pem, const std::string& source);
+/// Parses every PEM public key (SubjectPublicKeyInfo, "-----BEGIN PUBLIC KEY-----") in a file's
+/// text, in order; text between blocks is ignored. At least one is needed; a block of another
+/// kind (a private key, a certificate), a malformed block or an unsupported key type is an
+/// error, never skipped: a keyring or a revocation list must not silently shrink.
+Result<std::vector<PublicKey>> parse_public_keys_pem(std::string_view pem,
+                                                     const std::string& source);
 
 /// Generates an Ed25519 key pair: the private key (PKCS#8 PEM, mode 0600) and the public key
 /// (SubjectPublicKeyInfo PEM, mode 0644). Neither file may exist yet. Returns the key id.
@@ -65,8 +69,8 @@ Result<std::string> generate_ed25519_key(const std::string& private_path,
 /// The set of keys an installation trusts, minus the revoked ones.
 class Keyring {
  public:
-  /// Loads every `*.pem` in `keys_dir`; keys whose id appears among the `*.pem` files of
-  /// `revoked_dir` (if given) are remembered as revoked and never trusted. A missing or empty
+  /// Loads every key of every `*.pem` in `keys_dir`; keys whose id appears among the `*.pem` files
+  /// of `revoked_dir` (if given) are remembered as revoked and never trusted. A missing or empty
   /// keys directory, or a file that is not a usable public key, is an error: a broken trust root
   /// must not silently shrink.
   static Result<Keyring> load(const std::string& keys_dir,
