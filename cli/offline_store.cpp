@@ -94,7 +94,7 @@ int run_offline_install(const std::string& root, const std::string& file, bool s
 
   auto state = st.state(app);
   if (!state) return report_store(state.error());
-  if (auto ok = activation::check_activation(*state, staged->manifest, false, false); !ok)
+  if (auto ok = activation::check_activation(*state, staged->manifest, {}); !ok)
     return report_store(ok.error());
   // The daemon finishes this activation when it next starts (docs/state.md): it restarts the
   // units of the release `current` names and runs the health gate, rolling back on failure.

@@ -283,7 +283,7 @@ int run_status(const Common& c, const std::string& app) {
     auto apps = client.ListApps();
     auto jobs = client.ListJobs();
     json out = json::array();
-    Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "JOB"});
+    Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "FLOOR", "JOB"});
     for (const auto& a : apps) {
       const std::string& name = std::get<0>(a);
       if (!app.empty() && name != app) continue;
@@ -291,12 +291,22 @@ int run_status(const Common& c, const std::string& app) {
       for (const auto& j : jobs)
         if (std::get<2>(j) == name)
           job = std::to_string(std::get<0>(j)) + " " + std::get<1>(j) + " " + std::get<4>(j);
+      std::string floor;
+      try {
+        auto details = client.GetApp(name);
+        if (auto it = details.find("floor"); it != details.end())
+          floor = it->second.get<std::string>();
+      } catch (const sdbus::Error& e) {
+        if (e.getName() != "org.upgraded1.Error.NotFound") throw;  // removed meanwhile
+        continue;
+      }
       out.push_back({{"app", name},
                      {"current", std::get<1>(a)},
                      {"previous", std::get<2>(a)},
                      {"last_known_good", std::get<3>(a)},
+                     {"floor", floor},
                      {"job", job}});
-      t.add({name, std::get<1>(a), std::get<2>(a), std::get<3>(a), job});
+      t.add({name, std::get<1>(a), std::get<2>(a), std::get<3>(a), floor, job});
     }
     if (!app.empty() && out.empty()) {
       std::fprintf(stderr, "upgradectl: no app '%s' is installed\n", app.c_str());
@@ -493,13 +503,17 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto name = std::make_shared<std::string>();
     auto version = std::make_shared<std::string>();
     auto allow_bad = std::make_shared<bool>(false);
+    auto below_floor = std::make_shared<bool>(false);
     add_common(cmd, *c, true, false);
     cmd->add_flag("--allow-bad", *allow_bad, "also activate a release marked bad");
+    cmd->add_flag("--allow-below-floor", *below_floor,
+                  "also activate a kept release below the version floor");
     cmd->add_option("APP", *name, "app")->required();
     cmd->add_option("VERSION", *version, "release")->required();
-    cmd->callback([&exit_code, c, name, version, allow_bad] {
+    cmd->callback([&exit_code, c, name, version, allow_bad, below_floor] {
       std::map<std::string, sdbus::Variant> o;
       if (*allow_bad) o["allow_bad"] = sdbus::Variant(true);
+      if (*below_floor) o["allow_below_floor"] = sdbus::Variant(true);
       exit_code = run_job(
           *c, [&](Client& cl) { return cl.start("Activate", *name, *version, o); },
           "activate " + *name + " " + *version);
@@ -509,12 +523,16 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto* cmd = app.add_subcommand("rollback", "Go back to the previous release");
     auto c = std::make_shared<Common>();
     auto name = std::make_shared<std::string>();
+    auto below_floor = std::make_shared<bool>(false);
     add_common(cmd, *c, true, false);
+    cmd->add_flag("--allow-below-floor", *below_floor,
+                  "also when the previous release is below the version floor");
     cmd->add_option("APP", *name, "app")->required();
-    cmd->callback([&exit_code, c, name] {
+    cmd->callback([&exit_code, c, name, below_floor] {
+      Options o;
+      if (*below_floor) o["allow_below_floor"] = sdbus::Variant(true);
       exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("Rollback", *name, Options{}); },
-          "rollback " + *name);
+          *c, [&](Client& cl) { return cl.start("Rollback", *name, o); }, "rollback " + *name);
     });
   }
   {
@@ -545,6 +563,21 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
       exit_code = run_job(
           *c, [&](Client& cl) { return cl.start("SetPinned", *name, *version, pin, Options{}); },
           std::string(pin ? "pin " : "unpin ") + *name + " " + *version);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand(
+        "floor", "Raise an app's version floor: older releases are never installed or activated");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto version = std::make_shared<std::string>();
+    add_common(cmd, *c, true, false);
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->add_option("VERSION", *version, "the oldest version allowed from now on")->required();
+    cmd->callback([&exit_code, c, name, version] {
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.start("SetFloor", *name, *version, Options{}); },
+          "floor " + *name + " " + *version);
     });
   }
   {

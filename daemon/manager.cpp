@@ -160,8 +160,10 @@ sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManif
   bool new_app = true;
   if (auto known = m_store.state(app)) {
     new_app = false;
-    if (known->releases.count(version))
-      throw sdbus::Error(bus_error::kExists, app + " " + version + " is already installed");
+    if (auto same = known->installed_as(version))
+      throw sdbus::Error(bus_error::kExists,
+                         app + " " + version + " is already installed" +
+                             (*same == version ? "" : " (as " + *same + ", an equal version)"));
     if (known->floor && policy::compare_versions(version, *known->floor) < 0)
       throw sdbus::Error(bus_error::kPolicyRefused, app + " " + version +
                                                         " is older than the version floor " +
@@ -218,19 +220,22 @@ void Manager::Activate(PathResult&& result, std::string app, std::string version
   try {
     check_app(app);
     check_version(version);
-    check_options(options, {{"allow_bad", "b"}});
+    check_options(options, {{"allow_bad", "b"}, {"allow_below_floor", "b"}});
     const bool allow_bad = option<bool>(options, "allow_bad", false);
+    const bool below_floor = option<bool>(options, "allow_below_floor", false);
     authorized(reply, "org.upgraded1.activate",
-               [this, reply, app, version, allow_bad](uid_t caller) {
+               [this, reply, app, version, allow_bad, below_floor](uid_t caller) {
                  auto st = value_or_throw(m_store.state(app));
                  if (!st.releases.count(version))
                    throw sdbus::Error(bus_error::kNotFound,
                                       "no release " + version + " of " + app + " is installed");
-                 Work work = [this, allow_bad](Job& job, const store::AppLock& lock,
-                                               const ProgressFn& progress) -> Result<void> {
+                 Work work = [this, allow_bad, below_floor](
+                                 Job& job, const store::AppLock& lock,
+                                 const ProgressFn& progress) -> Result<void> {
                    activation::Activator activator(m_store, m_units);
                    auto how = activation_options(job);
                    how.allow_bad = allow_bad;
+                   how.allow_below_floor = below_floor;
                    auto done = activator.activate(lock, job.version, how, progress);
                    if (!done) return done.error();
                    collect_garbage(lock, job);
@@ -247,16 +252,18 @@ void Manager::Rollback(PathResult&& result, std::string app, Options options) {
   auto reply = std::make_shared<PathResult>(std::move(result));
   try {
     check_app(app);
-    check_options(options, {});
-    authorized(reply, "org.upgraded1.rollback", [this, reply, app](uid_t caller) {
+    check_options(options, {{"allow_below_floor", "b"}});
+    const bool below_floor = option<bool>(options, "allow_below_floor", false);
+    authorized(reply, "org.upgraded1.rollback", [this, reply, app, below_floor](uid_t caller) {
       auto st = value_or_throw(m_store.state(app));
       if (!st.previous)
         throw sdbus::Error(bus_error::kNotFound, app + " has no release to roll back to");
-      Work work = [this](Job& job, const store::AppLock& lock,
-                         const ProgressFn& progress) -> Result<void> {
+      Work work = [this, below_floor](Job& job, const store::AppLock& lock,
+                                      const ProgressFn& progress) -> Result<void> {
         activation::Activator activator(m_store, m_units);
         auto how = activation_options(job);
         how.expected_target = job.version;
+        how.allow_below_floor = below_floor;
         auto done = activator.rollback(lock, how, progress);
         if (!done) return done.error();
         return {};
@@ -367,6 +374,43 @@ void Manager::GarbageCollect(PathResult&& result, std::string app, Options optio
         return {};
       };
       reply->returnResults(start_job("gc", app, "", caller, std::move(work)));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::SetFloor(PathResult&& result, std::string app, std::string version, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_version(version);
+    check_options(options, {});
+    authorized(reply, "org.upgraded1.floor", [this, reply, app, version](uid_t caller) {
+      (void)value_or_throw(m_store.state(app));  // NotFound for an unknown app
+      Work work = [this](Job& job, const store::AppLock& lock,
+                         const ProgressFn& progress) -> Result<void> {
+        auto before = m_store.state(job.app);
+        if (!before) return before.error();
+        if (!commit(job)) return Error(ErrorCode::kCanceled, "canceled");
+        progress("raising the floor", 50);
+        UPGRADED_TRY(m_store.raise_floor(lock, job.version));
+        const std::string old = before->floor.value_or("");
+        if (!before->floor || policy::compare_versions(*before->floor, job.version) != 0)
+          (void)m_store.append_history(
+              lock,
+              store::HistoryEntry{"",
+                                  "floor",
+                                  old,
+                                  job.version,
+                                  "done",
+                                  "version floor raised" + (old.empty() ? "" : " from " + old) +
+                                      " to " + job.version + " (downgrade protection)",
+                                  {}});
+        progress("done", 100);
+        return {};
+      };
+      reply->returnResults(start_job("floor", app, version, caller, std::move(work)));
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
@@ -564,6 +608,21 @@ std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> M
     out.emplace_back(app, st->current.value_or(""), st->previous.value_or(""),
                      st->last_known_good.value_or(""));
   }
+  return out;
+}
+
+std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
+  check_app(app);
+  auto st = value_or_throw(m_store.state(app));
+  std::map<std::string, sdbus::Variant> out;
+  out["current"] = sdbus::Variant(st.current.value_or(""));
+  out["previous"] = sdbus::Variant(st.previous.value_or(""));
+  out["last_known_good"] = sdbus::Variant(st.last_known_good.value_or(""));
+  out["floor"] = sdbus::Variant(st.floor.value_or(""));
+  if (st.finalized_data_format)
+    out["finalized_data_format"] = sdbus::Variant(std::uint64_t(*st.finalized_data_format));
+  auto pending = m_store.pending_activation(app);
+  out["pending_activation"] = sdbus::Variant(pending && *pending ? (*pending)->to : std::string());
   return out;
 }
 

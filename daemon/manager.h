@@ -51,6 +51,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void SetPinned(PathResult&& result, std::string app, std::string version, bool pinned,
                  Options options) override;
   void GarbageCollect(PathResult&& result, std::string app, Options options) override;
+  void SetFloor(PathResult&& result, std::string app, std::string version,
+                Options options) override;
+  std::map<std::string, sdbus::Variant> GetApp(const std::string& app) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
       override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>

@@ -20,7 +20,7 @@ _upgradectl_versions() {  # APP [--user]
 _upgradectl() {
   local cur prev words cword
   _init_completion || return
-  local verbs="status list install activate rollback remove pin unpin gc jobs cancel history
+  local verbs="status list install activate rollback remove pin unpin floor gc jobs cancel history
     keygen pack verify unpack inspect"
   if [ "$cword" -eq 1 ]; then
     COMPREPLY=($(compgen -W "$verbs --help --version" -- "$cur"))
@@ -33,8 +33,9 @@ _upgradectl() {
     status | jobs) opts="--user --json" ;;
     list) opts="--user --json --offline --root" ;;
     install) opts="--user --stage-only --wait --no-block --quiet --offline --root" ;;
-    activate) opts="--user --allow-bad --no-block --quiet" ;;
-    rollback | remove | pin | unpin) opts="--user --no-block --quiet" ;;
+    activate) opts="--user --allow-bad --allow-below-floor --no-block --quiet" ;;
+    rollback) opts="--user --allow-below-floor --no-block --quiet" ;;
+    remove | pin | unpin | floor) opts="--user --no-block --quiet" ;;
     gc) opts="--user --keep --max-bytes --no-block --quiet" ;;
     cancel) opts="--user --quiet" ;;
     history) opts="--user --json --limit" ;;
@@ -73,7 +74,7 @@ _upgradectl() {
     [ $n -eq 1 ] && app=${words[i]}
   done
   case $verb in
-    status | list | rollback | gc | history)
+    status | list | rollback | gc | history | floor)
       [ $n -eq 0 ] && COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur")) ;;
     activate | remove | pin | unpin)
       if [ $n -eq 0 ]; then

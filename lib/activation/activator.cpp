@@ -107,7 +107,8 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
 }
 
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
-                              bool allow_bad, bool is_rollback) {
+                              const ActivationChecks& checks) {
+  const bool allow_bad = checks.allow_bad, is_rollback = checks.is_rollback;
   const std::string& app = st.app;
   const std::string& version = m.version;
   auto rec = st.releases.find(version);
@@ -116,6 +117,9 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
   if (rec->second.status == store::ReleaseStatus::kBad && !allow_bad)
     return refuse(app + " " + version + " is marked bad (it failed before)");
   if (st.current == version) return {};
+  if (st.floor && policy::compare_versions(version, *st.floor) < 0 && !checks.allow_below_floor)
+    return refuse(app + " " + version + " is below the version floor " + *st.floor +
+                  " (downgrade protection; allow_below_floor overrides it)");
   if (!m.hooks.empty())
     return refuse(app + " " + version +
                   " declares hooks, which this version of upgraded does not run yet");
@@ -149,7 +153,8 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   ActivationReport report;
   report.from = st->current.value_or("");
   report.to = version;
-  UPGRADED_TRY(check_activation(*st, *m, options.allow_bad, is_rollback));
+  UPGRADED_TRY(check_activation(
+      *st, *m, ActivationChecks{options.allow_bad, is_rollback, options.allow_below_floor}));
   if (st->current == version) return report;
   std::optional<artifact::Manifest> old_manifest;
   if (st->current) {

@@ -47,6 +47,13 @@ std::optional<ReleaseStatus> release_status_from(std::string_view s) {
   return std::nullopt;
 }
 
+std::optional<std::string> AppState::installed_as(const std::string& version) const {
+  if (releases.count(version)) return version;
+  for (const auto& [v, r] : releases)
+    if (policy::compare_versions(v, version) == 0) return v;
+  return std::nullopt;
+}
+
 std::vector<std::string> AppState::versions_in_order() const {
   std::vector<std::string> out;
   for (const auto& [v, r] : releases)

@@ -396,8 +396,10 @@ Result<StageResult> Store::stage(const AppLock& lock, const artifact::VerifiedMa
   auto loaded = read_state(dfd);
   if (!loaded) return loaded.error();
   AppState st = loaded->value_or(AppState{app, {}, {}, {}, {}, {}, {}});
-  if (st.releases.count(version))
-    return Error(ErrorCode::kExists, app + " " + version + " is already installed");
+  if (auto same = st.installed_as(version))
+    return Error(ErrorCode::kExists,
+                 app + " " + version + " is already installed" +
+                     (*same == version ? "" : " (as " + *same + ", an equal version)"));
   if (st.floor && policy::compare_versions(version, *st.floor) < 0)
     return Error(ErrorCode::kPolicyRefused, app + " " + version +
                                                 " is older than the version floor " + *st.floor +
@@ -586,7 +588,11 @@ Result<void> Store::raise_floor(const AppLock& lock, const std::string& version)
   if (st.floor && policy::compare_versions(version, *st.floor) < 0)
     return Error(ErrorCode::kPolicyRefused, "the version floor of " + st.app + " is " + *st.floor +
                                                 " and never goes down (asked for " + version + ")");
-  if (st.floor == version) return {};
+  if (st.floor && policy::compare_versions(version, *st.floor) == 0) return {};
+  if (st.current && policy::compare_versions(*st.current, version) < 0)
+    return Error(ErrorCode::kPolicyRefused, "the current release of " + st.app + ", " +
+                                                *st.current + ", is below " + version +
+                                                "; activate a release at or above it first");
   st.floor = version;
   return commit_state(l->fd.get(), st, &before);
 }

@@ -104,7 +104,7 @@ class OnlineVerbs(unittest.TestCase):
         self.assertEqual(len(table), 3)
         status = json.loads(self.ctl("status", "--json").stdout)
         self.assertEqual(status, [{"app": self.app, "current": "1.0.0", "previous": "",
-                                   "last_known_good": "1.0.0", "job": ""}])
+                                   "last_known_good": "1.0.0", "floor": "", "job": ""}])
         self.ctl("status", "nosuch", check=8)
 
         # --no-block prints the job; a second job for the app is busy (5).
@@ -176,6 +176,48 @@ class OnlineVerbs(unittest.TestCase):
         self.assertIn("not authorized", r.stderr)
         self.assertIn("root", r.stderr)
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+    def test_the_version_floor_keeps_older_releases_out(self):
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        self.ctl("install", "-q", self.pack("2.0.0"))
+        self.ctl("install", "--stage-only", "-q", self.pack("1.5.0"))
+        r = self.ctl("floor", self.app, "3.0.0", check=3)
+        self.assertIn("activate a release at or above it first", r.stderr)
+        self.ctl("floor", self.app, "2.0.0", "-q")
+        status = json.loads(self.ctl("status", "--json").stdout)
+        self.assertEqual(status[0]["floor"], "2.0.0")
+        self.assertEqual(self.ctl("status").stdout.splitlines()[0].split(),
+                         ["APP", "CURRENT", "PREVIOUS", "LAST", "GOOD", "FLOOR", "JOB"])
+        app_root = os.path.join(self.root, "var/lib/upgraded/apps", self.app)
+        before = sorted(os.listdir(os.path.join(app_root, "releases")))
+
+        # Below the floor: not installed, not activated, not rolled back to (exit 3), and the
+        # service keeps running what it ran.
+        r = self.ctl("install", self.pack("1.9.0"), check=3)
+        self.assertIn("older than the version floor 2.0.0", r.stderr)
+        r = self.ctl("activate", self.app, "1.5.0", check=3)
+        self.assertIn("below the version floor 2.0.0", r.stderr)
+        r = self.ctl("rollback", self.app, check=3)
+        self.assertIn("1.0.0 is below the version floor 2.0.0", r.stderr)
+        self.assertEqual(sorted(os.listdir(os.path.join(app_root, "releases"))), before)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        # ... unless asked for explicitly.
+        self.ctl("rollback", self.app, "--allow-below-floor", "-q")
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        self.ctl("activate", self.app, "2.0.0", "-q")
+
+        # It only rises; the same floor again changes nothing; nobody may not raise it.
+        r = self.ctl("floor", self.app, "1.0.0", check=3)
+        self.assertIn("never goes down", r.stderr)
+        self.ctl("floor", self.app, "2.00.0", "-q")
+        self.ctl("floor", self.app, "2.0.0", check=7, as_nobody=True)
+        floors = [(h["from"], h["to"]) for h in
+                  json.loads(self.ctl("history", self.app, "--json").stdout) if h["op"] == "floor"]
+        self.assertEqual(floors, [("", "2.0.0")])
+        # Versions that compare equal are one release (finding 11): "2.00.0" is 2.0.0 (exit 9).
+        r = self.ctl("install", self.pack("2.00.0"), check=9)
+        self.assertIn("as 2.0.0", r.stderr)
 
     def offline(self, *args, check=0):
         """upgradectl as a package hook runs it in a chroot: no bus, no systemd, no daemon."""

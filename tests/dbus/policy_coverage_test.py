@@ -21,12 +21,22 @@ STANDARD = {("org.freedesktop.DBus.Properties", "Get"),
 
 def api_methods():
     """(interface, method, returns a job) for every method of dbus/org.upgraded1.*.xml."""
+    return [(i, m, job) for i, m, job, _ in api_methods_with_actions()]
+
+
+def api_methods_with_actions():
+    """As api_methods, with the polkit action of each method that returns a job: the one its
+    org.upgraded1.PolkitAction annotation names, else org.upgraded1.<method in lower case>."""
     out = []
     for path in sorted(glob.glob(os.path.join(DBUS, "org.upgraded1.*.xml"))):
         for iface in ET.parse(path).getroot().iter("interface"):
             for m in iface.iter("method"):
                 outs = [a.get("type") for a in m.iter("arg") if a.get("direction") == "out"]
-                out.append((iface.get("name"), m.get("name"), outs == ["o"]))
+                action = "org.upgraded1." + m.get("name").lower()
+                for a in m.iter("annotation"):
+                    if a.get("name") == "org.upgraded1.PolkitAction":
+                        action = a.get("value")
+                out.append((iface.get("name"), m.get("name"), outs == ["o"], action))
     return out
 
 
@@ -49,7 +59,7 @@ class PolicyCoverage(unittest.TestCase):
     def test_polkit_actions_are_the_mutating_methods(self):
         root = ET.parse(os.path.join(DBUS, "org.upgraded1.policy")).getroot()
         actions = {a.get("id") for a in root.iter("action")}
-        mutating = {"org.upgraded1." + m.lower() for i, m, job in api_methods() if job}
+        mutating = {action for i, m, job, action in api_methods_with_actions() if job}
         self.assertEqual(actions, mutating)
 
     def test_the_daemon_asks_for_those_actions(self):

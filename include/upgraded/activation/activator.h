@@ -20,6 +20,9 @@ struct ActivationOptions {
   std::chrono::milliseconds job_timeout{90000};
   /// Activate a release that is marked bad (refused otherwise).
   bool allow_bad = false;
+  /// Activate (or roll back to) a kept release below the app's version floor (refused
+  /// otherwise: the floor keeps releases with known flaws from running again).
+  bool allow_below_floor = false;
   /// Called once, after the checks and right before the first change (the switch of
   /// `current`): the point of no return. Returning false cancels the activation with nothing
   /// changed (kCanceled).
@@ -41,13 +44,21 @@ struct ActivationReport {
 /// "health gate", "rolling back".
 using ProgressFn = std::function<void(const std::string& step, int percent)>;
 
+/// What a check may let through, and whether it is a rollback.
+struct ActivationChecks {
+  bool allow_bad = false;
+  bool is_rollback = false;
+  bool allow_below_floor = false;
+};
+
 /// The policy checks of activating the release `m` describes, with the app's state `st`: it is
-/// installed, not marked bad (unless `allow_bad`), declares no hooks, its upgrade_from admits the
-/// current release (not for a rollback), and it writes a data format at least as new as the
-/// finalized one. kPolicyRefused (kNotFound for a missing release). Activating the current
-/// release passes once it is not bad.
+/// installed, not marked bad (unless `allow_bad`), not below the version floor (unless
+/// `allow_below_floor`), declares no hooks, its upgrade_from admits the current release (not
+/// for a rollback), and it writes a data format at least as new as the finalized one.
+/// kPolicyRefused (kNotFound for a missing release). Activating the current release passes once
+/// it is not bad.
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
-                              bool allow_bad, bool is_rollback);
+                              const ActivationChecks& checks);
 
 class Activator {
  public:

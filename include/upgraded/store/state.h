@@ -42,6 +42,10 @@ struct AppState {
 
   /// Release versions ordered by policy::compare_versions, oldest first.
   std::vector<std::string> versions_in_order() const;
+  /// The installed release equal to `version` by policy::compare_versions ("1.0" for "1.00"),
+  /// if any: versions that compare equal cannot be told apart by ordering, so only one of them
+  /// may be installed.
+  std::optional<std::string> installed_as(const std::string& version) const;
 };
 
 Result<AppState> parse_state(std::string_view text);

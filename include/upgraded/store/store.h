@@ -112,7 +112,8 @@ class Store {
   Result<artifact::Manifest> manifest(const std::string& app, const std::string& version) const;
 
   /// Verifies the artifact and installs it as a new, staged release. Takes the app's lock.
-  /// Refused: a version already installed (kExists), one below the app's floor (kPolicyRefused).
+  /// Refused: a version already installed, or one equal to an installed one by
+  /// policy::compare_versions (kExists), one below the app's floor (kPolicyRefused).
   Result<StageResult> stage(int artifact_fd, const artifact::Keyring& keyring,
                             const artifact::TrustPolicy& trust) const;
   /// The same, for a caller that already holds the app's lock (to stage and activate under one
@@ -151,7 +152,8 @@ class Store {
   /// Marking good also makes the release the last known-good one; marking bad clears that.
   Result<void> set_status(const AppLock& lock, const std::string& version,
                           ReleaseStatus status) const;
-  /// Raises the version floor; lowering it is refused (kPolicyRefused).
+  /// Raises the version floor; lowering it is refused (kPolicyRefused), and so is a floor above
+  /// the current release (it would leave the app running a release below its floor).
   Result<void> raise_floor(const AppLock& lock, const std::string& version) const;
   /// Records the finalized data format; lowering it is refused (kPolicyRefused).
   Result<void> record_finalized_data_format(const AppLock& lock, std::uint64_t format) const;
