@@ -107,7 +107,7 @@ std::vector<Scenario> scenarios() {
       {"gc", more, {"gc", "hello", "1"}},
       {"pin", base, {"pin", "hello", "1.1.0"}},
       {"mark-good", base, {"good", "hello", "1.1.0"}},
-      {"raise-floor", base, {"floor", "hello", "1.1.0"}},
+      {"raise-floor", more, {"floor", "hello", "1.2.0"}},
   };
 }
 

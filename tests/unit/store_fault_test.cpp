@@ -61,7 +61,7 @@ std::vector<Op> ops() {
        })},
       {"pin",
        locked([](const Store& s, const AppLock& l) { return s.set_pinned(l, "1.1.0", true); })},
-      {"floor", locked([](const Store& s, const AppLock& l) { return s.raise_floor(l, "1.1.0"); })},
+      {"floor", locked([](const Store& s, const AppLock& l) { return s.raise_floor(l, "1.0.0"); })},
   };
 }
 

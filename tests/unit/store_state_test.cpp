@@ -48,3 +48,16 @@ TEST(StateFile, RefusesCorruptOrInconsistentContent) {
     EXPECT_FALSE(r.ok()) << bad.substr(0, 60);
   }
 }
+
+TEST(AppState, FindsAnInstalledReleaseEqualByVersionOrder) {
+  AppState st;
+  st.app = "hello";
+  st.releases["1.0"] = ReleaseRecord{};
+  st.releases["2.0.0"] = ReleaseRecord{};
+  EXPECT_EQ(st.installed_as("1.0"), "1.0");
+  EXPECT_EQ(st.installed_as("1.00"), "1.0");
+  EXPECT_EQ(st.installed_as("01.0"), "1.0");
+  EXPECT_EQ(st.installed_as("2.00.000"), "2.0.0");
+  EXPECT_EQ(st.installed_as("2.0"), std::nullopt) << "2.0 sorts before 2.0.0";
+  EXPECT_EQ(st.installed_as("1.0~rc1"), std::nullopt);
+}

@@ -101,6 +101,22 @@ TEST_F(AStore, RefusesADuplicateVersionAndLeavesTheInstalledOneAlone) {
   EXPECT_EQ(snapshot(app_root()), before);
 }
 
+TEST_F(AStore, RefusesAFloorAboveTheCurrentRelease) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  ASSERT_TRUE(stage("1.1.0").ok());
+  auto lock = store->lock("hello");
+  ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
+  auto above = store->raise_floor(*lock, "1.1.0");
+  ASSERT_FALSE(above.ok());
+  EXPECT_EQ(above.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(above.error().message().find("activate a release at or above it first"),
+            std::string::npos);
+  EXPECT_EQ(state().floor, std::nullopt);
+  ASSERT_TRUE(store->raise_floor(*lock, "1.0.0").ok());
+  ASSERT_TRUE(store->raise_floor(*lock, "1.00.0").ok()) << "equal: nothing to do";
+  EXPECT_EQ(state().floor, "1.0.0");
+}
+
 TEST_F(AStore, ChangesNothingForABadArtifact) {
   write_file(t / "bad.upd", read_file(fixture().artifact("1.0.0")).substr(0, 3000));
   UniqueFd fd(::open((t / "bad.upd").c_str(), O_RDONLY | O_CLOEXEC));
