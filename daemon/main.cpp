@@ -15,6 +15,7 @@
 #include "manager.h"
 #include "sandbox/extract_child.h"
 #include "systemd/systemd_units.h"
+#include "upgraded/crash_point.h"
 #include "upgraded/fs/durable.h"
 
 using namespace upgraded;
@@ -107,8 +108,15 @@ int main(int argc, char** argv) {
                  "path of upgraded-extract (default: next to "
                  "upgraded, else the libexec directory)")
       ->type_name("PATH");
-  cli.set_version_flag("--version", UPGRADED_VERSION);
+  cli.set_version_flag("--version", std::string(UPGRADED_VERSION) +
+                                        (kTestHooks ? " (test build: crash and pause points "
+                                                      "compiled in)"
+                                                    : ""));
   CLI11_PARSE(cli, argc, argv);
+  if (kTestHooks)
+    log(Level::kWarning,
+        "this is a test build: crash and pause points are compiled in (UPGRADED_CRASH_AT, "
+        "UPGRADED_PAUSE_AT); do not run it in production");
   ::signal(SIGPIPE, SIG_IGN);
   // Jobs are short-lived threads that wait on I/O: one malloc arena for all of them, so that
   // an idle daemon does not keep an arena per past job.

@@ -104,7 +104,9 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
       struct stat st {};
       if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode))
         throw invalid("the artifact must be passed as a descriptor of a regular file");
-      if ((::fcntl(fd->get(), F_GETFL) & O_ACCMODE) == O_WRONLY)
+      // O_PATH descriptors pass fstat but cannot be read; O_WRONLY ones cannot be read either.
+      const int flags = ::fcntl(fd->get(), F_GETFL);
+      if (flags < 0 || (flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY)
         throw invalid("the artifact's descriptor is not open for reading");
       auto trust = value_or_throw(read_trust_root(m_config));
       // The helper reads the container head and checks the signatures over it, in fresh

@@ -276,6 +276,15 @@ class BadInput(DaemonTest):
         foreign = self.pack("2.0.1")
         self.key = trusted_key
         self.assertDBusError("org.upgraded1.Error.VerificationFailed", self.install, foreign)
+        # Not readable: an O_PATH descriptor (fstat works on it, read does not), write-only.
+        for flags in (os.O_PATH, os.O_WRONLY):
+            fd = os.open(v2, flags)
+            try:
+                msg = self.assertDBusError("org.upgraded1.Error.InvalidArgument",
+                                           self.manager.Install, dbus.types.UnixFd(fd), {})
+                self.assertIn("not open for reading", msg)
+            finally:
+                os.close(fd)
         # Not a regular file.
         r, w = os.pipe()
         self.assertDBusError("org.upgraded1.Error.InvalidArgument", self.manager.Install,
