@@ -50,6 +50,7 @@ struct HelperRun {
   int dest_dirfd;                     // -1: none
   int cancel_fd;                      // -1: none
   std::chrono::milliseconds timeout;  // 0: none
+  std::uint64_t max_file_size = 0;    // extraction: its RLIMIT_FSIZE
 };
 
 // Spawns the helper with the fds of extract_protocol.h, feeds it the request, and returns its
@@ -103,6 +104,7 @@ Result<std::string> run_helper(const HelperRun& rq) {
     args.push_back("--uid=" + std::to_string(rq.helper.as->first));
     args.push_back("--gid=" + std::to_string(rq.helper.as->second));
   }
+  if (rq.max_file_size) args.push_back("--max-file-size=" + std::to_string(rq.max_file_size));
   std::vector<char*> argv;
   for (auto& a : args)
     argv.push_back(a.data());
@@ -238,8 +240,10 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   if (helper.as && ::fchown(rq.dest_dirfd, helper.as->first, helper.as->second) != 0)
     return system_error(errno, "handing the destination to the helper");
   std::string request = encode_request(rq.manifest_bytes, rq.payload_offset, rq.policy);
+  // RLIMIT_FSIZE one byte above the policy's largest file: the extractor refuses larger files
+  // from their headers, so only a subverted one would reach it (and die of SIGXFSZ).
   auto answer = run_helper({helper, nullptr, &request, rq.artifact_fd, rq.dest_dirfd, rq.cancel_fd,
-                            std::chrono::milliseconds(0)});
+                            std::chrono::milliseconds(0), rq.policy.limits.max_file_size + 1});
   if (!answer) {
     if (answer.error().code() == ErrorCode::kCanceled)
       return Error(ErrorCode::kCanceled, "extraction canceled");

@@ -9,7 +9,9 @@
 //                                                       JSON (fds 1, 4; for the tests)
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -135,6 +137,29 @@ int probe(const sandbox::SandboxReport& report) {
                    0600);
   out["create_inside"] = result(g >= 0);
   out["setuid"] = result(::setuid(0) == 0);
+  // The daemon (its parent) is another process, possibly of the same uid (a --user instance):
+  // nothing may change its limits, priority, CPUs or I/O priority.
+  const pid_t parent = ::getppid();
+  rlimit one{1, 1};
+  out["prlimit_other"] = result(::prlimit(parent, RLIMIT_NOFILE, &one, nullptr) == 0);
+  out["prlimit_self_set"] = result(::setrlimit(RLIMIT_NOFILE, &one) == 0);
+  out["setpriority_other"] =
+      result(::setpriority(PRIO_PROCESS, static_cast<id_t>(parent), 19) == 0);
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  CPU_SET(0, &cpus);
+  out["affinity_other"] = result(::sched_setaffinity(parent, sizeof cpus, &cpus) == 0);
+  constexpr int kIoprioWhoProcess = 1, kIoprioIdle = 3 << 13;
+  out["ioprio_other"] =
+      result(::syscall(SYS_ioprio_set, kIoprioWhoProcess, parent, kIoprioIdle) == 0);
+  out["not_listed"] = result(::syscall(SYS_acct, nullptr) == 0);  // outside the allowlist
+  rlimit as{}, fsize{}, nofile{};
+  ::getrlimit(RLIMIT_AS, &as);
+  ::getrlimit(RLIMIT_FSIZE, &fsize);
+  ::getrlimit(RLIMIT_NOFILE, &nofile);
+  out["rlimit_as"] = as.rlim_cur;
+  out["rlimit_fsize"] = fsize.rlim_cur;
+  out["rlimit_nofile"] = nofile.rlim_cur;
   out["chown_inside"] = result(g >= 0 && ::fchown(g, 0, 0) == 0);
   return write_all(sandbox::kResponseFd, out.dump() + "\n") ? 0 : 1;
 }
@@ -146,12 +171,15 @@ int main(int argc, char** argv) {
   std::string mode;
   std::optional<uid_t> uid;
   std::optional<gid_t> gid;
+  sandbox::ResourceLimits limits;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--uid=", 0) == 0)
       uid = static_cast<uid_t>(std::stoul(a.substr(6)));
     else if (a.rfind("--gid=", 0) == 0)
       gid = static_cast<gid_t>(std::stoul(a.substr(6)));
+    else if (a.rfind("--max-file-size=", 0) == 0)
+      limits.file_size = std::stoull(a.substr(16));
     else
       mode = a;
   }
@@ -159,7 +187,11 @@ int main(int argc, char** argv) {
   if (uid && gid) as = sandbox::Identity{*uid, *gid};
   // Extraction writes beneath fd 4; nothing else writes anywhere.
   const bool writes = mode.empty() || mode == "--probe-sandbox";
-  auto report = sandbox::enter_sandbox(writes ? sandbox::kDestinationFd : -1, as);
+  // Only the extraction writes files (of at most the size the daemon passed); the other modes
+  // answer through a pipe, which RLIMIT_FSIZE does not limit.
+  if (!writes) limits.file_size = 0;
+  if (mode == "--probe-sandbox") limits.file_size = 4096;
+  auto report = sandbox::enter_sandbox(writes ? sandbox::kDestinationFd : -1, as, limits);
   if (!report) {
     (void)write_all(sandbox::kResponseFd,
                     sandbox::encode_response(report.error().with_context("entering the sandbox")));

@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -24,18 +25,33 @@ struct Identity {
   gid_t gid;
 };
 
+/// Resource limits the helper sets on itself (setrlimit; lowering needs no privilege).
+struct ResourceLimits {
+  std::uint64_t address_space = 4ull << 30;  ///< RLIMIT_AS: bounds a runaway decompressor
+  std::uint64_t file_size = 0;               ///< RLIMIT_FSIZE: the largest file it may write
+  std::uint64_t open_files = 128;            ///< RLIMIT_NOFILE
+  /// RLIMIT_NPROC, counted per uid: set only when the helper runs as a uid of its own (a
+  /// --user instance's helper shares the user's uid, whose count includes every other process
+  /// of the user). Threads only, and at most a handful (the extractor's writers).
+  std::uint64_t processes = 32;
+};
+
 /// In this order:
+/// - the resource limits (RLIMIT_NPROC only with `as`), and no core dumps;
 /// - no new privileges, not dumpable, and every capability dropped from the bounding set;
 /// - `as` given: supplementary groups cleared, then gid and uid set (real, effective and
 ///   saved), which leaves no capability at all: a helper that starts as root ends as a uid
 ///   that owns nothing on the host but the directory it was given;
 /// - Landlock, so that files can be created, written, truncated, linked, renamed or removed
 ///   only beneath `writable_dirfd` (-1: nowhere);
-/// - a seccomp filter that refuses what the helper never needs: running programs, creating
-///   processes (threads only), sockets and io_uring (no D-Bus, no network), other processes
-///   (ptrace, their memory or fds, signals), mounts, namespaces, modules, keyrings, bpf, uid
-///   and gid changes, chown, extended attributes, truncation by path, reboot and clocks.
+/// - a seccomp filter that allows only what the helper needs (an allowlist; sandbox.cpp): its
+///   memory, threads, its own descriptors, the tree beneath its directory, facts about itself.
+///   Not allowed, among everything else: running programs, creating processes, sockets and
+///   io_uring, anything acting on another process (signals, ptrace, limits, priorities,
+///   affinity, I/O priority), mounts, namespaces, uid and gid changes, chown, chmod by path,
+///   extended attributes.
 /// Landlock missing from the kernel is reported, not an error; anything else failing is.
-Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> as);
+Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> as,
+                                    const ResourceLimits& limits);
 
 }  // namespace upgraded::sandbox

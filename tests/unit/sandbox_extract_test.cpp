@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 
 #include "sandbox/extract_child.h"
@@ -43,14 +44,19 @@ class SandboxExtract : public ::testing::Test {
     make_dirs(t / "dest");
   }
 
-  UniqueFd artifact(const std::string& payload) {
-    build_artifact(t / "a.upd", {key}, payload);
+  UniqueFd artifact(const std::string& payload,
+                    artifact::Compression compression = artifact::Compression::kNone) {
+    BuildOptions o;
+    o.compression = compression;
+    build_artifact(t / "a.upd", {key}, payload, o);
     return UniqueFd(::open((t / "a.upd").c_str(), O_RDWR | O_CLOEXEC));
   }
 
-  Result<artifact::ExtractStats> run(const std::string& payload, int cancel_fd = -1,
-                                     const std::function<void(int fd)>& tamper = {}) {
-    UniqueFd fd = artifact(payload);
+  Result<artifact::ExtractStats> run(
+      const std::string& payload, int cancel_fd = -1,
+      const std::function<void(int fd)>& tamper = {},
+      artifact::Compression compression = artifact::Compression::kNone) {
+    UniqueFd fd = artifact(payload, compression);
     auto head = artifact::ContainerReader::open(fd.get());
     EXPECT_TRUE(head.ok());
     auto art = artifact::open_verified(fd.get(), keyring_of({key}), artifact::TrustPolicy{});
@@ -89,6 +95,45 @@ TEST_F(SandboxExtract, ExtractsAVerifiedArtifactAndHandsTheTreeBackToItsOwner) {
     EXPECT_EQ(st.st_uid, ::geteuid()) << p;
     EXPECT_EQ(st.st_gid, ::getegid()) << p;
     EXPECT_EQ(st.st_mode & 0222, S_ISLNK(st.st_mode) ? st.st_mode & 0222 : 0u) << p;
+  }
+}
+
+TEST_F(SandboxExtract, ExtractsEveryCompressionUnderItsSystemCallAllowlist) {
+  // The allowlist was taken from traces; this runs each decompressor, large files across many
+  // chunks, the writer threads, links and directories through it.
+  std::string big(3u << 20, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i)
+    big[i] = static_cast<char>((i * 2654435761u) >> 13);
+  std::vector<RawEntry> entries = {dir("a"), dir("a/b")};
+  for (int i = 0; i < 40; ++i)
+    entries.push_back(file("a/b/f" + std::to_string(i), std::string(100 + i, 'x')));
+  entries.push_back(file("big", big));
+  entries.push_back(symlink_to("link", "a/b/f1"));
+  entries.push_back(hardlink_to("hard", "a/b/f2"));
+  const std::string tar = raw_tar(entries);
+  auto compress = [&](const char* tool) {
+    write_file(t / "payload.tar", tar);
+    std::string cmd =
+        std::string(tool) + " -c " + (t / "payload.tar") + " > " + (t / "payload.out");
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    return read_file(t / "payload.out");
+  };
+  const std::pair<artifact::Compression, std::string> cases[] = {
+      {artifact::Compression::kNone, tar},
+      {artifact::Compression::kZstd, zstd_compress(tar)},
+      {artifact::Compression::kXz, compress("xz -T1")},
+      {artifact::Compression::kGzip, compress("gzip")}};
+  for (const auto& [compression, payload] : cases) {
+    // A fresh destination each time (the tree is read-only; the last one is kept aside).
+    ASSERT_EQ(::rename((t / "dest").c_str(),
+                       (t / ("dest-" + std::to_string(static_cast<int>(compression)))).c_str()),
+              0);
+    make_dirs(t / "dest");
+    auto r = run(payload, -1, {}, compression);
+    ASSERT_TRUE(r.ok()) << static_cast<int>(compression) << ": " << r.error().message();
+    EXPECT_EQ(r->files, 41u);
+    EXPECT_EQ(read_file(t / "dest/big"), big);
+    EXPECT_EQ(read_file(t / "dest/hard"), std::string(102, 'x'));
   }
 }
 
@@ -285,6 +330,14 @@ TEST(Sandbox, RefusesWhatTheHelperNeverNeeds) {
   EXPECT_EQ(probe["setuid"], eperm);
   EXPECT_EQ(probe["chown_inside"], eperm);
   EXPECT_EQ(probe["create_inside"], "allowed");
+  // An allowlist: nothing acts on the daemon, even under the daemon's own uid.
+  for (const char* what :
+       {"prlimit_other", "prlimit_self_set", "setpriority_other", "affinity_other", "ioprio_other"})
+    EXPECT_NE(probe[what], "allowed") << what;
+  EXPECT_EQ(probe["not_listed"], std::strerror(ENOSYS)) << "what is not listed does not exist";
+  EXPECT_EQ(probe["rlimit_as"].get<std::uint64_t>(), 4ull << 30);
+  EXPECT_EQ(probe["rlimit_fsize"].get<std::uint64_t>(), 4096u);
+  EXPECT_EQ(probe["rlimit_nofile"].get<std::uint64_t>(), 128u);
   if (probe["landlock_abi"].get<int>() > 0) {
     EXPECT_EQ(probe["create_outside"], eacces) << "Landlock confines writes to the destination";
     EXPECT_EQ(probe["read_outside"], eacces) << "and reads";
