@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "bus_options.h"
 #include "config.h"
 #include "event_loop.h"
 #include "job.h"
@@ -36,7 +37,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void shut_down(std::function<void()> idle);
 
  private:
-  using Options = std::map<std::string, sdbus::Variant>;
+  using Options = BusOptions;
   using PathResult = sdbus::Result<sdbus::ObjectPath>;
   using ProgressFn = std::function<void(const std::string&, int)>;
   /// Work run on the job's thread. It gets the app's lock for its whole life.

@@ -17,6 +17,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import daemon_test  # noqa: E402  (its test classes stay out of this module's namespace)
 from daemon_test import (DaemonTest, Daemon, NAME, PATH, MANAGER, UPGRADECTL,  # noqa: E402
                          UNITS_DIR, tree_digest)
 
@@ -239,6 +240,37 @@ class ArtifactChangedAfterInstall(DaemonTest):
         result, message = self.install_then_change(lambda d: [len(d) - 3], "2.0.1")
         self.assertEqual(result, "failed")
         self.assertIn("end of archive", message)
+        self.assertEqual(tree_digest(self.app_root()), before)
+
+
+class BoundedRequests(DaemonTest):
+    """Finding 9: options are read with bounds before anything else, for every caller."""
+
+    def test_large_or_nested_options_are_refused_before_they_are_read(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        before = tree_digest(self.app_root())
+        # As nobody: 200,000 entries (before the fix, each became a Variant before the handler,
+        # and before authorization).
+        out = daemon_test.Authorization.as_nobody(
+            self, "m.Rollback('%s', dict(('k%%d' %% i, dbus.Boolean(True)) for i in "
+                  "range(200000)))" % self.app)
+        self.assertTrue(out.startswith("org.upgraded1.Error.InvalidArgument"), out)
+        self.assertIn("more than 32 options", out)
+        out = daemon_test.Authorization.as_nobody(
+            self, "m.Rollback('%s', {'x': dbus.Array(['a'] * 100000, signature='s')})" % self.app)
+        self.assertTrue(out.startswith("org.upgraded1.Error.InvalidArgument"), out)
+        self.assertIn("must have a basic type, not 'as'", out)
+        out = daemon_test.Authorization.as_nobody(
+            self, "m.Rollback('%s', {'x': dbus.String('y' * 100000)})" % self.app)
+        self.assertIn("longer than 4096 bytes", out)
+        # A key given twice (a D-Bus dictionary may carry one, a map may not hold it).
+        r = subprocess.run(["busctl", "--user", "call", NAME, PATH, MANAGER, "GetHistory",
+                            "sa{sv}", self.app, "2", "limit", "u", "1", "limit", "u", "5"],
+                           capture_output=True, text=True)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("given twice", r.stderr)
+        # Within the bounds, the usual answers.
+        self.assertEqual(len(self.manager.GetHistory(self.app, {"limit": dbus.UInt32(1)})), 1)
         self.assertEqual(tree_digest(self.app_root()), before)
 
 
