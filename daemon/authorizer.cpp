@@ -14,10 +14,11 @@ constexpr const char* kPolkitAuthority = "org.freedesktop.PolicyKit1.Authority";
 constexpr std::uint32_t kAllowUserInteraction = 1;
 }  // namespace
 
-Authorizer::Authorizer(sdbus::IConnection& bus, bool user_instance)
+Authorizer::Authorizer(sdbus::IConnection& bus, bool user_instance, std::uint32_t per_user)
     : m_bus_driver(sdbus::createProxy(bus, kDBus, "/org/freedesktop/DBus")),
       m_polkit(sdbus::createProxy(bus, kPolkit, "/org/freedesktop/PolicyKit1/Authority")),
-      m_user_instance(user_instance) {
+      m_user_instance(user_instance),
+      m_per_user(per_user) {
   m_bus_driver->finishRegistration();
   m_polkit->finishRegistration();
 }
@@ -52,10 +53,27 @@ void Authorizer::check(const std::string& sender, const std::string& action,
     done(a);
     return;
   }
+  if (m_pending[a.uid] >= m_per_user) {
+    a.busy = true;
+    a.reason = "uid " + std::to_string(a.uid) + " already has " + std::to_string(m_per_user) +
+               " requests waiting for polkit";
+    done(a);
+    return;
+  }
   using Subject = sdbus::Struct<std::string, std::map<std::string, sdbus::Variant>>;
   Subject subject{"system-bus-name", {{"name", sdbus::Variant(sender)}}};
   std::map<std::string, std::string> details;
-  auto shared_done = std::make_shared<std::function<void(const Authorization&)>>(std::move(done));
+  ++m_pending[a.uid];
+  // Counted down whichever way the request ends (reply, error, or this call throwing).
+  auto release = [this, uid = a.uid] {
+    if (auto it = m_pending.find(uid); it != m_pending.end() && --it->second == 0)
+      m_pending.erase(it);
+  };
+  auto shared_done = std::make_shared<std::function<void(const Authorization&)>>(
+      [release, done = std::move(done)](const Authorization& verdict) {
+        release();
+        done(verdict);
+      });
   try {
     m_polkit->callMethodAsync("CheckAuthorization")
         .onInterface(kPolkitAuthority)

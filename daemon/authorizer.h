@@ -8,7 +8,9 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -21,6 +23,7 @@ namespace upgraded::daemon {
 
 struct Authorization {
   bool allowed = false;
+  bool busy = false;  ///< refused unasked: the caller's uid has too many requests at polkit
   uid_t uid = static_cast<uid_t>(-1);
   std::string reason;  ///< why not, for the AccessDenied message
 };
@@ -29,7 +32,10 @@ class Authorizer {
  public:
   /// `user_instance`: on a user bus the user the daemon runs as is authorized too (it is that
   /// user's own instance).
-  Authorizer(sdbus::IConnection& bus, bool user_instance);
+  /// At most `per_user` requests of one uid wait for polkit at a time; more are refused at
+  /// once (busy), so that no caller can make the daemon hold unbounded calls (and the
+  /// descriptors they carry) while an authentication dialog stays open.
+  Authorizer(sdbus::IConnection& bus, bool user_instance, std::uint32_t per_user = 8);
   ~Authorizer();
 
   /// The caller's uid, from the bus daemon; -1 if it cannot tell.
@@ -44,6 +50,8 @@ class Authorizer {
   std::unique_ptr<sdbus::IProxy> m_bus_driver;
   std::unique_ptr<sdbus::IProxy> m_polkit;
   bool m_user_instance;
+  std::uint32_t m_per_user;
+  std::map<uid_t, std::uint32_t> m_pending;  // uid -> requests at polkit (loop thread only)
 };
 
 }  // namespace upgraded::daemon

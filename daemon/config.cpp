@@ -61,6 +61,12 @@ const NumberSetting kNumberSettings[] = {
      [](Config& c, std::uint64_t n) { c.extract.limits.free_space_reserve = n; }},
     {"extract.free_inode_reserve", 0, kMax,
      [](Config& c, std::uint64_t n) { c.extract.limits.free_inode_reserve = n; }},
+    {"limits.verifications", 1, 64,
+     [](Config& c, std::uint64_t n) { c.verifications = std::uint32_t(n); }},
+    {"limits.queued_installs", 0, 4096,
+     [](Config& c, std::uint64_t n) { c.queued_installs = std::uint32_t(n); }},
+    {"limits.authorizations_per_user", 1, 1024,
+     [](Config& c, std::uint64_t n) { c.authorizations_per_user = std::uint32_t(n); }},
     {"extract.helper_ids", 1000, 4294967294ULL - Config::kHelperIds,
      [](Config& c, std::uint64_t n) { c.helper_ids = std::uint32_t(n); }},
 };

@@ -36,6 +36,10 @@ struct Config {
   std::uint32_t helper_ids = kDefaultHelperIds;
   static constexpr std::uint32_t kDefaultHelperIds = 2147418112;  // 0x7fff0000
   static constexpr std::uint32_t kHelperIds = 65536;
+  // [limits]: how much work callers can make the daemon do at once
+  std::uint32_t verifications = 4;            ///< Install calls whose artifact is verified at once
+  std::uint32_t queued_installs = 64;         ///< authorized Install calls waiting for their turn
+  std::uint32_t authorizations_per_user = 8;  ///< calls of one non-root uid awaiting polkit
   // [apps.<name>] root = "/opt/<name>" (absolute; interpreted under `root`)
   std::map<std::string, std::string> app_roots;
 

@@ -52,7 +52,7 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
       m_store(store),
       m_units(units),
       m_helper(std::move(helper)),
-      m_auth(std::make_unique<Authorizer>(bus, user_instance)) {
+      m_auth(std::make_unique<Authorizer>(bus, user_instance, m_config.authorizations_per_user)) {
   registerAdaptor();
 }
 
@@ -76,6 +76,8 @@ void Manager::authorized(std::shared_ptr<PathResult> reply, const std::string& a
   const std::string sender = msg ? msg->getSender() : std::string();
   m_auth->check(sender, action, [this, reply, action, sender, then](const Authorization& a) {
     try {
+      if (a.busy)
+        throw sdbus::Error(bus_error::kBusy, "too many requests: " + a.reason + "; retry later");
       if (!a.allowed) {
         log(Level::kNotice, LogContext{"", "", "", message_id::kAccessDenied},
             "refused " + action + " to " + sender + ": " + a.reason);
@@ -108,50 +110,79 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
       const int flags = ::fcntl(fd->get(), F_GETFL);
       if (flags < 0 || (flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY)
         throw invalid("the artifact's descriptor is not open for reading");
-      auto trust = value_or_throw(read_trust_root(m_config));
-      // The helper reads the container head and checks the signatures over it, in fresh
-      // sandboxed processes and off the loop (the caller's file may be slow to read). This
-      // process parses only the manifest, once it is known to be signed.
-      m_loop.run_task([this, reply, fd, activate, caller, head_helper = next_helper(),
-                       verify_helper = next_helper(), trust = std::move(trust)]() mutable {
-        sandbox::VerifyRequest vr;
-        Result<artifact::SignatureReport> report = artifact::SignatureReport{};
-        std::uint64_t payload_offset = 0;
-        try {
-          auto head = sandbox::read_head_in_child(head_helper, fd->get(), kHelperTimeout);
-          if (!head) report = head.error();
-          if (head) {
-            payload_offset = artifact::canonical_payload_offset(head->manifest_bytes.size(),
-                                                                head->signature_bytes.size());
-            vr = {head->manifest_bytes, head->signature_bytes, m_config.threshold,
-                  std::move(trust.keys), std::move(trust.revoked)};
-            report = sandbox::verify_in_child(verify_helper, vr, kHelperTimeout);
-          }
-        } catch (const std::exception& e) {
-          report = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
-        }
-        return std::function<void()>([this, reply, fd, activate, caller, report, payload_offset,
-                                      manifest_bytes = std::move(vr.manifest_bytes)] {
-          try {
-            if (m_shutting_down)
-              throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
-            auto signatures = value_or_throw(report);
-            auto manifest = value_or_throw(artifact::parse_manifest(manifest_bytes));
-            auto art = std::make_shared<artifact::VerifiedManifest>(
-                artifact::VerifiedManifest{std::move(manifest), manifest_bytes, signatures});
-            reply->returnResults(start_install(art, fd, payload_offset, activate, caller));
-          } catch (const sdbus::Error& e) {
-            reply->returnError(e);
-          } catch (const std::exception& e) {
-            reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
-          }
-          maybe_idle();
-        });
-      });
+      // A bounded number of verifications run at once (each is a thread and two helper
+      // processes); a bounded number more wait for their turn; beyond that: Busy.
+      if (m_verifying < m_config.verifications) {
+        verify(reply, fd, activate, caller);
+      } else if (m_verify_queue.size() < m_config.queued_installs) {
+        m_verify_queue.push_back(QueuedInstall{reply, fd, activate, caller});
+      } else {
+        throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
+                                                 std::to_string(m_verifying) + " being verified, " +
+                                                 std::to_string(m_verify_queue.size()) +
+                                                 " waiting); retry later");
+      }
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
+}
+
+void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd,
+                     bool activate, uid_t caller) {
+  // The trust root as it is now, when this artifact's turn comes.
+  auto trust = read_trust_root(m_config);
+  if (!trust) {
+    reply->returnError(bus_error::from(trust.error()));
+    return;
+  }
+  ++m_verifying;
+  // The helper reads the container head and checks the signatures over it, in fresh
+  // sandboxed processes and off the loop (the caller's file may be slow to read). This
+  // process parses only the manifest, once it is known to be signed.
+  m_loop.run_task([this, reply, fd, activate, caller, head_helper = next_helper(),
+                   verify_helper = next_helper(), trust = std::move(*trust)]() mutable {
+    sandbox::VerifyRequest vr;
+    Result<artifact::SignatureReport> report = artifact::SignatureReport{};
+    std::uint64_t payload_offset = 0;
+    try {
+      auto head = sandbox::read_head_in_child(head_helper, fd->get(), kHelperTimeout);
+      if (!head) report = head.error();
+      if (head) {
+        payload_offset = artifact::canonical_payload_offset(head->manifest_bytes.size(),
+                                                            head->signature_bytes.size());
+        vr = {head->manifest_bytes, head->signature_bytes, m_config.threshold,
+              std::move(trust.keys), std::move(trust.revoked)};
+        report = sandbox::verify_in_child(verify_helper, vr, kHelperTimeout);
+      }
+    } catch (const std::exception& e) {
+      report = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
+    }
+    return std::function<void()>([this, reply, fd, activate, caller, report, payload_offset,
+                                  manifest_bytes = std::move(vr.manifest_bytes)] {
+      --m_verifying;
+      try {
+        if (m_shutting_down)
+          throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
+        auto signatures = value_or_throw(report);
+        auto manifest = value_or_throw(artifact::parse_manifest(manifest_bytes));
+        auto art = std::make_shared<artifact::VerifiedManifest>(
+            artifact::VerifiedManifest{std::move(manifest), manifest_bytes, signatures});
+        reply->returnResults(start_install(art, fd, payload_offset, activate, caller));
+      } catch (const sdbus::Error& e) {
+        reply->returnError(e);
+      } catch (const std::exception& e) {
+        reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
+      }
+      // The next in line, if any.
+      while (m_verifying < m_config.verifications && !m_verify_queue.empty() && !m_shutting_down) {
+        QueuedInstall next = std::move(m_verify_queue.front());
+        m_verify_queue.pop_front();
+        verify(next.reply, next.fd, next.activate, next.caller);
+      }
+      maybe_idle();
+    });
+  });
 }
 
 sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManifest> art,
@@ -594,6 +625,9 @@ void Manager::recover_interrupted() {
 void Manager::shut_down(std::function<void()> idle) {
   m_shutting_down = true;
   m_idle = std::move(idle);
+  for (auto& queued : m_verify_queue)
+    queued.reply->returnError(sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down"));
+  m_verify_queue.clear();
   for (auto& [id, running] : m_jobs)
     if (running.job->request_cancel() == Job::CancelOutcome::kAsked)
       running.object->set_state("canceling");

@@ -4,6 +4,7 @@
 // options, authorize, claim the app, start a job, reply with its path. The work itself is the
 // engine's (lib/); this layer only translates.
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -71,6 +72,10 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// if it throws sdbus::Error, that is the reply.
   void authorized(std::shared_ptr<PathResult> reply, const std::string& action,
                   std::function<void(uid_t caller)> then);
+  /// Reads the artifact's head and checks its signatures (off the loop), then starts the
+  /// install job; the next queued Install follows when it is done.
+  void verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd, bool activate,
+              uid_t caller);
   sdbus::ObjectPath start_install(std::shared_ptr<artifact::VerifiedManifest> art,
                                   std::shared_ptr<sdbus::UnixFd> fd, std::uint64_t payload_offset,
                                   bool activate, uid_t caller);
@@ -105,6 +110,14 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::uint32_t m_next_helper_id = 0;
   std::map<std::uint32_t, Running> m_jobs;
   std::map<std::string, std::uint32_t> m_busy;  // app -> job
+  struct QueuedInstall {
+    std::shared_ptr<PathResult> reply;
+    std::shared_ptr<sdbus::UnixFd> fd;
+    bool activate;
+    uid_t caller;
+  };
+  std::uint32_t m_verifying = 0;             // Install calls being verified now
+  std::deque<QueuedInstall> m_verify_queue;  // authorized, waiting for their turn
   bool m_shutting_down = false;
   std::function<void()> m_idle;
 };

@@ -41,7 +41,9 @@ TEST_F(DaemonConfig, DropInsOverrideKeyByKeyInLexicalOrder) {
        "[trust]\nthreshold = 2\n[store]\nkeep = 5\nmax_bytes = 1000\n"
        "[apps.ozone]\nroot = \"/opt/ozone\"\n");
   conf("upgraded.conf.d/20-late.conf", "[store]\nkeep = 7\n");
-  conf("upgraded.conf.d/10-early.conf", "[store]\nkeep = 6\n[activation]\njob_timeout_s = 30\n");
+  conf("upgraded.conf.d/10-early.conf",
+       "[store]\nkeep = 6\n[activation]\njob_timeout_s = 30\n"
+       "[limits]\nverifications = 2\nqueued_installs = 0\nauthorizations_per_user = 3\n");
   conf("upgraded.conf.d/ignored.txt", "this is not read");
   auto c = daemon::load_config(t.path());
   ASSERT_TRUE(c.ok()) << c.error().message();
@@ -49,6 +51,9 @@ TEST_F(DaemonConfig, DropInsOverrideKeyByKeyInLexicalOrder) {
   EXPECT_EQ(c->keep, 7u);
   EXPECT_EQ(c->max_bytes, 1000u);
   EXPECT_EQ(c->job_timeout_s, 30u);
+  EXPECT_EQ(c->verifications, 2u);
+  EXPECT_EQ(c->queued_installs, 0u);
+  EXPECT_EQ(c->authorizations_per_user, 3u);
   EXPECT_EQ(c->app_roots.at("ozone"), "/opt/ozone");
   ASSERT_EQ(c->files.size(), 3u);
   EXPECT_NE(c->files[1].find("10-early.conf"), std::string::npos);
@@ -61,6 +66,7 @@ TEST_F(DaemonConfig, RefusesUnknownKeysWrongTypesAndBadValuesNamingFileAndLine) 
       {"[store]\nkepp = 3\n", "upgraded.conf:2: unknown setting 'store.kepp'"},
       {"[trust]\nthreshold = \"2\"\n", "threshold must be an integer"},
       {"[trust]\nthreshold = 0\n", "threshold must be an integer from 1"},
+      {"[limits]\nverifications = 0\n", "verifications must be an integer from 1 to 64"},
       {"[extract]\nstrip_unsafe_modes = 1\n", "must be true or false"},
       {"[apps.ozone]\nroot = \"opt/ozone\"\n", "must be an absolute path"},
       {"[apps.ozone]\nroot = \"/opt/../etc\"\n", "without '..'"},
