@@ -25,24 +25,36 @@ Authorizer::Authorizer(sdbus::IConnection& bus, bool user_instance, std::uint32_
 
 Authorizer::~Authorizer() = default;
 
-uid_t Authorizer::caller_uid(const std::string& sender) {
+void Authorizer::caller_uid(const std::string& sender, std::function<void(uid_t)> done) {
   try {
-    std::uint32_t uid = 0;
-    m_bus_driver->callMethod("GetConnectionUnixUser")
+    m_bus_driver->callMethodAsync("GetConnectionUnixUser")
         .onInterface(kDBus)
         .withArguments(sender)
-        .storeResultsTo(uid);
-    return static_cast<uid_t>(uid);
+        .uponReplyInvoke([sender, done](const sdbus::Error* error, std::uint32_t uid) {
+          if (error) {
+            log(Level::kWarning, "cannot tell the uid of " + sender + ": " + error->getMessage());
+            done(static_cast<uid_t>(-1));
+            return;
+          }
+          done(static_cast<uid_t>(uid));
+        });
   } catch (const sdbus::Error& e) {
     log(Level::kWarning, "cannot tell the uid of " + sender + ": " + e.getMessage());
-    return static_cast<uid_t>(-1);
+    done(static_cast<uid_t>(-1));
   }
 }
 
 void Authorizer::check(const std::string& sender, const std::string& action,
                        std::function<void(const Authorization&)> done) {
-  Authorization a;
-  a.uid = caller_uid(sender);
+  caller_uid(sender, [this, sender, action, done = std::move(done)](uid_t uid) mutable {
+    Authorization a;
+    a.uid = uid;
+    decide(sender, action, a, std::move(done));
+  });
+}
+
+void Authorizer::decide(const std::string& sender, const std::string& action, Authorization a,
+                        std::function<void(const Authorization&)> done) {
   if (a.uid == 0 || (m_user_instance && a.uid == ::getuid())) {
     a.allowed = true;
     done(a);

@@ -38,11 +38,14 @@ class Authorizer {
   Authorizer(sdbus::IConnection& bus, bool user_instance, std::uint32_t per_user = 8);
   ~Authorizer();
 
-  /// The caller's uid, from the bus daemon; -1 if it cannot tell.
-  uid_t caller_uid(const std::string& sender);
+  /// The caller's uid, from the bus daemon (-1 if it cannot tell), passed to `done` on the
+  /// loop's thread. Asynchronous: a synchronous call on the loop's connection would make sd-bus
+  /// read every message waiting on the socket while it waits for its reply, and hold the
+  /// descriptors they carry (a thousand Install calls at once exhausted RLIMIT_NOFILE).
+  void caller_uid(const std::string& sender, std::function<void(uid_t)> done);
 
   /// Decides whether `sender` may perform polkit action `action`; calls `done` exactly once,
-  /// on the loop's thread (at once for uid 0 or when polkit is absent).
+  /// on the loop's thread.
   void check(const std::string& sender, const std::string& action,
              std::function<void(const Authorization&)> done);
 
@@ -50,6 +53,8 @@ class Authorizer {
   std::unique_ptr<sdbus::IProxy> m_bus_driver;
   std::unique_ptr<sdbus::IProxy> m_polkit;
   bool m_user_instance;
+  void decide(const std::string& sender, const std::string& action, Authorization a,
+              std::function<void(const Authorization&)> done);
   std::uint32_t m_per_user;
   std::map<uid_t, std::uint32_t> m_pending;  // uid -> requests at polkit (loop thread only)
 };

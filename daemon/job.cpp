@@ -67,9 +67,10 @@ void JobObject::set_error(const std::string& error_name) {
   getObject().emitPropertiesChangedSignal(INTERFACE_NAME, {"Error"});
 }
 
-void JobObject::Cancel() {
+void JobObject::Cancel(sdbus::Result<>&& result) {
   const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
-  m_cancel(m_job, msg ? msg->getSender() : std::string());
+  m_cancel(m_job, msg ? msg->getSender() : std::string(),
+           std::make_shared<sdbus::Result<>>(std::move(result)));
 }
 
 }  // namespace upgraded::daemon

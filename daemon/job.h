@@ -52,8 +52,10 @@ class Job {
 /// The bus object of a job. Lives on the loop thread.
 class JobObject final : public sdbus::AdaptorInterfaces<org::upgraded1::Job_adaptor> {
  public:
-  /// `cancel(job, sender)` authorizes and carries out Cancel() (it may throw sdbus::Error).
-  using CancelFn = std::function<void(const std::shared_ptr<Job>&, const std::string& sender)>;
+  /// `cancel(job, sender, reply)` authorizes and carries out Cancel(), and answers `reply`.
+  using CancelReply = std::shared_ptr<sdbus::Result<>>;
+  using CancelFn = std::function<void(const std::shared_ptr<Job>&, const std::string& sender,
+                                      CancelReply reply)>;
   JobObject(sdbus::IConnection& bus, std::shared_ptr<Job> job, CancelFn cancel);
   ~JobObject();
   /// Sets Step and Progress (and State) and announces the change.
@@ -62,7 +64,7 @@ class JobObject final : public sdbus::AdaptorInterfaces<org::upgraded1::Job_adap
   void set_error(const std::string& error_name);
 
  private:
-  void Cancel() override;
+  void Cancel(sdbus::Result<>&& result) override;
   std::uint32_t Id() override { return m_job->id; }
   std::string Type() override { return m_job->type; }
   std::string App() override { return m_job->app; }

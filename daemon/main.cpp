@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -118,6 +119,14 @@ int main(int argc, char** argv) {
         "this is a test build: crash and pause points are compiled in (UPGRADED_CRASH_AT, "
         "UPGRADED_PAUSE_AT); do not run it in production");
   ::signal(SIGPIPE, SIG_IGN);
+  // Descriptors arrive with Install calls. The daemon uses poll(), never select(), so it may
+  // use all the descriptors its hard limit allows (systemd's soft default of 1024 is for
+  // select()); what callers can make it hold is bounded anyway ([limits], docs/configuration.md).
+  if (rlimit nofile{};
+      ::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &nofile);
+  }
   // Jobs are short-lived threads that wait on I/O: one malloc arena for all of them, so that
   // an idle daemon does not keep an arena per past job.
   ::mallopt(M_ARENA_MAX, 1);

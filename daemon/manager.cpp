@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <malloc.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -53,6 +54,18 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
       m_units(units),
       m_helper(std::move(helper)),
       m_auth(std::make_unique<Authorizer>(bus, user_instance, m_config.authorizations_per_user)) {
+  // Descriptors the daemon may come to hold at once: its own (bus, journal, loop: a few dozen),
+  // each verification's (the artifact, pipes to and a pidfd of its helper: 10 at most), and two
+  // for each queued or undecided Install (the call's message keeps its descriptor until the
+  // reply, besides the daemon's own duplicate). A message whose descriptor cannot be received
+  // breaks the bus connection, so the undecided ones get half of what RLIMIT_NOFILE leaves.
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
+    std::int64_t room = static_cast<std::int64_t>(nofile.rlim_cur) - 64 -
+                        2 * std::int64_t(m_config.queued_installs) -
+                        10 * std::int64_t(m_config.verifications);
+    m_max_undecided = static_cast<std::uint32_t>(std::clamp<std::int64_t>(room / 4, 1, 256));
+  }
   registerAdaptor();
 }
 
@@ -71,29 +84,32 @@ std::string Manager::Version() {
 // --- mutating methods -------------------------------------------------------------------------
 
 void Manager::authorized(std::shared_ptr<PathResult> reply, const std::string& action,
-                         std::function<void(uid_t)> then) {
+                         std::function<void(uid_t)> then, std::function<void()> decided) {
   const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
   const std::string sender = msg ? msg->getSender() : std::string();
-  m_auth->check(sender, action, [this, reply, action, sender, then](const Authorization& a) {
-    try {
-      if (a.busy)
-        throw sdbus::Error(bus_error::kBusy, "too many requests: " + a.reason + "; retry later");
-      if (!a.allowed) {
-        log(Level::kNotice, LogContext{"", "", "", message_id::kAccessDenied},
-            "refused " + action + " to " + sender + ": " + a.reason);
-        throw sdbus::Error(bus_error::kAccessDenied,
-                           "not authorized to " + action.substr(action.rfind('.') + 1) + ": " +
-                               a.reason + " (run as root, or allow " + action + " in polkit)");
-      }
-      if (m_shutting_down)
-        throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
-      then(a.uid);
-    } catch (const sdbus::Error& e) {
-      reply->returnError(e);
-    } catch (const std::exception& e) {
-      reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
-    }
-  });
+  m_auth->check(
+      sender, action, [this, reply, action, sender, then, decided](const Authorization& a) {
+        if (decided) decided();
+        try {
+          if (a.busy)
+            throw sdbus::Error(bus_error::kBusy,
+                               "too many requests: " + a.reason + "; retry later");
+          if (!a.allowed) {
+            log(Level::kNotice, LogContext{"", "", "", message_id::kAccessDenied},
+                "refused " + action + " to " + sender + ": " + a.reason);
+            throw sdbus::Error(bus_error::kAccessDenied,
+                               "not authorized to " + action.substr(action.rfind('.') + 1) + ": " +
+                                   a.reason + " (run as root, or allow " + action + " in polkit)");
+          }
+          if (m_shutting_down)
+            throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
+          then(a.uid);
+        } catch (const sdbus::Error& e) {
+          reply->returnError(e);
+        } catch (const std::exception& e) {
+          reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
+        }
+      });
 }
 
 void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options options) {
@@ -101,28 +117,37 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
   try {
     check_options(options, {{"activate", "b"}});
     const bool activate = option<bool>(options, "activate", false);
+    // Until authorization decides, the call holds its descriptor: a bounded number of them.
+    if (m_undecided_installs >= m_max_undecided)
+      throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
+                                               std::to_string(m_undecided_installs) +
+                                               " waiting for authorization); retry later");
+    ++m_undecided_installs;
     auto fd = std::make_shared<sdbus::UnixFd>(std::move(artifact));
-    authorized(reply, "org.upgraded1.install", [this, reply, fd, activate](uid_t caller) {
-      struct stat st {};
-      if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode))
-        throw invalid("the artifact must be passed as a descriptor of a regular file");
-      // O_PATH descriptors pass fstat but cannot be read; O_WRONLY ones cannot be read either.
-      const int flags = ::fcntl(fd->get(), F_GETFL);
-      if (flags < 0 || (flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY)
-        throw invalid("the artifact's descriptor is not open for reading");
-      // A bounded number of verifications run at once (each is a thread and two helper
-      // processes); a bounded number more wait for their turn; beyond that: Busy.
-      if (m_verifying < m_config.verifications) {
-        verify(reply, fd, activate, caller);
-      } else if (m_verify_queue.size() < m_config.queued_installs) {
-        m_verify_queue.push_back(QueuedInstall{reply, fd, activate, caller});
-      } else {
-        throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
-                                                 std::to_string(m_verifying) + " being verified, " +
-                                                 std::to_string(m_verify_queue.size()) +
-                                                 " waiting); retry later");
-      }
-    });
+    authorized(
+        reply, "org.upgraded1.install",
+        [this, reply, fd, activate](uid_t caller) {
+          struct stat st {};
+          if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode))
+            throw invalid("the artifact must be passed as a descriptor of a regular file");
+          // O_PATH descriptors pass fstat but cannot be read; O_WRONLY ones cannot be read either.
+          const int flags = ::fcntl(fd->get(), F_GETFL);
+          if (flags < 0 || (flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY)
+            throw invalid("the artifact's descriptor is not open for reading");
+          // A bounded number of verifications run at once (each is a thread and two helper
+          // processes); a bounded number more wait for their turn; beyond that: Busy.
+          if (m_verifying < m_config.verifications) {
+            verify(reply, fd, activate, caller);
+          } else if (m_verify_queue.size() < m_config.queued_installs) {
+            m_verify_queue.push_back(QueuedInstall{reply, fd, activate, caller});
+          } else {
+            throw sdbus::Error(bus_error::kBusy,
+                               "too many installs at once (" + std::to_string(m_verifying) +
+                                   " being verified, " + std::to_string(m_verify_queue.size()) +
+                                   " waiting); retry later");
+          }
+        },
+        [this] { --m_undecided_installs; });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
@@ -514,7 +539,8 @@ sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string&
   running.job = job;
   running.object = std::make_unique<JobObject>(
       m_bus, job,
-      [this](const std::shared_ptr<Job>& j, const std::string& sender) { cancel(j, sender); });
+      [this](const std::shared_ptr<Job>& j, const std::string& sender,
+             JobObject::CancelReply reply) { cancel(j, sender, std::move(reply)); });
   const std::uint32_t id = job->id;
   sdbus::ObjectPath path = job->path();
   m_busy[app] = id;
@@ -577,16 +603,28 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
   maybe_idle();
 }
 
-void Manager::cancel(const std::shared_ptr<Job>& job, const std::string& sender) {
-  uid_t uid = m_auth->caller_uid(sender);
-  if (uid != 0 && uid != job->owner)
-    throw sdbus::Error(bus_error::kAccessDenied, "only root or the uid that started job " +
-                                                     std::to_string(job->id) + " may cancel it");
-  if (job->request_cancel() == Job::CancelOutcome::kTooLate)
-    throw sdbus::Error(bus_error::kNotCancelable,
-                       "job " + std::to_string(job->id) +
-                           " is past its point of no return (the switch); wait for it to end");
-  if (auto it = m_jobs.find(job->id); it != m_jobs.end()) it->second.object->set_state("canceling");
+void Manager::cancel(const std::shared_ptr<Job>& job, const std::string& sender,
+                     JobObject::CancelReply reply) {
+  m_auth->caller_uid(sender, [this, job, reply](uid_t uid) {
+    try {
+      if (uid != 0 && uid != job->owner)
+        throw sdbus::Error(
+            bus_error::kAccessDenied,
+            "only root or the uid that started job " + std::to_string(job->id) + " may cancel it");
+      auto it = m_jobs.find(job->id);
+      if (it == m_jobs.end())
+        throw sdbus::Error(bus_error::kNotCancelable,
+                           "job " + std::to_string(job->id) + " has ended");
+      if (job->request_cancel() == Job::CancelOutcome::kTooLate)
+        throw sdbus::Error(bus_error::kNotCancelable,
+                           "job " + std::to_string(job->id) +
+                               " is past its point of no return (the switch); wait for it to end");
+      it->second.object->set_state("canceling");
+      reply->returnResults();
+    } catch (const sdbus::Error& e) {
+      reply->returnError(e);
+    }
+  });
 }
 
 void Manager::recover_interrupted() {

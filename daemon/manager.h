@@ -70,8 +70,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
 
   /// Authorizes the current call for `action`, then runs `then`, which replies (now or later);
   /// if it throws sdbus::Error, that is the reply.
+  /// `decided`, if given, runs first once the decision is known, whatever it is.
   void authorized(std::shared_ptr<PathResult> reply, const std::string& action,
-                  std::function<void(uid_t caller)> then);
+                  std::function<void(uid_t caller)> then, std::function<void()> decided = {});
   /// Reads the artifact's head and checks its signatures (off the loop), then starts the
   /// install job; the next queued Install follows when it is done.
   void verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd, bool activate,
@@ -89,7 +90,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   sdbus::ObjectPath start_job(const std::string& type, const std::string& app,
                               const std::string& version, uid_t owner, Work work);
   void finish(std::uint32_t id, const Result<void>& result);
-  void cancel(const std::shared_ptr<Job>& job, const std::string& sender);
+  void cancel(const std::shared_ptr<Job>& job, const std::string& sender,
+              JobObject::CancelReply reply);
   activation::ActivationOptions activation_options(Job& job) const;
   void collect_garbage(const store::AppLock& lock, Job& job) const;
 
@@ -116,6 +118,10 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
     bool activate;
     uid_t caller;
   };
+  /// Install calls whose authorization is not decided yet (each holds its descriptor): at
+  /// most m_max_undecided, which leaves room in RLIMIT_NOFILE for everything else.
+  std::uint32_t m_max_undecided = 256;
+  std::uint32_t m_undecided_installs = 0;
   std::uint32_t m_verifying = 0;             // Install calls being verified now
   std::deque<QueuedInstall> m_verify_queue;  // authorized, waiting for their turn
   bool m_shutting_down = false;
