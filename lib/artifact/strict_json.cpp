@@ -20,9 +20,9 @@ Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view
   // JSON text never contains a raw NUL (strings escape it as \u0000), but nlohmann's lexer
   // takes one for the end of input: "{...}\0anything" would parse as "{...}".
   if (auto nul = text.find('\0'); nul != std::string_view::npos)
-    return Error(ErrorCode::kVerificationFailed, std::string(what) +
-                                                     " is not valid JSON: a NUL byte at offset " +
-                                                     std::to_string(nul));
+    return Error(
+        ErrorCode::kVerificationFailed,
+        std::string(what) + " is not valid JSON: a NUL byte at offset " + std::to_string(nul));
   std::vector<std::set<std::string>> seen;
   auto cb = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
     using E = nlohmann::json::parse_event_t;
