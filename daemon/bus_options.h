@@ -25,9 +25,9 @@
 
 namespace upgraded::daemon {
 
-inline constexpr std::size_t kMaxOptions = 32;
-inline constexpr std::size_t kMaxOptionName = 255;
-inline constexpr std::size_t kMaxOptionString = 4096;
+inline constexpr std::size_t kMaxOptions = 16;
+inline constexpr std::size_t kMaxOptionName = 64;
+inline constexpr std::size_t kMaxOptionString = 1024;
 
 struct BusOptions : std::map<std::string, sdbus::Variant> {
   using std::map<std::string, sdbus::Variant>::map;

@@ -64,7 +64,7 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
     std::int64_t room = static_cast<std::int64_t>(nofile.rlim_cur) - 64 -
                         2 * std::int64_t(m_config.queued_installs) -
                         10 * std::int64_t(m_config.verifications);
-    m_max_undecided = static_cast<std::uint32_t>(std::clamp<std::int64_t>(room / 4, 1, 256));
+    m_max_undecided = static_cast<std::uint32_t>(std::clamp<std::int64_t>(room / 4, 1, 4096));
   }
   registerAdaptor();
 }
@@ -117,11 +117,19 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
   try {
     check_options(options, {{"activate", "b"}});
     const bool activate = option<bool>(options, "activate", false);
-    // Until authorization decides, the call holds its descriptor: a bounded number of them.
-    if (m_undecided_installs >= m_max_undecided)
+    // Until authorization decides, the call holds its descriptor (and its message): a bounded
+    // number of them per connection, and in all. The uid is not known yet, so a connection is
+    // what can be counted; the bus bounds connections per user and in all.
+    const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
+    const std::string sender = msg ? msg->getSender() : std::string();
+    auto& mine = m_undecided_by_sender[sender];
+    if (mine >= kUndecidedPerConnection || m_undecided_installs >= m_max_undecided) {
+      if (mine == 0) m_undecided_by_sender.erase(sender);
       throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
                                                std::to_string(m_undecided_installs) +
                                                " waiting for authorization); retry later");
+    }
+    ++mine;
     ++m_undecided_installs;
     auto fd = std::make_shared<sdbus::UnixFd>(std::move(artifact));
     authorized(
@@ -165,8 +173,30 @@ void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::U
   // The helper reads the container head and checks the signatures over it, in fresh
   // sandboxed processes and off the loop (the caller's file may be slow to read). This
   // process parses only the manifest, once it is known to be signed.
+  try {
+    start_verification(reply, fd, activate, caller, std::move(*trust));
+  } catch (const std::exception& e) {
+    // No thread for it (TasksMax, RLIMIT_NPROC): this call fails, the slot is free again.
+    --m_verifying;
+    reply->returnError(
+        sdbus::Error(bus_error::kFailed, std::string("cannot start verifying: ") + e.what()));
+    drain_verify_queue();
+  }
+}
+
+void Manager::drain_verify_queue() {
+  while (m_verifying < m_config.verifications && !m_verify_queue.empty() && !m_shutting_down) {
+    QueuedInstall next = std::move(m_verify_queue.front());
+    m_verify_queue.pop_front();
+    verify(next.reply, next.fd, next.activate, next.caller);
+  }
+}
+
+void Manager::start_verification(std::shared_ptr<PathResult> reply,
+                                 std::shared_ptr<sdbus::UnixFd> fd, bool activate, uid_t caller,
+                                 TrustRoot trust) {
   m_loop.run_task([this, reply, fd, activate, caller, head_helper = next_helper(),
-                   verify_helper = next_helper(), trust = std::move(*trust)]() mutable {
+                   verify_helper = next_helper(), trust = std::move(trust)]() mutable {
     sandbox::VerifyRequest vr;
     Result<artifact::SignatureReport> report = artifact::SignatureReport{};
     std::uint64_t payload_offset = 0;
@@ -199,12 +229,7 @@ void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::U
       } catch (const std::exception& e) {
         reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
       }
-      // The next in line, if any.
-      while (m_verifying < m_config.verifications && !m_verify_queue.empty() && !m_shutting_down) {
-        QueuedInstall next = std::move(m_verify_queue.front());
-        m_verify_queue.pop_front();
-        verify(next.reply, next.fd, next.activate, next.caller);
-      }
+      drain_verify_queue();  // the next in line, if any
       maybe_idle();
     });
   });

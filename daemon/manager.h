@@ -16,6 +16,7 @@
 #include "job.h"
 #include "org.upgraded1.Manager.adaptor.h"
 #include "sandbox/extract_child.h"
+#include "trust_root.h"
 #include "upgraded/activation/activator.h"
 #include "upgraded/artifact/verifier.h"
 #include "upgraded/store/store.h"
@@ -77,6 +78,10 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// install job; the next queued Install follows when it is done.
   void verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd, bool activate,
               uid_t caller);
+  void start_verification(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd,
+                          bool activate, uid_t caller, TrustRoot trust);
+  /// Starts queued Installs while verification slots are free.
+  void drain_verify_queue();
   sdbus::ObjectPath start_install(std::shared_ptr<artifact::VerifiedManifest> art,
                                   std::shared_ptr<sdbus::UnixFd> fd, std::uint64_t payload_offset,
                                   bool activate, uid_t caller);
@@ -122,6 +127,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// most m_max_undecided, which leaves room in RLIMIT_NOFILE for everything else.
   std::uint32_t m_max_undecided = 256;
   std::uint32_t m_undecided_installs = 0;
+  static constexpr std::uint32_t kUndecidedPerConnection = 8;
+  std::map<std::string, std::uint32_t> m_undecided_by_sender;
   std::uint32_t m_verifying = 0;             // Install calls being verified now
   std::deque<QueuedInstall> m_verify_queue;  // authorized, waiting for their turn
   bool m_shutting_down = false;
