@@ -1,0 +1,133 @@
+// Fuzz target `container`: the outer ustar of an artifact (lib/artifact/container.cpp) as the
+// helper's --read-head step and `upgradectl verify` read it: ContainerReader::open, then
+// begin_payload, read_payload to the end and finish, over a memfd. The payload's description
+// comes from the container's own manifest.json when that parses (seeds are real artifacts), or
+// else from the bytes where a canonical payload header would be, so that mutated containers
+// still reach the canonical-layout checks.
+//
+// Invariants: errors are kVerificationFailed; a container accepted up to the payload has every
+// member exactly where the canonical layout puts it (docs/artifact-format.md §2), and one
+// accepted by finish() has nothing but zeros after the payload and the canonical length. The same
+// bytes read through a pipe (read(2) instead of pread) get the same verdicts.
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include "fuzz_support.h"
+#include "upgraded/artifact/container.h"
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/fs/durable.h"
+#include "upgraded/fs/unique_fd.h"
+
+using namespace upgraded;
+using namespace upgraded::artifact;
+
+namespace {
+
+constexpr std::size_t kPipeSize = 1 << 20;
+
+// What a run got to: the verdict of each step and the bytes it produced.
+struct Outcome {
+  std::string stage;  // where it stopped: "open", "begin", "read", "finish" or "ok"
+  std::string message;
+  std::string manifest, signature, payload;
+  bool operator==(const Outcome&) const = default;
+};
+
+Outcome failed(Outcome out, const char* stage, const Error& e) {
+  FUZZ_CHECK_MSG(e.code() == ErrorCode::kVerificationFailed, e.message());
+  out.stage = stage;
+  out.message = e.message();
+  return out;
+}
+
+PayloadInfo describe(std::string_view input, const std::string& manifest,
+                     const std::string& signature) {
+  if (auto m = parse_manifest(manifest)) return m->payload;
+  PayloadInfo info;
+  info.compression = Compression::kZstd;
+  info.size = 0;
+  std::uint64_t header = canonical_payload_offset(manifest.size(), signature.size()) - kTarBlock;
+  if (input.size() < header + kTarBlock) return info;
+  std::string_view h = input.substr(header, kTarBlock);
+  std::string name(h.substr(0, 100).data(), strnlen(h.data(), 100));
+  for (auto c : {Compression::kZstd, Compression::kXz, Compression::kGzip, Compression::kNone})
+    if (name == payload_member_name(c)) info.compression = c;
+  for (char c : h.substr(124, 11)) {
+    if (c < '0' || c > '7') break;
+    info.size = info.size * 8 + static_cast<std::uint64_t>(c - '0');
+  }
+  return info;
+}
+
+Outcome run(std::string_view input, int fd, const PayloadInfo& info) {
+  Outcome out;
+  auto reader = ContainerReader::open(fd);
+  if (!reader) return failed(out, "open", reader.error());
+  ContainerReader& r = **reader;
+  out.manifest = r.manifest_bytes();
+  out.signature = r.signature_bytes();
+  FUZZ_CHECK(out.manifest.size() <= kMaxManifestSize);
+  if (auto b = r.begin_payload(info); !b) return failed(out, "begin", b.error());
+
+  // Everything before the payload's data is where the canonical layout says.
+  std::uint64_t sig_header = kTarBlock + (out.manifest.size() + 511) / 512 * 512;
+  std::uint64_t data_start = canonical_payload_offset(out.manifest.size(), out.signature.size());
+  FUZZ_CHECK(input.size() >= data_start);
+  FUZZ_CHECK(input.substr(kTarBlock, out.manifest.size()) == out.manifest);
+  FUZZ_CHECK(input.substr(sig_header + kTarBlock, out.signature.size()) == out.signature);
+
+  std::string buf(7777, '\0');  // an odd size: reads that straddle tar blocks
+  for (;;) {
+    auto n = r.read_payload(std::as_writable_bytes(std::span(buf.data(), buf.size())));
+    if (!n) return failed(out, "read", n.error());
+    if (*n == 0) break;
+    FUZZ_CHECK(*n <= buf.size());
+    out.payload.append(buf.data(), *n);
+    FUZZ_CHECK(out.payload.size() <= info.size);
+  }
+  if (auto f = r.finish(); !f) return failed(out, "finish", f.error());
+
+  FUZZ_CHECK(out.payload.size() == info.size);
+  FUZZ_CHECK(input.substr(data_start, info.size) == out.payload);
+  std::uint64_t data_end = data_start + info.size;
+  FUZZ_CHECK(input.size() == (data_end + 511) / 512 * 512 + 2 * kTarBlock);
+  for (char c : input.substr(data_end))
+    FUZZ_CHECK(c == 0);
+  out.stage = "ok";
+  return out;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  auto input = fuzz::as_text(data, size);
+  UniqueFd memfd(::memfd_create("container-fuzz", MFD_CLOEXEC));
+  FUZZ_CHECK(memfd.get() >= 0);
+  FUZZ_CHECK(fs::write_all(memfd.get(), std::as_bytes(std::span(input.data(), input.size()))));
+
+  // The first run decides the payload's description; the pipe run gets the same one, since it
+  // cannot reread the input to guess it.
+  PayloadInfo info;
+  if (auto reader = ContainerReader::open(memfd.get()))
+    info = describe(input, (*reader)->manifest_bytes(), (*reader)->signature_bytes());
+  Outcome by_pread = run(input, memfd.get(), info);
+
+  if (size <= kPipeSize) {
+    int p[2];
+    FUZZ_CHECK(::pipe2(p, O_CLOEXEC) == 0);
+    UniqueFd rd(p[0]), wr(p[1]);
+    FUZZ_CHECK(::fcntl(wr.get(), F_SETPIPE_SZ, static_cast<int>(kPipeSize)) >= 0);
+    FUZZ_CHECK(fs::write_all(wr.get(), std::as_bytes(std::span(input.data(), input.size()))));
+    wr.reset();
+    Outcome by_read = run(input, rd.get(), info);
+    FUZZ_CHECK_MSG(by_read == by_pread, (by_read.stage + " " + by_read.message + " vs " +
+                                         by_pread.stage + " " + by_pread.message));
+  }
+  return 0;
+}
