@@ -87,6 +87,9 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
           if (k.str() != "root")
             return bad(file, v, "unknown key '" + std::string(k.str()) + "' in [apps." + app + "]");
           auto s = v.value_exact<std::string>();
+          // Paths go to the C library, where a NUL ends them before what was checked here.
+          if (s && s->find('\0') != std::string::npos)
+            return bad(file, v, "apps." + app + ".root contains a NUL character");
           if (!s || s->empty() || s->front() != '/' || s->find("/../") != std::string::npos ||
               s->ends_with("/.."))
             return bad(file, v, "apps." + app + ".root must be an absolute path without '..'");
