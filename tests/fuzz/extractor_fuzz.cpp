@@ -1,7 +1,10 @@
 // Fuzz target `extractor`: the extractor's entry policy (lib/artifact/extractor.cpp). The input
 // is an uncompressed payload tar, extracted (Compression::kNone) into a fresh directory with the
 // policy the store uses (read-only tree, unsafe modes refused, default limits) and the locale
-// upgradectl sets (C.UTF-8); the directory is removed afterwards.
+// upgradectl sets (C.UTF-8); the directory is removed afterwards. The harness first rewrites the
+// checksum of every ustar header it finds by walking the headers as tar does: a mutation
+// would otherwise almost always break the checksum, and libarchive would refuse the header
+// before the entry policy sees it. (Checksums are libarchive's business, not ours.)
 //
 // Invariants: every error is a refusal (kPolicyRefused) or a space limit (kNoSpace): a system
 // call failing on what the extractor let through means its bookkeeping missed a case. Nothing
@@ -53,6 +56,33 @@ class BytesSource final : public PayloadSource {
   std::size_t m_pos = 0;
   std::size_t m_piece = 511;
 };
+
+std::uint64_t octal(const char* p, std::size_t n) {
+  std::uint64_t v = 0;
+  for (std::size_t i = 0; i < n && p[i] >= '0' && p[i] <= '7'; ++i)
+    v = v * 8 + static_cast<std::uint64_t>(p[i] - '0');
+  return v;
+}
+
+void fix_checksums(std::string& tar) {
+  std::size_t pos = 0;
+  while (pos + kTarBlock <= tar.size()) {
+    char* h = tar.data() + pos;
+    pos += kTarBlock;
+    if (std::memcmp(h + 257, "ustar", 5) != 0) continue;
+    std::memset(h + 148, ' ', 8);
+    unsigned sum = 0;
+    for (std::size_t i = 0; i < kTarBlock; ++i)
+      sum += static_cast<unsigned char>(h[i]);
+    std::snprintf(h + 148, 8, "%06o", sum);  // six digits, NUL, and the space left in place
+    // Skip the member's data (links carry none); base-256 sizes are left alone.
+    if (h[156] != '1' && h[156] != '2' && !(h[124] & 0x80)) {
+      std::uint64_t size = octal(h + 124, 12);
+      if (size > tar.size()) break;
+      pos += (size + kTarBlock - 1) / kTarBlock * kTarBlock;
+    }
+  }
+}
 
 // A directory of our own, with the canary in it, for the whole process. tmpfs when there is
 // one: extraction is mostly inode work, which costs far less there.
@@ -141,7 +171,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   ExtractPolicy policy;  // what the store asks for (store.cpp: stage)
   policy.read_only = true;
-  BytesSource source(fuzz::as_text(data, size));
+  std::string tar(fuzz::as_text(data, size));
+  fix_checksums(tar);
+  BytesSource source(tar);
   auto stats = extract_payload(source, Compression::kNone, size, dest, policy);
   check_surroundings(base);
 
