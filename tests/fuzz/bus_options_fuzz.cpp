@@ -1,15 +1,24 @@
-// Fuzz target `bus_options`: validation of the a{sv} options every Manager method takes
-// (daemon/bus_options.cpp). The input is read as a list of options: for each, a type selector,
-// a key (bytes from the input) and a value of that D-Bus type (b, y, n, q, i, u, x, t, d, s, o,
-// g, ay, as, a{sv}, (is) or a nested v, built from the following bytes).
+// Fuzz target `bus_options`: the a{sv} options every Manager method takes
+// (daemon/bus_options.cpp): the bounded deserializer that runs before any handler, and
+// check_options. The input is read as a list of options: for each, a key (bytes from the input;
+// long ones repeat a byte) and a value of the type a selector byte picks (b, y, n, q, i, u, x,
+// t, d, s, o, g, ay, as, a{sv}, (is) or a nested v, built from the following bytes). Keys may
+// repeat, as they may on the wire.
 //
-// Invariants: check_options, run with every allow-list the Manager uses, throws nothing but
-// sdbus::Error, always InvalidArgument with a message sd-bus can send (valid UTF-8); it passes
-// exactly when every key is allowed with its type, and then the Manager's reads (option<T>)
-// succeed.
+// Invariants:
+// - the options, written as an a{sv} into a message and read back as BusOptions, are accepted
+//   exactly when they respect every bound (at most kMaxOptions entries, names of at most
+//   kMaxOptionName bytes, each key once, basic types only, strings of at most kMaxOptionString
+//   bytes), and then read back as written; a refusal is sdbus::Error(InvalidArgument) with a
+//   message sd-bus can send (valid UTF-8);
+// - check_options, with every allow-list the Manager uses, throws nothing but that error; it
+//   passes exactly when every key is allowed with its type, and then the Manager's reads
+//   (option<T>) succeed. It runs on what the deserializer accepted and, to go beyond it, on
+//   the options as built.
 
 #include <cstring>
 #include <initializer_list>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,7 +31,39 @@
 using namespace upgraded;
 using daemon::BusOptions;
 
+namespace upgraded::fuzz {
+
+// An a{sv} written entry by entry, duplicate keys included (a std::map cannot hold them).
+struct RawOptions {
+  std::vector<std::pair<std::string, sdbus::Variant>> entries;
+};
+
+}  // namespace upgraded::fuzz
+
+namespace sdbus {
+template <>
+struct signature_of<upgraded::fuzz::RawOptions>
+    : signature_of<std::map<std::string, sdbus::Variant>> {};
+}  // namespace sdbus
+
+namespace upgraded::fuzz {
+
+sdbus::Message& operator<<(sdbus::Message& msg, const RawOptions& raw) {
+  msg.openContainer("{sv}");
+  for (const auto& [key, value] : raw.entries) {
+    msg.openDictEntry("sv");
+    msg << key << value;
+    msg.closeDictEntry();
+  }
+  msg.closeContainer();
+  return msg;
+}
+
+}  // namespace upgraded::fuzz
+
 namespace {
+
+using fuzz::RawOptions;
 
 class Reader {
  public:
@@ -38,12 +79,18 @@ class Reader {
     std::memcpy(&v, raw, sizeof v);
     return v;
   }
+  // Up to 127 bytes of the input, or (length byte >= 128) up to 8191 copies of one byte: long
+  // names and strings without long inputs.
   std::string text() {
-    std::size_t n = byte() % 64;
-    std::string s;
-    for (std::size_t i = 0; i < n && !empty(); ++i)
-      s += static_cast<char>(byte());
-    return s;
+    std::size_t n = byte();
+    if (n < 128) {
+      std::string s;
+      for (std::size_t i = 0; i < n && !empty(); ++i)
+        s += static_cast<char>(byte());
+      return s;
+    }
+    n = (n - 128) * 64 + byte() % 64;
+    return std::string(n, static_cast<char>(byte()));
   }
 
  private:
@@ -52,11 +99,18 @@ class Reader {
   std::size_t m_pos = 0;
 };
 
-BusOptions read_options(Reader& in, int depth);
+RawOptions read_options(Reader& in, int depth);
+
+BusOptions as_map(const RawOptions& raw) {
+  BusOptions out;
+  for (const auto& [key, value] : raw.entries)
+    out.insert_or_assign(key, value);
+  return out;
+}
 
 // A variant of the type the next byte selects. Values D-Bus cannot carry (a string that is not
-// UTF-8, a malformed object path) make sdbus-c++ throw sdbus::Error: such an option is skipped,
-// as the bus would never have delivered it.
+// UTF-8, a malformed object path) make sdbus-c++ throw sdbus::Error: the caller skips them, as
+// the bus would never have delivered them.
 sdbus::Variant read_variant(Reader& in, int depth) {
   switch (in.byte() % 17) {
     case 0:
@@ -95,7 +149,7 @@ sdbus::Variant read_variant(Reader& in, int depth) {
     }
     case 14:
       if (depth < 4) return sdbus::Variant(read_options(in, depth + 1));
-      return sdbus::Variant(BusOptions{});
+      return sdbus::Variant(RawOptions{});
     case 15:
       return sdbus::Variant(
           sdbus::Struct<std::int32_t, std::string>(in.number<std::int32_t>(), in.text()));
@@ -105,18 +159,49 @@ sdbus::Variant read_variant(Reader& in, int depth) {
   }
 }
 
-BusOptions read_options(Reader& in, int depth) {
-  BusOptions out;
+RawOptions read_options(Reader& in, int depth) {
+  RawOptions out;
   std::size_t n = depth == 0 ? 64 : in.byte() % 8;
   for (std::size_t i = 0; i < n && !in.empty(); ++i) {
     std::string key = in.text();
     try {
-      out.insert_or_assign(key, read_variant(in, depth));
+      (void)sdbus::Variant(key);  // a key D-Bus can carry (UTF-8, no NUL)
+      out.entries.emplace_back(std::move(key), read_variant(in, depth));
     } catch (const sdbus::Error&) {
       // not representable on the bus: skipped
     }
   }
   return out;
+}
+
+bool is_string_type(const std::string& t) {
+  return t == "s" || t == "o" || t == "g";
+}
+
+std::string string_of(const sdbus::Variant& v) {
+  auto t = v.peekValueType();
+  if (t == "o") return v.get<sdbus::ObjectPath>();
+  if (t == "g") return v.get<sdbus::Signature>();
+  return v.get<std::string>();
+}
+
+// What the bounded deserializer must accept.
+bool within_bounds(const RawOptions& raw) {
+  if (raw.entries.size() > daemon::kMaxOptions) return false;
+  std::set<std::string> keys;
+  for (const auto& [key, value] : raw.entries) {
+    if (key.size() > daemon::kMaxOptionName || !keys.insert(key).second) return false;
+    auto t = value.peekValueType();
+    if (t.size() != 1 || std::string_view("bynqiuxtdsog").find(t[0]) == std::string_view::npos)
+      return false;
+    if (is_string_type(t) && string_of(value).size() > daemon::kMaxOptionString) return false;
+  }
+  return true;
+}
+
+void check_refusal(const sdbus::Error& e) {
+  FUZZ_CHECK(e.getName() == daemon::bus_error::kInvalidArgument);
+  FUZZ_CHECK_MSG(policy::is_valid_utf8(e.getMessage()), e.getMessage());
 }
 
 using Allowed = std::initializer_list<std::pair<const char*, const char*>>;
@@ -133,26 +218,24 @@ void check(const BusOptions& options, Allowed allowed, void (*read)(const BusOpt
     daemon::check_options(options, allowed);
   } catch (const sdbus::Error& e) {
     FUZZ_CHECK(!valid);
-    FUZZ_CHECK(e.getName() == daemon::bus_error::kInvalidArgument);
-    FUZZ_CHECK_MSG(policy::is_valid_utf8(e.getMessage()), e.getMessage());
+    check_refusal(e);
     return;
   }
   FUZZ_CHECK(valid);
   read(options);  // any exception here escapes: a crash
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  Reader in(data, size);
-  BusOptions options = read_options(in, 0);
+// The allow-lists of the Manager's methods (daemon/manager.cpp), each with its reads.
+void check_all(const BusOptions& options) {
   using daemon::option;
-  // The allow-lists of Manager.Install, Activate, the methods without options,
-  // GarbageCollect and GetHistory.
   check(options, {{"activate", "b"}},
         [](const BusOptions& o) { (void)option<bool>(o, "activate", false); });
-  check(options, {{"allow_bad", "b"}},
-        [](const BusOptions& o) { (void)option<bool>(o, "allow_bad", false); });
+  check(options, {{"allow_bad", "b"}, {"allow_below_floor", "b"}}, [](const BusOptions& o) {
+    (void)option<bool>(o, "allow_bad", false);
+    (void)option<bool>(o, "allow_below_floor", false);
+  });
+  check(options, {{"allow_below_floor", "b"}},
+        [](const BusOptions& o) { (void)option<bool>(o, "allow_below_floor", false); });
   check(options, {}, [](const BusOptions&) {});
   check(options, {{"keep", "u"}, {"max_bytes", "t"}}, [](const BusOptions& o) {
     (void)option<std::uint32_t>(o, "keep", 0);
@@ -160,5 +243,39 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   });
   check(options, {{"limit", "u"}},
         [](const BusOptions& o) { (void)option<std::uint32_t>(o, "limit", 100); });
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  Reader in(data, size);
+  RawOptions raw = read_options(in, 0);
+
+  // As the adaptor receives them: written on the wire, read back with bounds.
+  const bool bounded = within_bounds(raw);
+  sdbus::Variant wire(raw);
+  BusOptions got;
+  bool accepted = true;
+  try {
+    got = wire.get<BusOptions>();
+  } catch (const sdbus::Error& e) {
+    accepted = false;
+    check_refusal(e);
+  }
+  FUZZ_CHECK(accepted == bounded);
+  if (accepted) {
+    FUZZ_CHECK(got.size() == raw.entries.size());
+    for (const auto& [key, value] : raw.entries) {
+      auto it = got.find(key);
+      FUZZ_CHECK(it != got.end());
+      FUZZ_CHECK(it->second.peekValueType() == value.peekValueType());
+      if (is_string_type(value.peekValueType()))
+        FUZZ_CHECK(string_of(it->second) == string_of(value));
+    }
+    check_all(got);
+  }
+
+  // Validation alone, on every shape of value.
+  check_all(as_map(raw));
   return 0;
 }
