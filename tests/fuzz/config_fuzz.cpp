@@ -29,6 +29,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto& l = c.extract.limits;
   FUZZ_CHECK(l.max_entries >= 1 && l.max_total_bytes >= 1 && l.max_file_size >= 1 &&
              l.max_expansion_ratio >= 1);
+  FUZZ_CHECK(c.verifications >= 1 && c.verifications <= 64);
+  FUZZ_CHECK(c.queued_installs <= 4096);
+  FUZZ_CHECK(c.authorizations_per_user >= 1 && c.authorizations_per_user <= 1024);
   FUZZ_CHECK(c.helper_ids >= 1000);
   FUZZ_CHECK(std::uint64_t(c.helper_ids) + daemon::Config::kHelperIds <= 4294967294ULL);
   for (const auto& [app, root] : c.app_roots) {

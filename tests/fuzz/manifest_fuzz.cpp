@@ -42,6 +42,7 @@ void check_valid(const Manifest& m) {
   FUZZ_CHECK(p.chunk_size >= kMinChunkSize && p.chunk_size <= kMaxChunkSize);
   FUZZ_CHECK((p.chunk_size & (p.chunk_size - 1)) == 0);
   FUZZ_CHECK(p.chunks.size() == (p.size + p.chunk_size - 1) / p.chunk_size);
+  FUZZ_CHECK(p.chunks.size() <= kMaxChunks);
 }
 
 void check_round_trip(const Manifest& m) {
