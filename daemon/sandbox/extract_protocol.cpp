@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "upgraded/artifact/encoding.h"
+#include "upgraded/policy/names.h"
 
 namespace upgraded::sandbox {
 namespace {
@@ -20,7 +21,10 @@ constexpr ErrorCode kCodes[] = {ErrorCode::kFailed,
                                 ErrorCode::kCanceled};
 
 Error malformed(const std::string& what) {
-  return Error(ErrorCode::kFailed, "extraction helper: malformed " + what);
+  // nlohmann's messages quote bytes of the answer ("last read: ..."), and this message goes out
+  // on the bus (error replies, JobRemoved), where sd-bus takes nothing but UTF-8.
+  return Error(ErrorCode::kFailed, "extraction helper: malformed " +
+                                       (policy::is_valid_utf8(what) ? what : policy::quote(what)));
 }
 
 }  // namespace
