@@ -21,6 +21,17 @@ std::string read_bounded_string(sdbus::Message& msg, std::size_t max, const std:
   return std::string(text ? text : "", n);
 }
 
+// An object path or a signature: sdbus-c++ reads a char* as 's' only, which sd-bus refuses for
+// these (ENXIO), so they are read as their own types (a copy of at most the message), then
+// bounded.
+template <typename T>
+std::string read_copied_string(sdbus::Message& msg, std::size_t max, const std::string& what) {
+  T value;
+  msg >> value;
+  if (value.size() > max) throw invalid(what + " is longer than " + std::to_string(max) + " bytes");
+  return std::string(std::move(value));
+}
+
 }  // namespace
 
 sdbus::Message& operator>>(sdbus::Message& msg, BusOptions& out) {
@@ -38,7 +49,11 @@ sdbus::Message& operator>>(sdbus::Message& msg, BusOptions& out) {
     sdbus::Variant value;
     if (contents == "s" || contents == "o" || contents == "g") {
       msg.enterVariant(contents);
-      std::string text = read_bounded_string(msg, kMaxOptionString, "option " + policy::quote(key));
+      std::string what = "option " + policy::quote(key);
+      std::string text = contents == "s" ? read_bounded_string(msg, kMaxOptionString, what)
+                         : contents == "o"
+                             ? read_copied_string<sdbus::ObjectPath>(msg, kMaxOptionString, what)
+                             : read_copied_string<sdbus::Signature>(msg, kMaxOptionString, what);
       msg.exitVariant();
       if (contents == "s")
         value = sdbus::Variant(text);

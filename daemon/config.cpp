@@ -87,6 +87,9 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
           if (k.str() != "root")
             return bad(file, v, "unknown key '" + std::string(k.str()) + "' in [apps." + app + "]");
           auto s = v.value_exact<std::string>();
+          // Paths go to the C library, where a NUL ends them before what was checked here.
+          if (s && s->find('\0') != std::string::npos)
+            return bad(file, v, "apps." + app + ".root contains a NUL character");
           if (!s || s->empty() || s->front() != '/' || s->find("/../") != std::string::npos ||
               s->ends_with("/.."))
             return bad(file, v, "apps." + app + ".root must be an absolute path without '..'");
@@ -116,6 +119,11 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
   return {};
 }
 
+Error parse_failure(const std::string& file, const toml::parse_error& e) {
+  return Error(ErrorCode::kInvalidArgument, file + ":" + std::to_string(e.source().begin.line) +
+                                                ": " + std::string(e.description()));
+}
+
 Result<void> read_file_into(Config& c, const std::string& file) {
   struct stat st {};
   if (::stat(file.c_str(), &st) != 0) {
@@ -127,8 +135,7 @@ Result<void> read_file_into(Config& c, const std::string& file) {
     c.files.push_back(file);
     return apply(c, file, doc);
   } catch (const toml::parse_error& e) {
-    return Error(ErrorCode::kInvalidArgument, file + ":" + std::to_string(e.source().begin.line) +
-                                                  ": " + std::string(e.description()));
+    return parse_failure(file, e);
   }
 }
 
@@ -146,6 +153,15 @@ store::StoreOptions Config::store_options() const {
     so.app_roots[app] = path(app_root);
   so.extract = extract;
   return so;
+}
+
+Result<void> apply_config_text(Config& config, std::string_view text, const std::string& file) {
+  try {
+    toml::table doc = toml::parse(text, file);
+    return apply(config, file, doc);
+  } catch (const toml::parse_error& e) {
+    return parse_failure(file, e);
+  }
 }
 
 Result<Config> load_config(const std::string& root) {

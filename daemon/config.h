@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "upgraded/artifact/extractor.h"
@@ -54,5 +55,9 @@ struct Config {
 
 /// Reads the configuration of the instance rooted at `root` (missing files: defaults).
 Result<Config> load_config(const std::string& root);
+
+/// Applies one file's text over `config` exactly as load_config applies each file it reads
+/// (`file` names it in messages; `config.files` is left alone). For the config fuzz target.
+Result<void> apply_config_text(Config& config, std::string_view text, const std::string& file);
 
 }  // namespace upgraded::daemon

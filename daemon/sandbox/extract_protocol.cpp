@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "upgraded/artifact/encoding.h"
+#include "upgraded/policy/names.h"
 
 namespace upgraded::sandbox {
 namespace {
@@ -20,7 +21,20 @@ constexpr ErrorCode kCodes[] = {ErrorCode::kFailed,
                                 ErrorCode::kCanceled};
 
 Error malformed(const std::string& what) {
-  return Error(ErrorCode::kFailed, "extraction helper: malformed " + what);
+  // nlohmann's messages quote bytes of the answer ("last read: ..."), and this message goes out
+  // on the bus (error replies, JobRemoved), where sd-bus takes nothing but UTF-8.
+  return Error(ErrorCode::kFailed, "extraction helper: malformed " +
+                                       (policy::is_valid_utf8(what) ? what : policy::quote(what)));
+}
+
+// An integer field. nlohmann converts a JSON float to an integer type with a plain cast, which
+// is undefined behaviour out of range ("code": 1e300): such a message is malformed.
+template <typename T>
+T integer(const json& doc, const char* key) {
+  const json& v = doc.at(key);
+  if (!v.is_number_integer())
+    throw json::type_error::create(302, std::string("'") + key + "' must be an integer", &v);
+  return v.get<T>();
 }
 
 }  // namespace
@@ -50,18 +64,18 @@ Result<Request> decode_request(const std::string& text) {
     json doc = json::parse(text);
     Request r;
     r.manifest_bytes = doc.at("manifest").get<std::string>();
-    r.payload_offset = doc.at("payload_offset").get<std::uint64_t>();
+    r.payload_offset = integer<std::uint64_t>(doc, "payload_offset");
     const json& l = doc.at("limits");
     auto& out = r.policy.limits;
-    out.max_entries = l.at("max_entries").get<std::uint64_t>();
-    out.max_total_bytes = l.at("max_total_bytes").get<std::uint64_t>();
-    out.max_file_size = l.at("max_file_size").get<std::uint64_t>();
-    out.max_path_length = l.at("max_path_length").get<std::size_t>();
-    out.max_depth = l.at("max_depth").get<std::size_t>();
-    out.max_path_bytes = l.at("max_path_bytes").get<std::uint64_t>();
-    out.max_expansion_ratio = l.at("max_expansion_ratio").get<std::uint64_t>();
-    out.free_space_reserve = l.at("free_space_reserve").get<std::uint64_t>();
-    out.free_inode_reserve = l.at("free_inode_reserve").get<std::uint64_t>();
+    out.max_entries = integer<std::uint64_t>(l, "max_entries");
+    out.max_total_bytes = integer<std::uint64_t>(l, "max_total_bytes");
+    out.max_file_size = integer<std::uint64_t>(l, "max_file_size");
+    out.max_path_length = integer<std::size_t>(l, "max_path_length");
+    out.max_depth = integer<std::size_t>(l, "max_depth");
+    out.max_path_bytes = integer<std::uint64_t>(l, "max_path_bytes");
+    out.max_expansion_ratio = integer<std::uint64_t>(l, "max_expansion_ratio");
+    out.free_space_reserve = integer<std::uint64_t>(l, "free_space_reserve");
+    out.free_inode_reserve = integer<std::uint64_t>(l, "free_inode_reserve");
     r.policy.unsafe_modes = doc.at("strip_unsafe_modes").get<bool>()
                                 ? artifact::UnsafeModes::kStrip
                                 : artifact::UnsafeModes::kRefuse;
@@ -91,7 +105,7 @@ json error_json(const Error& e) {
 }
 
 Error error_from(const json& doc) {
-  int code = doc.at("code").get<int>();
+  int code = integer<int>(doc, "code");
   ErrorCode c = ErrorCode::kFailed;
   for (ErrorCode known : kCodes)
     if (static_cast<int>(known) == code) c = known;
@@ -145,7 +159,7 @@ Result<VerifyRequest> decode_verify_request(const std::string& text) {
     if (!s) return s.error();
     r.manifest_bytes = std::move(*m);
     r.signature_bytes = std::move(*s);
-    r.threshold = doc.at("threshold").get<unsigned>();
+    r.threshold = integer<unsigned>(doc, "threshold");
     for (const auto& k : doc.at("keys"))
       r.keys.push_back({k.at(0).get<std::string>(), k.at(1).get<std::string>()});
     for (const auto& k : doc.at("revoked"))
@@ -203,12 +217,12 @@ Result<artifact::ExtractStats> decode_response(const std::string& text) {
     if (!doc.at("ok").get<bool>()) return error_from(doc);
     const json& s = doc.at("stats");
     artifact::ExtractStats out;
-    out.entries = s.at("entries").get<std::uint64_t>();
-    out.files = s.at("files").get<std::uint64_t>();
-    out.directories = s.at("directories").get<std::uint64_t>();
-    out.symlinks = s.at("symlinks").get<std::uint64_t>();
-    out.hardlinks = s.at("hardlinks").get<std::uint64_t>();
-    out.bytes = s.at("bytes").get<std::uint64_t>();
+    out.entries = integer<std::uint64_t>(s, "entries");
+    out.files = integer<std::uint64_t>(s, "files");
+    out.directories = integer<std::uint64_t>(s, "directories");
+    out.symlinks = integer<std::uint64_t>(s, "symlinks");
+    out.hardlinks = integer<std::uint64_t>(s, "hardlinks");
+    out.bytes = integer<std::uint64_t>(s, "bytes");
     return out;
   } catch (const json::exception& e) {
     return malformed(std::string("response: ") + e.what());
