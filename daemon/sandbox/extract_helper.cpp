@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <clocale>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -168,6 +169,10 @@ int probe(const sandbox::SandboxReport& report) {
 
 int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
+  // libarchive converts entry names through the locale: in "C" (the helper starts with an empty
+  // environment) a UTF-8 name such as "café" cannot be converted and the payload is refused.
+  // C.UTF-8 is built into glibc (2.35 and later): no locale file is opened.
+  std::setlocale(LC_CTYPE, "C.UTF-8");
   std::string mode;
   std::optional<uid_t> uid;
   std::optional<gid_t> gid;

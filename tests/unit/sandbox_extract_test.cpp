@@ -137,6 +137,20 @@ TEST_F(SandboxExtract, ExtractsEveryCompressionUnderItsSystemCallAllowlist) {
   }
 }
 
+TEST_F(SandboxExtract, ExtractsNamesThatAreNotAscii) {
+  // pack writes such names as pax records, which libarchive converts through the locale: the
+  // helper starts with an empty environment, in "C", where UTF-8 names cannot be converted.
+  make_dirs(t / "src/données");
+  write_file(t / "src/données/café.txt", "☕\n");
+  write_file(t / "src/日本語", "x");
+  std::string cmd = "tar --format=pax -C " + (t / "src") + " -cf " + (t / "pax.tar") + " .";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  auto r = run(read_file(t / "pax.tar"));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(read_file(t / "dest/données/café.txt"), "☕\n");
+  EXPECT_EQ(read_file(t / "dest/日本語"), "x");
+}
+
 TEST_F(SandboxExtract, KeepsHardLinksWhenTheTreeIsHandedBack) {
   // pack and unpack keep hard links; the root daemon's hand-back must too (it refused the
   // second name of a file it had just handed over).
