@@ -251,10 +251,15 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   }
   auto stats = decode_response(*answer);
   if (!stats) return stats;
-  // Back to the daemon's uid, so that no later helper run can touch this tree.
+  // Back to the daemon's uid, so that no later helper run can touch this tree. A helper that
+  // kept the daemon's uid (a --user instance) hands nothing over, but its tree is checked the
+  // same way: a subverted helper could have left what the extractor never makes (a setuid
+  // file, a link out of the tree).
   if (helper.as)
     UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
                                 rq.policy.read_only));
+  else
+    UPGRADED_TRY(fs::check_tree(rq.dest_dirfd, ::geteuid(), rq.policy.read_only));
   // The helper leaves the one syncfs to us: contents and owners made durable together.
   UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree"));
   return stats;

@@ -158,6 +158,18 @@ Result<std::vector<PublicKey>> parse_public_keys_pem(std::string_view pem,
   }
   if (keys.empty())
     return Error(ErrorCode::kInvalidArgument, "'" + source + "' holds no PEM public key");
+  // OpenSSL skips any line that is not exactly a BEGIN line: an indented, quoted or otherwise
+  // mangled block would silently drop out of a revocation list. Every BEGIN must have been a
+  // block that was read.
+  std::size_t begins = 0;
+  for (std::size_t at = pem.find("BEGIN"); at != std::string_view::npos;
+       at = pem.find("BEGIN", at + 5))
+    ++begins;
+  if (begins != keys.size())
+    return Error(ErrorCode::kInvalidArgument,
+                 "'" + source + "' has " + std::to_string(begins) + " BEGIN lines but " +
+                     std::to_string(keys.size()) +
+                     " well-formed PEM public key blocks (a block is malformed)");
   return keys;
 }
 

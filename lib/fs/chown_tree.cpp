@@ -18,9 +18,8 @@
 namespace upgraded::fs {
 namespace {
 
-// Regular files with several names, by (device, inode): how many links they have, and how many
-// of their names the walk has met. The first name hands a file over; the later ones find it
-// already owned by the new owner, which is fine exactly for a file handed over by this walk.
+// Non-directories with several names, by (device, inode): how many links they have, and how
+// many of their names the walk has met. All of them must be in the tree.
 struct Links {
   std::uint64_t nlink = 0;
   std::uint64_t seen = 0;
@@ -28,12 +27,12 @@ struct Links {
 };
 using LinkMap = std::map<std::pair<dev_t, ino_t>, Links>;
 
-Result<void> check_entry(const struct stat& st, uid_t from_uid, bool read_only,
+Result<void> check_entry(const struct stat& st, uid_t owner, bool read_only,
                          const std::string& path) {
   auto refuse = [&](const std::string& why) {
     return Error(ErrorCode::kPolicyRefused, policy::quote(path) + " " + why);
   };
-  if (st.st_uid != from_uid)
+  if (st.st_uid != owner)
     return refuse("is owned by uid " + std::to_string(st.st_uid) +
                   ", not by the extraction helper");
   if (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
@@ -45,8 +44,9 @@ Result<void> check_entry(const struct stat& st, uid_t from_uid, bool read_only,
   return {};
 }
 
-Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, uid_t uid, gid_t gid,
-                            bool read_only, LinkMap& links) {
+// The first pass: every entry checked, every multiply linked one counted. Nothing is changed.
+Result<void> check_contents(int dfd, const std::string& where, uid_t owner, bool read_only,
+                            LinkMap& links) {
   auto names = list_names(dfd, ".");
   if (!names) return names.error().with_context("listing '" + where + "'");
   for (const auto& name : *names) {
@@ -54,24 +54,37 @@ Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, u
     struct stat st {};
     if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
       return system_error(errno, "inspecting " + policy::quote(path));
-    if (S_ISREG(st.st_mode) && st.st_nlink > 1) {
+    UPGRADED_TRY(check_entry(st, owner, read_only, path));
+    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) {
       auto [it, first] = links.try_emplace({st.st_dev, st.st_ino});
-      if (!first) {
-        // Another name of a file this walk already handed over (a hard link in the release).
-        if (st.st_uid != uid)
-          return Error(ErrorCode::kPolicyRefused,
-                       policy::quote(path) + " is a name of a file the walk did not hand over");
-        ++it->second.seen;
-        continue;
-      }
-      it->second = Links{st.st_nlink, 1, path};
+      if (first) it->second = Links{st.st_nlink, 0, path};
+      ++it->second.seen;
     }
-    UPGRADED_TRY(check_entry(st, from_uid, read_only, path));
     if (S_ISDIR(st.st_mode)) {
       int cfd = ::openat(dfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
       if (cfd < 0) return system_error(errno, "opening " + policy::quote(path));
       UniqueFd child(cfd);
-      UPGRADED_TRY(chown_contents(cfd, path, from_uid, uid, gid, read_only, links));
+      UPGRADED_TRY(check_contents(cfd, path, owner, read_only, links));
+    }
+  }
+  return {};
+}
+
+// The second pass, over a tree the first one accepted (its builder is gone: nothing changes it
+// meanwhile). Symlinks themselves, never their targets.
+Result<void> chown_contents(int dfd, const std::string& where, uid_t uid, gid_t gid) {
+  auto names = list_names(dfd, ".");
+  if (!names) return names.error().with_context("listing '" + where + "'");
+  for (const auto& name : *names) {
+    std::string path = where + "/" + name;
+    struct stat st {};
+    if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
+      return system_error(errno, "inspecting " + policy::quote(path));
+    if (S_ISDIR(st.st_mode)) {
+      int cfd = ::openat(dfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      if (cfd < 0) return system_error(errno, "opening " + policy::quote(path));
+      UniqueFd child(cfd);
+      UPGRADED_TRY(chown_contents(cfd, path, uid, gid));
       if (::fchown(cfd, uid, gid) != 0) return system_error(errno, "chown " + policy::quote(path));
     } else if (::fchownat(dfd, name.c_str(), uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
       return system_error(errno, "chown " + policy::quote(path));
@@ -82,19 +95,26 @@ Result<void> chown_contents(int dfd, const std::string& where, uid_t from_uid, u
 
 }  // namespace
 
-Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid, bool read_only) {
+Result<void> check_tree(int dirfd, uid_t owner, bool read_only) {
   struct stat st {};
   if (::fstat(dirfd, &st) != 0) return system_error(errno, "inspecting the tree's root");
-  UPGRADED_TRY(check_entry(st, from_uid, read_only, "."));
+  UPGRADED_TRY(check_entry(st, owner, read_only, "."));
   LinkMap links;
-  UPGRADED_TRY(chown_contents(dirfd, ".", from_uid, uid, gid, read_only, links));
-  // Every name of a multiply linked file must lie in the tree: a link elsewhere (outside the
-  // release) would leave a name the new owner's file has that nobody accounted for.
+  UPGRADED_TRY(check_contents(dirfd, ".", owner, read_only, links));
+  // Every name of a multiply linked file or symlink must lie in the tree: a name elsewhere
+  // would be a file of the new owner at a place nobody chose.
   for (const auto& [id, l] : links)
     if (l.seen != l.nlink)
       return Error(ErrorCode::kPolicyRefused, policy::quote(l.first) + " has " +
                                                   std::to_string(l.nlink) + " links, " +
                                                   std::to_string(l.seen) + " of them in the tree");
+  return {};
+}
+
+Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid, bool read_only) {
+  // Check everything first: a refused tree keeps its builder's uid throughout.
+  UPGRADED_TRY(check_tree(dirfd, from_uid, read_only));
+  UPGRADED_TRY(chown_contents(dirfd, ".", uid, gid));
   if (::fchown(dirfd, uid, gid) != 0) return system_error(errno, "chown of the tree's root");
   return {};
 }

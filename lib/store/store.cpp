@@ -128,9 +128,10 @@ struct Journal {
   std::vector<std::string> versions;
 };
 
-// The partial tree of a stage lives inside releases/, so that the final rename stays within one
-// directory and one fsync of releases/ makes it durable: a rename between two directories
-// would need both fsynced, or a power cut could leave two names for one tree.
+// The partial tree of a stage lives inside releases/.partial.<txid>/tree (the wrapper stays
+// the daemon's, 0700), on the filesystem of releases/; the final rename moves it out of the
+// wrapper, and both directories are synced before the state names the release, or a power cut
+// could leave two names for one tree.
 constexpr const char* kPartialPrefix = ".partial.";
 std::string partial_name(const std::string& txid) {
   return "releases/.partial." + txid;
@@ -412,8 +413,12 @@ Result<StageResult> Store::stage(const AppLock& lock, const artifact::VerifiedMa
   };
   if (auto r = write_journal(dfd, j); !r) return undo(r.error());
   crash_point("stage.after_journal");
-  std::string partial = partial_name(j.txid);
-  if (::mkdirat(dfd, partial.c_str(), 0700) != 0)
+  // The tree is built in `tree` inside a wrapper that stays the daemon's, mode 0700: whoever
+  // builds the tree (the daemon's helper, under a uid of its own, owns `tree` meanwhile) cannot
+  // make anything in it reachable by others, whatever modes it sets.
+  std::string wrapper = partial_name(j.txid);
+  std::string partial = wrapper + "/tree";
+  if (::mkdirat(dfd, wrapper.c_str(), 0700) != 0 || ::mkdirat(dfd, partial.c_str(), 0700) != 0)
     return undo(system_error(errno, "creating the partial release directory"));
   auto pfd = fs::open_beneath(dfd, partial, O_RDONLY | O_DIRECTORY);
   if (!pfd) return undo(pfd.error());
@@ -428,7 +433,12 @@ Result<StageResult> Store::stage(const AppLock& lock, const artifact::VerifiedMa
   crash_point("stage.after_manifest");
   if (auto r = fs::rename_at(dfd, partial, dfd, release_name(version), RENAME_NOREPLACE); !r)
     return undo(r.error());
+  // Both directories durable before the state names the release: a rename between two
+  // directories with only one synced could leave the tree with a name in each after a power
+  // cut, and recovery removes whatever is under .partial.*.
+  if (auto r = sync_dir(dfd, wrapper); !r) return undo(r.error());
   if (auto r = sync_dir(dfd, "releases"); !r) return undo(r.error());
+  ::unlinkat(dfd, wrapper.c_str(), AT_REMOVEDIR);  // empty now; recovery removes it otherwise
   crash_point("stage.after_rename");
   AppState next = st;
   next.releases[version] = ReleaseRecord{ReleaseStatus::kStaged, false, now_rfc3339(), stats->bytes,

@@ -208,6 +208,15 @@ TEST(Keyring, RefusesAFileWithAnythingButPublicKeyBlocks) {
   refused(pub + read_file(t / "a.key"), "not a PUBLIC KEY");  // a private key by mistake
   refused(pub + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "PEM block 2");
   refused(pub + "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n", "PEM block 2");
+  // A second block that OpenSSL would skip as commentary (the review's cases): refused, so that
+  // it cannot drop out of revoked.d unnoticed.
+  auto b = generate_ed25519_key(t / "b.key", t / "b.pem");
+  ASSERT_TRUE(b.ok());
+  std::string second = read_file(t / "b.pem");
+  for (const auto& mangled :
+       {"  " + second, "> " + second, second.substr(1), std::string(second).insert(26, " x")}) {
+    refused(pub + mangled, "BEGIN lines");
+  }
   auto one = parse_public_keys_pem(pub, "f.pem");
   ASSERT_TRUE(one.ok());
   EXPECT_EQ(one->size(), 1u);

@@ -283,8 +283,25 @@ TEST(ChownTree, RefusesAnEntryTheBuilderDidNotCreate) {
   ASSERT_FALSE(leaving.ok());
   EXPECT_NE(leaving.error().message().find("3 links, 2 of them in the tree"), std::string::npos)
       << leaving.error().message();
+  struct stat outside {};
+  ASSERT_EQ(::stat((t / "outside").c_str(), &outside), 0);
+  EXPECT_EQ(outside.st_uid, kHelperId) << "a refused tree is not handed over, not even in part";
   ASSERT_EQ(::unlink((t / "outside").c_str()), 0);
   ASSERT_EQ(::unlink((t / "tree/alias").c_str()), 0);
+  // A symlink hard-linked out of the tree: refused too (a root-owned symlink at a path the
+  // builder chose).
+  helper_owns_all();
+  ASSERT_EQ(::symlink("/etc/shadow", (t / "tree/sub/sym").c_str()), 0);
+  ASSERT_EQ(::lchown((t / "tree/sub/sym").c_str(), kHelperId, kHelperId), 0);
+  ASSERT_EQ(::linkat(AT_FDCWD, (t / "tree/sub/sym").c_str(), AT_FDCWD, (t / "symout").c_str(), 0),
+            0);
+  auto sym = fs::chown_tree(fd->get(), kHelperId, 0, 0, false);
+  ASSERT_FALSE(sym.ok());
+  struct stat so {};
+  ASSERT_EQ(::lstat((t / "symout").c_str(), &so), 0);
+  EXPECT_EQ(so.st_uid, kHelperId);
+  ASSERT_EQ(::unlink((t / "symout").c_str()), 0);
+  ASSERT_EQ(::unlink((t / "tree/sub/sym").c_str()), 0);
   helper_owns_all();
   ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false).ok());
   struct stat st {};
