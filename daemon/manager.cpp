@@ -85,31 +85,52 @@ std::string Manager::Version() {
 
 void Manager::authorized(std::shared_ptr<PathResult> reply, const std::string& action,
                          std::function<void(uid_t)> then, std::function<void()> decided) {
+  authorized(std::move(reply), std::vector<std::string>{action}, std::move(then),
+             std::move(decided));
+}
+
+void Manager::authorized(std::shared_ptr<PathResult> reply, std::vector<std::string> actions,
+                         std::function<void(uid_t)> then, std::function<void()> decided) {
   const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
-  const std::string sender = msg ? msg->getSender() : std::string();
-  m_auth->check(
-      sender, action, [this, reply, action, sender, then, decided](const Authorization& a) {
-        if (decided) decided();
-        try {
-          if (a.busy)
-            throw sdbus::Error(bus_error::kBusy,
-                               "too many requests: " + a.reason + "; retry later");
-          if (!a.allowed) {
-            log(Level::kNotice, LogContext{"", "", "", message_id::kAccessDenied},
-                "refused " + action + " to " + sender + ": " + a.reason);
-            throw sdbus::Error(bus_error::kAccessDenied,
-                               "not authorized to " + action.substr(action.rfind('.') + 1) + ": " +
-                                   a.reason + " (run as root, or allow " + action + " in polkit)");
-          }
-          if (m_shutting_down)
-            throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
-          then(a.uid);
-        } catch (const sdbus::Error& e) {
-          reply->returnError(e);
-        } catch (const std::exception& e) {
-          reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
-        }
-      });
+  check_actions(reply, msg ? msg->getSender() : std::string(), std::move(actions), 0,
+                std::move(then), std::move(decided));
+}
+
+// Asks for actions[i], then (if allowed) for the next; `then` once all are allowed.
+void Manager::check_actions(std::shared_ptr<PathResult> reply, const std::string& sender,
+                            std::vector<std::string> actions, std::size_t i,
+                            std::function<void(uid_t)> then, std::function<void()> decided) {
+  const std::string action = actions.at(i);
+  m_auth->check(sender, action,
+                [this, reply, sender, actions = std::move(actions), i, then,
+                 decided](const Authorization& a) mutable {
+                  if (decided) decided();
+                  try {
+                    if (a.busy)
+                      throw sdbus::Error(bus_error::kBusy,
+                                         "too many requests: " + a.reason + "; retry later");
+                    const std::string& action = actions[i];
+                    if (!a.allowed) {
+                      log(Level::kNotice, LogContext{"", "", "", message_id::kAccessDenied},
+                          "refused " + action + " to " + sender + ": " + a.reason);
+                      throw sdbus::Error(
+                          bus_error::kAccessDenied,
+                          "not authorized to " + action.substr(action.rfind('.') + 1) + ": " +
+                              a.reason + " (run as root, or allow " + action + " in polkit)");
+                    }
+                    if (m_shutting_down)
+                      throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
+                    if (i + 1 < actions.size()) {
+                      check_actions(reply, sender, std::move(actions), i + 1, std::move(then), {});
+                      return;
+                    }
+                    then(a.uid);
+                  } catch (const sdbus::Error& e) {
+                    reply->returnError(e);
+                  } catch (const std::exception& e) {
+                    reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
+                  }
+                });
 }
 
 void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options options) {
@@ -306,26 +327,27 @@ void Manager::Activate(PathResult&& result, std::string app, std::string version
     check_options(options, {{"allow_bad", "b"}, {"allow_below_floor", "b"}});
     const bool allow_bad = option<bool>(options, "allow_bad", false);
     const bool below_floor = option<bool>(options, "allow_below_floor", false);
-    authorized(reply, "org.upgraded1.activate",
-               [this, reply, app, version, allow_bad, below_floor](uid_t caller) {
-                 auto st = value_or_throw(m_store.state(app));
-                 if (!st.releases.count(version))
-                   throw sdbus::Error(bus_error::kNotFound,
-                                      "no release " + version + " of " + app + " is installed");
-                 Work work = [this, allow_bad, below_floor](
-                                 Job& job, const store::AppLock& lock,
-                                 const ProgressFn& progress) -> Result<void> {
-                   activation::Activator activator(m_store, m_units);
-                   auto how = activation_options(job);
-                   how.allow_bad = allow_bad;
-                   how.allow_below_floor = below_floor;
-                   auto done = activator.activate(lock, job.version, how, progress);
-                   if (!done) return done.error();
-                   collect_garbage(lock, job);
-                   return {};
-                 };
-                 reply->returnResults(start_job("activate", app, version, caller, std::move(work)));
-               });
+    // Going below the floor is a decision about the floor too: both actions are needed.
+    std::vector<std::string> actions{"org.upgraded1.activate"};
+    if (below_floor) actions.push_back("org.upgraded1.floor");
+    authorized(reply, actions, [this, reply, app, version, allow_bad, below_floor](uid_t caller) {
+      auto st = value_or_throw(m_store.state(app));
+      if (!st.releases.count(version))
+        throw sdbus::Error(bus_error::kNotFound,
+                           "no release " + version + " of " + app + " is installed");
+      Work work = [this, allow_bad, below_floor](Job& job, const store::AppLock& lock,
+                                                 const ProgressFn& progress) -> Result<void> {
+        activation::Activator activator(m_store, m_units);
+        auto how = activation_options(job);
+        how.allow_bad = allow_bad;
+        how.allow_below_floor = below_floor;
+        auto done = activator.activate(lock, job.version, how, progress);
+        if (!done) return done.error();
+        collect_garbage(lock, job);
+        return {};
+      };
+      reply->returnResults(start_job("activate", app, version, caller, std::move(work)));
+    });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
@@ -337,7 +359,9 @@ void Manager::Rollback(PathResult&& result, std::string app, Options options) {
     check_app(app);
     check_options(options, {{"allow_below_floor", "b"}});
     const bool below_floor = option<bool>(options, "allow_below_floor", false);
-    authorized(reply, "org.upgraded1.rollback", [this, reply, app, below_floor](uid_t caller) {
+    std::vector<std::string> actions{"org.upgraded1.rollback"};
+    if (below_floor) actions.push_back("org.upgraded1.floor");
+    authorized(reply, actions, [this, reply, app, below_floor](uid_t caller) {
       auto st = value_or_throw(m_store.state(app));
       if (!st.previous)
         throw sdbus::Error(bus_error::kNotFound, app + " has no release to roll back to");

@@ -74,6 +74,12 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// `decided`, if given, runs first once the decision is known, whatever it is.
   void authorized(std::shared_ptr<PathResult> reply, const std::string& action,
                   std::function<void(uid_t caller)> then, std::function<void()> decided = {});
+  /// The same for several actions, each needed, asked in order.
+  void authorized(std::shared_ptr<PathResult> reply, std::vector<std::string> actions,
+                  std::function<void(uid_t caller)> then, std::function<void()> decided = {});
+  void check_actions(std::shared_ptr<PathResult> reply, const std::string& sender,
+                     std::vector<std::string> actions, std::size_t i,
+                     std::function<void(uid_t caller)> then, std::function<void()> decided);
   /// Reads the artifact's head and checks its signatures (off the loop), then starts the
   /// install job; the next queued Install follows when it is done.
   void verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd, bool activate,

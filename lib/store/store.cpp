@@ -593,6 +593,13 @@ Result<void> Store::raise_floor(const AppLock& lock, const std::string& version)
   UPGRADED_TRY(policy::validate_version(version));
   auto l = open_locked(app_root(lock.app()), lock.app());
   if (!l) return l.error();
+  // An interrupted activation's outcome may yet switch back to the release it replaced, which
+  // the new floor could be above: it is finished first (the daemon does that when it starts).
+  if (auto pending = pending_activation(lock.app()); !pending || *pending)
+    return pending ? Error(ErrorCode::kPolicyRefused,
+                           "an interrupted activation of " + lock.app() + " " + (*pending)->to +
+                               " is not finished yet; the floor can be raised once it is")
+                   : pending.error();
   const AppState before = l->state;
   AppState& st = l->state;
   if (st.floor && policy::compare_versions(version, *st.floor) < 0)

@@ -580,6 +580,13 @@ polkit.addRule(function(action, subject) {
         out = Authorization.as_nobody(self, "m.Remove('%s', '1.0.0', {})" % self.app)
         self.assertTrue(out.startswith("org.upgraded1.Error.AccessDenied"), out)
         self.assertEqual(tree_digest(self.app_root()), before)
+        # Activating below the version floor needs org.upgraded1.floor as well, which the rule
+        # does not grant.
+        out = Authorization.as_nobody(
+            self, "m.Activate('%s', '1.0.0', {'allow_below_floor': dbus.Boolean(True)})" % self.app)
+        self.assertTrue(out.startswith("org.upgraded1.Error.AccessDenied"), out)
+        self.assertIn("polkit denied org.upgraded1.floor", out)
+        self.assertEqual(tree_digest(self.app_root()), before)
         # The rule allows nobody to activate: the job runs and is nobody's to cancel.
         out = Authorization.as_nobody(self, "m.Activate('%s', '1.0.0', {})" % self.app)
         self.assertTrue(out.startswith("ok /org/upgraded1/job/"), out)

@@ -115,6 +115,16 @@ TEST_F(AStore, RefusesAFloorAboveTheCurrentRelease) {
   ASSERT_TRUE(store->raise_floor(*lock, "1.0.0").ok());
   ASSERT_TRUE(store->raise_floor(*lock, "1.00.0").ok()) << "equal: nothing to do";
   EXPECT_EQ(state().floor, "1.0.0");
+  // An interrupted activation may still switch back: it is finished first.
+  ASSERT_TRUE(
+      store->begin_activation(*lock, PendingActivation{"activate", "1.0.0", "1.1.0", "", ""}).ok());
+  ASSERT_TRUE(store->switch_to(*lock, "1.1.0").ok());
+  auto pending = store->raise_floor(*lock, "1.1.0");
+  ASSERT_FALSE(pending.ok());
+  EXPECT_NE(pending.error().message().find("interrupted activation"), std::string::npos);
+  EXPECT_EQ(state().floor, "1.0.0");
+  ASSERT_TRUE(store->end_activation(*lock).ok());
+  EXPECT_TRUE(store->raise_floor(*lock, "1.1.0").ok());
 }
 
 TEST_F(AStore, ChangesNothingForABadArtifact) {
