@@ -161,6 +161,7 @@ int probe(const sandbox::SandboxReport& report) {
   out["rlimit_as"] = as.rlim_cur;
   out["rlimit_fsize"] = fsize.rlim_cur;
   out["rlimit_nofile"] = nofile.rlim_cur;
+  out["oom_score_adj"] = report.oom_score_adj;
   out["chown_inside"] = result(g >= 0 && ::fchown(g, 0, 0) == 0);
   return write_all(sandbox::kResponseFd, out.dump() + "\n") ? 0 : 1;
 }

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 
 #include "upgraded/fs/unique_fd.h"
@@ -253,6 +254,14 @@ Result<void> set_limits(const ResourceLimits& limits, bool own_uid) {
 Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> as,
                                     const ResourceLimits& limits) {
   SandboxReport report;
+  // Raising one's own oom_score_adj needs no privilege; where /proc is not there, it is only
+  // the limits below that bound the helper.
+  if (int fd = ::open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC); fd >= 0) {
+    char back[16] = {};
+    if (::write(fd, "1000", 4) == 4 && ::pread(fd, back, sizeof back - 1, 0) > 0)
+      report.oom_score_adj = std::atoi(back);
+    ::close(fd);
+  }
   UPGRADED_TRY(set_limits(limits, as.has_value()));
   if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return system_error(errno, "no_new_privs");
   (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);

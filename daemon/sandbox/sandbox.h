@@ -18,6 +18,7 @@ struct SandboxReport {
   int landlock_abi = 0;  ///< 0: the kernel has no Landlock (writes not confined by it)
   bool seccomp = false;  ///< the system call filter is loaded
   bool capabilities_dropped = false;
+  int oom_score_adj = 0;  ///< as read back after setting it (0 when /proc was not there)
 };
 
 struct Identity {
@@ -27,9 +28,12 @@ struct Identity {
 
 /// Resource limits the helper sets on itself (setrlimit; lowering needs no privilege).
 struct ResourceLimits {
-  std::uint64_t address_space = 4ull << 30;  ///< RLIMIT_AS: bounds a runaway decompressor
-  std::uint64_t file_size = 0;               ///< RLIMIT_FSIZE: the largest file it may write
-  std::uint64_t open_files = 128;            ///< RLIMIT_NOFILE
+  /// RLIMIT_AS: bounds a runaway decompressor well below the unit's MemoryMax (2 GiB, shared
+  /// with the daemon and other helpers): zstd's window is at most 128 MiB, xz's dictionary 64 MiB
+  /// for -9, the chunk buffers 48 MiB, the writer threads' stacks 32 MiB.
+  std::uint64_t address_space = 1ull << 30;
+  std::uint64_t file_size = 0;     ///< RLIMIT_FSIZE: the largest file it may write
+  std::uint64_t open_files = 128;  ///< RLIMIT_NOFILE
   /// RLIMIT_NPROC, counted per uid: set only when the helper runs as a uid of its own (a
   /// --user instance's helper shares the user's uid, whose count includes every other process
   /// of the user). Threads only, and at most a handful (the extractor's writers).
@@ -37,6 +41,8 @@ struct ResourceLimits {
 };
 
 /// In this order:
+/// - first in line for the OOM killer (oom_score_adj 1000): a helper that runs away is killed,
+///   not the daemon;
 /// - the resource limits (RLIMIT_NPROC only with `as`), and no core dumps;
 /// - no new privileges, not dumpable, and every capability dropped from the bounding set;
 /// - `as` given: supplementary groups cleared, then gid and uid set (real, effective and

@@ -366,7 +366,8 @@ TEST(Sandbox, RefusesWhatTheHelperNeverNeeds) {
        {"prlimit_other", "prlimit_self_set", "setpriority_other", "affinity_other", "ioprio_other"})
     EXPECT_NE(probe[what], "allowed") << what;
   EXPECT_EQ(probe["not_listed"], std::strerror(ENOSYS)) << "what is not listed does not exist";
-  EXPECT_EQ(probe["rlimit_as"].get<std::uint64_t>(), 4ull << 30);
+  EXPECT_EQ(probe["rlimit_as"].get<std::uint64_t>(), 1ull << 30);
+  EXPECT_EQ(probe["oom_score_adj"].get<int>(), 1000) << "killed before the daemon";
   EXPECT_EQ(probe["rlimit_fsize"].get<std::uint64_t>(), 4096u);
   EXPECT_EQ(probe["rlimit_nofile"].get<std::uint64_t>(), 128u);
   if (probe["landlock_abi"].get<int>() > 0) {
