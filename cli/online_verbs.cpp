@@ -105,30 +105,37 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
 
   struct Outcome {
     std::string result, message;
+    std::string error;  ///< the error name, when it came from GetJobResult
   };
   // Waits for JobRemoved of `job`, or for the daemon to leave the bus (a crash, a kill): then
   // the job cannot end as far as this client can tell, and waiting longer would hang a
-  // package hook for ever.
+  // package hook for ever. A JobRemoved can also be lost (the bus drops signals to a client
+  // whose queue is full, which anyone can make happen by flooding it): every two seconds
+  // without one, the daemon is asked how the job ended (GetJobResult).
   //
   // The bus is processed on this thread (no event loop thread), so that a connection that
   // drops surfaces here as an sdbus::Error the caller handles.
   Outcome wait(sdbus::IConnection& bus, const std::string& job) {
+    using Clock = std::chrono::steady_clock;
+    auto next_check = Clock::now() + std::chrono::seconds(2);
     for (;;) {
       while (bus.processPendingRequest()) {
       }
       {
         std::lock_guard lock(m_mutex);
         if (m_removed.count(job)) return m_removed[job];
-        if (m_daemon_gone)
-          return {"failed",
-                  "upgraded stopped while the job ran; when it starts again it finishes what a "
-                  "crash interrupted (see upgradectl status and upgradectl history)"};
+        if (m_daemon_gone) return daemon_gone();
+      }
+      if (Clock::now() >= next_check) {
+        if (auto ended = ask_result(job)) return *ended;
+        next_check = Clock::now() + std::chrono::seconds(2);
       }
       auto pd = bus.getEventLoopPollData();
       pollfd pfd{pd.fd, pd.events, 0};
-      int timeout = -1;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(next_check - Clock::now());
+      int timeout = static_cast<int>(std::max<std::int64_t>(left.count(), 0));
       if (auto rel = pd.getRelativeTimeout())
-        timeout = static_cast<int>((rel->count() + 999) / 1000);
+        timeout = std::min(timeout, static_cast<int>((rel->count() + 999) / 1000));
       if (::poll(&pfd, 1, timeout) < 0 && errno != EINTR)
         throw sdbus::Error("org.freedesktop.DBus.Error.Disconnected", "waiting for the bus failed");
     }
@@ -145,13 +152,45 @@ class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy
   }
 
  private:
+  static Outcome daemon_gone() {
+    return {"failed",
+            "upgraded stopped while the job ran; when it starts again it finishes what a crash "
+            "interrupted (see upgradectl status and upgradectl history)",
+            ""};
+  }
+  // The job's outcome from the daemon that started it, if it has ended.
+  std::optional<Outcome> ask_result(const std::string& job) {
+    std::uint32_t id = 0;
+    try {
+      id = static_cast<std::uint32_t>(std::stoul(job.substr(job.rfind('/') + 1)));
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+    try {
+      auto call = getProxy().createMethodCall(INTERFACE_NAME, "GetJobResult");
+      call << id;
+      auto reply = getProxy().callMethod(call);
+      std::string result, message, error;
+      reply >> result >> message >> error;
+      std::lock_guard lock(m_mutex);
+      if (reply.getSender() != m_daemon) return daemon_gone();  // another daemon now
+      if (result == "running") return std::nullopt;
+      return Outcome{result, message, error};
+    } catch (const sdbus::Error& e) {
+      if (e.getName() == "org.upgraded1.Error.NotFound") return daemon_gone();
+      return std::nullopt;  // e.g. an older daemon without the method: keep waiting
+    }
+  }
+
+ public:
+ private:
   void onJobNew(const uint32_t&, const sdbus::ObjectPath&) override {}
   void onJobRemoved(const uint32_t&, const sdbus::ObjectPath& job, const std::string& result,
                     const std::string& message) override {
     const sdbus::Message* msg = getProxy().getCurrentlyProcessedMessage();
     if (!msg || !from_daemon(*msg)) return;
     std::lock_guard lock(m_mutex);
-    m_removed[job] = {result, message};
+    m_removed[job] = {result, message, ""};
   }
   std::mutex m_mutex;
   std::string m_daemon;  // the unique name that replied to start()
@@ -257,7 +296,7 @@ int run_job(const Common& c, const std::function<Started(Client&)>& call, const 
     auto outcome = client.wait(*bus, job);
     progress.finish(outcome.result == "done");
     if (outcome.result == "done") return kExitOk;
-    std::string name = watch.error();
+    std::string name = outcome.error.empty() ? watch.error() : outcome.error;
     std::fprintf(stderr, "upgradectl: %s %s: %s\n", what.c_str(), outcome.result.c_str(),
                  outcome.message.c_str());
     if (outcome.result == "canceled") return kExitFailed;

@@ -646,6 +646,9 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
       job.type + " " + job.app + " " + job.version + ": " + result +
           (message.empty() ? "" : ": " + message));
   if (!r) running.object->set_error(bus_error::name_for(r.error().code()));
+  m_ended[id] = Ended{result, message, r ? "" : bus_error::name_for(r.error().code())};
+  while (m_ended.size() > kKeptResults)
+    m_ended.erase(m_ended.begin());  // ids only grow: the oldest first
   running.object.reset();  // the object is gone when JobRemoved arrives
   emitJobRemoved(id, sdbus::ObjectPath(job.path()), result, message);
   if (m_jobs.empty()) ::malloc_trim(0);  // idle again: give the job's memory back
@@ -747,6 +750,16 @@ std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
   auto pending = m_store.pending_activation(app);
   out["pending_activation"] = sdbus::Variant(pending && *pending ? (*pending)->to : std::string());
   return out;
+}
+
+std::tuple<std::string, std::string, std::string> Manager::GetJobResult(const uint32_t& id) {
+  if (m_jobs.count(id)) return {"running", "", ""};
+  auto it = m_ended.find(id);
+  if (it == m_ended.end())
+    throw sdbus::Error(bus_error::kNotFound,
+                       "no job " + std::to_string(id) + " (running or among the last " +
+                           std::to_string(kKeptResults) + " to end)");
+  return {it->second.result, it->second.message, it->second.error};
 }
 
 std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "bus_options.h"
 #include "config.h"
@@ -57,6 +58,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void SetFloor(PathResult&& result, std::string app, std::string version,
                 Options options) override;
   std::map<std::string, sdbus::Variant> GetApp(const std::string& app) override;
+  std::tuple<std::string, std::string, std::string> GetJobResult(const uint32_t& id) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
       override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, bool, uint64_t>>
@@ -123,6 +125,11 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::uint32_t m_next_helper_id = 0;
   std::map<std::uint32_t, Running> m_jobs;
   std::map<std::string, std::uint32_t> m_busy;  // app -> job
+  struct Ended {
+    std::string result, message, error;
+  };
+  static constexpr std::size_t kKeptResults = 256;
+  std::map<std::uint32_t, Ended> m_ended;  // the last kKeptResults jobs, by id
   struct QueuedInstall {
     std::shared_ptr<PathResult> reply;
     std::shared_ptr<sdbus::UnixFd> fd;

@@ -14,6 +14,8 @@ constexpr const char* kBusDriver = "org.freedesktop.DBus";
 // JobRemoved results kept for units being waited on. Each wait claims its own at once, so this
 // is only ever a few; the bound holds whatever systemd sends.
 constexpr std::size_t kMaxRemembered = 64;
+// How long a wait for JobRemoved goes before asking systemd whether the job still exists.
+constexpr std::chrono::seconds kJobCheckInterval{1};
 
 Error from_dbus(const sdbus::Error& e, const std::string& doing) {
   ErrorCode code = e.getName() == "org.freedesktop.systemd1.NoSuchUnit" ? ErrorCode::kNotFound
@@ -157,14 +159,29 @@ Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
     return from_dbus(e, what);
   }
   std::string result;
-  {
-    std::unique_lock lock(m_mutex);
-    if (!m_cv.wait_for(lock, timeout, [&] { return m_done.count(job) > 0; }))
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    {
+      std::unique_lock lock(m_mutex);
+      auto slice = std::min(std::chrono::steady_clock::time_point(deadline),
+                            std::chrono::steady_clock::now() + kJobCheckInterval);
+      if (m_cv.wait_until(lock, slice, [&] { return m_done.count(job) > 0; })) {
+        result = m_done[job].second;
+        m_done.erase(job);
+        std::erase(m_done_order, job);
+        break;
+      }
+    }
+    // No JobRemoved yet. The bus drops signals to a connection whose queue is full (which
+    // anyone can cause by flooding it), so ask whether systemd still has the job; if it is
+    // gone, the unit's state tells how it ended.
+    if (auto ended = job_ended_without_signal(verb, unit, job)) {
+      result = *ended;
+      break;
+    }
+    if (std::chrono::steady_clock::now() >= deadline)
       return Error(ErrorCode::kFailed, what + ": systemd's job did not finish within " +
                                            std::to_string(timeout.count()) + " ms");
-    result = m_done[job].second;
-    m_done.erase(job);
-    std::erase(m_done_order, job);
   }
   if (result == "done") return {};
   std::string detail;
@@ -175,6 +192,38 @@ Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
     detail += ")";
   }
   return Error(ErrorCode::kFailed, unit + ": " + verb + " " + result + detail);
+}
+
+std::optional<std::string> SystemdUnits::job_ended_without_signal(const char* verb,
+                                                                  const std::string& unit,
+                                                                  const std::string& job) {
+  {
+    std::lock_guard lock(m_calls_mutex);
+    try {
+      auto proxy = sdbus::createProxy(*m_calls, kService, job);
+      std::string state = proxy->getProperty("State").onInterface("org.freedesktop.systemd1.Job");
+      return std::nullopt;  // still queued or running
+    } catch (const sdbus::Error& e) {
+      if (e.getName() != "org.freedesktop.DBus.Error.UnknownObject" &&
+          e.getName() != "org.freedesktop.systemd1.NoSuchJob")
+        return std::nullopt;  // cannot tell: keep waiting
+    }
+  }
+  // The job is gone. A JobRemoved that arrives meanwhile is the better word.
+  {
+    std::lock_guard lock(m_mutex);
+    if (auto it = m_done.find(job); it != m_done.end()) {
+      std::string r = it->second.second;
+      m_done.erase(it);
+      std::erase(m_done_order, job);
+      return r;
+    }
+  }
+  auto st = status(unit);
+  if (!st) return std::string("failed");
+  const bool stopping = std::string_view(verb) == "stop";
+  if (stopping) return st->active_state == "inactive" ? "done" : "failed";
+  return st->active_state == "active" || st->active_state == "reloading" ? "done" : "failed";
 }
 
 Result<void> SystemdUnits::start(const std::string& unit, std::chrono::milliseconds timeout) {

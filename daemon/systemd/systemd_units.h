@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include <sdbus-c++/TypeTraits.h>
@@ -44,6 +45,10 @@ class SystemdUnits final : public units::UnitControl {
   void on_job_removed(const std::string& sender, const std::string& job, const std::string& unit,
                       const std::string& result);
   void on_owner_changed(const std::string& owner);
+  /// For a wait that saw no JobRemoved: "done" or "failed" when systemd no longer has `job`
+  /// (from the unit's state), nothing while it still does or cannot tell.
+  std::optional<std::string> job_ended_without_signal(const char* verb, const std::string& unit,
+                                                      const std::string& job);
 
   std::unique_ptr<ManagerProxy> m_manager;      // owns its connection and signal thread
   sdbus::Slot m_owner_match;                    // NameOwnerChanged of systemd's name

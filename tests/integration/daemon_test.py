@@ -198,6 +198,13 @@ class Lifecycle(DaemonTest):
         result, message = self.wait_job(self.install(v3))
         self.assertEqual(result, "failed")
         self.assertIn("health gate: %s exited with status 3 after" % self.unit, message)
+        # How jobs ended, for a client that missed JobRemoved.
+        self.assertEqual(tuple(map(str, self.manager.GetJobResult(int(job.split("/")[-1])))),
+                         ("done", "", ""))
+        failed = tuple(map(str, self.manager.GetJobResult(3)))
+        self.assertEqual((failed[0], failed[2]), ("failed", "org.upgraded1.Error.Failed"))
+        self.assertEqual(failed[1], message)
+        self.assertDBusError("org.upgraded1.Error.NotFound", self.manager.GetJobResult, 999)
         self.assertIn("rolled back to 2.0.0", message)
         self.assertEqual(self.current(), "releases/2.0.0")
         self.assertEqual(self.releases()["3.0.0"], ("bad", ""))
@@ -315,6 +322,7 @@ class Concurrency(DaemonTest):
         jobs = self.manager.ListJobs()
         self.assertEqual([(int(j[0]), str(j[1]), str(j[2]), str(j[3])) for j in jobs],
                          [(int(job.split("/")[-1]), "activate", self.app, "2.0.0")])
+        self.assertEqual(str(self.manager.GetJobResult(int(job.split("/")[-1]))[0]), "running")
         before = sorted(os.listdir(os.path.join(self.app_root(), "releases")))
         self.assertDBusError("org.upgraded1.Error.Busy", self.manager.Activate, self.app,
                              "1.0.0", {})
