@@ -104,6 +104,7 @@ constexpr const char* kAllowed[] = {
     // threads (clone itself is filtered below: threads only)
     "futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield",
     "gettid", "getpid", "getppid", "exit", "exit_group", "nanosleep", "clock_nanosleep",
+    "restart_syscall",
     // signals to itself only (kill and tgkill are filtered below)
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
     // time

@@ -84,10 +84,15 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
         });
     std::string owner;
     auto driver = sdbus::createProxy(*self->m_calls, kBusDriver, "/org/freedesktop/DBus");
-    driver->callMethod("GetNameOwner")
-        .onInterface(kBusDriver)
-        .withArguments(std::string(kService))
-        .storeResultsTo(owner);
+    try {
+      driver->callMethod("GetNameOwner")
+          .onInterface(kBusDriver)
+          .withArguments(std::string(kService))
+          .storeResultsTo(owner);
+    } catch (const sdbus::Error& e) {
+      // Not on the bus yet: no signal counts until NameOwnerChanged says who it is.
+      if (e.getName() != "org.freedesktop.DBus.Error.NameHasNoOwner") throw;
+    }
     std::lock_guard lock(self->m_mutex);
     if (!self->m_owner_seen) self->m_systemd_owner = owner;
     // No Subscribe(): systemd sends a job's JobRemoved to the client that queued it anyway,
