@@ -484,6 +484,65 @@ class ServiceManagement(DaemonTest):
                            stderr=subprocess.DEVNULL)
 
 
+def unit_sandbox_properties(path):
+    """The [Service] settings of a shipped unit that confine the daemon, as systemd-run -p
+    arguments: what the test below runs the daemon under."""
+    skip = {"Type", "BusName", "ExecStart", "Restart", "TimeoutStopSec", "KillMode",
+            "StateDirectory", "StateDirectoryMode", "ConfigurationDirectory", "WatchdogSec",
+            # The testbed's private mount namespace cannot remount /proc/sys and /proc/kmsg
+            # (226/NAMESPACE); the booted-system testbed applies them.
+            "ProtectKernelTunables", "ProtectKernelLogs"}
+    props, section = [], None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and "=" in line and not line.startswith("#"):
+                key = line.split("=", 1)[0]
+                if key not in skip:
+                    props.append(line)
+    return props
+
+
+class ShippedUnitSandbox(DaemonTest):
+    """The daemon under the sandbox of units/upgraded.service (as far as a user manager running
+    as root applies it): installs, an upgrade, an automatic rollback. A setting that breaks
+    installs (RestrictSUIDSGID=, which systemd implements by making openat2 fail with ENOSYS)
+    shows up here and not only on a host."""
+
+    def test_installs_upgrades_and_rolls_back_under_the_units_sandbox(self):
+        self.daemon.stop()
+        unit = "upgraded-sandboxed.service"
+        here = os.path.dirname(os.path.abspath(__file__))
+        props = unit_sandbox_properties(os.path.join(here, "../../units/upgraded.service"))
+        self.assertIn("ProtectSystem=full", props)
+        args = ["systemd-run", "--user", "--quiet", "--unit", unit, "-p", "Type=notify",
+                "-p", "NotifyAccess=main",
+                # The testbed lives in /tmp, which PrivateTmp= would hide: bound back in.
+                "-p", "BindPaths=" + TESTBED,
+                "-E", "DBUS_SESSION_BUS_ADDRESS=" + os.environ["DBUS_SESSION_BUS_ADDRESS"]]
+        for p in props:
+            args += ["-p", p]
+        subprocess.run(args + [UPGRADED, "--user", "--root", self.root], check=True)
+        try:
+            self.removed.clear()
+            bus = dbus.SessionBus()
+            driver = dbus.Interface(bus.get_object("org.freedesktop.DBus",
+                                                   "/org/freedesktop/DBus"),
+                                    "org.freedesktop.DBus")
+            self.daemon.unique = str(driver.GetNameOwner(NAME))
+            self.run_job(self.install(self.pack("1.0.0")))
+            self.run_job(self.install(self.pack("2.0.0")))
+            self.assertEqual(self.serving("2.0.0"), "2.0.0")
+            result, message = self.wait_job(self.install(self.pack("3.0.0", fail=True)))
+            self.assertEqual(result, "failed")
+            self.assertIn("rolled back to 2.0.0", message)
+            self.assertEqual(self.current(), "releases/2.0.0")
+        finally:
+            subprocess.run(["systemctl", "--user", "stop", unit], check=False)
+
+
 class NotifyService(DaemonTest):
     """A Type=notify unit: the health gate starts counting only once the service said READY=1,
     and a release that never does fails the gate and is rolled back."""
