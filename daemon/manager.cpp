@@ -176,7 +176,13 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
                                    " waiting); retry later");
           }
         },
-        [this] { --m_undecided_installs; });
+        [this, sender] {
+          --m_undecided_installs;
+          // This connection may send another one now.
+          auto it = m_undecided_by_sender.find(sender);
+          if (it != m_undecided_by_sender.end() && --it->second == 0)
+            m_undecided_by_sender.erase(it);
+        });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
@@ -649,7 +655,7 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
   m_ended[id] = Ended{result, message, r ? "" : bus_error::name_for(r.error().code())};
   while (m_ended.size() > kKeptResults)
     m_ended.erase(m_ended.begin());  // ids only grow: the oldest first
-  running.object.reset();  // the object is gone when JobRemoved arrives
+  running.object.reset();            // the object is gone when JobRemoved arrives
   emitJobRemoved(id, sdbus::ObjectPath(job.path()), result, message);
   if (m_jobs.empty()) ::malloc_trim(0);  // idle again: give the job's memory back
   maybe_idle();
@@ -756,9 +762,9 @@ std::tuple<std::string, std::string, std::string> Manager::GetJobResult(const ui
   if (m_jobs.count(id)) return {"running", "", ""};
   auto it = m_ended.find(id);
   if (it == m_ended.end())
-    throw sdbus::Error(bus_error::kNotFound,
-                       "no job " + std::to_string(id) + " (running or among the last " +
-                           std::to_string(kKeptResults) + " to end)");
+    throw sdbus::Error(bus_error::kNotFound, "no job " + std::to_string(id) +
+                                                 " (running or among the last " +
+                                                 std::to_string(kKeptResults) + " to end)");
   return {it->second.result, it->second.message, it->second.error};
 }
 
