@@ -516,7 +516,9 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto force = std::make_shared<bool>(false);
     cmd->add_flag("--force", *force, "with --offline: even where systemd is running")
         ->needs(cmd->get_option("--offline"));
-    cmd->callback([&exit_code, c, file, stage_only, offline, root, force] {
+    // Every variable an option writes to is captured, so that it outlives the parsing (--wait
+    // only says what is the default, but CLI11 still writes to it).
+    cmd->callback([&exit_code, c, file, stage_only, wait, offline, root, force] {
       if (*offline) {
         exit_code = run_offline_install(*root, *file, *stage_only, c->quiet, *force);
         return;

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -18,6 +19,10 @@
 #include "upgraded/fs/chown_tree.h"
 #include "upgraded/fs/durable.h"
 #include "upgraded/fs/unique_fd.h"
+
+#ifdef UPGRADED_SANITIZE
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #ifndef UPGRADED_LIBEXECDIR
 #define UPGRADED_LIBEXECDIR "/usr/libexec/upgraded"
@@ -42,6 +47,65 @@ int wait_child(pid_t pid) {
   return status;
 }
 
+#ifdef UPGRADED_SANITIZE
+// Sanitizer builds (tests) only: the helper's environment is ASAN_OPTIONS, with the report to
+// stderr (see HelperReports) and without LeakSanitizer, last so that they win. LeakSanitizer
+// cannot work in the helper: its exit-time check clones a tracer (without CLONE_THREAD) that
+// ptrace-attaches to the threads, and the seccomp filter refuses both (upgraded-extract also
+// defaults to detect_leaks=0).
+std::vector<std::string> helper_environment() {
+  const char* asan = ::secure_getenv("ASAN_OPTIONS");
+  return {std::string("ASAN_OPTIONS=") + (asan ? asan : "") + ":log_path=stderr:detect_leaks=0"};
+}
+
+// Sanitizer builds (tests) only: where a finding in the helper is reported. Inside its sandbox
+// the helper can open no file, and may not write a byte to one (RLIMIT_FSIZE is 0 when it only
+// answers), so its sanitizers write to its stderr (GCC's UBSan reads its options only at its
+// first report, which the sandbox prevents, and then writes to stderr anyway). That is a pipe
+// of 1 MiB, non-blocking so that a longer report cannot stall the helper, which the daemon
+// empties once the helper is reaped: into a file next to its own report file (log_path), or
+// else into its own stderr. No thread: the daemon's thread count is bounded and tested.
+class HelperReports {
+ public:
+  Result<void> start() {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return system_error(errno, "creating a pipe");
+    m_read_end = UniqueFd(p[0]);
+    m_write_end = UniqueFd(p[1]);
+    (void)::fcntl(p[1], F_SETPIPE_SZ, 1 << 20);
+    return {};
+  }
+  int write_end() const { return m_write_end.get(); }
+  void close_write_end() { m_write_end.reset(); }
+  // Runs once the helper is reaped (every return from run_helper).
+  ~HelperReports() {
+    m_write_end.reset();
+    std::string text;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(m_read_end.get(), buf, sizeof buf)) > 0;)
+      text.append(buf, static_cast<std::size_t>(n));
+    if (text.empty()) return;
+    const char* own = __sanitizer_get_report_path();  // opens the daemon's own, if it has one
+    UniqueFd out(own && *own ? ::open((std::string(own) + ".upgraded-extract").c_str(),
+                                      O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640)
+                             : ::fcntl(2, F_DUPFD_CLOEXEC, 0));
+    for (std::string_view left = text; out && !left.empty();) {
+      ssize_t n = ::write(out.get(), left.data(), left.size());
+      if (n <= 0) break;
+      left.remove_prefix(static_cast<std::size_t>(n));
+    }
+  }
+
+ private:
+  UniqueFd m_read_end, m_write_end;
+};
+#else
+// None at all.
+std::vector<std::string> helper_environment() {
+  return {};
+}
+#endif
+
 struct HelperRun {
   const Helper& helper;
   const char* mode;                   // first argument, or null
@@ -62,6 +126,10 @@ Result<std::string> run_helper(const HelperRun& rq) {
   UniqueFd req_r(req[0]), req_w(req[1]);
   if (::pipe2(resp, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
   UniqueFd resp_r(resp[0]), resp_w(resp[1]);
+#ifdef UPGRADED_SANITIZE
+  HelperReports reports;
+  if (auto started = reports.start(); !started) return started.error();
+#endif
   std::vector<UniqueFd> sources;  // above the target numbers, so that no dup2 clobbers another
   posix_spawn_file_actions_t fa;
   ::posix_spawn_file_actions_init(&fa);
@@ -76,6 +144,9 @@ Result<std::string> run_helper(const HelperRun& rq) {
   if (given) given = give(resp_w.get(), kResponseFd);
   if (given && rq.artifact_fd >= 0) given = give(rq.artifact_fd, kArtifactFd);
   if (given && rq.dest_dirfd >= 0) given = give(rq.dest_dirfd, kDestinationFd);
+#ifdef UPGRADED_SANITIZE
+  if (given) given = give(reports.write_end(), 2);
+#endif
   if (!given) {
     ::posix_spawn_file_actions_destroy(&fa);
     return given.error();
@@ -86,8 +157,10 @@ Result<std::string> run_helper(const HelperRun& rq) {
     ::posix_spawn_file_actions_addopen(&fa, kArtifactFd, "/dev/null", O_RDONLY, 0);
   if (rq.dest_dirfd < 0)
     ::posix_spawn_file_actions_addopen(&fa, kDestinationFd, "/dev/null", O_RDONLY, 0);
+#ifndef UPGRADED_SANITIZE
   // Not the daemon's stderr (the journal): the helper reports through its answer only.
   ::posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+#endif
   ::posix_spawn_file_actions_addclosefrom_np(&fa, kDestinationFd + 1);
   posix_spawnattr_t attr;
   ::posix_spawnattr_init(&attr);
@@ -109,15 +182,22 @@ Result<std::string> run_helper(const HelperRun& rq) {
   for (auto& a : args)
     argv.push_back(a.data());
   argv.push_back(nullptr);
-  char* envp[] = {nullptr};
+  std::vector<std::string> env = helper_environment();
+  std::vector<char*> envp;
+  for (auto& e : env)
+    envp.push_back(e.data());
+  envp.push_back(nullptr);
   pid_t pid = -1;
-  int err = ::posix_spawn(&pid, rq.helper.path.c_str(), &fa, &attr, argv.data(), envp);
+  int err = ::posix_spawn(&pid, rq.helper.path.c_str(), &fa, &attr, argv.data(), envp.data());
   ::posix_spawn_file_actions_destroy(&fa);
   ::posix_spawnattr_destroy(&attr);
   if (err != 0) return system_error(err, "starting the helper " + rq.helper.path);
   req_r.reset();
   resp_w.reset();
   sources.clear();
+#ifdef UPGRADED_SANITIZE
+  reports.close_write_end();
+#endif
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 
   auto kill_and_reap = [&] {

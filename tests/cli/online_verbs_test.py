@@ -17,7 +17,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
-from sample_service import Instance, pack_sample, wait_for_content  # noqa: E402
+from sample_service import TIME_FACTOR, Instance, pack_sample, wait_for_content  # noqa: E402
 
 UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
 TESTBED = os.environ["UPGRADED_TESTBED"]
@@ -90,7 +90,8 @@ class OnlineVerbs(unittest.TestCase):
         self.assertIn("install", r.stderr)
         self.assertIn("health gate", r.stderr, "plain progress lines when not on a terminal")
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
-        self.ctl("install", "--stage-only", "-q", self.pack("2.0.0"))
+        # Its health gate keeps its activation below running through the next two calls.
+        self.ctl("install", "--stage-only", "-q", self.pack("2.0.0", min_ready_s=TIME_FACTOR))
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
 
         releases = json.loads(self.ctl("list", "--json").stdout)

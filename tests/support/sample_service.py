@@ -8,6 +8,10 @@ import subprocess
 import tempfile
 import time
 
+# How much longer than usual things take: tests scale a duration they depend on by it.
+# tests/sanitizer/ctest_environment.cmake.in sets it to 3 for sanitizer builds.
+TIME_FACTOR = int(os.environ.get("UPGRADED_TEST_TIME_FACTOR", "1"))
+
 
 def pack_sample(upgradectl, key, workdir, app, unit, version, fail=False, min_ready_s=1):
     """Builds and signs the sample release `version`; returns the artifact's path."""
