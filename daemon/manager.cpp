@@ -144,7 +144,14 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
     const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
     const std::string sender = msg ? msg->getSender() : std::string();
     auto& mine = m_undecided_by_sender[sender];
-    if (mine >= kUndecidedPerConnection || m_undecided_installs >= m_max_undecided) {
+    if (mine >= kUndecidedPerConnection) {
+      throw sdbus::Error(bus_error::kBusy,
+                         "too many installs at once on this connection (" + std::to_string(mine) +
+                             " waiting for authorization); retry later, or use one connection "
+                             "per " +
+                             std::to_string(kUndecidedPerConnection) + " calls");
+    }
+    if (m_undecided_installs >= m_max_undecided) {
       if (mine == 0) m_undecided_by_sender.erase(sender);
       throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
                                                std::to_string(m_undecided_installs) +

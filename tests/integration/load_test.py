@@ -1,12 +1,12 @@
 #!/usr/bin/python3
 """The daemon under load, on the real-systemd testbed (design.md §10). It runs as a Type=notify
 unit with a 2 s watchdog (times UPGRADED_TEST_TIME_FACTOR, sample_service.py) while clients
-press on it: 1,000 read calls at once during 20 installs and activations, 100 and then 1,000
-Install calls at once (eight per connection), a client that goes away mid-job, the helper
-SIGKILLed mid-extraction, a store on a full tmpfs. Every job must end with a clear result and
-leave nothing half-installed; afterwards the daemon's descriptors and threads are back to their
-baseline, its RSS near it, and the watchdog never fired. The figures (calls/s, latencies, RSS,
-fds) are printed; bench/load measures them with more rounds.
+press on it: 1,000 read calls at once during 20 installs and activations, 100 Install calls at
+once on one connection, 100 and then 1,000 at once (eight per connection), a client that goes
+away mid-job, the helper SIGKILLed mid-extraction, a store on a full tmpfs. Every job must end
+with a clear result and leave nothing half-installed; afterwards the daemon's descriptors and
+threads are back to their baseline, its RSS near it, and the watchdog never fired. The figures
+(calls/s, latencies, RSS, fds) are printed; bench/load measures them with more rounds.
 
     tests/testbed/with-systemd-user tests/integration/load_test.py UPGRADED UPGRADECTL
 """
@@ -169,14 +169,15 @@ class Load(unittest.TestCase):
             os.close(fd)
 
     @classmethod
-    def install_async(cls, artifacts, activate=True):
+    def install_async(cls, artifacts, activate=True, per_connection=8):
         """Sends one Install per artifact at once, as many clients would: eight calls per bus
-        connection (the most one connection may have waiting for authorization); returns
-        [(job path or None, error name)]."""
+        connection (the most one connection may have waiting for authorization) unless told
+        otherwise; returns [(job path or None, error name)]."""
         loop = GLib.MainLoop()
         out = [None] * len(artifacts)
         left = [len(artifacts)]
-        connections = [dbus.SessionBus(private=True) for _ in range(0, len(artifacts), 8)]
+        connections = [dbus.SessionBus(private=True)
+                       for _ in range(0, len(artifacts), per_connection)]
         managers = [dbus.Interface(c.get_object(NAME, PATH), MANAGER) for c in connections]
 
         def finish(i, value):
@@ -186,7 +187,7 @@ class Load(unittest.TestCase):
                 loop.quit()
         for i, artifact in enumerate(artifacts):
             fd = os.open(artifact, os.O_RDONLY)
-            managers[i // 8].Install(
+            managers[i // per_connection].Install(
                 dbus.types.UnixFd(fd), {"activate": dbus.Boolean(activate)},
                 reply_handler=lambda p, i=i: finish(i, (str(p), None)),
                 error_handler=lambda e, i=i: finish(
@@ -296,6 +297,24 @@ class Load(unittest.TestCase):
               "max %.1f ms; the installs took %.2f s" %
               (len(latencies) / wall, 1000 * statistics.median(latencies),
                1000 * percentile(latencies, 99), 1000 * max(latencies), took), file=sys.stderr)
+
+    def test_2_a_hundred_installs_at_once_from_one_connection(self):
+        artifacts = [self.pack("one%03d" % i, "1.0.0") for i in range(100)]
+        results = self.install_async(artifacts, activate=False, per_connection=100)
+        started = [r for r in results if r[0]]
+        busy = [r for r in results if not r[0]]
+        ended = {r[0]: self.wait_job(r[0]) for r in started}
+        # Every call got a job or a clear refusal: at most eight may wait for authorization on
+        # one connection; those that were decided before the next arrived make room.
+        for r in busy:
+            self.assertEqual(r[1], "org.upgraded1.Error.Busy", r)
+            self.assertIn("on this connection", r[2])
+        self.assertGreaterEqual(len(started), 8)
+        self.assertEqual({v[0] for v in ended.values()}, {"done"})
+        for i in range(100):
+            self.assert_nothing_half_installed("one%03d" % i)
+        print("100 Install calls at once on one connection: %d jobs, %d Busy" %
+              (len(started), len(busy)), file=sys.stderr)
 
     def test_2_a_hundred_installs_at_once(self):
         artifacts = [self.pack("many%03d" % i, "1.0.0") for i in range(100)]
