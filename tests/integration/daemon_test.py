@@ -519,8 +519,11 @@ class ShippedUnitSandbox(DaemonTest):
         self.assertIn("ProtectSystem=full", props)
         args = ["systemd-run", "--user", "--quiet", "--unit", unit, "-p", "Type=notify",
                 "-p", "NotifyAccess=main",
-                # The testbed lives in /tmp, which PrivateTmp= would hide: bound back in.
+                # The testbed lives in /tmp, which PrivateTmp= would hide: bound back in; so
+                # is the build tree, which may be in /tmp too (a clone there).
                 "-p", "BindPaths=" + TESTBED,
+                "-p", "BindReadOnlyPaths=" + os.path.dirname(os.path.dirname(
+                    os.path.realpath(UPGRADED))),
                 "-E", "DBUS_SESSION_BUS_ADDRESS=" + os.environ["DBUS_SESSION_BUS_ADDRESS"]]
         for p in props:
             args += ["-p", p]
