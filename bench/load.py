@@ -80,8 +80,6 @@ def main():
         UPGRADED, "--user", "--root", ROOT)
     pid = int(run("systemctl", "--user", "show", "-P", "MainPID", UNIT))
     bus = dbus.SessionBus()
-    manager = dbus.Interface(bus.get_object("org.upgraded1", "/org/upgraded1"),
-                             "org.upgraded1.Manager")
     removed = {}
     bus.add_signal_receiver(lambda i, p, r, m: removed.__setitem__(str(p), str(r)),
                             "JobRemoved", "org.upgraded1.Manager")

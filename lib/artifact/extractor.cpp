@@ -6,7 +6,6 @@
 #include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -566,15 +565,8 @@ Result<void> Extractor::check_symlinks() {
     open_how how{};
     how.flags = O_PATH | O_CLOEXEC;
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-    // EAGAIN: a rename anywhere on the system raced with the ".." checks; the kernel asks
-    // for a retry (openat2(2)).
-    long fd;
-    int attempts = 0;
-    do {
-      fd = ::syscall(SYS_openat2, m_root, path.c_str(), &how, sizeof how);
-    } while (fd < 0 && (errno == EAGAIN || errno == EINTR) && ++attempts < 1000);
-    if (fd >= 0) {
-      ::close(static_cast<int>(fd));
+    if (int fd = fs::openat2_retrying(m_root, path.c_str(), how); fd >= 0) {
+      ::close(fd);
       continue;
     }
     if (errno == ENOENT || errno == ENOTDIR) continue;

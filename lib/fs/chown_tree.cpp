@@ -44,9 +44,12 @@ Result<void> check_entry(const struct stat& st, uid_t owner, bool read_only,
   return {};
 }
 
-// The first pass: every entry checked, every multiply linked one counted. Nothing is changed.
-Result<void> check_contents(int dfd, const std::string& where, uid_t owner, bool read_only,
-                            LinkMap& links) {
+// Every entry beneath `dfd`, depth first, by name (symlinks are entries, never followed):
+// `visit(dfd, name, path, st)` for each, and for a directory, once its contents are done,
+// `after_dir(its fd, path)`.
+template <typename Visit, typename AfterDir>
+Result<void> walk(int dfd, const std::string& where, const Visit& visit,
+                  const AfterDir& after_dir) {
   auto names = list_names(dfd, ".");
   if (!names) return names.error().with_context("listing '" + where + "'");
   for (const auto& name : *names) {
@@ -54,43 +57,53 @@ Result<void> check_contents(int dfd, const std::string& where, uid_t owner, bool
     struct stat st {};
     if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
       return system_error(errno, "inspecting " + policy::quote(path));
-    UPGRADED_TRY(check_entry(st, owner, read_only, path));
-    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) {
-      auto [it, first] = links.try_emplace({st.st_dev, st.st_ino});
-      if (first) it->second = Links{st.st_nlink, 0, path};
-      ++it->second.seen;
-    }
+    UPGRADED_TRY(visit(dfd, name, path, st));
     if (S_ISDIR(st.st_mode)) {
       int cfd = ::openat(dfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
       if (cfd < 0) return system_error(errno, "opening " + policy::quote(path));
       UniqueFd child(cfd);
-      UPGRADED_TRY(check_contents(cfd, path, owner, read_only, links));
+      UPGRADED_TRY(walk(cfd, path, visit, after_dir));
+      UPGRADED_TRY(after_dir(cfd, path));
     }
   }
   return {};
 }
 
+// The first pass: every entry checked, every multiply linked one counted. Nothing is changed.
+Result<void> check_contents(int dfd, uid_t owner, bool read_only, LinkMap& links) {
+  return walk(
+      dfd, ".",
+      [&](int, const std::string&, const std::string& path, const struct stat& st) -> Result<void> {
+        UPGRADED_TRY(check_entry(st, owner, read_only, path));
+        if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) {
+          auto [it, first] = links.try_emplace({st.st_dev, st.st_ino});
+          if (first) it->second = Links{st.st_nlink, 0, path};
+          ++it->second.seen;
+        }
+        return {};
+      },
+      [](int, const std::string&) { return Result<void>{}; });
+}
+
 // The second pass, over a tree the first one accepted (its builder is gone: nothing changes it
-// meanwhile). Symlinks themselves, never their targets.
-Result<void> chown_contents(int dfd, const std::string& where, uid_t uid, gid_t gid) {
-  auto names = list_names(dfd, ".");
-  if (!names) return names.error().with_context("listing '" + where + "'");
-  for (const auto& name : *names) {
-    std::string path = where + "/" + name;
-    struct stat st {};
-    if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
-      return system_error(errno, "inspecting " + policy::quote(path));
-    if (S_ISDIR(st.st_mode)) {
-      int cfd = ::openat(dfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-      if (cfd < 0) return system_error(errno, "opening " + policy::quote(path));
-      UniqueFd child(cfd);
-      UPGRADED_TRY(chown_contents(cfd, path, uid, gid));
-      if (::fchown(cfd, uid, gid) != 0) return system_error(errno, "chown " + policy::quote(path));
-    } else if (::fchownat(dfd, name.c_str(), uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
-      return system_error(errno, "chown " + policy::quote(path));
-    }
-  }
-  return {};
+// meanwhile). Symlinks themselves, never their targets; a directory after its contents.
+Result<void> chown_contents(int dfd, uid_t uid, gid_t gid) {
+  auto chown_failed = [](const std::string& path) {
+    return system_error(errno, "chown " + policy::quote(path));
+  };
+  return walk(
+      dfd, ".",
+      [&](int parent, const std::string& name, const std::string& path,
+          const struct stat& st) -> Result<void> {
+        if (!S_ISDIR(st.st_mode) &&
+            ::fchownat(parent, name.c_str(), uid, gid, AT_SYMLINK_NOFOLLOW) != 0)
+          return chown_failed(path);
+        return {};
+      },
+      [&](int fd, const std::string& path) -> Result<void> {
+        if (::fchown(fd, uid, gid) != 0) return chown_failed(path);
+        return {};
+      });
 }
 
 }  // namespace
@@ -100,7 +113,7 @@ Result<void> check_tree(int dirfd, uid_t owner, bool read_only) {
   if (::fstat(dirfd, &st) != 0) return system_error(errno, "inspecting the tree's root");
   UPGRADED_TRY(check_entry(st, owner, read_only, "."));
   LinkMap links;
-  UPGRADED_TRY(check_contents(dirfd, ".", owner, read_only, links));
+  UPGRADED_TRY(check_contents(dirfd, owner, read_only, links));
   // Every name of a multiply linked file or symlink must lie in the tree: a name elsewhere
   // would be a file of the new owner at a place nobody chose.
   for (const auto& [id, l] : links)
@@ -114,7 +127,7 @@ Result<void> check_tree(int dirfd, uid_t owner, bool read_only) {
 Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid, bool read_only) {
   // Check everything first: a refused tree keeps its builder's uid throughout.
   UPGRADED_TRY(check_tree(dirfd, from_uid, read_only));
-  UPGRADED_TRY(chown_contents(dirfd, ".", uid, gid));
+  UPGRADED_TRY(chown_contents(dirfd, uid, gid));
   if (::fchown(dirfd, uid, gid) != 0) return system_error(errno, "chown of the tree's root");
   return {};
 }

@@ -70,20 +70,24 @@ Result<void> sync_filesystem(int fd, std::string_view what) {
   return {};
 }
 
+int openat2_retrying(int dirfd, const char* path, const open_how& how) {
+  long fd;
+  int attempts = 0;
+  do {
+    fd = ::syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+  } while (fd < 0 && (errno == EINTR || errno == EAGAIN) && ++attempts <= 1000);
+  return static_cast<int>(fd);
+}
+
 Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsigned mode) {
   open_how how{};
   how.flags = static_cast<std::uint64_t>(flags | O_CLOEXEC);
   how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
   std::string p(path);
-  for (int attempts = 0;; ++attempts) {
-    long fd = ::syscall(SYS_openat2, dirfd, p.c_str(), &how, sizeof how);
-    if (fd >= 0) return UniqueFd(static_cast<int>(fd));
-    // EAGAIN: a concurrent rename somewhere raced with the kernel's ".." checks; retry, but not
-    // forever under a rename storm.
-    if ((errno == EINTR || errno == EAGAIN) && attempts < 1000) continue;
-    return system_error(errno, "opening '" + p + "'");
-  }
+  int fd = openat2_retrying(dirfd, p.c_str(), how);
+  if (fd < 0) return system_error(errno, "opening '" + p + "'");
+  return UniqueFd(fd);
 }
 
 Result<void> make_directories(const std::string& path, mode_t mode) {

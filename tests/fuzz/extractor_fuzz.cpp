@@ -17,7 +17,6 @@
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <clocale>
@@ -196,12 +195,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       open_how how{};
       how.flags = O_PATH | O_CLOEXEC;
       how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-      long fd;
-      int attempts = 0;
-      do {
-        fd = ::syscall(SYS_openat2, dest, path.c_str(), &how, sizeof how);
-      } while (fd < 0 && (errno == EAGAIN || errno == EINTR) && ++attempts < 1000);
-      if (fd >= 0) ::close(static_cast<int>(fd));
+      int fd = fs::openat2_retrying(dest, path.c_str(), how);
+      if (fd >= 0) ::close(fd);
       FUZZ_CHECK_MSG(fd >= 0 || errno == ENOENT || errno == ENOTDIR, path);
     }
   }

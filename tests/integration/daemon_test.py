@@ -22,11 +22,11 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
-from sample_service import Instance, pack_sample, wait_for_content  # noqa: E402
+from sample_service import (Instance, pack_sample, wait_for_content,  # noqa: E402
+                            wait_job_removed)
 
 import dbus
 from dbus.mainloop.glib import DBusGMainLoop
-from gi.repository import GLib
 
 UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
 TESTBED = os.environ["UPGRADED_TESTBED"]
@@ -143,13 +143,7 @@ class DaemonTest(unittest.TestCase):
             os.close(fd)
 
     def wait_job(self, path, timeout=60):
-        ctx = GLib.MainContext.default()
-        end = time.monotonic() + timeout
-        while path not in self.removed:
-            if time.monotonic() > end:
-                raise AssertionError("job %s did not end" % path)
-            ctx.iteration(False) or time.sleep(0.01)
-        return self.removed[path]
+        return wait_job_removed(self.removed, path, timeout)
 
     def run_job(self, path):
         result, message = self.wait_job(path)

@@ -18,7 +18,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "../support"))
 
 import dbus  # noqa: E402
-from sample_service import TIME_FACTOR  # noqa: E402
+from sample_service import TIME_FACTOR, instance_dir, wait_job_removed  # noqa: E402
 from dbus.mainloop.glib import DBusGMainLoop  # noqa: E402
 from gi.repository import GLib  # noqa: E402
 
@@ -96,14 +95,7 @@ class Load(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.dir = tempfile.mkdtemp(dir=TESTBED)
-        os.chmod(cls.dir, 0o755)
-        cls.root = os.path.join(cls.dir, "root")
-        keys = os.path.join(cls.root, "etc/upgraded/keys.d")
-        os.makedirs(keys)
-        cls.key = os.path.join(cls.dir, "release.key")
-        subprocess.run([UPGRADECTL, "keygen", "--private", cls.key, "--public",
-                        os.path.join(keys, "release.pem")], check=True, stdout=subprocess.DEVNULL)
+        cls.dir, cls.root, cls.key = instance_dir(UPGRADECTL, TESTBED)
         subprocess.run(["systemd-run", "--user", "--quiet", "--unit", UNIT, "-p", "Type=notify",
                         "-p", "WatchdogSec=%d" % (2 * TIME_FACTOR), "-p", "NotifyAccess=main",
                         "-E", "DBUS_SESSION_BUS_ADDRESS=" + os.environ["DBUS_SESSION_BUS_ADDRESS"],
@@ -202,13 +194,7 @@ class Load(unittest.TestCase):
 
     @classmethod
     def wait_job(cls, path, timeout=120):
-        ctx = GLib.MainContext.default()
-        end = time.monotonic() + timeout
-        while path not in cls.removed:
-            if time.monotonic() > end:
-                raise AssertionError("job %s did not end" % path)
-            ctx.iteration(False) or time.sleep(0.005)
-        return cls.removed[path]
+        return wait_job_removed(cls.removed, path, timeout)
 
     @classmethod
     def run_readers(cls, processes, calls_each, method="ListApps"):
@@ -299,43 +285,35 @@ class Load(unittest.TestCase):
               (len(latencies) / wall, 1000 * statistics.median(latencies),
                1000 * percentile(latencies, 99), 1000 * max(latencies), took), file=sys.stderr)
 
-    def test_2_a_hundred_installs_at_once_from_one_connection(self):
-        artifacts = [self.pack("one%03d" % i, "1.0.0") for i in range(100)]
-        results = self.install_async(artifacts, activate=False, per_connection=100)
+    def hundred_installs(self, prefix, busy_says, **install):
+        """100 Installs of different apps at once: every call got a job that ended done, or
+        Busy saying `busy_says`; nothing is half-installed. (started, busy)."""
+        artifacts = [self.pack("%s%03d" % (prefix, i), "1.0.0") for i in range(100)]
+        results = self.install_async(artifacts, activate=False, **install)
         started = [r for r in results if r[0]]
         busy = [r for r in results if not r[0]]
         ended = {r[0]: self.wait_job(r[0]) for r in started}
-        # Every call got a job or a clear refusal: at most eight may wait for authorization on
-        # one connection; those that were decided before the next arrived make room.
         for r in busy:
             self.assertEqual(r[1], "org.upgraded1.Error.Busy", r)
-            self.assertIn("on this connection", r[2])
-        self.assertGreaterEqual(len(started), 8)
+            self.assertIn(busy_says, r[2])
         self.assertEqual({v[0] for v in ended.values()}, {"done"})
         for i in range(100):
-            self.assert_nothing_half_installed("one%03d" % i)
+            self.assert_nothing_half_installed("%s%03d" % (prefix, i))
+        return started, busy
+
+    def test_2_a_hundred_installs_at_once_from_one_connection(self):
+        # At most eight may wait for authorization on one connection; those decided before the
+        # next arrived make room.
+        started, busy = self.hundred_installs("one", "on this connection", per_connection=100)
+        self.assertGreaterEqual(len(started), 8)
         print("100 Install calls at once on one connection: %d jobs, %d Busy" %
               (len(started), len(busy)), file=sys.stderr)
 
     def test_2_a_hundred_installs_at_once(self):
-        artifacts = [self.pack("many%03d" % i, "1.0.0") for i in range(100)]
+        # Busy when more than verifications + queued_installs (4 + 64) arrived together.
         with Sampler(self.pid) as s:
-            results = self.install_async(artifacts, activate=False)
-            ended = {}
-            for r in results:
-                if r[0]:
-                    ended[r[0]] = self.wait_job(r[0])
-        started = [r for r in results if r[0]]
-        busy = [r for r in results if not r[0]]
-        # Every call got a job or a clear refusal: Busy when more than verifications +
-        # queued_installs (4 + 64) arrived together.
-        for r in busy:
-            self.assertEqual(r[1], "org.upgraded1.Error.Busy", r)
-            self.assertIn("too many installs at once", r[2])
+            started, busy = self.hundred_installs("many", "too many installs at once")
         self.assertGreaterEqual(len(started), 68)
-        self.assertEqual({v[0] for v in ended.values()}, {"done"})
-        for i in range(100):
-            self.assert_nothing_half_installed("many%03d" % i)
         print("100 Install calls at once: %d jobs, %d Busy; at most %d fds, %d threads" %
               (len(started), len(busy), s.max_fds, s.max_threads), file=sys.stderr)
 

@@ -12,7 +12,6 @@ Needs UPGRADED_TESTBED_OPEN_BUS=1 (so that `nobody` may connect to the bus).
 import os
 import subprocess
 import sys
-import threading
 import time
 import unittest
 

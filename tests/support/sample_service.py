@@ -34,6 +34,33 @@ def pack_sample(upgradectl, key, workdir, app, unit, version, fail=False, min_re
     return out
 
 
+def instance_dir(upgradectl, testbed):
+    """A fresh directory of the testbed for a daemon instance: (dir, root: the instance's "/",
+    key: a private signing key whose public half root/etc/upgraded/keys.d trusts)."""
+    directory = tempfile.mkdtemp(dir=testbed)
+    os.chmod(directory, 0o755)
+    root = os.path.join(directory, "root")
+    keys = os.path.join(root, "etc/upgraded/keys.d")
+    os.makedirs(keys)
+    key = os.path.join(directory, "release.key")
+    subprocess.run([upgradectl, "keygen", "--private", key, "--public",
+                    os.path.join(keys, "release.pem")], check=True, stdout=subprocess.DEVNULL)
+    return directory, root, key
+
+
+def wait_job_removed(removed, path, timeout):
+    """Runs the default GLib main context until `removed` (filled by a JobRemoved handler)
+    holds the job `path`; what it holds for it."""
+    from gi.repository import GLib
+    ctx = GLib.MainContext.default()
+    end = time.monotonic() + timeout
+    while path not in removed:
+        if time.monotonic() > end:
+            raise AssertionError("job %s did not end" % path)
+        ctx.iteration(False) or time.sleep(0.005)
+    return removed[path]
+
+
 def wait_for_content(path, expect, tries=200, delay=0.02):
     """What the file holds once it holds `expect`, or after `tries` looks (a Type=simple start
     is "done" once systemd has forked the service, before it wrote anything)."""
@@ -56,14 +83,7 @@ class Instance:
     trusted), out (where the service writes the release it runs), unit."""
 
     def __init__(self, upgradectl, testbed, units_dir, app):
-        self.dir = tempfile.mkdtemp(dir=testbed)
-        os.chmod(self.dir, 0o755)
-        self.root = os.path.join(self.dir, "root")
-        keys = os.path.join(self.root, "etc/upgraded/keys.d")
-        os.makedirs(keys)
-        self.key = os.path.join(self.dir, "release.key")
-        subprocess.run([upgradectl, "keygen", "--private", self.key, "--public",
-                        os.path.join(keys, "release.pem")], check=True, stdout=subprocess.DEVNULL)
+        self.dir, self.root, self.key = instance_dir(upgradectl, testbed)
         self.out = os.path.join(self.dir, "serving")
         self.unit = app + ".service"
         with open(os.path.join(units_dir, self.unit), "w") as f:
