@@ -1,6 +1,15 @@
 #include "systemd/systemd_units.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sdbus-c++/sdbus-c++.h>
+#include <syslog.h>
+#include <systemd/sd-journal.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/fs/unique_fd.h"
 
 #include "org.freedesktop.systemd1.proxy.h"
 #include "upgraded/policy/names.h"
@@ -56,7 +65,7 @@ class SystemdUnits::ManagerProxy final
 };
 
 Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
-  std::unique_ptr<SystemdUnits> self(new SystemdUnits());
+  std::unique_ptr<SystemdUnits> self(new SystemdUnits(bus));
   try {
     auto open = [bus] {
       return bus == Bus::kSystem ? sdbus::createSystemBusConnection()
@@ -103,6 +112,8 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
   return self;
 }
 
+SystemdUnits::SystemdUnits(Bus bus) : m_bus(bus) {}
+
 SystemdUnits::~SystemdUnits() {
   // No handler may run while the members it uses go away.
   if (m_manager) m_manager->connection().leaveEventLoop();
@@ -128,26 +139,41 @@ void SystemdUnits::on_job_removed(const std::string& sender, const std::string& 
   m_cv.notify_all();
 }
 
+void SystemdUnits::begin_wait(const std::string& unit) {
+  std::lock_guard lock(m_mutex);
+  ++m_waiting[unit];
+}
+
+void SystemdUnits::end_wait(const std::string& unit) {
+  std::lock_guard lock(m_mutex);
+  if (--m_waiting[unit] > 0) return;
+  m_waiting.erase(unit);
+  for (auto it = m_done.begin(); it != m_done.end();)
+    it = it->second.first == unit ? m_done.erase(it) : std::next(it);
+  std::erase_if(m_done_order, [&](const std::string& j) { return !m_done.count(j); });
+}
+
+std::optional<std::string> SystemdUnits::take_result(const std::string& job) {
+  auto it = m_done.find(job);
+  if (it == m_done.end()) return std::nullopt;
+  std::string r = it->second.second;
+  m_done.erase(it);
+  std::erase(m_done_order, job);
+  return r;
+}
+
+// Whatever happens, stop collecting signals for a unit once nobody waits for it.
+struct SystemdUnits::Waiting {
+  SystemdUnits& self;
+  const std::string& unit;
+  Waiting(SystemdUnits& s, const std::string& u) : self(s), unit(u) { self.begin_wait(unit); }
+  ~Waiting() { self.end_wait(unit); }
+};
+
 Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
                                    std::chrono::milliseconds timeout) {
   UPGRADED_TRY(policy::validate_unit_name(unit));
-  {
-    std::lock_guard lock(m_mutex);
-    ++m_waiting[unit];
-  }
-  // Whatever happens below, stop collecting signals for this unit once nobody waits for it.
-  struct Unwait {
-    SystemdUnits& self;
-    const std::string& unit;
-    ~Unwait() {
-      std::lock_guard lock(self.m_mutex);
-      if (--self.m_waiting[unit] > 0) return;
-      self.m_waiting.erase(unit);
-      for (auto it = self.m_done.begin(); it != self.m_done.end();)
-        it = it->second.first == unit ? self.m_done.erase(it) : std::next(it);
-      std::erase_if(self.m_done_order, [&](const std::string& j) { return !self.m_done.count(j); });
-    }
-  } unwait{*this, unit};
+  Waiting waiting(*this, unit);
 
   std::string job;
   std::string what = std::string(verb) + " " + unit;
@@ -171,9 +197,7 @@ Result<void> SystemdUnits::run_job(const char* verb, const std::string& unit,
       auto slice = std::min(std::chrono::steady_clock::time_point(deadline),
                             std::chrono::steady_clock::now() + kJobCheckInterval);
       if (m_cv.wait_until(lock, slice, [&] { return m_done.count(job) > 0; })) {
-        result = m_done[job].second;
-        m_done.erase(job);
-        std::erase(m_done_order, job);
+        result = *take_result(job);
         break;
       }
     }
@@ -217,12 +241,7 @@ std::optional<std::string> SystemdUnits::job_ended_without_signal(const char* ve
   // The job is gone. A JobRemoved that arrives meanwhile is the better word.
   {
     std::lock_guard lock(m_mutex);
-    if (auto it = m_done.find(job); it != m_done.end()) {
-      std::string r = it->second.second;
-      m_done.erase(it);
-      std::erase(m_done_order, job);
-      return r;
-    }
+    if (auto r = take_result(job)) return r;
   }
   auto st = status(unit);
   if (!st) return std::string("failed");
@@ -275,6 +294,9 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
       st.main_pid = prop<uint32_t>(s, "MainPID", 0);
       st.exec_main_code = prop<int32_t>(s, "ExecMainCode", 0);
       st.exec_main_status = prop<int32_t>(s, "ExecMainStatus", 0);
+      st.exec_main_start_usec = prop<uint64_t>(s, "ExecMainStartTimestampMonotonic", 0);
+      st.exec_main_exit_usec = prop<uint64_t>(s, "ExecMainExitTimestampMonotonic", 0);
+      st.status_text = prop<std::string>(s, "StatusText", "");
     }
     return st;
   } catch (const sdbus::Error& e) {
@@ -300,6 +322,325 @@ Result<void> SystemdUnits::reload() {
     return from_dbus(e, "reloading systemd");
   }
   return {};
+}
+
+// --- hooks ------------------------------------------------------------------------------------
+
+namespace {
+
+using Prop = sdbus::Struct<std::string, sdbus::Variant>;
+using ExecCommand = sdbus::Struct<std::string, std::vector<std::string>, bool>;
+using AuxUnit = sdbus::Struct<std::string, std::vector<Prop>>;
+
+// How long systemd gives a hook between SIGTERM and SIGKILL when it is stopped (a timeout, a
+// cancel).
+constexpr std::uint64_t kHookStopUsec = 5'000'000;
+// How often a running hook's StatusText is read.
+constexpr std::chrono::milliseconds kStatusPollInterval{200};
+// After the hook's job ended, how long its output may take to reach EOF (systemd kills what is
+// left of the hook's processes when the service ends).
+constexpr std::chrono::seconds kDrainTime{2};
+constexpr std::size_t kMaxLine = 4096;
+
+std::uint64_t now_usec() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u +
+         static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
+}
+
+// A hook's output: line by line to the journal, its tail and last stdout line kept.
+class HookOutput {
+ public:
+  HookOutput(const units::HookRun& hook) : m_hook(hook) {}
+
+  // Reads what is there; false at EOF (or an error).
+  bool read_from(int fd, bool is_stdout) {
+    char buf[8192];
+    for (;;) {
+      ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n > 0) {
+        feed(std::string_view(buf, static_cast<std::size_t>(n)), is_stdout);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) return true;
+      flush(is_stdout);
+      return false;
+    }
+  }
+
+  units::HookOutcome& fill(units::HookOutcome& o) {
+    o.tail.assign(m_tail.begin(), m_tail.end());
+    o.last_stdout_line = m_last_stdout;
+    return o;
+  }
+
+ private:
+  void feed(std::string_view data, bool is_stdout) {
+    std::string& partial = is_stdout ? m_out : m_err;
+    for (char c : data) {
+      if (c == '\n') {
+        line(partial, is_stdout);
+        partial.clear();
+        continue;
+      }
+      partial.push_back(c);
+      if (partial.size() >= kMaxLine) {  // an endless line still goes out in pieces
+        line(partial, is_stdout);
+        partial.clear();
+      }
+    }
+  }
+  void flush(bool is_stdout) {
+    std::string& partial = is_stdout ? m_out : m_err;
+    if (!partial.empty()) line(partial, is_stdout);
+    partial.clear();
+  }
+  void line(const std::string& text, bool is_stdout) {
+    ::sd_journal_send("MESSAGE=%s", text.c_str(), "PRIORITY=%d", is_stdout ? LOG_INFO : LOG_WARNING,
+                      "SYSLOG_IDENTIFIER=upgraded-hook-%s", m_hook.app.c_str(), "UPGRADED_APP=%s",
+                      m_hook.app.c_str(), "UPGRADED_PHASE=%s", m_hook.phase.c_str(),
+                      "UPGRADED_HOOK_UNIT=%s", m_hook.unit.c_str(), nullptr);
+    if (is_stdout && text.find_first_not_of(" \t\r") != std::string::npos) m_last_stdout = text;
+    m_tail.push_back(text);
+    m_tail_bytes += text.size() + 1;
+    while (m_tail.size() > units::kHookTailLines ||
+           (m_tail_bytes > units::kHookTailBytes && m_tail.size() > 1)) {
+      m_tail_bytes -= m_tail.front().size() + 1;
+      m_tail.pop_front();
+    }
+    if (m_tail_bytes > units::kHookTailBytes) {  // one line alone is too long: keep its end
+      std::string& only = m_tail.front();
+      only.erase(0, only.size() - (units::kHookTailBytes - 1));
+      m_tail_bytes = only.size() + 1;
+    }
+  }
+
+  const units::HookRun& m_hook;
+  std::string m_out, m_err;
+  std::deque<std::string> m_tail;
+  std::size_t m_tail_bytes = 0;
+  std::string m_last_stdout;
+};
+
+}  // namespace
+
+Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
+                                             const units::HookStatusFn& on_status) {
+  UPGRADED_TRY(policy::validate_unit_name(hook.unit));
+  int out_pipe[2], err_pipe[2];
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
+  UniqueFd out_r(out_pipe[0]), out_w(out_pipe[1]);
+  if (::pipe2(err_pipe, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
+  UniqueFd err_r(err_pipe[0]), err_w(err_pipe[1]);
+  for (int fd : {out_r.get(), err_r.get()})
+    (void)::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+
+  const std::uint64_t timeout_usec = static_cast<std::uint64_t>(hook.timeout.count()) * 1000000u;
+  std::vector<std::string> env;
+  for (const auto& [k, v] : hook.environment)
+    env.push_back(k + "=" + v);
+  std::vector<std::string> hidden;
+  for (const auto& p : hook.hidden_paths)
+    hidden.push_back(p);
+  // An unprivileged user manager can neither switch users nor set up a mount namespace unless
+  // the hook gets a user namespace of its own (PrivateUsers=); a root manager (system, or root's
+  // user manager) can do both.
+  const bool privileged_manager = m_bus == Bus::kSystem || ::geteuid() == 0;
+  std::string what = hook.phase + " hook of " + hook.app + " (" + hook.unit + ")";
+
+  Waiting waiting(*this, hook.unit);
+  std::string job;
+  const std::uint64_t started = now_usec();
+  try {
+    std::vector<Prop> props;
+    auto set = [&props](const char* k, sdbus::Variant v) {
+      props.emplace_back(std::string(k), std::move(v));
+    };
+    set("Description", std::string("upgraded: " + hook.phase + " hook of " + hook.app));
+    set("Type", std::string("oneshot"));
+    set("ExecStart", std::vector<ExecCommand>{ExecCommand{hook.exec, {hook.exec}, false}});
+    set("Environment", env);
+    set("WorkingDirectory", hook.working_directory);
+    set("StandardInput", std::string("null"));
+    set("StandardOutputFileDescriptor", sdbus::UnixFd(out_w.get()));
+    set("StandardErrorFileDescriptor", sdbus::UnixFd(err_w.get()));
+    set("SyslogIdentifier", std::string("upgraded-hook-" + hook.app));
+    set("ProtectSystem", std::string("strict"));
+    set("ProtectHome", std::string("read-only"));
+    set("ReadWritePaths", hook.read_write_paths);
+    set("PrivateTmp", true);
+    set("NoNewPrivileges", true);
+    if (!hidden.empty()) {
+      std::vector<sdbus::Struct<std::string, std::string>> tmpfs;
+      for (const auto& p : hidden)
+        tmpfs.emplace_back(p, std::string("ro"));
+      set("TemporaryFileSystem", tmpfs);
+    }
+    if (privileged_manager) {
+      if (!hook.user.empty()) set("User", hook.user);
+      if (!hook.group.empty()) set("Group", hook.group);
+    } else {
+      set("PrivateUsers", true);
+    }
+    set("NotifyAccess", std::string("all"));
+    // A oneshot service is in its start phase until the hook exits: the start timeout is its
+    // run time limit (RuntimeMaxSec= does not apply to Type=oneshot).
+    set("TimeoutStartUSec", timeout_usec);
+    set("RuntimeMaxUSec", timeout_usec);
+    set("TimeoutStopUSec", kHookStopUsec);
+    // Kept loaded until this daemon has read how it ended (UnrefUnit below; a daemon that dies
+    // drops the reference with its connection), then collected, failed or not.
+    set("CollectMode", std::string("inactive-or-failed"));
+    set("AddRef", true);
+    job = m_manager->StartTransientUnit(hook.unit, "fail", props, std::vector<AuxUnit>{});
+  } catch (const sdbus::Error& e) {
+    return from_dbus(e, "starting the " + what);
+  }
+  out_w.reset();  // the hook holds the only write ends now: EOF when it (and its children) end
+  err_w.reset();
+  struct Unref {
+    SystemdUnits& self;
+    const std::string& unit;
+    ~Unref() {
+      try {
+        self.m_manager->UnrefUnit(unit);
+      } catch (const sdbus::Error&) {
+      }
+    }
+  } unref{*this, hook.unit};
+
+  HookOutput output(hook);
+  bool out_open = true, err_open = true, canceled = false, overdue = false;
+  std::string result, last_status;
+  const auto now = [] { return std::chrono::steady_clock::now(); };
+  // systemd enforces the timeout; the daemon's own deadline only covers a systemd that does not.
+  const auto deadline =
+      now() + hook.timeout + std::chrono::microseconds(2 * kHookStopUsec) + std::chrono::seconds(5);
+  auto next_status = now() + kStatusPollInterval, next_job_check = now() + kJobCheckInterval;
+  std::optional<std::chrono::steady_clock::time_point> drain_until;
+  auto stop_unit = [&] {
+    try {
+      m_manager->StopUnit(hook.unit, "replace");
+    } catch (const sdbus::Error&) {
+      // Already gone: its JobRemoved says how it ended.
+    }
+  };
+  for (;;) {
+    if (result.empty()) {
+      std::lock_guard lock(m_mutex);
+      if (auto r = take_result(job)) result = *r;
+    }
+    if (!result.empty()) {
+      if (!drain_until) drain_until = now() + kDrainTime;
+      if ((!out_open && !err_open) || now() >= *drain_until) break;
+    }
+    pollfd fds[3] = {{out_open ? out_r.get() : -1, POLLIN, 0},
+                     {err_open ? err_r.get() : -1, POLLIN, 0},
+                     {canceled || !result.empty() ? -1 : hook.cancel_fd, POLLIN, 0}};
+    int n = ::poll(fds, 3, 100);
+    if (n < 0 && errno != EINTR) return system_error(errno, "waiting for the " + what);
+    if (out_open && (fds[0].revents & (POLLIN | POLLHUP | POLLERR)))
+      out_open = output.read_from(out_r.get(), true);
+    if (err_open && (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))
+      err_open = output.read_from(err_r.get(), false);
+    if (fds[2].fd >= 0 && (fds[2].revents & POLLIN)) {
+      canceled = true;
+      stop_unit();
+    }
+    if (!result.empty()) continue;
+    if (now() >= next_status && on_status) {
+      next_status = now() + kStatusPollInterval;
+      if (auto st = status(hook.unit); st && st->status_text != last_status) {
+        last_status = st->status_text;
+        if (!last_status.empty()) on_status(last_status);
+      }
+    }
+    if (now() >= next_job_check) {
+      next_job_check = now() + kJobCheckInterval;
+      // A dropped JobRemoved (a flooded queue) must not hang the hook's wait: once systemd no
+      // longer has the job, the unit's Result says how the hook ended.
+      std::lock_guard lock(m_calls_mutex);
+      try {
+        auto proxy = sdbus::createProxy(*m_calls, kService, job);
+        std::string state = proxy->getProperty("State").onInterface("org.freedesktop.systemd1.Job");
+      } catch (const sdbus::Error& e) {
+        if (e.getName() == "org.freedesktop.DBus.Error.UnknownObject" ||
+            e.getName() == "org.freedesktop.systemd1.NoSuchJob")
+          result = "gone";
+      }
+    }
+    if (!overdue && now() >= deadline) {
+      overdue = true;
+      stop_unit();
+    }
+    if (overdue && now() >= deadline + std::chrono::microseconds(2 * kHookStopUsec))
+      return Error(ErrorCode::kFailed, what + ": systemd did not end it within " +
+                                           std::to_string(hook.timeout.count()) + " s");
+  }
+  units::HookOutcome o;
+  output.fill(o);
+  auto st = status(hook.unit);
+  if (!st) return st.error().with_context(what + " ended, but how is unknown");
+  if (st->status_text != last_status && !st->status_text.empty() && on_status)
+    on_status(st->status_text);
+  o.run_usec = (st->exec_main_exit_usec > started ? st->exec_main_exit_usec : now_usec()) - started;
+  if (st->exec_main_start_usec > started) o.start_usec = st->exec_main_start_usec - started;
+  constexpr int kExited = 1, kKilled = 2, kDumped = 3;  // CLD_* from <signal.h>
+  if (canceled) {
+    o.how = units::HookOutcome::How::kCanceled;
+  } else if (st->result == "timeout" || overdue) {
+    o.how = units::HookOutcome::How::kTimedOut;
+  } else if (st->result == "success") {
+    o.how = units::HookOutcome::How::kExited;
+    o.status = 0;
+  } else if (st->result == "exit-code" && st->exec_main_code == kExited) {
+    o.how = units::HookOutcome::How::kExited;
+    o.status = st->exec_main_status;
+  } else if ((st->result == "signal" || st->result == "core-dump") &&
+             (st->exec_main_code == kKilled || st->exec_main_code == kDumped)) {
+    o.how = units::HookOutcome::How::kKilled;
+    o.status = st->exec_main_status;
+  } else {
+    o.how = units::HookOutcome::How::kFailed;
+    o.detail = st->result.empty() ? "job " + result : st->result;
+  }
+  return o;
+}
+
+Result<std::vector<std::string>> SystemdUnits::stop_leftovers(const std::string& app) {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  std::vector<std::string> names;
+  try {
+    auto units = m_manager->ListUnitsByPatterns({}, {"upgraded-hook-" + app + "-*.service"});
+    for (const auto& u : units) {
+      const std::string& name = u.get<0>();
+      // "upgraded-hook-<app>-<phase>-<n>.service": <app> may itself contain '-', so the rest
+      // must be a phase and a number.
+      std::string rest = name.substr(std::string("upgraded-hook-" + app + "-").size());
+      bool ours = false;
+      for (const char* phase : artifact::kHookNames)
+        ours = ours || rest.starts_with(std::string(phase) + "-");
+      if (!ours) continue;
+      const std::string& active = u.get<3>();
+      if (active == "inactive") continue;
+      names.push_back(name);
+    }
+  } catch (const sdbus::Error& e) {
+    return from_dbus(e, "listing the hook units of " + app);
+  }
+  for (const auto& name : names) {
+    if (auto r = stop(name, std::chrono::milliseconds(2 * kHookStopUsec / 1000 + 5000)); !r) {
+      // A failed unit that could not be stopped is ended anyway; one still running is not.
+      auto st = status(name);
+      if (st && (st->active_state == "active" || st->active_state == "activating" ||
+                 st->active_state == "deactivating"))
+        return r.error();
+    }
+    (void)reset_failed(name);
+  }
+  return names;
 }
 
 }  // namespace upgraded::daemon

@@ -13,6 +13,7 @@
 
 #include <sdbus-c++/TypeTraits.h>
 
+#include "upgraded/units/hook_runner.h"
 #include "upgraded/units/unit_control.h"
 
 namespace sdbus {
@@ -23,7 +24,7 @@ namespace upgraded::daemon {
 
 enum class Bus { kSystem, kUser };
 
-class SystemdUnits final : public units::UnitControl {
+class SystemdUnits final : public units::UnitControl, public units::HookRunner {
  public:
   /// Connects to systemd on `bus` and subscribes to its job signals. Fails when the bus or
   /// systemd is not reachable.
@@ -37,9 +38,22 @@ class SystemdUnits final : public units::UnitControl {
   Result<void> reset_failed(const std::string& unit) override;
   Result<void> reload() override;
 
+  /// A hook as a transient service (Type=oneshot) started with StartTransientUnit, its
+  /// stdout/stderr read through pipes (forwarded to the journal line by line), its STATUS=
+  /// texts polled from Service.StatusText. docs/hooks.md lists every property set.
+  Result<units::HookOutcome> run(const units::HookRun& hook,
+                                 const units::HookStatusFn& on_status) override;
+  Result<std::vector<std::string>> stop_leftovers(const std::string& app) override;
+
  private:
   class ManagerProxy;
-  SystemdUnits() = default;
+  explicit SystemdUnits(Bus bus);
+  struct Waiting;  // begin_wait/end_wait for a scope
+  /// Counts a wait for `unit`'s JobRemoved signals; undone by end_wait.
+  void begin_wait(const std::string& unit);
+  void end_wait(const std::string& unit);
+  /// The JobRemoved result of `job`, if it came (claimed: removed from what is kept).
+  std::optional<std::string> take_result(const std::string& job);
   Result<void> run_job(const char* verb, const std::string& unit,
                        std::chrono::milliseconds timeout);
   void on_job_removed(const std::string& sender, const std::string& job, const std::string& unit,
@@ -50,6 +64,7 @@ class SystemdUnits final : public units::UnitControl {
   std::optional<std::string> job_ended_without_signal(const char* verb, const std::string& unit,
                                                       const std::string& job);
 
+  Bus m_bus;
   std::unique_ptr<ManagerProxy> m_manager;      // owns its connection and signal thread
   sdbus::Slot m_owner_match;                    // NameOwnerChanged of systemd's name
   std::unique_ptr<sdbus::IConnection> m_calls;  // plain synchronous calls (properties)

@@ -2,6 +2,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <thread>
 
@@ -62,20 +63,23 @@ std::string describe_unhealthy(const std::string& unit, const units::UnitStatus&
 Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                                          const ActivationOptions& options,
                                          const ProgressFn& progress,
-                                         std::map<std::string, std::uint64_t>& downtime,
-                                         bool soak) {
+                                         std::map<std::string, std::uint64_t>& downtime, bool soak,
+                                         bool start_only) {
   const auto deadline = Clock::now() + std::chrono::seconds(m.health.deadline_s);
   std::map<std::string, std::uint32_t> restarts;
   int n = 0;
   for (const auto& unit : m.units) {
-    if (progress) progress("restarting " + unit, 40 + 40 * n++ / static_cast<int>(m.units.size()));
+    if (progress)
+      progress((start_only ? "starting " : "restarting ") + unit,
+               40 + 40 * n++ / static_cast<int>(m.units.size()));
     auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
     if (left <= milliseconds(0))
       return Error(ErrorCode::kFailed,
                    "health gate: deadline passed before " + unit + " was restarted");
     // A deliberate restart must not be refused because earlier ones hit the start limit.
     if (auto reset = m_units.reset_failed(unit); !reset) return reset.error();
-    auto r = m_units.restart(unit, std::min(left, options.job_timeout));
+    auto r = start_only ? m_units.start(unit, std::min(left, options.job_timeout))
+                        : m_units.restart(unit, std::min(left, options.job_timeout));
     if (!r) return r.error().with_context("health gate");
     auto st = m_units.status(unit);
     if (!st) return st.error();
@@ -106,6 +110,12 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
   return {};
 }
 
+bool has_activation_hooks(const artifact::Manifest& m) {
+  for (const char* h : {"pre_upgrade", "migrate", "health", "post_upgrade"})
+    if (m.hooks.count(h)) return true;
+  return false;
+}
+
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
                               const ActivationChecks& checks) {
   const bool allow_bad = checks.allow_bad, is_rollback = checks.is_rollback;
@@ -120,21 +130,55 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
   if (st.floor && policy::compare_versions(version, *st.floor) < 0 && !checks.allow_below_floor)
     return refuse(app + " " + version + " is below the version floor " + *st.floor +
                   " (downgrade protection; allow_below_floor overrides it)");
-  if (!m.hooks.empty())
+  if (!checks.hooks_runnable && has_activation_hooks(m))
     return refuse(app + " " + version +
-                  " declares hooks, which this version of upgraded does not run yet");
+                  " declares hooks, which only the daemon runs (as systemd units); activate it "
+                  "through the daemon");
   if (!is_rollback && st.current && !m.upgrade_from.empty()) {
     bool allowed = false;
     for (const auto& p : m.upgrade_from)
       allowed = allowed || policy::version_matches(*st.current, p);
-    if (!allowed)
-      return refuse(app + " " + version + " cannot be upgraded to from " + *st.current +
-                    " (upgrade_from)");
+    if (!allowed) {
+      std::string from;
+      for (const auto& p : m.upgrade_from)
+        from += (from.empty() ? "" : ", ") + p;
+      return refuse(version + " cannot be activated from " + *st.current +
+                    " (upgrade_from: " + from + ")");
+    }
   }
-  if (st.finalized_data_format && *st.finalized_data_format > m.data_format.writes)
-    return refuse(app + " " + version + " writes data format " +
-                  std::to_string(m.data_format.writes) + ", but format " +
-                  std::to_string(*st.finalized_data_format) + " is finalized");
+  if (st.finalized_data_format) {
+    const std::uint64_t f = *st.finalized_data_format;
+    const auto& df = m.data_format;
+    const std::string reads = version + " reads data formats " + std::to_string(df.reads_min) +
+                              "\u2013" + std::to_string(df.writes);
+    const std::string when = st.finalized_at ? " on " + *st.finalized_at : "";
+    if (f > df.writes)
+      return refuse(reads + "; format " + std::to_string(f) + " was finalized" + when +
+                    (st.last_backup ? "; restore backup '" + *st.last_backup + "' to go back"
+                                    : "; there is no backup to go back to"));
+    if (df.reads_min > f)
+      return refuse(reads + ", but the data is in format " + std::to_string(f) +
+                    " (finalized); activate and finalize a release that writes format " +
+                    std::to_string(df.reads_min) + " first");
+  }
+  return {};
+}
+
+Result<void> check_finalize(const store::AppState& st, const artifact::Manifest& m,
+                            bool no_backup) {
+  const std::string& app = st.app;
+  if (!st.current) return refuse(app + " has no current release");
+  auto rec = st.releases.find(*st.current);
+  if (rec == st.releases.end() || rec->second.status != store::ReleaseStatus::kGood)
+    return refuse(app + " " + *st.current +
+                  " is not confirmed healthy yet; finalize only a release marked good");
+  if (!st.pre_finalized())
+    return refuse("nothing to finalize: " + app + " " + *st.current + " writes data format " +
+                  std::to_string(m.data_format.writes) + ", which is finalized");
+  if (!m.hooks.count("backup") && !no_backup)
+    return refuse(app + " " + *st.current +
+                  " declares no backup hook; finalizing without a backup leaves no way back "
+                  "(option no_backup, upgradectl finalize --no-backup, does it anyway)");
   return {};
 }
 
@@ -153,8 +197,10 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   ActivationReport report;
   report.from = st->current.value_or("");
   report.to = version;
-  UPGRADED_TRY(check_activation(
-      *st, *m, ActivationChecks{options.allow_bad, is_rollback, options.allow_below_floor}));
+  UPGRADED_TRY(
+      check_activation(*st, *m,
+                       ActivationChecks{options.allow_bad, is_rollback, options.allow_below_floor,
+                                        options.hooks.runner != nullptr}));
   if (st->current == version) return report;
   std::optional<artifact::Manifest> old_manifest;
   if (st->current) {
@@ -162,6 +208,9 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     if (!om) return om.error();
     old_manifest = std::move(*om);
   }
+  if (has_activation_hooks(*m))
+    return run_hooked(lock, *st, *m, old_manifest, std::move(report), is_rollback, options,
+                      progress);
 
   store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
                         {}};
@@ -202,19 +251,28 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
                          progress);
 }
 
-// Automatic rollback: the old release, its units, checked again (active; no soak).
+// Automatic rollback: the old release, its units, checked again (active; no soak). Units of the
+// failed release that the old one does not have are stopped. No hooks run.
 Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
                                                     ActivationReport report,
                                                     const std::string& previous,
                                                     store::HistoryEntry h, const Error& failure,
                                                     const ActivationOptions& options,
-                                                    const ProgressFn& progress) {
+                                                    const ProgressFn& progress, bool mark_bad) {
   if (progress) progress("rolling back", 90);
-  (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
+  if (mark_bad) (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
   std::map<std::string, std::uint64_t> back_downtime;
   auto old_manifest = m_store.manifest(lock.app(), report.from);
-  Result<void> back = old_manifest ? m_store.switch_back(lock, report.from, previous)
-                                   : Result<void>(old_manifest.error());
+  Result<void> back = old_manifest ? Result<void>() : Result<void>(old_manifest.error());
+  if (back) {
+    if (auto failed = m_store.manifest(lock.app(), report.to)) {
+      for (auto it = failed->units.rbegin(); it != failed->units.rend() && back; ++it)
+        if (std::find(old_manifest->units.begin(), old_manifest->units.end(), *it) ==
+            old_manifest->units.end())
+          back = m_units.stop(*it, options.job_timeout);
+    }
+  }
+  if (back) back = m_store.switch_back(lock, report.from, previous);
   if (back)
     back = restart_and_gate(
         *old_manifest, options,
@@ -232,6 +290,191 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
   return Error(ErrorCode::kFailed, failure.message() + "; rolled back to " + report.from);
 }
 
+Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
+                                               const artifact::Manifest& m,
+                                               const std::string& phase, const std::string& from,
+                                               const std::string& to, const HookContext& ctx,
+                                               ActivationReport* report) {
+  auto hook = m.hooks.find(phase);
+  if (hook == m.hooks.end()) return units::HookOutcome{units::HookOutcome::How::kExited};
+  if (!ctx.runner)
+    return Error(ErrorCode::kPolicyRefused, "the " + phase + " hook of " + lock.app() + " " +
+                                                m.version +
+                                                " cannot run here: hooks run only in the daemon");
+  const std::string& app = lock.app();
+  auto st = m_store.state(app);
+  if (!st) return st.error();
+  units::HookRun run;
+  run.unit = "upgraded-hook-" + app + "-" + phase + "-" + std::to_string(ctx.job_id) + ".service";
+  run.app = app;
+  run.phase = phase;
+  const std::string dir = m_store.release_path(app, m.version);
+  run.exec = dir + "/" + hook->second.path;
+  run.working_directory = dir;
+  run.environment = {{"UPGRADED_APP", app},
+                     {"UPGRADED_PHASE", phase},
+                     {"UPGRADED_FROM", from},
+                     {"UPGRADED_TO", to},
+                     {"UPGRADED_RELEASE_DIR", dir},
+                     {"UPGRADED_DATA_FORMAT",
+                      st->finalized_data_format ? std::to_string(*st->finalized_data_format) : ""},
+                     {"UPGRADED_JOB", std::to_string(ctx.job_id)}};
+  run.read_write_paths = ctx.data_dirs;
+  run.user = ctx.user;
+  run.group = ctx.group;
+  run.hidden_paths = ctx.hidden_paths;
+  run.timeout = std::chrono::seconds(hook->second.timeout_s);
+  run.cancel_fd = ctx.cancel_fd;
+  crash_point(("hook." + phase + ".before").c_str());
+  auto outcome = ctx.runner->run(run, [&ctx, &phase](const std::string& status) {
+    if (ctx.on_status) ctx.on_status(phase, status);
+  });
+  if (!outcome) return outcome.error().with_context("the " + phase + " hook");
+  crash_point(("hook." + phase + ".after").c_str());
+  if (report) report->hook_start_usec[phase] = outcome->start_usec;
+  if (outcome->passed()) return outcome;
+  if (outcome->how == units::HookOutcome::How::kCanceled)
+    return Error(ErrorCode::kCanceled, "canceled while the " + phase + " hook ran");
+  std::string msg =
+      "the " + phase + " hook (" + hook->second.path + ") " + outcome->describe(run.timeout);
+  if (!outcome->tail.empty()) {
+    msg += "; its last output:";
+    for (const auto& line : outcome->tail)
+      msg += "\n    " + line;
+  }
+  return Error(ErrorCode::kFailed, msg);
+}
+
+// The activation of a release that declares hooks (docs/hooks.md):
+// pre_upgrade (old release serving) -> commit -> [migrate: stop units in reverse order ->]
+// switch -> [migrate -> start units | restart units] -> health gate + health hook ->
+// post_upgrade. A rollback runs the target's pre_upgrade and post_upgrade, never a migrate.
+Result<ActivationReport> Activator::run_hooked(
+    const store::AppLock& lock, const store::AppState& st, const artifact::Manifest& m,
+    const std::optional<artifact::Manifest>& old_manifest, ActivationReport report,
+    bool is_rollback, const ActivationOptions& options, const ProgressFn& progress) {
+  const std::string& app = lock.app();
+  const std::string& version = m.version;
+  const HookContext& ctx = options.hooks;
+  store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
+                        {}};
+  auto fail_untouched = [&](const Error& e) -> Result<ActivationReport> {
+    if (e.code() == ErrorCode::kCanceled)
+      return Error(ErrorCode::kCanceled, e.message() + "; nothing was changed");
+    h.result = "failed";
+    h.message = e.message() + "; nothing was changed, " +
+                (report.from.empty() ? "nothing was running" : report.from + " kept serving");
+    (void)m_store.append_history(lock, h);
+    return Error(e.code(), h.message);
+  };
+  if (progress) progress("pre_upgrade hook", 10);
+  if (auto r = run_hook(lock, m, "pre_upgrade", report.from, version, ctx, &report); !r)
+    return fail_untouched(r.error());
+  pause_point("activation.before_commit");
+  if (options.commit && !options.commit())
+    return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
+  const bool migrate = !is_rollback && m.hooks.count("migrate");
+  const std::string previous = st.previous.value_or("");
+  store::PendingActivation pending{h.op,     report.from, version,
+                                   previous, "",          migrate ? "stopping" : "starting"};
+  UPGRADED_TRY(m_store.begin_activation(lock, pending));
+  auto roll_back = [&](const Error& failure) -> Result<ActivationReport> {
+    h.message = failure.message();
+    if (is_rollback || report.from.empty()) {
+      (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
+      h.result = "failed";
+      (void)m_store.end_activation(lock);
+      (void)m_store.append_history(lock, h);
+      return failure;
+    }
+    return roll_back_after(lock, std::move(report), previous, std::move(h), failure, options,
+                           progress);
+  };
+  std::map<std::string, std::uint64_t> stopped_at;  // CLOCK_MONOTONIC µs each unit went down
+  if (migrate && old_manifest) {
+    // Nothing may write the data while it is migrated: the old release's units stop first,
+    // in reverse order.
+    int n = 0;
+    for (auto it = old_manifest->units.rbegin(); it != old_manifest->units.rend(); ++it) {
+      if (progress)
+        progress("stopping " + *it, 20 + 10 * n++ / static_cast<int>(old_manifest->units.size()));
+      if (auto r = m_units.stop(*it, options.job_timeout); !r)
+        return roll_back(r.error().with_context("stopping the units"));
+      if (auto su = m_units.status(*it); su && su->active_exit_usec != 0)
+        stopped_at[*it] = su->active_exit_usec;
+    }
+    crash_point("activation.after_stop");
+  }
+  if (progress) progress("switching", 30);
+  if (auto r = m_store.switch_to(lock, version); !r) {
+    if (!migrate) {
+      (void)m_store.end_activation(lock);
+      return r.error();
+    }
+    return roll_back(r.error());
+  }
+  crash_point("activation.after_switch");
+  if (migrate) {
+    pending.step = "migrate";
+    UPGRADED_TRY(m_store.begin_activation(lock, pending));
+    if (progress) progress("migrate hook", 35);
+    if (auto r = run_hook(lock, m, "migrate", report.from, version, ctx, &report); !r)
+      return roll_back(r.error());
+    pending.step = "starting";
+    UPGRADED_TRY(m_store.begin_activation(lock, pending));
+  }
+  auto gate = restart_and_gate(m, options, progress, report.downtime_usec, /*soak=*/true,
+                               /*start_only=*/migrate);
+  if (migrate) {
+    // From the stop to active again: the start's timestamps against the stop's.
+    for (const auto& unit : m.units)
+      if (auto su = m_units.status(unit);
+          su && stopped_at.count(unit) && su->active_enter_usec > stopped_at[unit])
+        report.downtime_usec[unit] = su->active_enter_usec - stopped_at[unit];
+  }
+  if (!gate) return roll_back(gate.error());
+  if (auto r = finish_hooked(lock, m, report.from, previous, report, options, progress); !r)
+    return roll_back(r.error());
+  h.result = "done";
+  h.downtime_usec = report.downtime_usec;
+  (void)m_store.append_history(lock, h);
+  if (progress) progress("done", 100);
+  return report;
+}
+
+Result<void> Activator::finish_hooked(const store::AppLock& lock, const artifact::Manifest& m,
+                                      const std::string& from, const std::string& previous,
+                                      ActivationReport& report, const ActivationOptions& options,
+                                      const ProgressFn& progress) {
+  const std::string& version = m.version;
+  if (progress && m.hooks.count("health")) progress("health hook", 86);
+  if (auto r = run_hook(lock, m, "health", from, version, options.hooks, &report); !r)
+    return r.error().code() == ErrorCode::kCanceled ? r.error()
+                                                    : r.error().with_context("health gate");
+  if (m.hooks.count("post_upgrade")) {
+    auto pending = m_store.pending_activation(lock.app());
+    if (pending && *pending) {
+      store::PendingActivation p = **pending;
+      p.step = "post_upgrade";
+      UPGRADED_TRY(m_store.begin_activation(lock, p));
+    }
+    if (progress) progress("post_upgrade hook", 92);
+    UPGRADED_TRY(run_hook(lock, m, "post_upgrade", from, version, options.hooks, &report));
+  }
+  (void)previous;
+  (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
+  (void)m_store.end_activation(lock);
+  return {};
+}
+
+// After a crash (docs/hooks.md, "Crash safety"): a hook that was running is never run again
+// blindly. What was interrupted decides:
+//  - queued (staged offline): the whole activation runs now;
+//  - restart (no hooks), or a rollback, or `current` not yet switched: the units of `current`
+//    are restarted and gated, as before hooks existed;
+//  - stopping, migrate, post_upgrade: the hook's outcome is unknown, so it counts as failed:
+//    switched back, the old units started; the release is not marked bad (it did not fail);
+//  - starting (migrated): the units are started and gated, then health and post_upgrade.
 Result<ActivationReport> Activator::resume(const store::AppLock& lock,
                                            const ActivationOptions& options,
                                            const ProgressFn& progress) {
@@ -241,6 +484,24 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   ActivationReport report;
   if (!*pending) return report;
   const store::PendingActivation p = **pending;
+  if (p.step == "queued") {
+    ActivationOptions o = options;
+    o.commit = nullptr;
+    auto r = run(lock, p.to, p.op == "rollback", o, progress);
+    if (!r) {
+      // A refusal (or anything before the record was replaced) leaves the queue entry: drop it.
+      auto still = m_store.pending_activation(app);
+      if (still && *still && (*still)->step == "queued") {
+        (void)m_store.end_activation(lock);
+        store::HistoryEntry h{
+            "",   p.op,     p.from,
+            p.to, "failed", "the " + p.op + " queued by an offline install: " + r.error().message(),
+            {}};
+        (void)m_store.append_history(lock, h);
+      }
+    }
+    return r;
+  }
   auto st = m_store.state(app);
   if (!st) return st.error();
   report.from = p.from;
@@ -253,7 +514,28 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   }
   auto m = m_store.manifest(app, *st->current);
   if (!m) return m.error();
+  const bool hooked = p.step != "restart" && p.op == "activate" && *st->current == p.to;
+  if (hooked && p.step != "starting") {
+    const std::string phase = p.step == "stopping" ? "stop" : p.step;
+    Error interrupted(
+        ErrorCode::kFailed,
+        "interrupted during the " + phase + " step of activating " + p.to +
+            (p.step == "stopping" ? "" : "; the " + p.step + " hook is not run again"));
+    h.message += ": " + interrupted.message();
+    if (!p.from.empty() && st->releases.count(p.from)) {
+      report.to = p.to;
+      std::string previous = st->releases.count(p.previous) ? p.previous : "";
+      return roll_back_after(lock, std::move(report), previous, std::move(h), interrupted, options,
+                             progress, /*mark_bad=*/false);
+    }
+    (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kBad);
+    (void)m_store.end_activation(lock);
+    h.result = "failed";
+    (void)m_store.append_history(lock, h);
+    return interrupted;
+  }
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
+  if (gate && hooked) gate = finish_hooked(lock, *m, p.from, p.previous, report, options, progress);
   if (gate) {
     if (*st->current == p.to) (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kGood);
     (void)m_store.end_activation(lock);
@@ -275,6 +557,66 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   h.result = "failed";
   (void)m_store.append_history(lock, h);
   return gate.error();
+}
+
+Result<FinalizeReport> Activator::finalize(const store::AppLock& lock,
+                                           const FinalizeOptions& options,
+                                           const ProgressFn& progress) {
+  const std::string& app = lock.app();
+  if (progress) progress("checking", 5);
+  auto pending = m_store.pending_activation(app);
+  if (!pending) return pending.error();
+  if (*pending)
+    return refuse("an activation of " + app + " " + (*pending)->to +
+                  " is not finished; finalize once it is");
+  auto st = m_store.state(app);
+  if (!st) return st.error();
+  if (!st->current) return refuse(app + " has no current release");
+  auto m = m_store.manifest(app, *st->current);
+  if (!m) return m.error();
+  UPGRADED_TRY(check_finalize(*st, *m, options.no_backup));
+  FinalizeReport report{*st->current, m->data_format.writes, ""};
+  const std::string before = std::to_string(st->finalized_data_format.value_or(0));
+  store::HistoryEntry h{"", "finalize", before, std::to_string(report.format), "", "", {}};
+  auto failed = [&](const Error& e) -> Result<FinalizeReport> {
+    if (e.code() == ErrorCode::kCanceled) return e;
+    h.result = "failed";
+    h.message = e.message() + "; " + app + " stays pre-finalized (data format " + before + ")";
+    h.backup = report.backup;
+    (void)m_store.append_history(lock, h);
+    return Error(e.code(), h.message);
+  };
+  if (m->hooks.count("backup")) {
+    if (progress) progress("backup hook", 20);
+    auto b = run_hook(lock, *m, "backup", "", report.version, options.hooks, nullptr);
+    if (!b) return failed(b.error());
+    auto& name = b->last_stdout_line;
+    auto first = name.find_first_not_of(" \t\r");
+    auto last = name.find_last_not_of(" \t\r");
+    report.backup = first == std::string::npos ? "" : name.substr(first, last - first + 1);
+    if (report.backup.empty())
+      return failed(Error(ErrorCode::kFailed,
+                          "the backup hook printed no backup name (its last line on stdout)"));
+    if (report.backup.size() > 200) report.backup.resize(200);
+  }
+  pause_point("finalize.before_commit");
+  if (options.commit && !options.commit())
+    return Error(ErrorCode::kCanceled, "canceled before " + app + " was finalized");
+  if (progress) progress("finalize hook", 60);
+  if (auto f = run_hook(lock, *m, "finalize", "", report.version, options.hooks, nullptr); !f)
+    return failed(f.error());
+  crash_point("finalize.before_record");
+  if (progress) progress("recording", 90);
+  if (auto r = m_store.record_finalized_data_format(lock, report.format, report.backup); !r)
+    return failed(r.error());
+  h.result = "done";
+  h.backup = report.backup;
+  h.message = "data format " + std::to_string(report.format) + " of " + app + " " + report.version +
+              " finalized" +
+              (report.backup.empty() ? " without a backup" : "; backup '" + report.backup + "'");
+  (void)m_store.append_history(lock, h);
+  if (progress) progress("done", 100);
+  return report;
 }
 
 // An activation that a crash interrupted is finished first, so that the units match `current`

@@ -64,13 +64,20 @@ std::vector<std::string> AppState::versions_in_order() const {
   return out;
 }
 
+bool AppState::pre_finalized() const {
+  if (!current) return false;
+  auto it = releases.find(*current);
+  return it != releases.end() && it->second.data_format.writes > finalized_data_format.value_or(0);
+}
+
 Result<AppState> parse_state(std::string_view text) {
   auto parsed = artifact::parse_strict_json(text, "state.json");
   if (!parsed) return corrupt(parsed.error().message());
   const json& doc = *parsed;
   if (auto r = artifact::json_only_keys(doc,
                                         {"format", "app", "current", "previous", "last_known_good",
-                                         "floor", "finalized_data_format", "releases"},
+                                         "floor", "finalized_data_format", "finalized_at",
+                                         "last_backup", "pending_since", "good_since", "releases"},
                                         "state.json");
       !r)
     return corrupt(r.error().message());
@@ -91,6 +98,15 @@ Result<AppState> parse_state(std::string_view text) {
     auto v = artifact::json_uint(doc, "finalized_data_format", "state.json", UINT32_MAX);
     if (!v) return corrupt(v.error().message());
     st.finalized_data_format = *v;
+  }
+  for (auto [key, field] :
+       {std::pair{"finalized_at", &st.finalized_at}, std::pair{"last_backup", &st.last_backup},
+        std::pair{"pending_since", &st.pending_since}, std::pair{"good_since", &st.good_since}}) {
+    auto it = doc.find(key);
+    if (it == doc.end() || it->is_null()) continue;
+    auto v = artifact::json_string(doc, key, "state.json");
+    if (!v || v->size() > 256) return corrupt(std::string("invalid ") + key);
+    *field = *v;
   }
   auto rels = doc.find("releases");
   if (rels == doc.end() || !rels->is_object()) return corrupt("releases must be an object");
@@ -138,6 +154,11 @@ std::string serialize_state(const AppState& st) {
   doc["floor"] = opt(st.floor);
   doc["finalized_data_format"] =
       st.finalized_data_format ? json(*st.finalized_data_format) : json(nullptr);
+  // Written only once set, so that state files of apps that never used them stay as they were.
+  for (auto [key, field] :
+       {std::pair{"finalized_at", &st.finalized_at}, std::pair{"last_backup", &st.last_backup},
+        std::pair{"pending_since", &st.pending_since}, std::pair{"good_since", &st.good_since}})
+    if (*field) doc[key] = **field;
   doc["releases"] = nlohmann::ordered_json::object();
   for (const auto& v : st.versions_in_order()) {
     const auto& r = st.releases.at(v);

@@ -30,6 +30,7 @@ constexpr const char* kState = "state.json";
 constexpr const char* kJournal = "journal.json";
 constexpr const char* kCurrent = "current";
 constexpr const char* kCurrentNew = "current.new";
+constexpr const char* kDataFormat = "data-format";
 constexpr std::size_t kMaxStateSize = 16 << 20;
 
 std::string now_rfc3339() {
@@ -205,6 +206,16 @@ Result<void> reconcile_current(int appfd, const AppState& st, bool always_sync =
   return fs::sync_fd(appfd, "app directory");
 }
 
+// Makes `data-format` (one integer and a newline) say st.finalized_data_format, durably; it
+// follows state.json, the commit point, like `current` does.
+Result<void> reconcile_data_format(int appfd, const AppState& st) {
+  if (!st.finalized_data_format) return {};
+  std::string want = std::to_string(*st.finalized_data_format) + "\n";
+  auto have = fs::read_file(appfd, kDataFormat, 64);
+  if (have && *have == want) return {};
+  return fs::write_file_atomic(appfd, kDataFormat, want, 0644);
+}
+
 // Deletes a release tree and its manifest.
 Result<void> delete_release_files(int appfd, const std::string& tree, const std::string& version) {
   UPGRADED_TRY(fs::remove_tree(appfd, tree));
@@ -274,6 +285,7 @@ Result<void> recover_app(int appfd, const std::string& app) {
   UPGRADED_TRY(sync_dir(appfd, "manifests"));
   if (had_state && st != before) UPGRADED_TRY(write_state(appfd, st));
   if (had_state) UPGRADED_TRY(reconcile_current(appfd, st));
+  if (had_state) UPGRADED_TRY(reconcile_data_format(appfd, st));
   if (*journal) UPGRADED_TRY(remove_journal(appfd));
   return {};
 }
@@ -300,6 +312,10 @@ Result<Store> Store::open(StoreOptions options) {
       store.m_recovery_errors.emplace(app, lock.error());
   }
   return store;
+}
+
+std::string Store::release_path(const std::string& app, const std::string& version) const {
+  return app_root(app) + "/" + release_name(version);
 }
 
 std::string Store::app_root(const std::string& app) const {
@@ -521,6 +537,17 @@ Result<void> Store::switch_impl(const AppLock& lock, const std::string& version,
   st.current = version;
   auto& rec = st.releases[version];
   if (rec.status == ReleaseStatus::kStaged) rec.status = ReleaseStatus::kActive;
+  st.good_since.reset();
+  // The first release an app ever runs creates its data: in the format it writes, with nothing
+  // older to go back to (docs/state.md, "Data formats").
+  if (!before.current && !st.finalized_data_format) {
+    st.finalized_data_format = rec.data_format.writes;
+    st.finalized_at = now_rfc3339();
+  }
+  if (!st.pre_finalized())
+    st.pending_since.reset();
+  else if (!st.pending_since)
+    st.pending_since = now_rfc3339();
   // state.json first (the commit point), then the symlink; one directory fsync makes both
   // renames durable. Recovery makes `current` follow state.json whichever rename survived.
   if (auto r = commit_state(dfd, st, &before, /*sync_dir=*/false); !r) return r.error();
@@ -530,6 +557,8 @@ Result<void> Store::switch_impl(const AppLock& lock, const std::string& version,
     (void)reconcile_current(dfd, before);
     return r.error().with_context("switching " + st.app + " to " + version);
   }
+  if (st.finalized_data_format != before.finalized_data_format)
+    return reconcile_data_format(dfd, st);
   return {};
 }
 
@@ -585,6 +614,9 @@ Result<void> Store::set_status(const AppLock& lock, const std::string& version,
   if (it == st.releases.end()) return unknown_release(st.app, version);
   it->second.status = status;
   if (status == ReleaseStatus::kGood) st.last_known_good = version;
+  if (status == ReleaseStatus::kGood && st.current == version && !st.good_since)
+    st.good_since = now_rfc3339();
+  if (status != ReleaseStatus::kGood && st.current == version) st.good_since.reset();
   if (status == ReleaseStatus::kBad && st.last_known_good == version) st.last_known_good.reset();
   return commit_state(l->fd.get(), st, &before);
 }
@@ -614,7 +646,8 @@ Result<void> Store::raise_floor(const AppLock& lock, const std::string& version)
   return commit_state(l->fd.get(), st, &before);
 }
 
-Result<void> Store::record_finalized_data_format(const AppLock& lock, std::uint64_t format) const {
+Result<void> Store::record_finalized_data_format(const AppLock& lock, std::uint64_t format,
+                                                 const std::string& backup) const {
   auto l = open_locked(app_root(lock.app()), lock.app());
   if (!l) return l.error();
   const AppState before = l->state;
@@ -625,7 +658,11 @@ Result<void> Store::record_finalized_data_format(const AppLock& lock, std::uint6
                                                 " and never goes down");
   if (st.finalized_data_format == format) return {};
   st.finalized_data_format = format;
-  return commit_state(l->fd.get(), st, &before);
+  st.finalized_at = now_rfc3339();
+  st.last_backup = backup.empty() ? std::nullopt : std::optional<std::string>(backup);
+  if (!st.pre_finalized()) st.pending_since.reset();
+  UPGRADED_TRY(commit_state(l->fd.get(), st, &before));
+  return reconcile_data_format(l->fd.get(), st);
 }
 
 Result<GcReport> Store::gc(const AppLock& lock, const GcPolicy& policy) const {
@@ -665,8 +702,11 @@ json history_to_json(const HistoryEntry& e) {
   json downtime = json::object();
   for (const auto& [unit, usec] : e.downtime_usec)
     downtime[unit] = usec;
-  return {{"time", e.time},     {"op", e.op},           {"from", e.from},           {"to", e.to},
-          {"result", e.result}, {"message", e.message}, {"downtime_usec", downtime}};
+  json doc = {
+      {"time", e.time},     {"op", e.op},           {"from", e.from},           {"to", e.to},
+      {"result", e.result}, {"message", e.message}, {"downtime_usec", downtime}};
+  if (!e.backup.empty()) doc["backup"] = e.backup;
+  return doc;
 }
 
 std::optional<HistoryEntry> history_from_json(const std::string& line) {
@@ -682,6 +722,7 @@ std::optional<HistoryEntry> history_from_json(const std::string& line) {
   e.to = str("to");
   e.result = str("result");
   e.message = str("message");
+  e.backup = str("backup");
   if (doc.contains("downtime_usec") && doc["downtime_usec"].is_object())
     for (const auto& [unit, v] : doc["downtime_usec"].items())
       if (v.is_number_unsigned()) e.downtime_usec[unit] = v.get<std::uint64_t>();
@@ -743,11 +784,9 @@ constexpr const char* kActivation = "activation.json";
 Result<void> Store::begin_activation(const AppLock& lock, const PendingActivation& p) const {
   auto appfd = fs::open_directory(app_root(lock.app()));
   if (!appfd) return appfd.error();
-  json doc = {{"op", p.op},
-              {"from", p.from},
-              {"to", p.to},
-              {"previous", p.previous},
-              {"started", now_rfc3339()}};
+  json doc = {{"op", p.op},     {"from", p.from},
+              {"to", p.to},     {"previous", p.previous},
+              {"step", p.step}, {"started", p.started.empty() ? now_rfc3339() : p.started}};
   return fs::write_file_atomic(appfd->get(), kActivation, doc.dump() + "\n", 0644);
 }
 
@@ -780,10 +819,20 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
   auto started = artifact::json_string(*doc, "started", kActivation);
   if (!op || !from || !to || !previous || !started || (*op != "activate" && *op != "rollback"))
     return bad;
+  std::string step = "restart";  // absent in records written before steps were journaled
+  if (doc->contains("step")) {
+    auto s = artifact::json_string(*doc, "step", kActivation);
+    if (!s) return bad;
+    step = *s;
+  }
+  if (step != "queued" && step != "restart" && step != "stopping" && step != "migrate" &&
+      step != "starting" && step != "post_upgrade")
+    return bad;
   if ((!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to) ||
       (!previous->empty() && !policy::validate_version(*previous)))
     return bad;
-  return std::optional<PendingActivation>(PendingActivation{*op, *from, *to, *previous, *started});
+  return std::optional<PendingActivation>(
+      PendingActivation{*op, *from, *to, *previous, *started, step});
 }
 
 }  // namespace upgraded::store

@@ -4,8 +4,13 @@
 #include <gtest/gtest.h>
 #include <time.h>
 
+#include <sys/eventfd.h>
+#include <unistd.h>
 #include <chrono>
 #include <cstdlib>
+
+#include <atomic>
+#include <filesystem>
 #include <thread>
 
 #include "support/test_dir.h"
@@ -152,4 +157,158 @@ TEST_F(RealSystemd, RunsJobsForSeveralUnitsAtOnce) {
   for (auto& t : threads)
     t.join();
   EXPECT_EQ(ok.load(), 4);
+}
+
+// --- hooks as transient units -------------------------------------------------------------------
+
+namespace {
+
+class Hooks : public RealSystemd {
+ protected:
+  // A hook script in the test's directory, and a data directory it may write.
+  units::HookRun hook(const std::string& name, const std::string& body,
+                      std::chrono::seconds timeout = 30s) {
+    test::make_dirs(dir / "data");
+    test::write_file(dir / name, "#!/bin/sh\n" + body, 0755);
+    units::HookRun h;
+    h.unit = "upgraded-hook-demo-" + name + "-" + std::to_string(++n) + ".service";
+    h.app = "demo";
+    h.phase = name;
+    h.exec = dir / name;
+    h.working_directory = dir.path();
+    h.environment = {{"UPGRADED_APP", "demo"}, {"UPGRADED_PHASE", name}};
+    h.read_write_paths = {dir / "data"};
+    h.timeout = timeout;
+    return h;
+  }
+  test::TempDir dir;
+  int n = 0;
+};
+
+}  // namespace
+
+TEST_F(Hooks, RunsAHookAsATransientUnitWithItsEnvironmentAndOutput) {
+  auto h = hook("pre_upgrade",
+                "echo \"app=$UPGRADED_APP phase=$UPGRADED_PHASE cwd=$(pwd)\"\n"
+                "echo warning >&2\n"
+                "systemd-notify --status='half way'\nsleep 0.5\n"
+                "echo written >\"$(pwd)/data/out\"\n"
+                "printf 'snap-0042\\n\\n'\n");
+  std::vector<std::string> statuses;
+  auto o = units->run(h, [&](const std::string& s) { statuses.push_back(s); });
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_TRUE(o->passed()) << o->describe(h.timeout);
+  ASSERT_EQ(o->tail.size(), 4u);
+  EXPECT_EQ(o->tail[0], "app=demo phase=pre_upgrade cwd=" + dir.path());
+  EXPECT_EQ(o->last_stdout_line, "snap-0042");
+  EXPECT_EQ(test::read_file(dir / "data/out"), "written\n");
+  ASSERT_FALSE(statuses.empty());
+  EXPECT_EQ(statuses.back(), "half way");
+  EXPECT_GT(o->start_usec, 0u);
+  EXPECT_LT(o->start_usec, 5'000'000u);
+  // Collected once read: the name is free again.
+  auto st = units->status(h.unit);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->load_state, "not-found");
+}
+
+TEST_F(Hooks, ReportsExitStatusSignalAndTimeout) {
+  auto h = hook("migrate", "echo line1\necho line2\nexit 3\n");
+  auto o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_EQ(o->how, units::HookOutcome::How::kExited);
+  EXPECT_EQ(o->status, 3);
+  EXPECT_EQ(o->tail, (std::vector<std::string>{"line1", "line2"}));
+  EXPECT_EQ(o->describe(h.timeout).rfind("exited with status 3 after ", 0), 0u);
+
+  h = hook("health", "kill -9 $$\n");
+  o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_EQ(o->how, units::HookOutcome::How::kKilled);
+  EXPECT_EQ(o->status, 9);
+
+  h = hook("post_upgrade", "echo started\nexec sleep 60\n", 1s);
+  auto t0 = std::chrono::steady_clock::now();
+  o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_EQ(o->how, units::HookOutcome::How::kTimedOut);
+  EXPECT_EQ(o->describe(h.timeout), "timed out after 1 s");
+  EXPECT_EQ(o->tail, std::vector<std::string>{"started"});
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
+}
+
+TEST_F(Hooks, KeepsOnlyTheLastLinesOfALongOutput) {
+  auto h = hook("migrate",
+                "i=0\nwhile [ $i -lt 500 ]; do echo \"line $i\"; i=$((i+1)); done\n"
+                "head -c 10000 /dev/zero | tr '\\0' x\n");
+  auto o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  std::size_t bytes = 0;
+  for (const auto& l : o->tail)
+    bytes += l.size() + 1;
+  EXPECT_LE(o->tail.size(), units::kHookTailLines);
+  EXPECT_LE(bytes, units::kHookTailBytes);
+  EXPECT_EQ(o->tail.back().find_first_not_of('x'), std::string::npos);
+}
+
+TEST_F(Hooks, CancelStopsTheHook) {
+  auto h = hook("pre_upgrade", "touch \"$(pwd)/data/started\"\nexec sleep 60\n");
+  int efd = ::eventfd(0, EFD_CLOEXEC);
+  ASSERT_GE(efd, 0);
+  h.cancel_fd = efd;
+  std::thread canceler([&] {
+    for (int i = 0; i < 100 && !std::filesystem::exists(std::string(dir / "data/started")); ++i)
+      std::this_thread::sleep_for(50ms);
+    std::uint64_t one = 1;
+    (void)!::write(efd, &one, sizeof one);
+  });
+  auto o = units->run(h, {});
+  canceler.join();
+  ::close(efd);
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_EQ(o->how, units::HookOutcome::How::kCanceled);
+  EXPECT_EQ(units->status(h.unit)->load_state, "not-found");
+}
+
+TEST_F(Hooks, WritesOutsideTheDataDirectoriesFail) {
+  test::make_dirs(dir / "elsewhere");
+  auto h = hook("migrate", "echo x >\"$(pwd)/elsewhere/file\" || exit 7\n");
+  auto o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_EQ(o->how, units::HookOutcome::How::kExited);
+  EXPECT_EQ(o->status, 7);
+  EXPECT_FALSE(std::filesystem::exists(std::string(dir / "elsewhere/file")));
+  // Hidden paths are an empty tmpfs; a missing one is a loud failure, not a silent no-sandbox.
+  test::make_dirs(dir / "conf");
+  test::write_file(dir / "conf/secret", "k");
+  h = hook("health", "ls \"$(pwd)/conf\" | grep -q . && exit 5; exit 0\n");
+  h.hidden_paths = {dir / "conf"};
+  o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_TRUE(o->passed()) << o->describe(h.timeout);
+}
+
+TEST_F(Hooks, AMissingProgramOrNameClashIsReported) {
+  auto h = hook("backup", "exit 0\n");
+  h.exec = dir / "no-such-hook";
+  auto o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_FALSE(o->passed());
+  EXPECT_EQ(o->how, units::HookOutcome::How::kExited);
+  EXPECT_EQ(o->status, 203);  // EXIT_EXEC
+}
+
+TEST_F(Hooks, StopsHooksALostDaemonLeftRunning) {
+  // A hook another connection started (as a daemon that then died would have), still running.
+  auto other = SystemdUnits::connect(Bus::kUser);
+  ASSERT_TRUE(other.ok());
+  auto h = hook("migrate", "touch \"$(pwd)/data/running\"\nexec sleep 60\n");
+  std::thread runner([&] { (void)(*other)->run(h, {}); });
+  for (int i = 0; i < 100 && !std::filesystem::exists(std::string(dir / "data/running")); ++i)
+    std::this_thread::sleep_for(50ms);
+  auto stopped = units->stop_leftovers("demo");
+  ASSERT_TRUE(stopped.ok()) << stopped.error().message();
+  EXPECT_EQ(*stopped, std::vector<std::string>{h.unit});
+  runner.join();
+  EXPECT_TRUE(units->stop_leftovers("demo")->empty());
 }

@@ -8,12 +8,29 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "upgraded/store/store.h"
+#include "upgraded/units/hook_runner.h"
 #include "upgraded/units/unit_control.h"
 
 namespace upgraded::activation {
+
+/// What hooks need from the host: who runs them, as whom, what they may write.
+struct HookContext {
+  /// Null: hooks cannot run here (upgradectl --offline); releases that declare activation
+  /// hooks are refused.
+  units::HookRunner* runner = nullptr;
+  std::uint32_t job_id = 0;               ///< names the hook units, UPGRADED_JOB
+  std::vector<std::string> data_dirs;     ///< the app's data: the only paths hooks may write
+  std::string user, group;                ///< whom hooks run as (empty: the manager's user)
+  std::vector<std::string> hidden_paths;  ///< hidden from hooks (the daemon's configuration)
+  int cancel_fd = -1;                     ///< readable once the job is canceled
+  /// Each hook's STATUS= texts, for the job's Step.
+  std::function<void(const std::string& phase, const std::string& status)> on_status;
+};
 
 struct ActivationOptions {
   /// How long one systemd job (a unit's restart) may take.
@@ -30,6 +47,7 @@ struct ActivationOptions {
   /// rollback(): the target the caller announced (empty: any). If finishing an interrupted
   /// activation first changed it, nothing is rolled back.
   std::string expected_target;
+  HookContext hooks;
 };
 
 struct ActivationReport {
@@ -38,6 +56,22 @@ struct ActivationReport {
   bool rolled_back = false;
   /// Per unit: from leaving "active" to being active again (systemd's monotonic timestamps).
   std::map<std::string, std::uint64_t> downtime_usec;
+  /// Per hook run: from the start call to its process running (systemd's timestamp).
+  std::map<std::string, std::uint64_t> hook_start_usec;
+};
+
+struct FinalizeOptions {
+  /// Finalize a release that declares no backup hook (refused otherwise).
+  bool no_backup = false;
+  /// As ActivationOptions::commit: called after the backup, before the finalize hook.
+  std::function<bool()> commit;
+  HookContext hooks;
+};
+
+struct FinalizeReport {
+  std::string version;       ///< the current release, whose data format was finalized
+  std::uint64_t format = 0;  ///< the data format finalized
+  std::string backup;        ///< the backup's name (empty: no backup)
 };
 
 /// Progress steps, for job objects: "checking", "switching", "restarting <unit>",
@@ -49,16 +83,26 @@ struct ActivationChecks {
   bool allow_bad = false;
   bool is_rollback = false;
   bool allow_below_floor = false;
+  /// Hooks can run (the daemon): otherwise releases declaring activation hooks are refused.
+  bool hooks_runnable = true;
 };
+
+/// The hooks that take part in an activation (pre_upgrade, migrate, health, post_upgrade).
+bool has_activation_hooks(const artifact::Manifest& m);
 
 /// The policy checks of activating the release `m` describes, with the app's state `st`: it is
 /// installed, not marked bad (unless `allow_bad`), not below the version floor (unless
-/// `allow_below_floor`), declares no hooks, its upgrade_from admits the current release (not
-/// for a rollback), and it writes a data format at least as new as the finalized one.
-/// kPolicyRefused (kNotFound for a missing release). Activating the current release passes once
-/// it is not bad.
+/// `allow_below_floor`), its hooks can run, its upgrade_from admits the current release (not
+/// for a rollback), and it can read and write the finalized data format
+/// (reads_min <= finalized <= writes). kPolicyRefused (kNotFound for a missing release), with
+/// the reason in words. Activating the current release passes once it is not bad.
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
                               const ActivationChecks& checks);
+
+/// The checks of finalizing the app's current release (`m` its manifest): it is marked good,
+/// its data format is newer than the finalized one, and it declares a backup hook unless
+/// `no_backup`. kPolicyRefused with the reason.
+Result<void> check_finalize(const store::AppState& st, const artifact::Manifest& m, bool no_backup);
 
 class Activator {
  public:
@@ -72,8 +116,10 @@ class Activator {
   /// switch the previous release is switched back and its units restarted, the new release is
   /// marked bad, and the error says why ("health gate: hello.service is failed (exit-code,
   /// status 3) 0.4 s after it started"). On success the release is marked good. Every outcome
-  /// is appended to the history. Releases that declare hooks are refused: this build does not
-  /// run hooks yet.
+  /// is appended to the history. A release with hooks runs them around this (docs/hooks.md):
+  /// pre_upgrade before anything changes; with a migrate hook the units are stopped, `current`
+  /// switched, migrate run and the units started (instead of restarted); the health hook ends
+  /// the gate; post_upgrade follows it.
   Result<ActivationReport> activate(const store::AppLock& lock, const std::string& version,
                                     const ActivationOptions& options = {},
                                     const ProgressFn& progress = {});
@@ -83,6 +129,13 @@ class Activator {
   Result<ActivationReport> rollback(const store::AppLock& lock,
                                     const ActivationOptions& options = {},
                                     const ProgressFn& progress = {});
+
+  /// Finalizes the current release's data format: the backup hook (its last stdout line names
+  /// the backup), then commit, the finalize hook, and the format recorded (the commit point;
+  /// releases that cannot read it can no longer be activated). Failures leave the app
+  /// pre-finalized.
+  Result<FinalizeReport> finalize(const store::AppLock& lock, const FinalizeOptions& options,
+                                  const ProgressFn& progress = {});
 
   /// Finishes an activation that a crash interrupted (Store::pending_activation): restarts the
   /// units of the release `current` names, so the running processes match it, and runs the
@@ -98,13 +151,31 @@ class Activator {
   Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
                                bool is_rollback, const ActivationOptions& options,
                                const ProgressFn& progress);
+  Result<ActivationReport> run_hooked(const store::AppLock& lock, const store::AppState& st,
+                                      const artifact::Manifest& m,
+                                      const std::optional<artifact::Manifest>& old_manifest,
+                                      ActivationReport report, bool is_rollback,
+                                      const ActivationOptions& options, const ProgressFn& progress);
+  /// After the units of `m` are active: the health hook, then post_upgrade (journaled), then
+  /// the release marked good and the history written.
+  Result<void> finish_hooked(const store::AppLock& lock, const artifact::Manifest& m,
+                             const std::string& from, const std::string& previous,
+                             ActivationReport& report, const ActivationOptions& options,
+                             const ProgressFn& progress);
   Result<ActivationReport> roll_back_after(const store::AppLock& lock, ActivationReport report,
                                            const std::string& previous, store::HistoryEntry h,
                                            const Error& failure, const ActivationOptions& options,
-                                           const ProgressFn& progress);
+                                           const ProgressFn& progress, bool mark_bad = true);
   Result<void> restart_and_gate(const artifact::Manifest& m, const ActivationOptions& options,
                                 const ProgressFn& progress,
-                                std::map<std::string, std::uint64_t>& downtime, bool soak);
+                                std::map<std::string, std::uint64_t>& downtime, bool soak,
+                                bool start_only = false);
+  /// Runs one of `m`'s hooks (if declared: otherwise passes) with FROM/TO as given. An error
+  /// says which hook failed and how, with its last lines of output; kCanceled if canceled.
+  Result<units::HookOutcome> run_hook(const store::AppLock& lock, const artifact::Manifest& m,
+                                      const std::string& phase, const std::string& from,
+                                      const std::string& to, const HookContext& ctx,
+                                      ActivationReport* report);
 
   const store::Store& m_store;
   units::UnitControl& m_units;

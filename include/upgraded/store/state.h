@@ -37,6 +37,14 @@ struct AppState {
   std::optional<std::string> last_known_good;  ///< newest release confirmed healthy
   std::optional<std::string> floor;            ///< versions below it are refused; never lowered
   std::optional<std::uint64_t> finalized_data_format;  ///< never lowered
+  std::optional<std::string> finalized_at;             ///< RFC 3339 UTC, when it was last raised
+  std::optional<std::string> last_backup;  ///< the name the last finalize's backup printed
+  /// RFC 3339 UTC: since when the current release writes a newer data format than the
+  /// finalized one (pre-finalized); empty when nothing is pending.
+  std::optional<std::string> pending_since;
+  /// RFC 3339 UTC: since when the current release has been confirmed healthy (the soak start
+  /// of auto-finalize); cleared by every switch.
+  std::optional<std::string> good_since;
   std::map<std::string, ReleaseRecord> releases;
   bool operator==(const AppState&) const = default;
 
@@ -46,6 +54,9 @@ struct AppState {
   /// if any: versions that compare equal cannot be told apart by ordering, so only one of them
   /// may be installed.
   std::optional<std::string> installed_as(const std::string& version) const;
+  /// The current release writes a data format newer than the finalized one: rolling back is
+  /// still free, finalizing is pending.
+  bool pre_finalized() const;
 };
 
 Result<AppState> parse_state(std::string_view text);

@@ -64,6 +64,7 @@ struct HistoryEntry {
   std::string result;  ///< "done", "failed", "rolled-back"
   std::string message;
   std::map<std::string, std::uint64_t> downtime_usec;  ///< per unit
+  std::string backup;  ///< finalize: the name of the backup taken before it
 };
 
 /// Extracts the payload of the artifact being staged into the empty directory `dest_dirfd` and
@@ -80,7 +81,13 @@ struct PendingActivation {
   std::string from;      ///< current before (may be empty)
   std::string to;        ///< the release being activated
   std::string previous;  ///< the rollback target before it (restored if it fails)
-  std::string started;   ///< RFC 3339 UTC
+  std::string started;   ///< RFC 3339 UTC (empty: now)
+  /// Where it got to, for recovery (docs/hooks.md, "Crash safety"): "restart" (a release
+  /// without hooks: its units are restarted), "queued" (staged offline; the whole activation
+  /// is left to the daemon), "stopping" (units being stopped, `current` switched), "migrate"
+  /// (the migrate hook running), "starting" (migrated; units starting, health gate),
+  /// "post_upgrade" (the post_upgrade hook running).
+  std::string step = "restart";
 };
 
 struct StageResult {
@@ -100,6 +107,8 @@ class Store {
   Result<AppLock> lock(const std::string& app) const;
 
   std::string app_root(const std::string& app) const;
+  /// The absolute path of a release's tree.
+  std::string release_path(const std::string& app, const std::string& version) const;
   /// Apps whose recovery failed when the store was opened (e.g. a corrupt state.json), with
   /// the reason. The other apps are usable.
   const std::map<std::string, Error>& recovery_errors() const { return m_recovery_errors; }
@@ -155,8 +164,11 @@ class Store {
   /// Raises the version floor; lowering it is refused (kPolicyRefused), and so is a floor above
   /// the current release (it would leave the app running a release below its floor).
   Result<void> raise_floor(const AppLock& lock, const std::string& version) const;
-  /// Records the finalized data format; lowering it is refused (kPolicyRefused).
-  Result<void> record_finalized_data_format(const AppLock& lock, std::uint64_t format) const;
+  /// Records the finalized data format (and the backup taken before it; empty: none), the
+  /// commit point of a finalize, then `<app root>/data-format`; lowering it is refused
+  /// (kPolicyRefused).
+  Result<void> record_finalized_data_format(const AppLock& lock, std::uint64_t format,
+                                            const std::string& backup = "") const;
   /// Removes the oldest unprotected releases until `policy` holds. Never removes the current
   /// release, the rollback target, pinned releases or the last known-good one.
   Result<GcReport> gc(const AppLock& lock, const GcPolicy& policy) const;

@@ -23,6 +23,10 @@ struct UnitStatus {
   std::uint32_t main_pid = 0;
   std::int32_t exec_main_code = 0;    ///< CLD_EXITED, CLD_KILLED, ...
   std::int32_t exec_main_status = 0;  ///< exit status or signal number
+  /// CLOCK_MONOTONIC microseconds the main process started and ended (0: never).
+  std::uint64_t exec_main_start_usec = 0;
+  std::uint64_t exec_main_exit_usec = 0;
+  std::string status_text;  ///< the last STATUS= it sent through sd_notify
   /// CLOCK_MONOTONIC microseconds of the last state changes (0: never).
   std::uint64_t active_enter_usec = 0;
   std::uint64_t active_exit_usec = 0;
