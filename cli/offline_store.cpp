@@ -104,6 +104,23 @@ int run_offline_install(const std::string& root, const std::string& file, bool s
   // first one stays what a failure falls back to (the one in between never passed a gate).
   auto earlier = st.pending_activation(app);
   if (!earlier) return report_store(earlier.error());
+  if (activation::has_activation_hooks(staged->manifest)) {
+    // Hooks run as systemd units, which only the daemon starts: the whole activation, hooks
+    // included, waits for it (docs/hooks.md). Nothing running changes now.
+    if (*earlier && (*earlier)->step != "queued")
+      return report_store(Error(
+          ErrorCode::kPolicyRefused,
+          app + " " + version + " declares hooks, and the offline switch to " + (*earlier)->to +
+              " is not finished yet; start upgraded once (it finishes that), then install again"));
+    pending.step = "queued";
+    if (auto r = st.begin_activation(*lock, pending); !r) return report_store(r.error());
+    if (!quiet)
+      std::printf(
+          "%s %s declares hooks, which only the daemon runs: its activation, hooks included, is "
+          "queued for upgraded's next start. `current` still names %s.\n",
+          app.c_str(), version.c_str(), state->current ? state->current->c_str() : "no release");
+    return kExitOk;
+  }
   if (*earlier) {
     pending.from = (*earlier)->from;
     pending.previous = (*earlier)->previous;

@@ -322,7 +322,7 @@ int run_status(const Common& c, const std::string& app) {
     auto apps = client.ListApps();
     auto jobs = client.ListJobs();
     json out = json::array();
-    Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "FLOOR", "JOB"});
+    Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "FLOOR", "DATA FORMAT", "JOB"});
     for (const auto& a : apps) {
       const std::string& name = std::get<0>(a);
       if (!app.empty() && name != app) continue;
@@ -330,11 +330,18 @@ int run_status(const Common& c, const std::string& app) {
       for (const auto& j : jobs)
         if (std::get<2>(j) == name)
           job = std::to_string(std::get<0>(j)) + " " + std::get<1>(j) + " " + std::get<4>(j);
-      std::string floor;
+      std::string floor, finalization;
+      std::optional<std::uint64_t> finalized, writes;
       try {
         auto details = client.GetApp(name);
         if (auto it = details.find("floor"); it != details.end())
           floor = it->second.get<std::string>();
+        if (auto it = details.find("finalization"); it != details.end())
+          finalization = it->second.get<std::string>();
+        if (auto it = details.find("finalized_data_format"); it != details.end())
+          finalized = it->second.get<std::uint64_t>();
+        if (auto it = details.find("current_writes"); it != details.end())
+          writes = it->second.get<std::uint64_t>();
       } catch (const sdbus::Error& e) {
         if (e.getName() != "org.upgraded1.Error.NotFound") throw;  // removed meanwhile
         continue;
@@ -344,8 +351,13 @@ int run_status(const Common& c, const std::string& app) {
                      {"previous", std::get<2>(a)},
                      {"last_known_good", std::get<3>(a)},
                      {"floor", floor},
+                     {"finalization", finalization},
+                     {"finalized_data_format", finalized ? json(*finalized) : json(nullptr)},
                      {"job", job}});
-      t.add({name, std::get<1>(a), std::get<2>(a), std::get<3>(a), floor, job});
+      std::string data = finalized ? std::to_string(*finalized) : "";
+      if (finalization == "pre-finalized" && writes)
+        data += " (pre-finalized: " + std::to_string(*writes) + ")";
+      t.add({name, std::get<1>(a), std::get<2>(a), std::get<3>(a), floor, data, job});
     }
     if (!app.empty() && out.empty()) {
       std::fprintf(stderr, "upgradectl: no app '%s' is installed\n", app.c_str());
@@ -372,8 +384,14 @@ int run_list(const Common& c, const std::string& only) {
     json out = json::array();
     Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
     for (const auto& app : apps) {
+      std::string finalization;
+      auto details = client.GetApp(app);
+      if (auto it = details.find("finalization"); it != details.end())
+        finalization = it->second.get<std::string>();
       for (const auto& r : client.ListReleases(app)) {
-        add_release_row(out, t, app, std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
+        std::string role = std::get<2>(r);
+        if (role == "current" && finalization == "pre-finalized") role += " (pre-finalized)";
+        add_release_row(out, t, app, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
                         std::get<4>(r), std::get<5>(r));
       }
     }
@@ -439,6 +457,78 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);
   }
+}
+
+int run_finalization_status(const Common& c, const std::string& app) {
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    auto all = client.FinalizationStatus(app);
+    json out = json::array();
+    Table t({"APP", "STATE", "FINALIZED", "CURRENT", "WRITES", "PENDING SINCE", "LAST BACKUP",
+             "ROLLBACK TARGETS"});
+    auto str = [](const std::map<std::string, sdbus::Variant>& v, const char* k) {
+      auto it = v.find(k);
+      return it == v.end() ? std::string() : it->second.get<std::string>();
+    };
+    auto num = [](const std::map<std::string, sdbus::Variant>& v,
+                  const char* k) -> std::optional<std::uint64_t> {
+      auto it = v.find(k);
+      if (it == v.end()) return std::nullopt;
+      return it->second.get<std::uint64_t>();
+    };
+    for (const auto& [name, v] : all) {
+      auto finalized = num(v, "finalized_data_format");
+      std::vector<std::string> targets;
+      if (auto it = v.find("rollback_targets"); it != v.end())
+        targets = it->second.get<std::vector<std::string>>();
+      std::string joined;
+      for (const auto& x : targets)
+        joined += (joined.empty() ? "" : " ") + x;
+      out.push_back({{"app", name},
+                     {"state", str(v, "state")},
+                     {"finalized_data_format", finalized ? json(*finalized) : json(nullptr)},
+                     {"finalized_at", str(v, "finalized_at")},
+                     {"current", str(v, "current")},
+                     {"current_writes", num(v, "current_writes").value_or(0)},
+                     {"pending_since", str(v, "pending_since")},
+                     {"last_backup", str(v, "last_backup")},
+                     {"auto_finalize_after_s", num(v, "auto_finalize_after_s").value_or(0)},
+                     {"rollback_targets", targets}});
+      t.add({name, str(v, "state"), finalized ? std::to_string(*finalized) : "", str(v, "current"),
+             std::to_string(num(v, "current_writes").value_or(0)), str(v, "pending_since"),
+             str(v, "last_backup"), joined});
+    }
+    print_rows(c.json, out, t, "No apps are installed.");
+    return kExitOk;
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+}
+
+// On a terminal, finalize asks first: it is the one step that cannot be undone.
+bool confirm_finalize(const Common& c, const std::string& app) {
+  if (!::isatty(STDIN_FILENO) || !::isatty(STDERR_FILENO)) return true;
+  auto bus = connect(c.user);
+  Client client(*bus);
+  auto all = client.FinalizationStatus(app);
+  auto it = all.find(app);
+  if (it == all.end()) return true;  // the daemon's refusal says why
+  const auto& v = it->second;
+  auto get = [&](const char* k) {
+    auto f = v.find(k);
+    return f == v.end() ? std::string() : f->second.get<std::string>();
+  };
+  std::uint64_t writes = 0;
+  if (auto f = v.find("current_writes"); f != v.end()) writes = f->second.get<std::uint64_t>();
+  std::fprintf(stderr,
+               "Finalize data format %llu of %s %s? Downgrading to releases older than %s will no "
+               "longer be possible (only a backup restore goes back). [y/N] ",
+               static_cast<unsigned long long>(writes), app.c_str(), get("current").c_str(),
+               get("current").c_str());
+  char line[64] = "";
+  if (!std::fgets(line, sizeof line, stdin)) return false;
+  return line[0] == 'y' || line[0] == 'Y';
 }
 
 int run_cancel(const Common& c, unsigned id) {
@@ -640,6 +730,45 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
       exit_code = run_job(
           *c, [&](Client& cl) { return cl.start("GarbageCollect", *name, o); }, "gc " + *name);
     });
+  }
+  {
+    auto* cmd = app.add_subcommand(
+        "finalize", "Make the current release's data format final (backup first; irreversible)");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    auto no_backup = std::make_shared<bool>(false);
+    auto yes = std::make_shared<bool>(false);
+    add_common(cmd, *c, true, false);
+    cmd->add_flag("--no-backup", *no_backup,
+                  "finalize a release that declares no backup hook (no way back)");
+    cmd->add_flag("--yes,-y", *yes, "do not ask for confirmation on a terminal");
+    cmd->add_option("APP", *name, "app")->required();
+    cmd->callback([&exit_code, c, name, no_backup, yes] {
+      try {
+        if (!*yes && !confirm_finalize(*c, *name)) {
+          std::fprintf(stderr, "upgradectl: not finalized\n");
+          exit_code = kExitFailed;
+          return;
+        }
+      } catch (const sdbus::Error& e) {
+        exit_code = report_dbus(e, c->user);
+        return;
+      }
+      std::map<std::string, sdbus::Variant> o;
+      if (*no_backup) o["no_backup"] = sdbus::Variant(true);
+      exit_code = run_job(
+          *c, [&](Client& cl) { return cl.start("Finalize", *name, o); }, "finalize " + *name);
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand(
+        "finalization-status",
+        "Show each app's data format: none, pre-finalized or finalized, and its rollback targets");
+    auto c = std::make_shared<Common>();
+    auto name = std::make_shared<std::string>();
+    add_common(cmd, *c, false, true);
+    cmd->add_option("APP", *name, "app (default: every app)");
+    cmd->callback([&exit_code, c, name] { exit_code = run_finalization_status(*c, *name); });
   }
   {
     auto* cmd = app.add_subcommand("jobs", "List running jobs");

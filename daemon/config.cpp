@@ -71,6 +71,16 @@ const NumberSetting kNumberSettings[] = {
      [](Config& c, std::uint64_t n) { c.helper_ids = std::uint32_t(n); }},
 };
 
+// systemd's relaxed rule for User=/Group= names, minus what it allows only with warnings.
+bool valid_account_name(const std::string& s) {
+  if (s.empty() || s.size() > 32) return false;
+  if (!std::isalpha(static_cast<unsigned char>(s[0])) && s[0] != '_') return false;
+  for (char ch : s)
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_' && ch != '.' && ch != '-')
+      return false;
+  return true;
+}
+
 Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
   for (auto&& [section_key, section] : doc) {
     std::string name(section_key.str());
@@ -83,17 +93,50 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
           return bad(file, app_node, r.error().message());
         const toml::table* at = app_node.as_table();
         if (!at) return bad(file, app_node, "[apps." + app + "] must be a section");
+        AppPolicy& policy = c.app_policies[app];
         for (auto&& [k, v] : *at) {
-          if (k.str() != "root")
-            return bad(file, v, "unknown key '" + std::string(k.str()) + "' in [apps." + app + "]");
-          auto s = v.value_exact<std::string>();
-          // Paths go to the C library, where a NUL ends them before what was checked here.
-          if (s && s->find('\0') != std::string::npos)
-            return bad(file, v, "apps." + app + ".root contains a NUL character");
-          if (!s || s->empty() || s->front() != '/' || s->find("/../") != std::string::npos ||
-              s->ends_with("/.."))
-            return bad(file, v, "apps." + app + ".root must be an absolute path without '..'");
-          c.app_roots[app] = *s;
+          const std::string key(k.str());
+          const std::string where = "apps." + app + "." + key;
+          auto absolute_path = [&](const toml::node& n) -> Result<std::string> {
+            auto s = n.value_exact<std::string>();
+            // Paths go to the C library, where a NUL ends them before what was checked here.
+            if (s && s->find('\0') != std::string::npos)
+              return bad(file, n, where + " contains a NUL character");
+            if (!s || s->empty() || s->front() != '/' || s->find("/../") != std::string::npos ||
+                s->ends_with("/.."))
+              return bad(file, n, where + " must be an absolute path without '..'");
+            return *s;
+          };
+          if (key == "root") {
+            auto p = absolute_path(v);
+            if (!p) return p.error();
+            c.app_roots[app] = *p;
+          } else if (key == "data_dirs") {
+            const toml::array* a = v.as_array();
+            if (!a || a->size() > 64)
+              return bad(file, v, where + " must be an array of at most 64 absolute paths");
+            policy.data_dirs.clear();
+            for (auto&& item : *a) {
+              auto p = absolute_path(item);
+              if (!p) return p.error();
+              if (*p == "/") return bad(file, item, where + " cannot be '/'");
+              policy.data_dirs.push_back(*p);
+            }
+          } else if (key == "user" || key == "group") {
+            auto s = v.value_exact<std::string>();
+            if (!s || !valid_account_name(*s))
+              return bad(file, v,
+                         where +
+                             " must be a user or group name ([A-Za-z_][A-Za-z0-9_.-]*, at most 32 "
+                             "characters)");
+            (key == "user" ? policy.user : policy.group) = *s;
+          } else if (key == "auto_finalize_after_s") {
+            auto n = unsigned_value(file, where, v, 1, 10ULL * 366 * 86400);
+            if (!n) return n.error();
+            policy.auto_finalize_after_s = *n;
+          } else {
+            return bad(file, v, "unknown key '" + key + "' in [apps." + app + "]");
+          }
         }
       }
       continue;
@@ -151,6 +194,7 @@ store::StoreOptions Config::store_options() const {
   so.root = state_dir();
   for (const auto& [app, app_root] : app_roots)
     so.app_roots[app] = path(app_root);
+  // (data_dirs are host paths too: AppPolicy's callers take them under root with path())
   so.extract = extract;
   return so;
 }

@@ -19,6 +19,16 @@
 
 namespace upgraded::daemon {
 
+/// Host policy for one app ([apps.<name>]): where its data lives and whom its hooks run as.
+struct AppPolicy {
+  /// The only paths its hooks may write (absolute; interpreted under Config::root).
+  std::vector<std::string> data_dirs;
+  std::string user;   ///< whom hooks run as (empty: root, the service manager's user)
+  std::string group;  ///< their group (empty: the user's)
+  /// Finalize on its own once the current release has been good this long (0: never).
+  std::uint64_t auto_finalize_after_s = 0;
+};
+
 struct Config {
   std::string root = "/";          ///< every path below lives under it (--root)
   std::vector<std::string> files;  ///< the files read, in order
@@ -43,6 +53,8 @@ struct Config {
   std::uint32_t authorizations_per_user = 8;  ///< calls of one non-root uid awaiting polkit
   // [apps.<name>] root = "/opt/<name>" (absolute; interpreted under `root`)
   std::map<std::string, std::string> app_roots;
+  // [apps.<name>] data_dirs, user, group, auto_finalize_after_s
+  std::map<std::string, AppPolicy> app_policies;
 
   std::string path(const std::string& absolute) const;  ///< `absolute` under root
   std::string config_dir() const { return path("/etc/upgraded"); }

@@ -6,6 +6,9 @@
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 #include <sdbus-c++/sdbus-c++.h>
 #include <CLI/CLI.hpp>
@@ -64,7 +67,8 @@ int run(bool user, const std::string& root, std::string helper) {
     log(Level::kError, LogContext{app, "", "", nullptr},
         app + ": recovery failed, the app is unusable until repaired: " + error.message());
 
-  auto manager = std::make_unique<Manager>(*bus, **loop, *config, *store, **units, extractor, user);
+  auto manager =
+      std::make_unique<Manager>(*bus, **loop, *config, *store, **units, **units, extractor, user);
   bus->requestName(kBusName);
   std::string files;
   for (const auto& f : config->files)
@@ -74,6 +78,21 @@ int run(bool user, const std::string& root, std::string helper) {
           " bus; state in " + so.root + "; config: " + (files.empty() ? "defaults" : files));
   ::sd_notify(0, "READY=1\nSTATUS=Ready");
   manager->recover_interrupted();
+  // Auto-finalize ([apps.<app>] auto_finalize_after_s) looks once a second; only when some app
+  // has it.
+  std::mutex ticker_mutex;
+  std::condition_variable ticker_cv;
+  bool ticker_stop = false;
+  std::thread ticker;
+  bool any_auto = false;
+  for (const auto& [app, p] : config->app_policies)
+    any_auto = any_auto || p.auto_finalize_after_s > 0;
+  if (any_auto)
+    ticker = std::thread([&, m = manager.get(), l = loop->get()] {
+      std::unique_lock lock(ticker_mutex);
+      while (!ticker_cv.wait_for(lock, std::chrono::seconds(1), [&] { return ticker_stop; }))
+        l->post([m] { m->auto_finalize(); });
+    });
 
   auto loop_ptr = loop->get();
   auto r = (*loop)->run([&] {
@@ -82,6 +101,12 @@ int run(bool user, const std::string& root, std::string helper) {
     manager->shut_down([loop_ptr] { loop_ptr->stop(); });
   });
   if (!r) log(Level::kError, r.error().message());
+  {
+    std::lock_guard lock(ticker_mutex);
+    ticker_stop = true;
+  }
+  ticker_cv.notify_all();
+  if (ticker.joinable()) ticker.join();
   try {
     bus->releaseName(kBusName);
   } catch (const sdbus::Error&) {

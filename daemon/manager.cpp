@@ -45,13 +45,15 @@ T value_or_throw(Result<T> r) {
 }  // namespace
 
 Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
-                 units::UnitControl& units, sandbox::Helper helper, bool user_instance)
+                 units::UnitControl& units, units::HookRunner& hooks, sandbox::Helper helper,
+                 bool user_instance)
     : AdaptorInterfaces(bus, "/org/upgraded1"),
       m_bus(bus),
       m_loop(loop),
       m_config(std::move(config)),
       m_store(store),
       m_units(units),
+      m_hooks(hooks),
       m_helper(std::move(helper)),
       m_auth(std::make_unique<Authorizer>(bus, user_instance, m_config.authorizations_per_user)) {
   // Descriptors the daemon may come to hold at once: its own (bus, journal, loop: a few dozen),
@@ -537,13 +539,115 @@ void Manager::SetFloor(PathResult&& result, std::string app, std::string version
   }
 }
 
+void Manager::Finalize(PathResult&& result, std::string app, Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_app(app);
+    check_options(options, {{"no_backup", "b"}});
+    const bool no_backup = option<bool>(options, "no_backup", false);
+    // Skipping the backup removes the way back: a decision of its own.
+    std::vector<std::string> actions{"org.upgraded1.finalize"};
+    if (no_backup) actions.push_back("org.upgraded1.finalize-without-backup");
+    authorized(reply, actions, [this, reply, app, no_backup](uid_t caller) {
+      auto st = value_or_throw(m_store.state(app));
+      if (!st.current)
+        throw sdbus::Error(bus_error::kPolicyRefused, app + " has no current release");
+      auto m = value_or_throw(m_store.manifest(app, *st.current));
+      if (auto r = activation::check_finalize(st, m, no_backup); !r)
+        throw bus_error::from(r.error());
+      Work work = [this, no_backup](Job& job, const store::AppLock& lock,
+                                    const ProgressFn& progress) -> Result<void> {
+        activation::Activator activator(m_store, m_units);
+        activation::FinalizeOptions o;
+        o.no_backup = no_backup;
+        o.commit = [this, &job] { return commit(job); };
+        o.hooks = hook_context(job);
+        auto done = activator.finalize(lock, o, progress);
+        if (!done) return done.error();
+        log(Level::kInfo, LogContext{job.app, job.version, std::to_string(job.id), nullptr},
+            job.app + " " + job.version + ": data format " + std::to_string(done->format) +
+                " finalized" +
+                (done->backup.empty() ? " without a backup" : "; backup '" + done->backup + "'"));
+        return {};
+      };
+      reply->returnResults(start_job("finalize", app, *st.current, caller, std::move(work)));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::auto_finalize() {
+  if (m_shutting_down) return;
+  for (const auto& [app, policy] : m_config.app_policies) {
+    if (policy.auto_finalize_after_s == 0 || m_busy.count(app)) continue;
+    auto st = m_store.state(app);
+    if (!st || !st->pre_finalized() || !st->current || !st->good_since) continue;
+    auto since = artifact::parse_rfc3339(*st->good_since);
+    if (!since ||
+        std::time(nullptr) - *since < static_cast<std::int64_t>(policy.auto_finalize_after_s))
+      continue;
+    auto m = m_store.manifest(app, *st->current);
+    if (!m) continue;
+    LogContext c{app, *st->current, "", nullptr};
+    if (auto r = activation::check_finalize(*st, *m, /*no_backup=*/false); !r) {
+      if (m_auto_finalize_warned.insert(app + " " + *st->current).second)
+        log(Level::kWarning, c,
+            app + " " + *st->current + " is not finalized automatically: " + r.error().message());
+      continue;
+    }
+    log(Level::kInfo, c,
+        app + " " + *st->current + " has been healthy for " +
+            std::to_string(policy.auto_finalize_after_s) +
+            " s: finalizing (auto_finalize_after_s)");
+    try {
+      start_job("finalize", app, *st->current, 0,
+                [this](Job& job, const store::AppLock& lock, const ProgressFn& progress) {
+                  activation::Activator activator(m_store, m_units);
+                  activation::FinalizeOptions o;
+                  o.commit = [this, &job] { return commit(job); };
+                  o.hooks = hook_context(job);
+                  auto done = activator.finalize(lock, o, progress);
+                  return done ? Result<void>() : Result<void>(done.error());
+                });
+    } catch (const sdbus::Error& e) {
+      log(Level::kWarning, c, app + ": cannot start its auto-finalize: " + e.getMessage());
+    }
+  }
+}
+
 // --- jobs -------------------------------------------------------------------------------------
 
 activation::ActivationOptions Manager::activation_options(Job& job) const {
   activation::ActivationOptions o;
   o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
   o.commit = [this, &job] { return commit(job); };
+  o.hooks = hook_context(job);
   return o;
+}
+
+activation::HookContext Manager::hook_context(Job& job) const {
+  activation::HookContext c;
+  c.runner = &m_hooks;
+  c.job_id = job.id;
+  c.cancel_fd = job.cancel_fd();
+  if (auto it = m_config.app_policies.find(job.app); it != m_config.app_policies.end()) {
+    for (const auto& d : it->second.data_dirs)
+      c.data_dirs.push_back(m_config.path(d));
+    c.user = it->second.user;
+    c.group = it->second.group;
+  }
+  // The trust keys and the host policy are none of a hook's business.
+  struct stat sb {};
+  if (::stat(m_config.config_dir().c_str(), &sb) == 0 && S_ISDIR(sb.st_mode))
+    c.hidden_paths.push_back(m_config.config_dir());
+  c.on_status = [this, id = job.id](const std::string& phase, const std::string& status) {
+    m_loop.post([this, id, step = phase + " hook: " + status.substr(0, 200)] {
+      if (auto j = m_jobs.find(id); j != m_jobs.end())
+        j->second.object->update(step, j->second.job->progress);
+    });
+  };
+  return c;
 }
 
 bool Manager::commit(Job& job) const {
@@ -693,6 +797,13 @@ void Manager::cancel(const std::shared_ptr<Job>& job, const std::string& sender,
 }
 
 void Manager::recover_interrupted() {
+  // A daemon that died while a hook ran left it running: it is stopped, never awaited or rerun
+  // (what its step means is decided by the recovery below, docs/hooks.md).
+  if (auto left = m_hooks.stop_leftovers(""); !left)
+    log(Level::kError, "stopping hooks left running: " + left.error().message());
+  else
+    for (const auto& unit : *left)
+      log(Level::kWarning, unit + " was left running by a previous daemon: stopped");
   auto apps = m_store.apps();
   if (!apps) {
     log(Level::kError, "listing apps for recovery failed: " + apps.error().message());
@@ -711,10 +822,11 @@ void Manager::recover_interrupted() {
             " was interrupted; restarting the units of the current release");
     try {
       start_job("recover", app, (*pending)->to, 0,
-                [this](Job&, const store::AppLock& lock, const ProgressFn& progress) {
+                [this](Job& job, const store::AppLock& lock, const ProgressFn& progress) {
                   activation::Activator activator(m_store, m_units);
                   activation::ActivationOptions o;
                   o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+                  o.hooks = hook_context(job);
                   auto r = activator.resume(lock, o, progress);
                   return r ? Result<void>() : Result<void>(r.error());
                 });
@@ -750,6 +862,55 @@ std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> M
   return out;
 }
 
+std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::FinalizationStatus(
+    const std::string& app) {
+  std::vector<std::string> apps;
+  if (app.empty()) {
+    apps = value_or_throw(m_store.apps());
+  } else {
+    check_app(app);
+    apps.push_back(app);
+  }
+  std::map<std::string, std::map<std::string, sdbus::Variant>> out;
+  for (const auto& a : apps) {
+    auto st = m_store.state(a);
+    if (!st) {
+      if (!app.empty()) throw bus_error::from(st.error());
+      continue;
+    }
+    std::map<std::string, sdbus::Variant> v;
+    const bool pre = st->pre_finalized();
+    v["state"] = sdbus::Variant(std::string(pre                         ? "pre-finalized"
+                                            : st->finalized_data_format ? "finalized"
+                                                                        : "none"));
+    if (st->finalized_data_format)
+      v["finalized_data_format"] = sdbus::Variant(std::uint64_t(*st->finalized_data_format));
+    v["finalized_at"] = sdbus::Variant(st->finalized_at.value_or(""));
+    v["current"] = sdbus::Variant(st->current.value_or(""));
+    std::uint64_t writes = 0;
+    if (st->current && st->releases.count(*st->current))
+      writes = st->releases.at(*st->current).data_format.writes;
+    v["current_writes"] = sdbus::Variant(writes);
+    v["pending_since"] = sdbus::Variant(pre ? st->pending_since.value_or("") : std::string());
+    v["last_backup"] = sdbus::Variant(st->last_backup.value_or(""));
+    std::uint64_t soak = 0;
+    if (auto p = m_config.app_policies.find(a); p != m_config.app_policies.end())
+      soak = p->second.auto_finalize_after_s;
+    v["auto_finalize_after_s"] = sdbus::Variant(soak);
+    std::vector<std::string> targets;
+    for (const auto& ver : st->versions_in_order()) {
+      const auto& r = st->releases.at(ver);
+      if (ver == st->current || r.status == store::ReleaseStatus::kBad) continue;
+      const std::uint64_t f = st->finalized_data_format.value_or(0);
+      if (!st->finalized_data_format || (r.data_format.reads_min <= f && f <= r.data_format.writes))
+        targets.push_back(ver);
+    }
+    v["rollback_targets"] = sdbus::Variant(targets);
+    out[a] = std::move(v);
+  }
+  return out;
+}
+
 std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
   check_app(app);
   auto st = value_or_throw(m_store.state(app));
@@ -760,6 +921,12 @@ std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
   out["floor"] = sdbus::Variant(st.floor.value_or(""));
   if (st.finalized_data_format)
     out["finalized_data_format"] = sdbus::Variant(std::uint64_t(*st.finalized_data_format));
+  out["finalization"] = sdbus::Variant(std::string(st.pre_finalized()         ? "pre-finalized"
+                                                   : st.finalized_data_format ? "finalized"
+                                                                              : "none"));
+  if (st.current && st.releases.count(*st.current))
+    out["current_writes"] =
+        sdbus::Variant(std::uint64_t(st.releases.at(*st.current).data_format.writes));
   auto pending = m_store.pending_activation(app);
   out["pending_activation"] = sdbus::Variant(pending && *pending ? (*pending)->to : std::string());
   return out;

@@ -7,6 +7,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -30,11 +31,15 @@ class Authorizer;
 class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_adaptor> {
  public:
   Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
-          units::UnitControl& units, sandbox::Helper helper, bool user_instance);
+          units::UnitControl& units, units::HookRunner& hooks, sandbox::Helper helper,
+          bool user_instance);
   ~Manager();
 
   /// Starts a "recover" job for every app whose activation a crash interrupted.
   void recover_interrupted();
+  /// Starts the finalize jobs that auto-finalize ([apps.<app>] auto_finalize_after_s) calls
+  /// for now. The daemon calls it every few seconds.
+  void auto_finalize();
   /// SIGTERM: refuse new jobs, cancel the running ones that can still be canceled, and call
   /// `idle` (on the loop) once the last job has ended.
   void shut_down(std::function<void()> idle);
@@ -57,6 +62,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void GarbageCollect(PathResult&& result, std::string app, Options options) override;
   void SetFloor(PathResult&& result, std::string app, std::string version,
                 Options options) override;
+  void Finalize(PathResult&& result, std::string app, Options options) override;
+  std::map<std::string, std::map<std::string, sdbus::Variant>> FinalizationStatus(
+      const std::string& app) override;
   std::map<std::string, sdbus::Variant> GetApp(const std::string& app) override;
   std::tuple<std::string, std::string, std::string> GetJobResult(const uint32_t& id) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
@@ -106,6 +114,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void cancel(const std::shared_ptr<Job>& job, const std::string& sender,
               JobObject::CancelReply reply);
   activation::ActivationOptions activation_options(Job& job) const;
+  activation::HookContext hook_context(Job& job) const;
   void collect_garbage(const store::AppLock& lock, Job& job) const;
 
   struct Running {
@@ -119,6 +128,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   Config m_config;
   const store::Store& m_store;
   units::UnitControl& m_units;
+  units::HookRunner& m_hooks;
+  std::set<std::string> m_auto_finalize_warned;  // apps told once why they are not finalized
   sandbox::Helper m_helper;
   std::unique_ptr<Authorizer> m_auth;
   std::uint32_t m_next_id = 1;

@@ -610,16 +610,17 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
 }
 
 Result<std::vector<std::string>> SystemdUnits::stop_leftovers(const std::string& app) {
-  UPGRADED_TRY(policy::validate_app_name(app));
+  if (!app.empty()) UPGRADED_TRY(policy::validate_app_name(app));
   std::vector<std::string> names;
+  const std::string prefix = "upgraded-hook-" + (app.empty() ? "" : app + "-");
   try {
-    auto units = m_manager->ListUnitsByPatterns({}, {"upgraded-hook-" + app + "-*.service"});
+    auto units = m_manager->ListUnitsByPatterns({}, {prefix + "*.service"});
     for (const auto& u : units) {
       const std::string& name = u.get<0>();
       // "upgraded-hook-<app>-<phase>-<n>.service": <app> may itself contain '-', so the rest
       // must be a phase and a number.
-      std::string rest = name.substr(std::string("upgraded-hook-" + app + "-").size());
-      bool ours = false;
+      std::string rest = name.substr(prefix.size());
+      bool ours = app.empty();
       for (const char* phase : artifact::kHookNames)
         ours = ours || rest.starts_with(std::string(phase) + "-");
       if (!ours) continue;

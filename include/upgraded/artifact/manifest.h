@@ -95,5 +95,7 @@ Result<void> apply_manifest_extras(Manifest& m, std::string_view extra_json);
 
 /// "YYYY-MM-DDTHH:MM:SSZ" for a Unix time.
 std::string format_rfc3339(std::int64_t unix_seconds);
+/// The Unix time of "YYYY-MM-DDTHH:MM:SSZ" (nothing else is accepted).
+std::optional<std::int64_t> parse_rfc3339(std::string_view text);
 
 }  // namespace upgraded::artifact

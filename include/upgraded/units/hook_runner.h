@@ -72,7 +72,8 @@ class HookRunner {
   /// unit name is taken): its outcome is unknown. Anything it did is in the outcome.
   virtual Result<HookOutcome> run(const HookRun& hook, const HookStatusFn& on_status) = 0;
   /// Stops the hook units of `app` that are still loaded (left running by a daemon that died
-  /// while a hook ran) and waits for them to end. Returns their names.
+  /// while a hook ran) and waits for them to end; every app's when `app` is empty. Returns
+  /// their names.
   virtual Result<std::vector<std::string>> stop_leftovers(const std::string& app) = 0;
 };
 
