@@ -20,8 +20,8 @@ _upgradectl_versions() {  # APP [--user]
 _upgradectl() {
   local cur prev words cword
   _init_completion || return
-  local verbs="status list install activate rollback remove pin unpin floor gc jobs cancel history
-    keygen pack verify unpack inspect"
+  local verbs="status list install activate rollback remove pin unpin floor finalize
+    finalization-status gc jobs cancel history keygen pack verify unpack inspect"
   if [ "$cword" -eq 1 ]; then
     COMPREPLY=($(compgen -W "$verbs --help --version" -- "$cur"))
     return
@@ -30,7 +30,8 @@ _upgradectl() {
   [[ " ${words[*]} " == *" --user "* ]] && user=--user
   local opts
   case $verb in
-    status | jobs) opts="--user --json" ;;
+    status | jobs | finalization-status) opts="--user --json" ;;
+    finalize) opts="--user --no-backup --yes --no-block --quiet" ;;
     list) opts="--user --json --offline --root" ;;
     install) opts="--user --stage-only --wait --no-block --quiet --offline --root" ;;
     activate) opts="--user --allow-bad --allow-below-floor --no-block --quiet" ;;
@@ -74,7 +75,7 @@ _upgradectl() {
     [ $n -eq 1 ] && app=${words[i]}
   done
   case $verb in
-    status | list | rollback | gc | history | floor)
+    status | list | rollback | gc | history | floor | finalize | finalization-status)
       [ $n -eq 0 ] && COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur")) ;;
     activate | remove | pin | unpin)
       if [ $n -eq 0 ]; then

@@ -105,7 +105,9 @@ class OnlineVerbs(unittest.TestCase):
         self.assertEqual(len(table), 3)
         status = json.loads(self.ctl("status", "--json").stdout)
         self.assertEqual(status, [{"app": self.app, "current": "1.0.0", "previous": "",
-                                   "last_known_good": "1.0.0", "floor": "", "job": ""}])
+                                   "last_known_good": "1.0.0", "floor": "",
+                                   "finalization": "finalized", "finalized_data_format": 0,
+                                   "job": ""}])
         self.ctl("status", "nosuch", check=8)
 
         # --no-block prints the job; a second job for the app is busy (5).
@@ -189,7 +191,8 @@ class OnlineVerbs(unittest.TestCase):
         status = json.loads(self.ctl("status", "--json").stdout)
         self.assertEqual(status[0]["floor"], "2.0.0")
         self.assertEqual(self.ctl("status").stdout.splitlines()[0].split(),
-                         ["APP", "CURRENT", "PREVIOUS", "LAST", "GOOD", "FLOOR", "JOB"])
+                         ["APP", "CURRENT", "PREVIOUS", "LAST", "GOOD", "FLOOR", "DATA", "FORMAT",
+                          "JOB"])
         app_root = os.path.join(self.root, "var/lib/upgraded/apps", self.app)
         before = sorted(os.listdir(os.path.join(app_root, "releases")))
 
