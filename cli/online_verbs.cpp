@@ -635,14 +635,19 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto version = std::make_shared<std::string>();
     auto allow_bad = std::make_shared<bool>(false);
     auto below_floor = std::make_shared<bool>(false);
+    auto through = std::make_shared<bool>(false);
     add_common(cmd, *c, true, false);
+    cmd->add_flag("--through", *through,
+                  "when VERSION cannot be reached from the current release, walk the chain of "
+                  "installed releases that leads there, each step gated");
     cmd->add_flag("--allow-bad", *allow_bad, "also activate a release marked bad");
     cmd->add_flag("--allow-below-floor", *below_floor,
                   "also activate a kept release below the version floor");
     cmd->add_option("APP", *name, "app")->required();
     cmd->add_option("VERSION", *version, "release")->required();
-    cmd->callback([&exit_code, c, name, version, allow_bad, below_floor] {
+    cmd->callback([&exit_code, c, name, version, allow_bad, below_floor, through] {
       std::map<std::string, sdbus::Variant> o;
+      if (*through) o["through_path"] = sdbus::Variant(true);
       if (*allow_bad) o["allow_bad"] = sdbus::Variant(true);
       if (*below_floor) o["allow_below_floor"] = sdbus::Variant(true);
       exit_code = run_job(

@@ -339,30 +339,34 @@ void Manager::Activate(PathResult&& result, std::string app, std::string version
   try {
     check_app(app);
     check_version(version);
-    check_options(options, {{"allow_bad", "b"}, {"allow_below_floor", "b"}});
+    check_options(options, {{"allow_bad", "b"}, {"allow_below_floor", "b"}, {"through_path", "b"}});
     const bool allow_bad = option<bool>(options, "allow_bad", false);
+    const bool through = option<bool>(options, "through_path", false);
     const bool below_floor = option<bool>(options, "allow_below_floor", false);
     // Going below the floor is a decision about the floor too: both actions are needed.
     std::vector<std::string> actions{"org.upgraded1.activate"};
     if (below_floor) actions.push_back("org.upgraded1.floor");
-    authorized(reply, actions, [this, reply, app, version, allow_bad, below_floor](uid_t caller) {
-      auto st = value_or_throw(m_store.state(app));
-      if (!st.releases.count(version))
-        throw sdbus::Error(bus_error::kNotFound,
-                           "no release " + version + " of " + app + " is installed");
-      Work work = [this, allow_bad, below_floor](Job& job, const store::AppLock& lock,
-                                                 const ProgressFn& progress) -> Result<void> {
-        activation::Activator activator(m_store, m_units);
-        auto how = activation_options(job);
-        how.allow_bad = allow_bad;
-        how.allow_below_floor = below_floor;
-        auto done = activator.activate(lock, job.version, how, progress);
-        if (!done) return done.error();
-        collect_garbage(lock, job);
-        return {};
-      };
-      reply->returnResults(start_job("activate", app, version, caller, std::move(work)));
-    });
+    authorized(reply, actions,
+               [this, reply, app, version, allow_bad, below_floor, through](uid_t caller) {
+                 auto st = value_or_throw(m_store.state(app));
+                 if (!st.releases.count(version))
+                   throw sdbus::Error(bus_error::kNotFound,
+                                      "no release " + version + " of " + app + " is installed");
+                 Work work = [this, allow_bad, below_floor, through](
+                                 Job& job, const store::AppLock& lock,
+                                 const ProgressFn& progress) -> Result<void> {
+                   activation::Activator activator(m_store, m_units);
+                   auto how = activation_options(job);
+                   how.through_path = through;
+                   how.allow_bad = allow_bad;
+                   how.allow_below_floor = below_floor;
+                   auto done = activator.activate(lock, job.version, how, progress);
+                   if (!done) return done.error();
+                   collect_garbage(lock, job);
+                   return {};
+                 };
+                 reply->returnResults(start_job("activate", app, version, caller, std::move(work)));
+               });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }

@@ -34,7 +34,7 @@ _upgradectl() {
     finalize) opts="--user --no-backup --yes --no-block --quiet" ;;
     list) opts="--user --json --offline --root" ;;
     install) opts="--user --stage-only --wait --no-block --quiet --offline --root" ;;
-    activate) opts="--user --allow-bad --allow-below-floor --no-block --quiet" ;;
+    activate) opts="--user --through --allow-bad --allow-below-floor --no-block --quiet" ;;
     rollback) opts="--user --allow-below-floor --no-block --quiet" ;;
     remove | pin | unpin | floor) opts="--user --no-block --quiet" ;;
     gc) opts="--user --keep --max-bytes --no-block --quiet" ;;

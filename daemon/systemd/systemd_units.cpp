@@ -397,7 +397,9 @@ class HookOutput {
     if (!partial.empty()) line(partial, is_stdout);
     partial.clear();
   }
-  void line(const std::string& text, bool is_stdout) {
+  void line(const std::string& raw, bool is_stdout) {
+    // At most kHookTailBytes with its newline: the tail below never cuts inside a line.
+    const std::string text = units::printable_line(raw, units::kHookTailBytes - 1);
     ::sd_journal_send("MESSAGE=%s", text.c_str(), "PRIORITY=%d", is_stdout ? LOG_INFO : LOG_WARNING,
                       "SYSLOG_IDENTIFIER=upgraded-hook-%s", m_hook.app.c_str(), "UPGRADED_APP=%s",
                       m_hook.app.c_str(), "UPGRADED_PHASE=%s", m_hook.phase.c_str(),
@@ -409,11 +411,6 @@ class HookOutput {
            (m_tail_bytes > units::kHookTailBytes && m_tail.size() > 1)) {
       m_tail_bytes -= m_tail.front().size() + 1;
       m_tail.pop_front();
-    }
-    if (m_tail_bytes > units::kHookTailBytes) {  // one line alone is too long: keep its end
-      std::string& only = m_tail.front();
-      only.erase(0, only.size() - (units::kHookTailBytes - 1));
-      m_tail_bytes = only.size() + 1;
     }
   }
 
@@ -554,7 +551,7 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
       next_status = now() + kStatusPollInterval;
       if (auto st = status(hook.unit); st && st->status_text != last_status) {
         last_status = st->status_text;
-        if (!last_status.empty()) on_status(last_status);
+        if (!last_status.empty()) on_status(units::printable_line(last_status, 256));
       }
     }
     if (now() >= next_job_check) {
@@ -584,7 +581,7 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
   auto st = status(hook.unit);
   if (!st) return st.error().with_context(what + " ended, but how is unknown");
   if (st->status_text != last_status && !st->status_text.empty() && on_status)
-    on_status(st->status_text);
+    on_status(units::printable_line(st->status_text, 256));
   o.run_usec = (st->exec_main_exit_usec > started ? st->exec_main_exit_usec : now_usec()) - started;
   if (st->exec_main_start_usec > started) o.start_usec = st->exec_main_start_usec - started;
   constexpr int kExited = 1, kKilled = 2, kDumped = 3;  // CLD_* from <signal.h>

@@ -164,6 +164,43 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
   return {};
 }
 
+std::vector<std::string> find_upgrade_path(
+    const store::AppState& st, const std::map<std::string, artifact::Manifest>& manifests,
+    const std::string& target) {
+  if (!st.current || !manifests.count(target)) return {};
+  // Breadth first over releases newer than the current one and not newer than the target.
+  std::vector<std::string> candidates;
+  for (const auto& v : st.versions_in_order()) {
+    const auto& rec = st.releases.at(v);
+    if (rec.status == store::ReleaseStatus::kBad || !manifests.count(v)) continue;
+    if (policy::compare_versions(v, *st.current) <= 0 || policy::compare_versions(v, target) > 0)
+      continue;
+    candidates.push_back(v);
+  }
+  std::map<std::string, std::string> came_from;
+  std::vector<std::string> frontier{*st.current};
+  while (!frontier.empty() && !came_from.count(target)) {
+    std::vector<std::string> next;
+    for (const auto& from : frontier) {
+      store::AppState at = st;
+      at.current = from;
+      // Newest first: of equally short chains, the one through the newest releases.
+      for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
+        if (came_from.count(*it) || policy::compare_versions(*it, from) <= 0) continue;
+        if (!check_activation(at, manifests.at(*it), ActivationChecks{}).ok()) continue;
+        came_from[*it] = from;
+        next.push_back(*it);
+      }
+    }
+    frontier = std::move(next);
+  }
+  if (!came_from.count(target)) return {};
+  std::vector<std::string> path{target};
+  while (path.back() != *st.current)
+    path.push_back(came_from.at(path.back()));
+  return {path.rbegin(), path.rend()};
+}
+
 Result<void> check_finalize(const store::AppState& st, const artifact::Manifest& m,
                             bool no_backup) {
   const std::string& app = st.app;
@@ -197,10 +234,27 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   ActivationReport report;
   report.from = st->current.value_or("");
   report.to = version;
-  UPGRADED_TRY(
-      check_activation(*st, *m,
-                       ActivationChecks{options.allow_bad, is_rollback, options.allow_below_floor,
-                                        options.hooks.runner != nullptr}));
+  if (auto ok = check_activation(
+          *st, *m,
+          ActivationChecks{options.allow_bad, is_rollback, options.allow_below_floor,
+                           options.hooks.runner != nullptr});
+      !ok) {
+    // An upgrade path refusal names the way that works, if the installed releases have one.
+    if (!is_rollback && ok.error().message().find("(upgrade_from: ") != std::string::npos) {
+      auto path = upgrade_path(app, version);
+      std::string msg = ok.error().message();
+      if (path.size() > 2) {
+        msg += "; staged path: ";
+        for (std::size_t i = 0; i < path.size(); ++i)
+          msg += (i ? " \u2192 " : "") + path[i];
+        msg += " (activate with through_path / upgradectl activate --through)";
+      } else {
+        msg += "; no installed release leads there: install one it upgrades from first";
+      }
+      return Error(ok.error().code(), msg);
+    }
+    return ok.error();
+  }
   if (st->current == version) return report;
   std::optional<artifact::Manifest> old_manifest;
   if (st->current) {
@@ -635,11 +689,44 @@ Result<void> Activator::finish_pending(const store::AppLock& lock, const Activat
   return {};
 }
 
+std::vector<std::string> Activator::upgrade_path(const std::string& app,
+                                                 const std::string& target) const {
+  auto st = m_store.state(app);
+  if (!st) return {};
+  std::map<std::string, artifact::Manifest> manifests;
+  for (const auto& [v, rec] : st->releases)
+    if (auto m = m_store.manifest(app, v)) manifests.emplace(v, std::move(*m));
+  return find_upgrade_path(*st, manifests, target);
+}
+
 Result<ActivationReport> Activator::activate(const store::AppLock& lock, const std::string& version,
                                              const ActivationOptions& options,
                                              const ProgressFn& progress) {
   UPGRADED_TRY(finish_pending(lock, options, progress));
-  return run(lock, version, false, options, progress);
+  if (!options.through_path) return run(lock, version, false, options, progress);
+  auto path = upgrade_path(lock.app(), version);
+  if (path.size() <= 2) return run(lock, version, false, options, progress);
+  // Each step a full gated activation; a failed step rolls back to the step before it (the
+  // last good one) and ends the walk.
+  ActivationReport whole;
+  whole.from = path.front();
+  whole.to = version;
+  const int steps = static_cast<int>(path.size()) - 1;
+  for (int i = 1; i <= steps; ++i) {
+    auto step_progress = [&progress, i, steps](const std::string& step, int percent) {
+      if (progress)
+        progress("step " + std::to_string(i) + "/" + std::to_string(steps) + ": " + step,
+                 ((i - 1) * 100 + percent) / steps);
+    };
+    auto r = run(lock, path[i], false, options, step_progress);
+    if (!r)
+      return Error(r.error().code(), "step " + std::to_string(i) + " of " + std::to_string(steps) +
+                                         " (" + path[i - 1] + " \u2192 " + path[i] +
+                                         "): " + r.error().message());
+    for (const auto& [unit, usec] : r->downtime_usec)
+      whole.downtime_usec[unit + "@" + path[i]] = usec;
+  }
+  return whole;
 }
 
 Result<ActivationReport> Activator::rollback(const store::AppLock& lock,

@@ -30,7 +30,7 @@ ALL_HOOKS = ["pre_upgrade", "migrate", "health", "post_upgrade", "backup", "fina
 HOOK = r"""#!/bin/sh
 data=%(data)s
 echo "$UPGRADED_PHASE from=$UPGRADED_FROM to=$UPGRADED_TO df=$UPGRADED_DATA_FORMAT rel=$(basename "$UPGRADED_RELEASE_DIR") cwd=$(basename "$(pwd)") job=${UPGRADED_JOB:+set}" >>"$data/log"
-if [ -e "$data/fail-$UPGRADED_PHASE" ]; then
+if [ -e "$data/fail-$UPGRADED_PHASE" ] || [ -e "$data/fail-$UPGRADED_PHASE-$UPGRADED_TO" ]; then
   echo "checking the schema"
   echo "error: table users is locked" >&2
   exit 3
@@ -404,6 +404,39 @@ class Hooks(unittest.TestCase):
             seen = r.stdout
             time.sleep(0.05)
         self.assertIn("migrate hook: copying table 3 of 7", seen)
+
+    # --- upgrade paths --------------------------------------------------------------------------
+
+    def test_upgrade_paths_name_and_walk_the_staged_chain(self):
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0", hooks=[]))
+        for v, frm in [("2.0.0", ["1.*"]), ("2.1.0", ["1.*", "2.0.*"]), ("3.0.0", ["2.*"])]:
+            self.ctl("install", "--stage-only", "-q", self.pack(v, hooks=[], upgrade_from=frm))
+        state, inv = self.state(), self.invocation()
+        r = self.ctl("activate", self.app, "3.0.0", check=3)
+        self.assertIn("3.0.0 cannot be activated from 1.0.0 (upgrade_from: 2.*); staged path: "
+                      "1.0.0 \u2192 2.1.0 \u2192 3.0.0", r.stderr)
+        self.assertEqual((self.state(), self.invocation()), (state, inv))
+
+        self.ctl("activate", "--through", "-q", self.app, "3.0.0")
+        self.assertEqual(self.serving("3.0.0"), "3.0.0")
+        steps = [(h["op"], h["from"], h["to"], h["result"]) for h in self.history()[-2:]]
+        self.assertEqual(steps, [("activate", "1.0.0", "2.1.0", "done"),
+                                 ("activate", "2.1.0", "3.0.0", "done")])
+
+    def test_a_walk_stops_at_the_first_failed_step(self):
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        self.ctl("install", "--stage-only", "-q", self.pack("2.0.0", upgrade_from=["1.*"]))
+        self.ctl("install", "--stage-only", "-q", self.pack("3.0.0", upgrade_from=["2.*"]))
+        open(os.path.join(self.data, "fail-health-3.0.0"), "w").close()
+        r = self.ctl("activate", "--through", self.app, "3.0.0", check=1)
+        self.assertIn("step 2 of 2 (2.0.0 \u2192 3.0.0): health gate: the health hook", r.stderr)
+        self.assertIn("rolled back to 2.0.0", r.stderr)
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        st = self.state()
+        self.assertEqual((st["current"], st["releases"]["2.0.0"]["status"],
+                          st["releases"]["3.0.0"]["status"]), ("2.0.0", "good", "bad"))
 
     # --- crash safety ---------------------------------------------------------------------------
 

@@ -59,6 +59,21 @@ TEST_F(DaemonConfig, DropInsOverrideKeyByKeyInLexicalOrder) {
   EXPECT_NE(c->files[1].find("10-early.conf"), std::string::npos);
 }
 
+TEST_F(DaemonConfig, AppPolicyForHooksAndFinalization) {
+  conf("upgraded.conf",
+       "[apps.db]\ndata_dirs = [\"/var/lib/db\", \"/var/log/db\"]\nuser = \"db\"\n"
+       "group = \"db-data\"\nauto_finalize_after_s = 604800\n");
+  conf("upgraded.conf.d/10.conf", "[apps.db]\ndata_dirs = [\"/srv/db\"]\n");
+  auto c = daemon::load_config(t.path());
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  const auto& p = c->app_policies.at("db");
+  EXPECT_EQ(p.data_dirs, std::vector<std::string>{"/srv/db"});  // a drop-in replaces the list
+  EXPECT_EQ(p.user, "db");
+  EXPECT_EQ(p.group, "db-data");
+  EXPECT_EQ(p.auto_finalize_after_s, 604800u);
+  EXPECT_FALSE(c->app_roots.count("db"));
+}
+
 TEST_F(DaemonConfig, RefusesUnknownKeysWrongTypesAndBadValuesNamingFileAndLine) {
   struct Case {
     std::string text, expect;
@@ -72,6 +87,17 @@ TEST_F(DaemonConfig, RefusesUnknownKeysWrongTypesAndBadValuesNamingFileAndLine) 
       {"[apps.ozone]\nroot = \"/opt/../etc\"\n", "without '..'"},
       {"[apps.\"../x\"]\nroot = \"/opt/x\"\n", ""},
       {"[store\nkeep = 3\n", "upgraded.conf:1:"},
+      {"[apps.db]\ndata_dirs = \"/var/lib/db\"\n", "must be an array of at most 64"},
+      {"[apps.db]\ndata_dirs = [\"var/lib/db\"]\n", "apps.db.data_dirs must be an absolute path"},
+      {"[apps.db]\ndata_dirs = [\"/var/lib/../../etc\"]\n", "without '..'"},
+      {"[apps.db]\ndata_dirs = [\"/\"]\n", "cannot be '/'"},
+      {"[apps.db]\ndata_dirs = [1]\n", "must be an absolute path"},
+      {"[apps.db]\nuser = \"root\\nUser=x\"\n", "must be a user or group name"},
+      {"[apps.db]\ngroup = \"-x\"\n", "must be a user or group name"},
+      {"[apps.db]\nuser = 0\n", "must be a user or group name"},
+      {"[apps.db]\nauto_finalize_after_s = 0\n", "auto_finalize_after_s must be an integer from 1"},
+      {"[apps.db]\nauto_finalize_after_s = -5\n", "auto_finalize_after_s"},
+      {"[apps.db]\nhooks_user = \"db\"\n", "unknown key 'hooks_user' in [apps.db]"},
       {"threshold = 1\n", "must be a section"},
   };
   for (const auto& c : cases) {

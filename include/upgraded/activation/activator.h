@@ -47,6 +47,10 @@ struct ActivationOptions {
   /// rollback(): the target the caller announced (empty: any). If finishing an interrupted
   /// activation first changed it, nothing is rolled back.
   std::string expected_target;
+  /// activate(): when `version` cannot be activated from the current release (upgrade_from),
+  /// walk the chain of installed releases that leads there (find_upgrade_path), each step a
+  /// full gated activation, stopping at the first failure.
+  bool through_path = false;
   HookContext hooks;
 };
 
@@ -99,6 +103,15 @@ bool has_activation_hooks(const artifact::Manifest& m);
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
                               const ActivationChecks& checks);
 
+/// The shortest chain of installed releases, not marked bad, each newer than the one before,
+/// from the current release to `target` (both included), every step passing check_activation
+/// from the step before (upgrade_from and data formats; nothing is finalized on the way).
+/// `manifests` holds the manifests of the installed releases. Empty when there is none (or no
+/// current release).
+std::vector<std::string> find_upgrade_path(
+    const store::AppState& st, const std::map<std::string, artifact::Manifest>& manifests,
+    const std::string& target);
+
 /// The checks of finalizing the app's current release (`m` its manifest): it is marked good,
 /// its data format is newer than the finalized one, and it declares a backup hook unless
 /// `no_backup`. kPolicyRefused with the reason.
@@ -148,6 +161,8 @@ class Activator {
  private:
   Result<void> finish_pending(const store::AppLock& lock, const ActivationOptions& options,
                               const ProgressFn& progress);
+  /// find_upgrade_path over the store's releases.
+  std::vector<std::string> upgrade_path(const std::string& app, const std::string& target) const;
   Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
                                bool is_rollback, const ActivationOptions& options,
                                const ProgressFn& progress);

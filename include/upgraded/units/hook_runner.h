@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -60,6 +61,12 @@ struct HookOutcome {
   /// 5 s", "was canceled", "could not run (resources)".
   std::string describe(std::chrono::seconds timeout) const;
 };
+
+/// A line of hook output made safe to show, log and send on the bus: invalid UTF-8 and control
+/// characters (but tab) each become U+FFFD, and it is cut to `max_bytes` (on a character
+/// boundary). D-Bus and JSON accept only valid UTF-8: a hook's bytes must never break the job's
+/// error or the state file.
+std::string printable_line(std::string_view bytes, std::size_t max_bytes = kHookTailBytes);
 
 /// Called with each STATUS= text the hook sends through sd_notify.
 using HookStatusFn = std::function<void(const std::string& status)>;
