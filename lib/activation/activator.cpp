@@ -134,7 +134,10 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
     return refuse(app + " " + version +
                   " declares hooks, which only the daemon runs (as systemd units); activate it "
                   "through the daemon");
-  if (!is_rollback && st.current && !m.upgrade_from.empty()) {
+  // upgrade_from is about upgrades: going back to an older release (a rollback, or activating
+  // one) is bounded by the data-format rules below instead.
+  if (!is_rollback && st.current && !m.upgrade_from.empty() &&
+      policy::compare_versions(version, *st.current) > 0) {
     bool allowed = false;
     for (const auto& p : m.upgrade_from)
       allowed = allowed || policy::version_matches(*st.current, p);
@@ -373,6 +376,10 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
                      {"UPGRADED_DATA_FORMAT",
                       st->finalized_data_format ? std::to_string(*st->finalized_data_format) : ""},
                      {"UPGRADED_JOB", std::to_string(ctx.job_id)}};
+  std::string dirs;
+  for (const auto& d : ctx.data_dirs)
+    dirs += (dirs.empty() ? "" : ":") + d;
+  run.environment.emplace_back("UPGRADED_DATA_DIRS", dirs);
   run.read_write_paths = ctx.data_dirs;
   run.user = ctx.user;
   run.group = ctx.group;

@@ -11,7 +11,6 @@ hooks of releases it packed once.
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess

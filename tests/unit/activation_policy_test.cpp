@@ -142,6 +142,17 @@ TEST(UpgradePath, NamesTheChainThroughInstalledReleases) {
   EXPECT_EQ(find_upgrade_path(st, ms, "2.0.0"), (std::vector<std::string>{"1.0.0", "2.0.0"}));
 }
 
+TEST(UpgradePath, AppliesToUpgradesOnly) {
+  // 23.1.1 upgrades only from 23.1.*; going back to it from 23.2.0 is a downgrade, which the
+  // data formats bound instead.
+  auto a = manifest("23.1.1", 230, 231, {"23.1.*"}), b = manifest("23.2.0", 231, 232, {"23.1.*"});
+  AppState st = state_with({a, b}, "23.2.0");
+  st.finalized_data_format = 231;
+  EXPECT_TRUE(check_activation(st, a, ActivationChecks{}).ok());
+  st.finalized_data_format = 232;
+  EXPECT_FALSE(check_activation(st, a, ActivationChecks{}).ok());
+}
+
 TEST(UpgradePath, EveryStepKeepsTheDataFormatRules) {
   // 2.0.0 writes format 2 (pre-finalized: finalized stays 1); 3.0.0 needs format 2 finalized.
   auto v1 = manifest("1.0.0", 1, 1), v2 = manifest("2.0.0", 1, 2, {"1.*"}),

@@ -96,10 +96,11 @@ bool has_activation_hooks(const artifact::Manifest& m);
 
 /// The policy checks of activating the release `m` describes, with the app's state `st`: it is
 /// installed, not marked bad (unless `allow_bad`), not below the version floor (unless
-/// `allow_below_floor`), its hooks can run, its upgrade_from admits the current release (not
-/// for a rollback), and it can read and write the finalized data format
-/// (reads_min <= finalized <= writes). kPolicyRefused (kNotFound for a missing release), with
-/// the reason in words. Activating the current release passes once it is not bad.
+/// `allow_below_floor`), its hooks can run, its upgrade_from admits the current release (for
+/// an upgrade: activating an older release, as a rollback does, is bounded by the data formats),
+/// and it can read and write the finalized data format (reads_min <= finalized <= writes).
+/// kPolicyRefused (kNotFound for a missing release), with the reason in words. Activating the
+/// current release passes once it is not bad.
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
                               const ActivationChecks& checks);
 

@@ -1,0 +1,235 @@
+#!/usr/bin/python3
+"""The seed runbooks (docs/procedures.md), run end to end from their examples/ on the
+real-systemd testbed: each example's releases are built with examples/build-release, its units
+installed as written (paths taken under the instance's root), and the runbook carried out with
+upgradectl against the daemon.
+
+    tests/testbed/with-systemd-user tests/integration/procedures_test.py UPGRADED UPGRADECTL
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
+from sample_service import TIME_FACTOR, instance_dir  # noqa: E402
+
+UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
+TESTBED = os.environ["UPGRADED_TESTBED"]
+UNITS_DIR = os.environ["UPGRADED_TESTBED_UNITS"]
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../examples")
+
+
+class Runbook(unittest.TestCase):
+    example = None  # examples/<example>, also the app's name
+    data = None     # the app's data directory, as on a host
+
+    def setUp(self):
+        self.dir, self.root, self.key = instance_dir(UPGRADECTL, TESTBED)
+        self.datadir = self.root + self.data
+        os.makedirs(self.datadir)
+        with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
+            f.write('[apps.%s]\ndata_dirs = ["%s"]\n' % (self.example, self.data))
+        self.units = []
+        for path in sorted(glob.glob(os.path.join(EXAMPLES, self.example, "units/*"))):
+            with open(path) as f:
+                text = f.read()
+            # The example's units name host paths: here they live under the instance's root.
+            text = text.replace("=/var/lib/", "=" + self.root + "/var/lib/")
+            name = os.path.basename(path)
+            with open(os.path.join(UNITS_DIR, name), "w") as f:
+                f.write(text)
+            self.units.append(name)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
+        self.daemon = subprocess.Popen([UPGRADED, "--user", "--root", self.root],
+                                       stdout=self.log, stderr=self.log)
+        for _ in range(200):
+            if self.ctl("jobs", check=None).returncode == 0:
+                break
+            time.sleep(0.05)
+        else:
+            self.fail("upgraded did not come up")
+
+    def tearDown(self):
+        self.daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(self.daemon.wait(timeout=60), 0)
+        self.log.close()
+        for unit in self.units:
+            subprocess.run(["systemctl", "--user", "stop", unit], check=False)
+            subprocess.run(["systemctl", "--user", "reset-failed", unit], check=False,
+                           stderr=subprocess.DEVNULL)
+            os.unlink(os.path.join(UNITS_DIR, unit))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def ctl(self, *args, check=0):
+        r = subprocess.run([UPGRADECTL, *args, "--user"], capture_output=True, text=True)
+        if check is not None:
+            self.assertEqual(r.returncode, check, "%s\nstdout: %s\nstderr: %s" %
+                             (" ".join(args), r.stdout, r.stderr))
+        return r
+
+    def release(self, version):
+        out = os.path.join(self.dir, version + ".upd")
+        subprocess.run([os.path.join(EXAMPLES, "build-release"), self.example, version, self.key,
+                        out], check=True, env=dict(os.environ, UPGRADECTL=UPGRADECTL))
+        return out
+
+    def read(self, name):
+        with open(os.path.join(self.datadir, name)) as f:
+            return f.read().strip()
+
+    def wait_read(self, name, expect):
+        for _ in range(200 * TIME_FACTOR):
+            try:
+                if self.read(name) == expect:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        return self.read(name)
+
+    def finalization(self):
+        return json.loads(self.ctl("finalization-status", self.example, "--json").stdout)[0]
+
+    def current(self):
+        return os.readlink(os.path.join(self.root, "var/lib/upgraded/apps", self.example,
+                                        "current"))
+
+    def invocations(self):
+        return [subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID", u],
+                               capture_output=True, text=True).stdout.strip()
+                for u in self.units]
+
+
+class Ozone(Runbook):
+    """seeds/ozone-non-rolling-upgrade.md: prepare, stop all, replace, start, pre-finalized,
+    downgrade while pre-finalized, finalize (SCM then OM), no downgrade after."""
+    example, data = "ozone", "/var/lib/ozone"
+
+    def test_non_rolling_upgrade_with_prepare_and_finalize(self):
+        self.ctl("install", "-q", self.release("1.2.0"))
+        self.assertEqual(self.wait_read("om.status", "1.2.0 finalized mlv=1 slv=1"),
+                         "1.2.0 finalized mlv=1 slv=1")
+        self.ctl("install", "-q", self.release("1.3.0"))
+        # Every component restarted on 1.3.0, pre-finalized on the old layout; OM out of
+        # prepare mode again.
+        for c in ["scm", "datanode", "om"]:
+            self.assertEqual(self.read(c + ".status"), "1.3.0 pre-finalized mlv=1 slv=2")
+        self.assertFalse(os.path.exists(os.path.join(self.datadir, "om.prepared")))
+        f = self.finalization()
+        self.assertEqual((f["state"], f["finalized_data_format"], f["current_writes"]),
+                         ("pre-finalized", 1, 2))
+        # Downgrade while pre-finalized: the same steps with the old release.
+        self.ctl("rollback", "-q", self.example)
+        self.assertEqual(self.read("om.status"), "1.2.0 finalized mlv=1 slv=1")
+        self.ctl("activate", "-q", self.example, "1.3.0")
+        self.ctl("finalize", "--yes", "-q", self.example)
+        f = self.finalization()
+        self.assertEqual((f["state"], f["finalized_data_format"]), ("finalized", 2))
+        self.assertRegex(f["last_backup"], r"^snap-\d{8}T\d{6}Z-mlv1$")
+        self.assertTrue(os.path.isdir(os.path.join(self.datadir, "backups", f["last_backup"])))
+        self.assertEqual(self.read("layout"), "2")
+        # "Once the following steps are performed, downgrading will not be possible."
+        inv = self.invocations()
+        r = self.ctl("rollback", self.example, check=3)
+        self.assertIn("restore backup '%s' to go back" % f["last_backup"], r.stderr)
+        self.assertEqual((self.current(), self.invocations()), ("releases/1.3.0", inv))
+
+
+class CockroachDB(Runbook):
+    """seeds/cockroachdb-upgrade-and-downgrade.md: patch releases move freely; a major release
+    reads the previous one's data until finalized; no skipping; back up, then finalize."""
+    example, data = "cockroachdb", "/var/lib/cockroach"
+
+    def test_major_upgrade_with_manual_finalization(self):
+        self.ctl("install", "-q", self.release("23.1.0"))
+        self.ctl("install", "-q", self.release("23.1.1"))
+        self.ctl("rollback", "-q", self.example)  # a patch: down and up freely
+        self.ctl("activate", "-q", self.example, "23.1.1")
+        for v in ["23.2.0", "24.1.0"]:
+            self.ctl("install", "--stage-only", "-q", self.release(v))
+        # No skipping a major release: 24.1 only from 23.2, and only once 23.2 is finalized.
+        r = self.ctl("activate", self.example, "24.1.0", check=3)
+        self.assertIn("24.1.0 cannot be activated from 23.1.1 (upgrade_from: 23.2.*)", r.stderr)
+        self.assertIn("no installed release leads there", r.stderr)
+        self.ctl("activate", "-q", self.example, "23.2.0")
+        self.assertEqual(self.finalization()["state"], "pre-finalized")
+        r = self.ctl("activate", self.example, "24.1.0", check=3)
+        self.assertIn("24.1.0 reads data formats 232\u2013241, but the data is in format 231",
+                      r.stderr)
+        self.ctl("rollback", "-q", self.example)  # before finalization: allowed
+        self.assertEqual(self.wait_read("node.status", "23.1.1 binary=231 cluster=231"),
+                         "23.1.1 binary=231 cluster=231")
+        self.ctl("activate", "-q", self.example, "23.2.0")
+        self.ctl("finalize", "--yes", "-q", self.example)
+        self.assertEqual(self.read("cluster-version"), "232")
+        backup = self.finalization()["last_backup"]
+        self.assertRegex(backup, r"^backup-\d{14}-cluster231$")
+        self.ctl("activate", "-q", self.example, "24.1.0")
+        self.assertEqual(self.read("node.status"), "24.1.0 binary=241 cluster=232")
+        self.assertEqual(self.finalization()["rollback_targets"], ["23.2.0"])
+        r = self.ctl("activate", self.example, "23.1.1", check=3)
+        self.assertIn("format 232 was finalized", r.stderr)
+        self.assertIn("restore backup '%s'" % backup, r.stderr)
+
+
+class OpenMLDB(Runbook):
+    """seeds/openmldb-upgrade.md: components in order, pre-upgrade (leaders off the tablet)
+    before, post-upgrade (leaders back) after, showopstatus as the check."""
+    example, data = "openmldb", "/var/lib/openmldb"
+
+    def ops(self):
+        return [line.split(" ", 1)[1] for line in self.read("ops.log").splitlines()]
+
+    def test_ordered_upgrade_with_pre_and_post_upgrade(self):
+        self.ctl("install", "-q", self.release("0.8.4"))
+        os.unlink(os.path.join(self.datadir, "ops.log"))
+        self.ctl("install", "-q", self.release("0.8.5"))
+        self.assertEqual(self.ops(), [
+            "pre-upgrade: leader partitions moved off the tablet",
+            "nameserver 0.8.5 started", "tablet 0.8.5 started", "taskmanager 0.8.5 started",
+            "apiserver 0.8.5 started",
+            "post-upgrade: leader partitions back on the tablet"])
+        self.assertEqual(self.read("leaders"), "tablet")
+        # A failed operation found by showopstatus: the upgrade is rolled back.
+        self.ctl("rollback", "-q", self.example)
+        with open(os.path.join(self.datadir, "failed-op"), "w") as f:
+            f.write("op 42 (kReAddReplica)")
+        r = self.ctl("activate", self.example, "0.8.5", check=1)
+        self.assertIn("kFailed: op 42 (kReAddReplica)", r.stderr)
+        self.assertIn("rolled back to 0.8.4", r.stderr)
+        self.assertEqual(self.wait_read("apiserver.status", "0.8.4"), "0.8.4")
+
+
+class Keystone(Runbook):
+    """seeds/rdo-upgrading.md, one service: stop, upgrade, db sync (expand, migrate), start;
+    contract (finalize) once the new release has proved itself."""
+    example, data = "keystone", "/var/lib/keystone"
+
+    def test_db_sync_between_stop_and_start_then_contract(self):
+        self.ctl("install", "-q", self.release("25.0.0"))
+        self.assertEqual(self.wait_read("serving", "25.0.0"), "25.0.0")
+        self.ctl("install", "-q", self.release("26.0.0"))
+        self.assertEqual(self.wait_read("serving", "26.0.0"), "26.0.0")
+        self.assertEqual((self.read("contracted"), self.read("expanded")), ("25", "26"))
+        self.ctl("rollback", "-q", self.example)  # the expanded schema still serves 25
+        self.assertEqual(self.wait_read("serving", "25.0.0"), "25.0.0")
+        self.ctl("activate", "-q", self.example, "26.0.0")
+        self.ctl("finalize", "--yes", "-q", self.example)
+        self.assertEqual(self.read("contracted"), "26")
+        dump = self.finalization()["last_backup"]
+        self.assertRegex(dump, r"^keystone-\d{14}-schema25\.sql$")
+        self.assertTrue(os.path.exists(os.path.join(self.datadir, "dumps", dump)))
+        r = self.ctl("rollback", self.example, check=3)
+        self.assertIn("restore backup '%s'" % dump, r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
