@@ -159,7 +159,8 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
       const auto& r = state->releases.at(v);
       std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";
       std::string status(store::to_string(r.status));
-      add_release_row(out, t, app, v, status, role, r.staged_at, r.pinned, r.size);
+      add_release_row(out, t, app, v, status, role, r.staged_at, r.pinned, r.size,
+                      role == "current" && state->pre_finalized());
     }
   }
   print_rows(json_out, out, t, "No releases are installed.");

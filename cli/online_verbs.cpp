@@ -389,10 +389,10 @@ int run_list(const Common& c, const std::string& only) {
       if (auto it = details.find("finalization"); it != details.end())
         finalization = it->second.get<std::string>();
       for (const auto& r : client.ListReleases(app)) {
-        std::string role = std::get<2>(r);
-        if (role == "current" && finalization == "pre-finalized") role += " (pre-finalized)";
+        const std::string& role = std::get<2>(r);
         add_release_row(out, t, app, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
-                        std::get<4>(r), std::get<5>(r));
+                        std::get<4>(r), std::get<5>(r),
+                        role == "current" && finalization == "pre-finalized");
       }
     }
     print_rows(c.json, out, t, "No releases are installed.");

@@ -78,16 +78,18 @@ void Table::print() const {
 
 void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
                      const std::string& version, const std::string& status, const std::string& role,
-                     const std::string& staged_at, bool pinned, std::uint64_t size) {
+                     const std::string& staged_at, bool pinned, std::uint64_t size,
+                     bool pre_finalized) {
   out.push_back({{"app", app},
                  {"version", version},
                  {"status", status},
                  {"role", role},
                  {"staged_at", staged_at},
                  {"pinned", pinned},
-                 {"size", size}});
-  table.add({app, version, colored_status(status), role, staged_at, pinned ? "yes" : "",
-             human_size(size)});
+                 {"size", size},
+                 {"pre_finalized", pre_finalized}});
+  table.add({app, version, colored_status(status), role + (pre_finalized ? " (pre-finalized)" : ""),
+             staged_at, pinned ? "yes" : "", human_size(size)});
 }
 
 void print_rows(bool json, const nlohmann::json& out, const Table& table,

@@ -32,7 +32,8 @@ class Table {
 /// docs/upgradectl.md).
 void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
                      const std::string& version, const std::string& status, const std::string& role,
-                     const std::string& staged_at, bool pinned, std::uint64_t size);
+                     const std::string& staged_at, bool pinned, std::uint64_t size,
+                     bool pre_finalized = false);
 /// Prints `out` with --json, else `table`, else `empty` when there are no rows.
 void print_rows(bool json, const nlohmann::json& out, const Table& table, const std::string& empty);
 

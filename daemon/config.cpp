@@ -81,6 +81,26 @@ bool valid_account_name(const std::string& s) {
   return true;
 }
 
+// Hooks may write their app's data directories: never the daemon's own configuration or state,
+// nor an app's store (its releases, state.json), nor anything containing them.
+Result<void> check_data_dirs(const Config& c) {
+  auto overlap = [](const std::string& a, const std::string& b) {
+    return a == b || a.starts_with(b + "/") || b.starts_with(a + "/");
+  };
+  std::vector<std::pair<std::string, std::string>> kept{{"/etc/upgraded", "the configuration"},
+                                                        {"/var/lib/upgraded", "the store"}};
+  for (const auto& [app, r] : c.app_roots)
+    kept.emplace_back(r, "the store of " + app);
+  for (const auto& [app, p] : c.app_policies)
+    for (const auto& d : p.data_dirs)
+      for (const auto& [path, what] : kept)
+        if (overlap(d, path))
+          return Error(ErrorCode::kInvalidArgument, "apps." + app + ".data_dirs: '" + d +
+                                                        "' overlaps " + what + " (" + path +
+                                                        "), which hooks must not write");
+  return {};
+}
+
 Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
   for (auto&& [section_key, section] : doc) {
     std::string name(section_key.str());
@@ -119,7 +139,23 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
             for (auto&& item : *a) {
               auto p = absolute_path(item);
               if (!p) return p.error();
-              if (*p == "/") return bad(file, item, where + " cannot be '/'");
+              // Each component a plain name: "//", "/./" and a trailing "/" would let systemd
+              // simplify the path into something broader than it reads.
+              bool plain = p->size() > 1 && p->back() != '/';
+              for (std::size_t at = 1; plain && at <= p->size();) {
+                auto next = p->find('/', at);
+                if (next == std::string::npos) next = p->size();
+                std::string_view part(p->data() + at, next - at);
+                plain = !part.empty() && part != "." && part != "..";
+                at = next + 1;
+              }
+              for (char ch : *p)
+                plain = plain && static_cast<unsigned char>(ch) >= 0x20 && ch != 0x7f;
+              if (!plain)
+                return bad(file, item,
+                           where +
+                               " must be a plain absolute path: not '/', no empty, '.' or "
+                               "'..' component, no trailing '/', no control character");
               policy.data_dirs.push_back(*p);
             }
           } else if (key == "user" || key == "group") {
@@ -228,6 +264,7 @@ Result<Config> load_config(const std::string& root) {
   std::sort(names.begin(), names.end());
   for (const auto& n : names)
     UPGRADED_TRY(read_file_into(c, dropins + "/" + n));
+  UPGRADED_TRY(check_data_dirs(c));
   return c;
 }
 

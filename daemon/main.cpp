@@ -38,6 +38,11 @@ int run(bool user, const std::string& root, std::string helper) {
   sandbox::Helper extractor{helper.empty() ? sandbox::default_helper_path() : helper, {}};
   // Never root: when the daemon is, each helper run gets a uid of its own (Manager).
   if (::geteuid() == 0) extractor.as = std::make_pair(config->helper_ids, config->helper_ids);
+  // The configuration directory too: hooks get an empty read-only mount over it (docs/hooks.md).
+  if (auto r = fs::make_directories(config->config_dir()); !r) {
+    log(Level::kError, r.error().message());
+    return 1;
+  }
   if (auto r = fs::make_directories(config->state_dir()); !r) {
     log(Level::kError, r.error().message());
     return 1;

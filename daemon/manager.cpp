@@ -559,6 +559,10 @@ void Manager::Finalize(PathResult&& result, std::string app, Options options) {
       auto m = value_or_throw(m_store.manifest(app, *st.current));
       if (auto r = activation::check_finalize(st, m, no_backup); !r)
         throw bus_error::from(r.error());
+      if (auto pending = m_store.pending_activation(app); pending && *pending)
+        throw sdbus::Error(bus_error::kPolicyRefused, "an activation of " + app + " " +
+                                                          (*pending)->to +
+                                                          " is not finished; finalize once it is");
       Work work = [this, no_backup](Job& job, const store::AppLock& lock,
                                     const ProgressFn& progress) -> Result<void> {
         activation::Activator activator(m_store, m_units);
@@ -587,6 +591,10 @@ void Manager::auto_finalize() {
     if (policy.auto_finalize_after_s == 0 || m_busy.count(app)) continue;
     auto st = m_store.state(app);
     if (!st || !st->pre_finalized() || !st->current || !st->good_since) continue;
+    // One attempt per healthy stretch of a release: a failed one is not retried until the app
+    // is activated again (or the daemon restarts); an operator finalizes by hand meanwhile.
+    const std::string attempt = app + " " + *st->current + " " + *st->good_since;
+    if (m_auto_finalize_tried.count(attempt)) continue;
     auto since = artifact::parse_rfc3339(*st->good_since);
     if (!since ||
         std::time(nullptr) - *since < static_cast<std::int64_t>(policy.auto_finalize_after_s))
@@ -600,6 +608,7 @@ void Manager::auto_finalize() {
             app + " " + *st->current + " is not finalized automatically: " + r.error().message());
       continue;
     }
+    m_auto_finalize_tried.insert(attempt);
     log(Level::kInfo, c,
         app + " " + *st->current + " has been healthy for " +
             std::to_string(policy.auto_finalize_after_s) +
@@ -612,7 +621,11 @@ void Manager::auto_finalize() {
                   o.commit = [this, &job] { return commit(job); };
                   o.hooks = hook_context(job);
                   auto done = activator.finalize(lock, o, progress);
-                  return done ? Result<void>() : Result<void>(done.error());
+                  if (!done)
+                    return Result<void>(done.error().with_context(
+                        "auto-finalize (not retried until " + job.app +
+                        " is activated again; upgradectl finalize does it by hand)"));
+                  return Result<void>();
                 });
     } catch (const sdbus::Error& e) {
       log(Level::kWarning, c, app + ": cannot start its auto-finalize: " + e.getMessage());
@@ -641,12 +654,30 @@ activation::HookContext Manager::hook_context(Job& job) const {
     c.user = it->second.user;
     c.group = it->second.group;
   }
-  // The trust keys and the host policy are none of a hook's business.
-  struct stat sb {};
-  if (::stat(m_config.config_dir().c_str(), &sb) == 0 && S_ISDIR(sb.st_mode))
-    c.hidden_paths.push_back(m_config.config_dir());
+  // The trust keys and the host policy are none of a hook's business. The daemon creates the
+  // directory at start: this mount is always there, and with it systemd's refusal to run a
+  // hook it cannot sandbox.
+  c.hidden_paths.push_back(m_config.config_dir());
+  // A hook that reaches the bus or systemd's private socket as root is root for them: both are
+  // out of its sight.
+  c.inaccessible_paths = {"/run/dbus/system_bus_socket", "/run/systemd/private"};
+  if (const char* addr = std::getenv("DBUS_SESSION_BUS_ADDRESS"))
+    for (std::string_view a(addr); !a.empty();) {
+      auto end = a.find(';');
+      std::string_view one = a.substr(0, end);
+      if (one.starts_with("unix:path=")) {
+        std::string_view path = one.substr(10);
+        path = path.substr(0, path.find(','));
+        c.inaccessible_paths.emplace_back(path);
+      }
+      a = end == std::string_view::npos ? std::string_view() : a.substr(end + 1);
+    }
+  if (const char* runtime = std::getenv("XDG_RUNTIME_DIR"); runtime && *runtime == '/') {
+    c.inaccessible_paths.push_back(std::string(runtime) + "/bus");
+    c.inaccessible_paths.push_back(std::string(runtime) + "/systemd/private");
+  }
   c.on_status = [this, id = job.id](const std::string& phase, const std::string& status) {
-    m_loop.post([this, id, step = phase + " hook: " + status.substr(0, 200)] {
+    m_loop.post([this, id, step = phase + " hook: " + units::printable_line(status, 200)] {
       if (auto j = m_jobs.find(id); j != m_jobs.end())
         j->second.object->update(step, j->second.job->progress);
     });

@@ -130,6 +130,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   units::UnitControl& m_units;
   units::HookRunner& m_hooks;
   std::set<std::string> m_auto_finalize_warned;  // apps told once why they are not finalized
+  std::set<std::string> m_auto_finalize_tried;   // "app version good_since" attempted
   sandbox::Helper m_helper;
   std::unique_ptr<Authorizer> m_auth;
   std::uint32_t m_next_id = 1;

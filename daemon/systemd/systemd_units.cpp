@@ -341,6 +341,12 @@ constexpr std::chrono::milliseconds kStatusPollInterval{200};
 // left of the hook's processes when the service ends).
 constexpr std::chrono::seconds kDrainTime{2};
 constexpr std::size_t kMaxLine = 4096;
+// What one wake-up reads from one pipe: a hook printing without pause cannot keep the wait
+// from its other duties (cancel, deadline, status).
+constexpr std::size_t kReadPerRound = 64 * 1024;
+// Lines of one hook forwarded to the journal; past it only the tail is kept (journald would
+// rate-limit the daemon's own messages otherwise).
+constexpr std::size_t kMaxJournalLines = 10000;
 
 std::uint64_t now_usec() {
   timespec ts{};
@@ -357,7 +363,7 @@ class HookOutput {
   // Reads what is there; false at EOF (or an error).
   bool read_from(int fd, bool is_stdout) {
     char buf[8192];
-    for (;;) {
+    for (std::size_t taken = 0; taken < kReadPerRound; taken += sizeof buf) {
       ssize_t n = ::read(fd, buf, sizeof buf);
       if (n > 0) {
         feed(std::string_view(buf, static_cast<std::size_t>(n)), is_stdout);
@@ -368,6 +374,7 @@ class HookOutput {
       flush(is_stdout);
       return false;
     }
+    return true;  // more may be there: the next round reads it
   }
 
   units::HookOutcome& fill(units::HookOutcome& o) {
@@ -400,10 +407,16 @@ class HookOutput {
   void line(const std::string& raw, bool is_stdout) {
     // At most kHookTailBytes with its newline: the tail below never cuts inside a line.
     const std::string text = units::printable_line(raw, units::kHookTailBytes - 1);
-    ::sd_journal_send("MESSAGE=%s", text.c_str(), "PRIORITY=%d", is_stdout ? LOG_INFO : LOG_WARNING,
-                      "SYSLOG_IDENTIFIER=upgraded-hook-%s", m_hook.app.c_str(), "UPGRADED_APP=%s",
-                      m_hook.app.c_str(), "UPGRADED_PHASE=%s", m_hook.phase.c_str(),
-                      "UPGRADED_HOOK_UNIT=%s", m_hook.unit.c_str(), nullptr);
+    if (++m_lines == kMaxJournalLines + 1)
+      ::sd_journal_send("MESSAGE=%s: more output than %zu lines; the rest is not logged",
+                        m_hook.unit.c_str(), kMaxJournalLines, "PRIORITY=%d", LOG_WARNING,
+                        "SYSLOG_IDENTIFIER=upgraded-hook-%s", m_hook.app.c_str(), nullptr);
+    if (m_lines <= kMaxJournalLines)
+      ::sd_journal_send("MESSAGE=%s", text.c_str(), "PRIORITY=%d",
+                        is_stdout ? LOG_INFO : LOG_WARNING, "SYSLOG_IDENTIFIER=upgraded-hook-%s",
+                        m_hook.app.c_str(), "UPGRADED_APP=%s", m_hook.app.c_str(),
+                        "UPGRADED_PHASE=%s", m_hook.phase.c_str(), "UPGRADED_HOOK_UNIT=%s",
+                        m_hook.unit.c_str(), nullptr);
     if (is_stdout && text.find_first_not_of(" \t\r") != std::string::npos) m_last_stdout = text;
     m_tail.push_back(text);
     m_tail_bytes += text.size() + 1;
@@ -419,6 +432,7 @@ class HookOutput {
   std::deque<std::string> m_tail;
   std::size_t m_tail_bytes = 0;
   std::string m_last_stdout;
+  std::size_t m_lines = 0;
 };
 
 }  // namespace
@@ -438,9 +452,6 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
   std::vector<std::string> env;
   for (const auto& [k, v] : hook.environment)
     env.push_back(k + "=" + v);
-  std::vector<std::string> hidden;
-  for (const auto& p : hook.hidden_paths)
-    hidden.push_back(p);
   // An unprivileged user manager can neither switch users nor set up a mount namespace unless
   // the hook gets a user namespace of its own (PrivateUsers=); a root manager (system, or root's
   // user manager) can do both.
@@ -469,12 +480,28 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
     set("ReadWritePaths", hook.read_write_paths);
     set("PrivateTmp", true);
     set("NoNewPrivileges", true);
-    if (!hidden.empty()) {
+    if (!hook.hidden_paths.empty()) {
       std::vector<sdbus::Struct<std::string, std::string>> tmpfs;
-      for (const auto& p : hidden)
+      for (const auto& p : hook.hidden_paths)
         tmpfs.emplace_back(p, std::string("ro"));
       set("TemporaryFileSystem", tmpfs);
     }
+    if (!hook.inaccessible_paths.empty()) {
+      std::vector<std::string> gone;
+      for (const auto& p : hook.inaccessible_paths)
+        gone.push_back("-" + p);  // "-": only if it exists
+      set("InaccessiblePaths", gone);
+    }
+    // A hook that runs as root keeps only what working on its data needs: no CAP_SYS_ADMIN
+    // (no remounting its sandbox away), no raw devices, no kernel tunables or modules.
+    // CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_KILL:
+    constexpr std::uint64_t kHookCapabilities =
+        (1ULL << 0) | (1ULL << 1) | (1ULL << 2) | (1ULL << 3) | (1ULL << 4) | (1ULL << 5);
+    set("CapabilityBoundingSet", kHookCapabilities);
+    set("PrivateDevices", true);
+    set("ProtectKernelTunables", true);
+    set("ProtectKernelModules", true);
+    set("ProtectControlGroups", true);
     if (privileged_manager) {
       if (!hook.user.empty()) set("User", hook.user);
       if (!hook.group.empty()) set("Group", hook.group);
@@ -606,6 +633,23 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
   return o;
 }
 
+namespace {
+// Whether `rest` (a hook unit's name after "upgraded-hook-[<app>-]") is "<phase>-<n>.service",
+// or with `any_app` "<app>-<phase>-<n>.service": so that app "hello" never claims the units of
+// app "hello-migrate".
+bool hook_unit_rest(const std::string& rest, const std::string& phase, bool any_app) {
+  const std::string suffix = ".service";
+  if (!rest.ends_with(suffix)) return false;
+  std::string body = rest.substr(0, rest.size() - suffix.size());
+  auto dash = body.rfind('-');
+  if (dash == std::string::npos || dash + 1 == body.size()) return false;
+  for (char c : body.substr(dash + 1))
+    if (c < '0' || c > '9') return false;
+  std::string head = body.substr(0, dash);
+  return any_app ? head.ends_with("-" + phase) : head == phase;
+}
+}  // namespace
+
 Result<std::vector<std::string>> SystemdUnits::stop_leftovers(const std::string& app) {
   if (!app.empty()) UPGRADED_TRY(policy::validate_app_name(app));
   std::vector<std::string> names;
@@ -617,9 +661,9 @@ Result<std::vector<std::string>> SystemdUnits::stop_leftovers(const std::string&
       // "upgraded-hook-<app>-<phase>-<n>.service": <app> may itself contain '-', so the rest
       // must be a phase and a number.
       std::string rest = name.substr(prefix.size());
-      bool ours = app.empty();
+      bool ours = false;
       for (const char* phase : artifact::kHookNames)
-        ours = ours || rest.starts_with(std::string(phase) + "-");
+        ours = ours || hook_unit_rest(rest, phase, app.empty());
       if (!ours) continue;
       const std::string& active = u.get<3>();
       if (active == "inactive") continue;

@@ -317,7 +317,15 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
                                                     const ActivationOptions& options,
                                                     const ProgressFn& progress, bool mark_bad) {
   if (progress) progress("rolling back", 90);
+  // Journaled first: a crash from here on finishes the rollback (switch back, old units, no
+  // hook), whatever step the record said before.
+  if (auto pending = m_store.pending_activation(lock.app()); pending && *pending) {
+    store::PendingActivation p = **pending;
+    p.step = "rolling_back";
+    (void)m_store.begin_activation(lock, p);
+  }
   if (mark_bad) (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
+  crash_point("activation.rolling_back");
   std::map<std::string, std::uint64_t> back_downtime;
   auto old_manifest = m_store.manifest(lock.app(), report.from);
   Result<void> back = old_manifest ? Result<void>() : Result<void>(old_manifest.error());
@@ -338,6 +346,8 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
         },
         back_downtime, /*soak=*/false);
   report.rolled_back = true;
+  // The release rolled back to is the healthy one again (and its soak starts over).
+  if (back) (void)m_store.set_status(lock, report.from, store::ReleaseStatus::kGood);
   h.result = back ? "rolled-back" : "failed";
   if (!back) h.message += "; rollback to " + report.from + " failed too: " + back.error().message();
   h.downtime_usec = report.downtime_usec;
@@ -384,6 +394,7 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
   run.user = ctx.user;
   run.group = ctx.group;
   run.hidden_paths = ctx.hidden_paths;
+  run.inaccessible_paths = ctx.inaccessible_paths;
   run.timeout = std::chrono::seconds(hook->second.timeout_s);
   run.cancel_fd = ctx.cancel_fd;
   crash_point(("hook." + phase + ".before").c_str());
@@ -434,7 +445,11 @@ Result<ActivationReport> Activator::run_hooked(
   pause_point("activation.before_commit");
   if (options.commit && !options.commit())
     return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
-  const bool migrate = !is_rollback && m.hooks.count("migrate");
+  // Going back to an older release, by rollback or by activate, never migrates: the data stays
+  // in the format the older release reads (the data-format checks made sure it can).
+  const bool downgrade =
+      is_rollback || (!report.from.empty() && policy::compare_versions(version, report.from) < 0);
+  const bool migrate = !downgrade && m.hooks.count("migrate");
   const std::string previous = st.previous.value_or("");
   store::PendingActivation pending{h.op,     report.from, version,
                                    previous, "",          migrate ? "stopping" : "starting"};
@@ -498,6 +513,7 @@ Result<ActivationReport> Activator::run_hooked(
     return roll_back(r.error());
   h.result = "done";
   h.downtime_usec = report.downtime_usec;
+  h.hook_start_usec = report.hook_start_usec;
   (void)m_store.append_history(lock, h);
   if (progress) progress("done", 100);
   return report;
@@ -575,6 +591,15 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   }
   auto m = m_store.manifest(app, *st->current);
   if (!m) return m.error();
+  if (p.step == "rolling_back" && !p.from.empty() && st->releases.count(p.from)) {
+    // Interrupted while rolling back: finish it, hooks and the bad mark as they were.
+    report.to = p.to;
+    h.message += ": interrupted while rolling back to " + p.from + "; finished";
+    const Error interrupted(ErrorCode::kFailed, h.message);
+    std::string previous = st->releases.count(p.previous) ? p.previous : "";
+    return roll_back_after(lock, std::move(report), previous, std::move(h), interrupted, options,
+                           progress, /*mark_bad=*/false);
+  }
   const bool hooked = p.step != "restart" && p.op == "activate" && *st->current == p.to;
   if (hooked && p.step != "starting") {
     const std::string phase = p.step == "stopping" ? "stop" : p.step;
@@ -658,7 +683,8 @@ Result<FinalizeReport> Activator::finalize(const store::AppLock& lock,
     if (report.backup.empty())
       return failed(Error(ErrorCode::kFailed,
                           "the backup hook printed no backup name (its last line on stdout)"));
-    if (report.backup.size() > 200) report.backup.resize(200);
+    // Already printable (the runner made it so); cut on a character boundary.
+    report.backup = units::printable_line(report.backup, 200);
   }
   pause_point("finalize.before_commit");
   if (options.commit && !options.commit())

@@ -283,6 +283,12 @@ Result<void> recover_app(int appfd, const std::string& app) {
   }
   UPGRADED_TRY(sync_dir(appfd, "releases"));
   UPGRADED_TRY(sync_dir(appfd, "manifests"));
+  // Apps from before data formats were tracked: the data is in the format the current release
+  // writes, as for a first activation.
+  if (had_state && st.current && !st.finalized_data_format && st.releases.count(*st.current)) {
+    st.finalized_data_format = st.releases.at(*st.current).data_format.writes;
+    st.finalized_at = now_rfc3339();
+  }
   if (had_state && st != before) UPGRADED_TRY(write_state(appfd, st));
   if (had_state) UPGRADED_TRY(reconcile_current(appfd, st));
   if (had_state) UPGRADED_TRY(reconcile_data_format(appfd, st));
@@ -557,8 +563,9 @@ Result<void> Store::switch_impl(const AppLock& lock, const std::string& version,
     (void)reconcile_current(dfd, before);
     return r.error().with_context("switching " + st.app + " to " + version);
   }
+  // Past the commit point: a failure here is repaired by the next recovery, not an error.
   if (st.finalized_data_format != before.finalized_data_format)
-    return reconcile_data_format(dfd, st);
+    (void)reconcile_data_format(dfd, st);
   return {};
 }
 
@@ -662,7 +669,9 @@ Result<void> Store::record_finalized_data_format(const AppLock& lock, std::uint6
   st.last_backup = backup.empty() ? std::nullopt : std::optional<std::string>(backup);
   if (!st.pre_finalized()) st.pending_since.reset();
   UPGRADED_TRY(commit_state(l->fd.get(), st, &before));
-  return reconcile_data_format(l->fd.get(), st);
+  // Past the commit point: a failure here is repaired by the next recovery, not an error.
+  (void)reconcile_data_format(l->fd.get(), st);
+  return {};
 }
 
 Result<GcReport> Store::gc(const AppLock& lock, const GcPolicy& policy) const {
@@ -706,6 +715,7 @@ json history_to_json(const HistoryEntry& e) {
       {"time", e.time},     {"op", e.op},           {"from", e.from},           {"to", e.to},
       {"result", e.result}, {"message", e.message}, {"downtime_usec", downtime}};
   if (!e.backup.empty()) doc["backup"] = e.backup;
+  if (!e.hook_start_usec.empty()) doc["hook_start_usec"] = e.hook_start_usec;
   return doc;
 }
 
@@ -825,8 +835,8 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
     if (!s) return bad;
     step = *s;
   }
-  if (step != "queued" && step != "restart" && step != "stopping" && step != "migrate" &&
-      step != "starting" && step != "post_upgrade")
+  if (step != "queued" && step != "rolling_back" && step != "restart" && step != "stopping" &&
+      step != "migrate" && step != "starting" && step != "post_upgrade")
     return bad;
   if ((!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to) ||
       (!previous->empty() && !policy::validate_version(*previous)))

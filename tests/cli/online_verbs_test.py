@@ -98,7 +98,8 @@ class OnlineVerbs(unittest.TestCase):
         self.assertEqual([(r["version"], r["status"], r["role"]) for r in releases],
                          [("1.0.0", "good", "current"), ("2.0.0", "staged", "")])
         self.assertEqual(set(releases[0]),
-                         {"app", "version", "status", "role", "staged_at", "pinned", "size"})
+                         {"app", "version", "status", "role", "staged_at", "pinned", "size",
+                          "pre_finalized"})
         table = self.ctl("list", self.app).stdout.splitlines()
         self.assertEqual(table[0].split(), ["APP", "VERSION", "STATUS", "ROLE", "STAGED",
                                             "PINNED", "SIZE"])

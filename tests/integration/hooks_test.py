@@ -41,6 +41,11 @@ fi
 if [ -e "$data/escape-$UPGRADED_PHASE" ]; then
   echo x >"$(cat "$data/escape-$UPGRADED_PHASE")" || exit 4
 fi
+if [ -e "$data/connect-$UPGRADED_PHASE" ]; then
+  /usr/bin/python3 -c "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])" \
+    "$(cat "$data/connect-$UPGRADED_PHASE")" 2>/dev/null && exit 0
+  exit 6
+fi
 if [ "$UPGRADED_PHASE" = backup ]; then
   echo "dumping the database"
   echo "snap-00$UPGRADED_DATA_FORMAT"
@@ -75,9 +80,10 @@ class Hooks(unittest.TestCase):
             for k, v in keys.items():
                 f.write("%s = %s\n" % (k, v))
 
-    def start_daemon(self):
+    def start_daemon(self, env=None):
         self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
         self.daemon = subprocess.Popen([UPGRADED, "--user", "--root", self.root],
+                                       env=dict(os.environ, **(env or {})),
                                        stdout=self.log, stderr=self.log)
         for _ in range(200):
             if self.ctl("jobs", check=None).returncode == 0:
@@ -378,6 +384,13 @@ class Hooks(unittest.TestCase):
             self.assertIn("the pre_upgrade hook (hooks/run) exited with status 4", r.stderr)
             self.assertFalse(os.path.exists(where), where)
         os.unlink(os.path.join(self.data, "escape-pre_upgrade"))
+        # Nor reach the bus (as root it would be root for the daemon and for systemd): the
+        # session bus socket is out of its sight.
+        with open(os.path.join(self.data, "connect-pre_upgrade"), "w") as f:
+            f.write(os.path.join(TESTBED, "bus"))
+        r = self.ctl("activate", self.app, "2.0.0", check=1)
+        self.assertIn("the pre_upgrade hook (hooks/run) exited with status 6", r.stderr)
+        os.unlink(os.path.join(self.data, "connect-pre_upgrade"))
         self.assertEqual(self.current(), "releases/1.0.0")
 
     def test_a_hook_that_reports_progress(self):
@@ -490,6 +503,33 @@ class Hooks(unittest.TestCase):
                 last = self.history()[-1]
                 self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
                 self.assertIn("is not run again", last["message"])
+
+    def test_daemon_killed_during_an_automatic_rollback(self):
+        self.start_daemon(env={"UPGRADED_CRASH_AT": "activation.rolling_back"})
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        self.ctl("install", "--stage-only", "-q", self.pack("2.0.0"))
+        open(os.path.join(self.data, "fail-post_upgrade-2.0.0"), "w").close()
+        self.hook_log()
+        self.ctl("activate", self.app, "2.0.0", check=None)
+        self.daemon.wait(timeout=60)
+        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
+        self.log.close()
+        self.daemon = None
+        self.assertEqual(self.current(), "releases/2.0.0")
+        self.start_daemon()
+        for _ in range(600):
+            if not json.loads(self.ctl("jobs", "--json").stdout):
+                break
+            time.sleep(0.05)
+        # Finished as an automatic rollback: no hook of either release ran again.
+        self.assertEqual(self.current(), "releases/1.0.0")
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        self.assertEqual(self.state()["releases"]["2.0.0"]["status"], "bad")
+        self.assertEqual([line.split()[0] for line in self.hook_log()],
+                         ["pre_upgrade", "migrate", "health", "post_upgrade"])
+        last = self.history()[-1]
+        self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
+        self.assertIn("interrupted while rolling back to 1.0.0", last["message"])
 
     def test_auto_finalize_after_the_soak_across_a_restart(self):
         self.conf(data_dirs='["/var/lib/hello-data"]', auto_finalize_after_s=3 * TIME_FACTOR)

@@ -23,11 +23,12 @@ struct HookContext {
   /// Null: hooks cannot run here (upgradectl --offline); releases that declare activation
   /// hooks are refused.
   units::HookRunner* runner = nullptr;
-  std::uint32_t job_id = 0;               ///< names the hook units, UPGRADED_JOB
-  std::vector<std::string> data_dirs;     ///< the app's data: the only paths hooks may write
-  std::string user, group;                ///< whom hooks run as (empty: the manager's user)
-  std::vector<std::string> hidden_paths;  ///< hidden from hooks (the daemon's configuration)
-  int cancel_fd = -1;                     ///< readable once the job is canceled
+  std::uint32_t job_id = 0;                     ///< names the hook units, UPGRADED_JOB
+  std::vector<std::string> data_dirs;           ///< the app's data: the only paths hooks may write
+  std::string user, group;                      ///< whom hooks run as (empty: the manager's user)
+  std::vector<std::string> hidden_paths;        ///< hidden from hooks (the daemon's configuration)
+  std::vector<std::string> inaccessible_paths;  ///< bus and systemd sockets, out of their sight
+  int cancel_fd = -1;                           ///< readable once the job is canceled
   /// Each hook's STATUS= texts, for the job's Step.
   std::function<void(const std::string& phase, const std::string& status)> on_status;
 };

@@ -65,6 +65,9 @@ struct HistoryEntry {
   std::string message;
   std::map<std::string, std::uint64_t> downtime_usec;  ///< per unit
   std::string backup;  ///< finalize: the name of the backup taken before it
+  /// Per hook that ran: microseconds from its start call to its process running (not sent
+  /// over D-Bus; in history.jsonl for bench/downtime --hooks and root-cause analysis).
+  std::map<std::string, std::uint64_t> hook_start_usec;
 };
 
 /// Extracts the payload of the artifact being staged into the empty directory `dest_dirfd` and
@@ -86,7 +89,8 @@ struct PendingActivation {
   /// without hooks: its units are restarted), "queued" (staged offline; the whole activation
   /// is left to the daemon), "stopping" (units being stopped, `current` switched), "migrate"
   /// (the migrate hook running), "starting" (migrated; units starting, health gate),
-  /// "post_upgrade" (the post_upgrade hook running).
+  /// "post_upgrade" (the post_upgrade hook running), "rolling_back" (an automatic rollback
+  /// under way).
   std::string step = "restart";
 };
 

@@ -36,6 +36,9 @@ struct HookRun {
   /// trust keys. One such mount also makes systemd refuse to run the hook without its mount
   /// namespace, instead of silently dropping the sandbox.
   std::vector<std::string> hidden_paths;
+  /// Made inaccessible (when they exist): the bus sockets and systemd's private socket, through
+  /// which a hook running as root would be root again for the daemon and for systemd.
+  std::vector<std::string> inaccessible_paths;
   std::chrono::seconds timeout{60};
   /// Readable (an eventfd, poll()) once the hook must be stopped: the outcome is kCanceled.
   int cancel_fd = -1;
