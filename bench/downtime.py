@@ -82,7 +82,15 @@ def main():
     run(UPGRADECTL, "keygen", "--private", key, "--public", os.path.join(keys, "k.pem"))
     with open(os.path.join(T, "systemd/user", UNIT), "w") as f:
         f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/bench/current/bin/service\n" % ROOT)
+    if HOOKS:
+        # A stopped unit nobody references is unloaded at once, and with it the timestamps a
+        # window is measured from: a started target that wants it keeps it loaded (for the
+        # plain stop + start and for the upgrade alike).
+        with open(os.path.join(T, "systemd/user/bench-hold.target"), "w") as f:
+            f.write("[Unit]\nWants=%s\n" % UNIT)
     run("systemctl", "--user", "daemon-reload")
+    if HOOKS:
+        run("systemctl", "--user", "start", "bench-hold.target")
     with open(os.path.join(ROOT, "etc/upgraded/upgraded.conf"), "w") as f:
         f.write("[store]\nkeep = 1000\n")  # no garbage collection inside the measurements
     daemon = Daemon(UPGRADED, ROOT)
@@ -202,8 +210,10 @@ def main():
         print("upgrade:         window %7.2f ms   ratio to plain window %.2f (target <= 1.10)" %
               (ms(upgrade_window), ms(upgrade_window) / ms(plain_window)))
     print("plain restart:   request until active %7.2f ms" % ms(plain_active))
-    print("rollback:        request until active %7.2f ms   ratio %.2f (target <= 1.20)" %
-          (ms(rollback_active), ms(rollback_active) / ms(plain_active)))
+    print("rollback:        request until active %7.2f ms   ratio %.2f (%s)" %
+          (ms(rollback_active), ms(rollback_active) / ms(plain_active),
+           "the target's pre_upgrade hook runs first: no target" if HOOKS
+           else "target <= 1.20"))
     print("                 of which: request until the stop began: plain %.2f ms, rollback %.2f ms;"
           " window: plain %.2f ms, rollback %.2f ms" %
           (ms(plain_pre), ms(rollback_pre), ms(plain_window), ms(rollback_window)))

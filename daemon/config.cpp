@@ -142,12 +142,12 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
               // Each component a plain name: "//", "/./" and a trailing "/" would let systemd
               // simplify the path into something broader than it reads.
               bool plain = p->size() > 1 && p->back() != '/';
-              for (std::size_t at = 1; plain && at <= p->size();) {
-                auto next = p->find('/', at);
+              for (std::size_t pos = 1; plain && pos <= p->size();) {
+                auto next = p->find('/', pos);
                 if (next == std::string::npos) next = p->size();
-                std::string_view part(p->data() + at, next - at);
+                std::string_view part(p->data() + pos, next - pos);
                 plain = !part.empty() && part != "." && part != "..";
-                at = next + 1;
+                pos = next + 1;
               }
               for (char ch : *p)
                 plain = plain && static_cast<unsigned char>(ch) >= 0x20 && ch != 0x7f;

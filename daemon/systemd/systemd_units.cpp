@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sdbus-c++/sdbus-c++.h>
+#include <sys/eventfd.h>
 #include <syslog.h>
 #include <systemd/sd-journal.h>
 #include <time.h>
@@ -132,6 +133,10 @@ void SystemdUnits::on_job_removed(const std::string& sender, const std::string& 
   if (sender.empty() || sender != m_systemd_owner) return;
   if (!m_waiting.count(unit)) return;  // not ours: nobody will claim it
   if (m_done.emplace(job, std::make_pair(unit, result)).second) m_done_order.push_back(job);
+  if (auto w = m_wake.find(unit); w != m_wake.end()) {
+    std::uint64_t one = 1;
+    (void)!::write(w->second, &one, sizeof one);
+  }
   while (m_done_order.size() > kMaxRemembered) {
     m_done.erase(m_done_order.front());
     m_done_order.pop_front();
@@ -341,6 +346,10 @@ constexpr std::chrono::milliseconds kStatusPollInterval{200};
 // left of the hook's processes when the service ends).
 constexpr std::chrono::seconds kDrainTime{2};
 constexpr std::size_t kMaxLine = 4096;
+// What a held hook's shell prints first, once its sandbox is set up and it waits for release:
+// the daemon reads it (it is not the hook's output) before it begins what the hold is for.
+constexpr const char* kHeldLine = "upgraded-hook-held";
+constexpr std::chrono::seconds kHeldSetupTime{30};
 // What one wake-up reads from one pipe: a hook printing without pause cannot keep the wait
 // from its other duties (cancel, deadline, status).
 constexpr std::size_t kReadPerRound = 64 * 1024;
@@ -440,6 +449,14 @@ class HookOutput {
 Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
                                              const units::HookStatusFn& on_status) {
   UPGRADED_TRY(policy::validate_unit_name(hook.unit));
+  const bool held = static_cast<bool>(hook.before_release);
+  UniqueFd go_r, go_w;  // held: the hook runs once a line arrives here
+  if (held) {
+    int go[2];
+    if (::pipe2(go, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
+    go_r.reset(go[0]);
+    go_w.reset(go[1]);
+  }
   int out_pipe[2], err_pipe[2];
   if (::pipe2(out_pipe, O_CLOEXEC) != 0) return system_error(errno, "creating a pipe");
   UniqueFd out_r(out_pipe[0]), out_w(out_pipe[1]);
@@ -459,6 +476,21 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
   std::string what = hook.phase + " hook of " + hook.app + " (" + hook.unit + ")";
 
   Waiting waiting(*this, hook.unit);
+  // The wait polls the hook's output; its JobRemoved wakes that poll at once.
+  UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake) return system_error(errno, "creating an eventfd");
+  struct Unwake {
+    SystemdUnits& self;
+    const std::string& unit;
+    ~Unwake() {
+      std::lock_guard lock(self.m_mutex);
+      self.m_wake.erase(unit);
+    }
+  } unwake{*this, hook.unit};
+  {
+    std::lock_guard lock(m_mutex);
+    m_wake[hook.unit] = wake.get();
+  }
   std::string job;
   const std::uint64_t started = now_usec();
   try {
@@ -468,10 +500,24 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
     };
     set("Description", std::string("upgraded: " + hook.phase + " hook of " + hook.app));
     set("Type", std::string("oneshot"));
-    set("ExecStart", std::vector<ExecCommand>{ExecCommand{hook.exec, {hook.exec}, false}});
+    if (held) {
+      // Held: a shell that waits for the release line, then becomes the hook. EOF instead (the
+      // daemon gave up, or died) ends it without running the hook.
+      set("ExecStart",
+          std::vector<ExecCommand>{ExecCommand{
+              "/bin/sh",
+              {"/bin/sh", "-c",
+               std::string("echo ") + kHeldLine + "; IFS= read -r go && exec \"$0\"", hook.exec},
+              false}});
+    } else {
+      set("ExecStart", std::vector<ExecCommand>{ExecCommand{hook.exec, {hook.exec}, false}});
+    }
     set("Environment", env);
     set("WorkingDirectory", hook.working_directory);
-    set("StandardInput", std::string("null"));
+    if (held)
+      set("StandardInputFileDescriptor", sdbus::UnixFd(go_r.get()));
+    else
+      set("StandardInput", std::string("null"));
     set("StandardOutputFileDescriptor", sdbus::UnixFd(out_w.get()));
     set("StandardErrorFileDescriptor", sdbus::UnixFd(err_w.get()));
     set("SyslogIdentifier", std::string("upgraded-hook-" + hook.app));
@@ -511,8 +557,10 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
     set("NotifyAccess", std::string("all"));
     // A oneshot service is in its start phase until the hook exits: the start timeout is its
     // run time limit (RuntimeMaxSec= does not apply to Type=oneshot).
-    set("TimeoutStartUSec", timeout_usec);
-    set("RuntimeMaxUSec", timeout_usec);
+    const std::uint64_t hold_usec =
+        held ? static_cast<std::uint64_t>(hook.hold_budget.count()) * 1000000u : 0;
+    set("TimeoutStartUSec", timeout_usec + hold_usec);
+    set("RuntimeMaxUSec", timeout_usec + hold_usec);
     set("TimeoutStopUSec", kHookStopUsec);
     // Kept loaded until this daemon has read how it ended (UnrefUnit below; a daemon that dies
     // drops the reference with its connection), then collected, failed or not.
@@ -524,6 +572,7 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
   }
   out_w.reset();  // the hook holds the only write ends now: EOF when it (and its children) end
   err_w.reset();
+  go_r.reset();
   struct Unref {
     SystemdUnits& self;
     const std::string& unit;
@@ -539,11 +588,11 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
   bool out_open = true, err_open = true, canceled = false, overdue = false;
   std::string result, last_status;
   const auto now = [] { return std::chrono::steady_clock::now(); };
-  // systemd enforces the timeout; the daemon's own deadline only covers a systemd that does not.
-  const auto deadline =
+  // systemd enforces the timeout; the daemon's own deadline only covers a systemd that does not
+  // (or a hook that pushed it out with EXTEND_TIMEOUT_USEC=). A held hook's timeout counts from
+  // its release, which only the daemon knows: its deadline is the limit.
+  auto deadline =
       now() + hook.timeout + std::chrono::microseconds(2 * kHookStopUsec) + std::chrono::seconds(5);
-  auto next_status = now() + kStatusPollInterval, next_job_check = now() + kJobCheckInterval;
-  std::optional<std::chrono::steady_clock::time_point> drain_until;
   auto stop_unit = [&] {
     try {
       m_manager->StopUnit(hook.unit, "replace");
@@ -551,6 +600,49 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
       // Already gone: its JobRemoved says how it ended.
     }
   };
+  std::optional<Error> not_released;  // held: before_release failed; the hook never ran
+  if (held) {
+    // Wait until the held shell runs (its sandbox set up): otherwise setting it up would still
+    // overlap what before_release begins. A unit that ends first (it could not be set up)
+    // fails without anything begun.
+    std::string first;
+    const auto until = now() + kHeldSetupTime;
+    bool up = false, ended = false;
+    while (!up && !ended && now() < until) {
+      pollfd fds[2] = {{out_r.get(), POLLIN, 0}, {wake.get(), POLLIN, 0}};
+      if (::poll(fds, 2, 100) < 0 && errno != EINTR) break;
+      char c;
+      while (!up && ::read(out_r.get(), &c, 1) == 1) {
+        if (c == '\n')
+          up = first == kHeldLine;
+        else if (first.size() < 64)
+          first.push_back(c);
+      }
+      std::lock_guard lock(m_mutex);
+      ended = m_done.count(job) > 0;
+    }
+    if (!up && !ended) {
+      stop_unit();
+      not_released = Error(ErrorCode::kFailed, what + " was not set up within " +
+                                                   std::to_string(kHeldSetupTime.count()) + " s");
+    }
+    // Ended before it was up (it could not be set up: 226/NAMESPACE, 217/USER...): never
+    // released; its outcome below says how it failed.
+    if (!up) go_w.reset();
+  }
+  if (held && go_w) {
+    auto ready = hook.before_release();
+    if (ready) {
+      static constexpr char kGo[] = "go\n";
+      if (::write(go_w.get(), kGo, sizeof kGo - 1) != static_cast<ssize_t>(sizeof kGo - 1))
+        ready = system_error(errno, "releasing the " + what);
+      deadline = now() + hook.timeout;
+    }
+    go_w.reset();  // EOF: a hook not released ends without running
+    if (!ready) not_released = ready.error();
+  }
+  auto next_status = now() + kStatusPollInterval, next_job_check = now() + kJobCheckInterval;
+  std::optional<std::chrono::steady_clock::time_point> drain_until;
   for (;;) {
     if (result.empty()) {
       std::lock_guard lock(m_mutex);
@@ -560,10 +652,15 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
       if (!drain_until) drain_until = now() + kDrainTime;
       if ((!out_open && !err_open) || now() >= *drain_until) break;
     }
-    pollfd fds[3] = {{out_open ? out_r.get() : -1, POLLIN, 0},
+    pollfd fds[4] = {{out_open ? out_r.get() : -1, POLLIN, 0},
                      {err_open ? err_r.get() : -1, POLLIN, 0},
-                     {canceled || !result.empty() ? -1 : hook.cancel_fd, POLLIN, 0}};
-    int n = ::poll(fds, 3, 100);
+                     {canceled || !result.empty() ? -1 : hook.cancel_fd, POLLIN, 0},
+                     {result.empty() ? wake.get() : -1, POLLIN, 0}};
+    int n = ::poll(fds, 4, 100);
+    if (fds[3].fd >= 0 && (fds[3].revents & POLLIN)) {
+      std::uint64_t count;
+      (void)!::read(wake.get(), &count, sizeof count);
+    }
     if (n < 0 && errno != EINTR) return system_error(errno, "waiting for the " + what);
     if (out_open && (fds[0].revents & (POLLIN | POLLHUP | POLLERR)))
       out_open = output.read_from(out_r.get(), true);
@@ -603,6 +700,7 @@ Result<units::HookOutcome> SystemdUnits::run(const units::HookRun& hook,
       return Error(ErrorCode::kFailed, what + ": systemd did not end it within " +
                                            std::to_string(hook.timeout.count()) + " s");
   }
+  if (not_released) return *not_released;
   units::HookOutcome o;
   output.fill(o);
   auto st = status(hook.unit);

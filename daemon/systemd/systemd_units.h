@@ -80,6 +80,8 @@ class SystemdUnits final : public units::UnitControl, public units::HookRunner {
   std::map<std::string, int> m_waiting;                               // unit -> callers waiting
   std::map<std::string, std::pair<std::string, std::string>> m_done;  // job -> (unit, result)
   std::deque<std::string> m_done_order;  // m_done's keys, oldest first (bounds what is kept)
+  std::map<std::string, int> m_wake;     // unit -> eventfd of a hook wait in poll(), woken by
+                                         // its JobRemoved
 };
 
 }  // namespace upgraded::daemon

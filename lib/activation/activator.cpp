@@ -361,7 +361,9 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
                                                const artifact::Manifest& m,
                                                const std::string& phase, const std::string& from,
                                                const std::string& to, const HookContext& ctx,
-                                               ActivationReport* report) {
+                                               ActivationReport* report,
+                                               std::function<Result<void>()> before_release,
+                                               std::chrono::seconds hold_budget) {
   auto hook = m.hooks.find(phase);
   if (hook == m.hooks.end()) return units::HookOutcome{units::HookOutcome::How::kExited};
   if (!ctx.runner)
@@ -384,7 +386,11 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
                      {"UPGRADED_TO", to},
                      {"UPGRADED_RELEASE_DIR", dir},
                      {"UPGRADED_DATA_FORMAT",
-                      st->finalized_data_format ? std::to_string(*st->finalized_data_format) : ""},
+                      st->finalized_data_format ? std::to_string(*st->finalized_data_format)
+                      // A held migrate of a first activation runs after the switch, which
+                      // records the format.
+                      : !st->current && before_release ? std::to_string(m.data_format.writes)
+                                                       : ""},
                      {"UPGRADED_JOB", std::to_string(ctx.job_id)}};
   std::string dirs;
   for (const auto& d : ctx.data_dirs)
@@ -397,10 +403,20 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
   run.inaccessible_paths = ctx.inaccessible_paths;
   run.timeout = std::chrono::seconds(hook->second.timeout_s);
   run.cancel_fd = ctx.cancel_fd;
+  // Its own error is reported as it is, not as the hook's.
+  bool release_failed = false;
+  if (before_release)
+    run.before_release = [&release_failed, first = std::move(before_release)]() -> Result<void> {
+      auto r = first();
+      release_failed = !r;
+      return r;
+    };
+  run.hold_budget = hold_budget;
   crash_point(("hook." + phase + ".before").c_str());
   auto outcome = ctx.runner->run(run, [&ctx, &phase](const std::string& status) {
     if (ctx.on_status) ctx.on_status(phase, status);
   });
+  if (!outcome && release_failed) return outcome.error();
   if (!outcome) return outcome.error().with_context("the " + phase + " hook");
   crash_point(("hook." + phase + ".after").c_str());
   if (report) report->hook_start_usec[phase] = outcome->start_usec;
@@ -451,8 +467,10 @@ Result<ActivationReport> Activator::run_hooked(
       is_rollback || (!report.from.empty() && policy::compare_versions(version, report.from) < 0);
   const bool migrate = !downgrade && m.hooks.count("migrate");
   const std::string previous = st.previous.value_or("");
+  // With a migrate, one record covers the stop, the switch and the migrate (a crash in any of
+  // them is undone alike); "starting" follows once the migrate passed.
   store::PendingActivation pending{h.op,     report.from, version,
-                                   previous, "",          migrate ? "stopping" : "starting"};
+                                   previous, "",          migrate ? "migrate" : "starting"};
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   auto roll_back = [&](const Error& failure) -> Result<ActivationReport> {
     h.message = failure.message();
@@ -467,37 +485,43 @@ Result<ActivationReport> Activator::run_hooked(
                            progress);
   };
   std::map<std::string, std::uint64_t> stopped_at;  // CLOCK_MONOTONIC µs each unit went down
-  if (migrate && old_manifest) {
-    // Nothing may write the data while it is migrated: the old release's units stop first,
-    // in reverse order.
+  // Nothing may write the data while it is migrated: the old release's units stop first, in
+  // reverse order, then `current` is switched. With a migrate hook that all happens while its
+  // unit is already started and held (its sandbox set up), so that the unit's start is not
+  // part of the downtime window.
+  auto stop_and_switch = [&]() -> Result<void> {
     int n = 0;
-    for (auto it = old_manifest->units.rbegin(); it != old_manifest->units.rend(); ++it) {
-      if (progress)
-        progress("stopping " + *it, 20 + 10 * n++ / static_cast<int>(old_manifest->units.size()));
-      if (auto r = m_units.stop(*it, options.job_timeout); !r)
-        return roll_back(r.error().with_context("stopping the units"));
-      if (auto su = m_units.status(*it); su && su->active_exit_usec != 0)
-        stopped_at[*it] = su->active_exit_usec;
-    }
+    if (migrate && old_manifest)
+      for (auto it = old_manifest->units.rbegin(); it != old_manifest->units.rend(); ++it) {
+        if (progress)
+          progress("stopping " + *it, 20 + 10 * n++ / static_cast<int>(old_manifest->units.size()));
+        // systemd may unload a stopped unit (and forget its timestamps) before it can be
+        // asked: the time the stop was asked for bounds the window from above.
+        const std::uint64_t asked = monotonic_usec();
+        if (auto r = m_units.stop(*it, options.job_timeout); !r)
+          return r.error().with_context("stopping the units");
+        auto su = m_units.status(*it);
+        stopped_at[*it] = su && su->active_exit_usec >= asked ? su->active_exit_usec : asked;
+      }
     crash_point("activation.after_stop");
-  }
-  if (progress) progress("switching", 30);
-  if (auto r = m_store.switch_to(lock, version); !r) {
-    if (!migrate) {
-      (void)m_store.end_activation(lock);
-      return r.error();
-    }
-    return roll_back(r.error());
-  }
-  crash_point("activation.after_switch");
+    if (progress) progress("switching", 30);
+    UPGRADED_TRY(m_store.switch_to(lock, version));
+    crash_point("activation.after_switch");
+    if (progress && migrate) progress("migrate hook", 35);
+    return {};
+  };
   if (migrate) {
-    pending.step = "migrate";
-    UPGRADED_TRY(m_store.begin_activation(lock, pending));
-    if (progress) progress("migrate hook", 35);
-    if (auto r = run_hook(lock, m, "migrate", report.from, version, ctx, &report); !r)
-      return roll_back(r.error());
+    const auto units = old_manifest ? old_manifest->units.size() : 0;
+    auto r = run_hook(lock, m, "migrate", report.from, version, ctx, &report, stop_and_switch,
+                      std::chrono::duration_cast<std::chrono::seconds>(options.job_timeout) *
+                              static_cast<long>(units) +
+                          std::chrono::seconds(60));
+    if (!r) return roll_back(r.error());
     pending.step = "starting";
     UPGRADED_TRY(m_store.begin_activation(lock, pending));
+  } else if (auto r = stop_and_switch(); !r) {
+    (void)m_store.end_activation(lock);
+    return r.error();
   }
   auto gate = restart_and_gate(m, options, progress, report.downtime_usec, /*soak=*/true,
                                /*start_only=*/migrate);

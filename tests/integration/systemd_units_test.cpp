@@ -312,3 +312,31 @@ TEST_F(Hooks, StopsHooksALostDaemonLeftRunning) {
   runner.join();
   EXPECT_TRUE(units->stop_leftovers("demo")->empty());
 }
+
+TEST_F(Hooks, AHeldHookRunsOnlyOnceReleased) {
+  auto h = hook("migrate", "echo ran >\"$(pwd)/data/ran\"\necho migrated\n");
+  bool checked = false;
+  h.hold_budget = 10s;
+  h.before_release = [&]() -> Result<void> {
+    // Set up and waiting: the unit runs, the hook has not.
+    auto st = units->status(h.unit);
+    checked = st.ok() && st->active_state == "activating" && !test::exists(dir / "data/ran");
+    return {};
+  };
+  auto o = units->run(h, {});
+  ASSERT_TRUE(o.ok()) << o.error().message();
+  EXPECT_TRUE(checked);
+  EXPECT_TRUE(o->passed()) << o->describe(h.timeout);
+  EXPECT_EQ(o->tail, std::vector<std::string>{"migrated"});  // the hold's line is not output
+  EXPECT_TRUE(test::exists(dir / "data/ran"));
+
+  // Not released: the hook never runs, and the error is before_release's.
+  std::filesystem::remove(std::string(dir / "data/ran"));
+  h = hook("migrate", "echo ran >\"$(pwd)/data/ran\"\n");
+  h.before_release = []() -> Result<void> { return Error(ErrorCode::kFailed, "stop failed"); };
+  o = units->run(h, {});
+  ASSERT_FALSE(o.ok());
+  EXPECT_EQ(o.error().message(), "stop failed");
+  EXPECT_FALSE(test::exists(dir / "data/ran"));
+  EXPECT_EQ(units->status(h.unit)->load_state, "not-found");
+}

@@ -192,7 +192,9 @@ class Activator {
   Result<units::HookOutcome> run_hook(const store::AppLock& lock, const artifact::Manifest& m,
                                       const std::string& phase, const std::string& from,
                                       const std::string& to, const HookContext& ctx,
-                                      ActivationReport* report);
+                                      ActivationReport* report,
+                                      std::function<Result<void>()> before_release = {},
+                                      std::chrono::seconds hold_budget = {});
 
   const store::Store& m_store;
   units::UnitControl& m_units;

@@ -87,10 +87,10 @@ struct PendingActivation {
   std::string started;   ///< RFC 3339 UTC (empty: now)
   /// Where it got to, for recovery (docs/hooks.md, "Crash safety"): "restart" (a release
   /// without hooks: its units are restarted), "queued" (staged offline; the whole activation
-  /// is left to the daemon), "stopping" (units being stopped, `current` switched), "migrate"
-  /// (the migrate hook running), "starting" (migrated; units starting, health gate),
-  /// "post_upgrade" (the post_upgrade hook running), "rolling_back" (an automatic rollback
-  /// under way).
+  /// is left to the daemon), "migrate" (units being stopped, `current` switched, the migrate
+  /// hook running; "stopping" from earlier builds means the same), "starting" (migrated; units
+  /// starting, health gate), "post_upgrade" (the post_upgrade hook running), "rolling_back" (an
+  /// automatic rollback under way).
   std::string step = "restart";
 };
 

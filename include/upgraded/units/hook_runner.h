@@ -42,6 +42,13 @@ struct HookRun {
   std::chrono::seconds timeout{60};
   /// Readable (an eventfd, poll()) once the hook must be stopped: the outcome is kCanceled.
   int cancel_fd = -1;
+  /// If set, the hook's unit is started first, held before the hook's program runs (its
+  /// sandbox and process set up), then this is called, and only once it succeeded is the hook
+  /// released: so the start of the unit is not inside what `before_release` begins (the
+  /// downtime window of a migrate). Its error is run()'s (the held unit is stopped, the hook
+  /// never ran). The timeout counts from the release; holding may take `hold_budget` more.
+  std::function<Result<void>()> before_release;
+  std::chrono::seconds hold_budget{0};
 };
 
 struct HookOutcome {
