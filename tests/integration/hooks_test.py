@@ -28,6 +28,7 @@ ALL_HOOKS = ["pre_upgrade", "migrate", "health", "post_upgrade", "backup", "fina
 
 HOOK = r"""#!/bin/sh
 data=%(data)s
+[ -e "$data/whoami" ] && echo "$UPGRADED_PHASE $(id -un):$(id -gn)" >>"$data/whoami"
 echo "$UPGRADED_PHASE from=$UPGRADED_FROM to=$UPGRADED_TO df=$UPGRADED_DATA_FORMAT rel=$(basename "$UPGRADED_RELEASE_DIR") cwd=$(basename "$(pwd)") job=${UPGRADED_JOB:+set}" >>"$data/log"
 if [ -e "$data/fail-$UPGRADED_PHASE" ] || [ -e "$data/fail-$UPGRADED_PHASE-$UPGRADED_TO" ]; then
   echo "checking the schema"
@@ -252,6 +253,59 @@ class Hooks(unittest.TestCase):
         self.assertIn("restore backup 'snap-001'", r.stderr)
         self.assertEqual((self.current(), self.state(), self.invocation()), (before, state, inv))
         self.assertEqual(self.hook_log(), [])
+
+    def test_hooks_run_as_the_configured_user(self):
+        self.conf(data_dirs='["/var/lib/hello-data"]', user='"nobody"', group='"nogroup"')
+        subprocess.run(["chown", "-R", "nobody:nogroup", self.data], check=True)
+        open(os.path.join(self.data, "whoami"), "w").close()
+        os.chmod(os.path.join(self.data, "whoami"), 0o666)
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        with open(os.path.join(self.data, "whoami")) as f:
+            self.assertEqual(f.read().split("\n")[:4],
+                             ["%s nobody:nogroup" % p for p in
+                              ["pre_upgrade", "migrate", "health", "post_upgrade"]])
+        # As nobody, its own data only: the store is not writable for it even where the sandbox
+        # would allow it.
+        st = os.stat(os.path.join(self.data, "log"))
+        self.assertEqual(st.st_uid, 65534)
+
+    def test_finalize_asks_on_a_terminal(self):
+        import pty
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        self.ctl("install", "-q", self.pack("2.0.0", writes=2))
+        state = self.state()
+
+        def finalize(answer):
+            pid, fd = pty.fork()
+            if pid == 0:
+                os.execv(UPGRADECTL, [UPGRADECTL, "finalize", self.app, "--user", "-q"])
+            out = b""
+            while b"[y/N]" not in out:
+                out += os.read(fd, 1024)
+            os.write(fd, answer + b"\n")
+            while True:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            _, status = os.waitpid(pid, 0)
+            os.close(fd)
+            return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+        code, out = finalize(b"n")
+        self.assertEqual(code, 1, out)
+        self.assertIn("Finalize data format 2 of hello 2.0.0? Downgrading to releases older "
+                      "than 2.0.0 will no longer be possible", out)
+        self.assertIn("not finalized", out)
+        self.assertEqual(self.state(), state)
+        code, out = finalize(b"y")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(self.finalization()["finalized_data_format"], 2)
 
     def test_finalize_without_a_backup_hook_needs_no_backup(self):
         self.start_daemon()
