@@ -563,26 +563,33 @@ void Manager::Finalize(PathResult&& result, std::string app, Options options) {
         throw sdbus::Error(bus_error::kPolicyRefused, "an activation of " + app + " " +
                                                           (*pending)->to +
                                                           " is not finished; finalize once it is");
-      Work work = [this, no_backup](Job& job, const store::AppLock& lock,
-                                    const ProgressFn& progress) -> Result<void> {
-        activation::Activator activator(m_store, m_units);
-        activation::FinalizeOptions o;
-        o.no_backup = no_backup;
-        o.commit = [this, &job] { return commit(job); };
-        o.hooks = hook_context(job);
-        auto done = activator.finalize(lock, o, progress);
-        if (!done) return done.error();
-        log(Level::kInfo, LogContext{job.app, job.version, std::to_string(job.id), nullptr},
-            job.app + " " + job.version + ": data format " + std::to_string(done->format) +
-                " finalized" +
-                (done->backup.empty() ? " without a backup" : "; backup '" + done->backup + "'"));
-        return {};
-      };
-      reply->returnResults(start_job("finalize", app, *st.current, caller, std::move(work)));
+      reply->returnResults(
+          start_job("finalize", app, *st.current, caller, finalize_work(no_backup, false)));
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
+}
+
+Manager::Work Manager::finalize_work(bool no_backup, bool automatic) {
+  return [this, no_backup, automatic](Job& job, const store::AppLock& lock,
+                                      const ProgressFn& progress) -> Result<void> {
+    activation::Activator activator(m_store, m_units);
+    activation::FinalizeOptions o;
+    o.no_backup = no_backup;
+    o.commit = [this, &job] { return commit(job); };
+    o.hooks = hook_context(job);
+    auto done = activator.finalize(lock, o, progress);
+    if (!done && automatic)
+      return done.error().with_context("auto-finalize (not retried until " + job.app +
+                                       " is activated again; upgradectl finalize does it by hand)");
+    if (!done) return done.error();
+    log(Level::kInfo, LogContext{job.app, job.version, std::to_string(job.id), nullptr},
+        job.app + " " + job.version + ": data format " + std::to_string(done->format) +
+            " finalized" +
+            (done->backup.empty() ? " without a backup" : "; backup '" + done->backup + "'"));
+    return {};
+  };
 }
 
 void Manager::auto_finalize() {
@@ -614,19 +621,7 @@ void Manager::auto_finalize() {
             std::to_string(policy.auto_finalize_after_s) +
             " s: finalizing (auto_finalize_after_s)");
     try {
-      start_job("finalize", app, *st->current, 0,
-                [this](Job& job, const store::AppLock& lock, const ProgressFn& progress) {
-                  activation::Activator activator(m_store, m_units);
-                  activation::FinalizeOptions o;
-                  o.commit = [this, &job] { return commit(job); };
-                  o.hooks = hook_context(job);
-                  auto done = activator.finalize(lock, o, progress);
-                  if (!done)
-                    return Result<void>(done.error().with_context(
-                        "auto-finalize (not retried until " + job.app +
-                        " is activated again; upgradectl finalize does it by hand)"));
-                  return Result<void>();
-                });
+      start_job("finalize", app, *st->current, 0, finalize_work(false, true));
     } catch (const sdbus::Error& e) {
       log(Level::kWarning, c, app + ": cannot start its auto-finalize: " + e.getMessage());
     }
@@ -859,10 +854,8 @@ void Manager::recover_interrupted() {
       start_job("recover", app, (*pending)->to, 0,
                 [this](Job& job, const store::AppLock& lock, const ProgressFn& progress) {
                   activation::Activator activator(m_store, m_units);
-                  activation::ActivationOptions o;
-                  o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
-                  o.hooks = hook_context(job);
-                  auto r = activator.resume(lock, o, progress);
+                  // The job is committed from its start: no cancel reaches it.
+                  auto r = activator.resume(lock, activation_options(job), progress);
                   return r ? Result<void>() : Result<void>(r.error());
                 });
     } catch (const sdbus::Error& e) {

@@ -115,6 +115,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
               JobObject::CancelReply reply);
   activation::ActivationOptions activation_options(Job& job) const;
   activation::HookContext hook_context(Job& job) const;
+  /// A finalize job's work (Finalize, and auto-finalize with `automatic`).
+  Work finalize_work(bool no_backup, bool automatic);
   void collect_garbage(const store::AppLock& lock, Job& job) const;
 
   struct Running {

@@ -295,10 +295,19 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     if (progress) progress("done", 100);
     return report;
   }
-  Error failure = gate.error();
+  return fail_after_switch(lock, std::move(report), previous, std::move(h), gate.error(),
+                           is_rollback, options, progress);
+}
+
+// A failure past the point of no return: the release is marked bad and, unless this was a
+// rollback or there is nothing to go back to, the release it replaced comes back.
+Result<ActivationReport> Activator::fail_after_switch(
+    const store::AppLock& lock, ActivationReport report, const std::string& previous,
+    store::HistoryEntry h, const Error& failure, bool is_rollback, const ActivationOptions& options,
+    const ProgressFn& progress) {
   h.message = failure.message();
-  if (is_rollback || !old_manifest) {
-    (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
+  if (is_rollback || report.from.empty()) {
+    (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
     h.result = "failed";
     (void)m_store.end_activation(lock);
     (void)m_store.append_history(lock, h);
@@ -472,17 +481,9 @@ Result<ActivationReport> Activator::run_hooked(
   store::PendingActivation pending{h.op,     report.from, version,
                                    previous, "",          migrate ? "migrate" : "starting"};
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
-  auto roll_back = [&](const Error& failure) -> Result<ActivationReport> {
-    h.message = failure.message();
-    if (is_rollback || report.from.empty()) {
-      (void)m_store.set_status(lock, version, store::ReleaseStatus::kBad);
-      h.result = "failed";
-      (void)m_store.end_activation(lock);
-      (void)m_store.append_history(lock, h);
-      return failure;
-    }
-    return roll_back_after(lock, std::move(report), previous, std::move(h), failure, options,
-                           progress);
+  auto roll_back = [&](const Error& failure) {
+    return fail_after_switch(lock, std::move(report), previous, std::move(h), failure, is_rollback,
+                             options, progress);
   };
   std::map<std::string, std::uint64_t> stopped_at;  // CLOCK_MONOTONIC µs each unit went down
   // Nothing may write the data while it is migrated: the old release's units stop first, in

@@ -179,6 +179,11 @@ class Activator {
                              const std::string& from, const std::string& previous,
                              ActivationReport& report, const ActivationOptions& options,
                              const ProgressFn& progress);
+  Result<ActivationReport> fail_after_switch(const store::AppLock& lock, ActivationReport report,
+                                             const std::string& previous, store::HistoryEntry h,
+                                             const Error& failure, bool is_rollback,
+                                             const ActivationOptions& options,
+                                             const ProgressFn& progress);
   Result<ActivationReport> roll_back_after(const store::AppLock& lock, ActivationReport report,
                                            const std::string& previous, store::HistoryEntry h,
                                            const Error& failure, const ActivationOptions& options,
