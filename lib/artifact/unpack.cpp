@@ -16,7 +16,7 @@ namespace upgraded::artifact {
 Result<ExtractStats> extract_verified(VerifiedArtifact& artifact, const ExtractPolicy& policy,
                                       int dest_dirfd, bool sync) {
   const PayloadInfo& payload = artifact.manifest.payload;
-  VerifiedPayloadStream stream(*artifact.container, payload, WholeHashOn::kReader);
+  VerifiedPayloadStream stream(*artifact.container, payload);
   auto stats = extract_payload(stream, payload.compression, payload.size, dest_dirfd, policy);
   if (!stats) return stats.error();
   // One syncfs instead of an fsync per file: the same durability for the whole tree at a

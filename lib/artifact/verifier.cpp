@@ -19,8 +19,7 @@ Result<VerifiedArtifact> open_verified(int fd, const Keyring& keyring, const Tru
 }
 
 Result<void> verify_payload(VerifiedArtifact& artifact) {
-  VerifiedPayloadStream stream(*artifact.container, artifact.manifest.payload,
-                               WholeHashOn::kConsumer);
+  VerifiedPayloadStream stream(*artifact.container, artifact.manifest.payload);
   for (;;) {
     auto piece = stream.next();
     if (!piece) return piece.error();

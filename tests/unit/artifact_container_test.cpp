@@ -323,7 +323,7 @@ TEST_F(Container, ReadsEachByteOnceSoALaterChangeToTheFileCannotChangeWhatIsInst
     tamper(offset);  // after the signature check, before the payload is consumed
     make_dirs(t / dest);
     auto d = fs::open_directory(t / dest);
-    VerifiedPayloadStream stream(*a->container, a->manifest.payload, WholeHashOn::kReader);
+    VerifiedPayloadStream stream(*a->container, a->manifest.payload);
     return extract_payload(stream, a->manifest.payload.compression, a->manifest.payload.size,
                            d->get(), ExtractPolicy{});
   };

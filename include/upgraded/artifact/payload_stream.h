@@ -29,16 +29,11 @@ class PayloadSource {
   virtual Result<std::span<const std::byte>> next() = 0;
 };
 
-/// Where the whole-payload SHA-256 is computed. The chunk hashes always run on the reading
-/// thread; the whole-payload hash goes to whichever side has spare time: the reader when the
-/// consumer extracts, the consumer when it only verifies.
-enum class WholeHashOn { kReader, kConsumer };
-
 /// Reads the payload of an opened container on a background thread, verifying each chunk before
-/// queueing it. Memory is bounded to three chunk buffers.
+/// queueing it: one SHA-256 pass over each byte. Memory is bounded to three chunk buffers.
 class VerifiedPayloadStream final : public PayloadSource {
  public:
-  VerifiedPayloadStream(ContainerReader& container, const PayloadInfo& info, WholeHashOn hash_on);
+  VerifiedPayloadStream(ContainerReader& container, const PayloadInfo& info);
   ~VerifiedPayloadStream() override;
   VerifiedPayloadStream(const VerifiedPayloadStream&) = delete;
   VerifiedPayloadStream& operator=(const VerifiedPayloadStream&) = delete;
@@ -51,8 +46,6 @@ class VerifiedPayloadStream final : public PayloadSource {
 
   ContainerReader& m_container;
   const PayloadInfo& m_info;
-  WholeHashOn m_hash_on;
-  Sha256 m_consumer_hash;
 
   std::mutex m_mutex;
   std::condition_variable m_cv;
