@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -33,6 +34,8 @@ struct Opened {
   std::optional<store::Store> store;
 };
 
+// Opens the store without recovering it: each operation recovers the app it locks, and a
+// listing reports an app left for recovery instead of repairing it.
 Result<Opened> open_store(const std::string& root) {
   // What the daemon's unit sets (UMask=0022): trees a unit's User= can read, whatever the
   // caller's umask.
@@ -41,12 +44,9 @@ Result<Opened> open_store(const std::string& root) {
   if (!config) return config.error().with_context("configuration");
   UPGRADED_TRY(fs::make_directories(config->state_dir()));
   store::StoreOptions so = config->store_options();
-  auto st = store::Store::open(so);  // recovers every app
+  so.cache_states = false;  // one pass: nothing to reuse
+  auto st = store::Store::open(so);
   if (!st) return st.error();
-  for (const auto& [app, error] : st->recovery_errors())
-    std::fprintf(stderr,
-                 "upgradectl: %s: recovery failed, the app is unusable until repaired: %s\n",
-                 app.c_str(), error.message().c_str());
   Opened o{std::move(*config), {}};
   o.store.emplace(std::move(*st));
   return o;
@@ -55,7 +55,7 @@ Result<Opened> open_store(const std::string& root) {
 }  // namespace
 
 int run_offline_install(const std::string& root, const std::string& file, bool stage_only,
-                        bool quiet, bool force) {
+                        bool quiet, bool force, double wait_lock_s) {
   // On a running system the daemon would not notice: `current` would switch under running
   // units, and their next restart would start the new release without a health gate.
   struct stat sd {};
@@ -82,7 +82,9 @@ int run_offline_install(const std::string& root, const std::string& file, bool s
   auto art = artifact::open_verified(fd, *keyring, artifact::TrustPolicy{config.threshold});
   if (!art) return report_store(art.error().with_context("verifying '" + file + "'"));
   const std::string app = art->manifest.app, version = art->manifest.version;
-  auto lock = st.lock(app);
+  // Verified before the lock is taken: the wait for a busy app is not spent holding anything.
+  auto lock =
+      st.lock(app, std::chrono::milliseconds(static_cast<std::int64_t>(wait_lock_s * 1000)));
   if (!lock) return report_store(lock.error());
   auto staged = st.stage(*lock, *art);
   if (!staged) return report_store(staged.error().with_context("installing '" + file + "'"));
@@ -153,8 +155,18 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
   nlohmann::json out = nlohmann::json::array();
   Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
   for (const auto& app : apps) {
-    auto state = st.state(app);
-    if (!state) return report_store(state.error());
+    auto view = st.view(app);
+    if (!view) return report_store(view.error());
+    if (view->needs_recovery)
+      std::fprintf(stderr,
+                   "upgradectl: %s: an interrupted operation left it for recovery, which its next "
+                   "install (or upgraded's start) does; listed as its state records it\n",
+                   app.c_str());
+    if (!view->state) {
+      if (!only.empty()) return report_store(Error(ErrorCode::kNotFound, "no app '" + app + "'"));
+      continue;  // its first install never committed
+    }
+    const auto& state = view->state;
     for (const auto& v : state->versions_in_order()) {
       const auto& r = state->releases.at(v);
       std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";

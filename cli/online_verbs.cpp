@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "exit_codes.h"
 #include "offline_store.h"
@@ -23,6 +24,11 @@ namespace {
 using nlohmann::json;
 constexpr const char* kName = "org.upgraded1";
 constexpr const char* kPath = "/org/upgraded1";
+// How long `install --offline` waits for another process installing the same app
+// (docs/upgradectl.md, "Parallel installs"): an offline install holds its app's lock for one
+// extraction, seconds for most payloads and about a minute for the largest; longer means the holder
+// is stuck, and a package transaction should fail with a clear exit 5 rather than hang.
+constexpr double kDefaultWaitLockS = 120;
 using Options = std::map<std::string, sdbus::Variant>;
 
 int exit_code_for_error_name(const std::string& name) {
@@ -319,37 +325,41 @@ int run_status(const Common& c, const std::string& app) {
   try {
     auto bus = connect(c.user);
     Client client(*bus);
-    auto apps = client.ListApps();
+    // One call for every app (thousands of apps: one round trip, not one per app).
+    std::map<std::string, std::map<std::string, sdbus::Variant>> apps;
+    if (app.empty()) {
+      apps = client.GetApps();
+    } else {
+      try {
+        apps.emplace(app, client.GetApp(app));
+      } catch (const sdbus::Error& e) {
+        if (e.getName() != "org.upgraded1.Error.NotFound") throw;
+      }
+    }
     auto jobs = client.ListJobs();
     json out = json::array();
     Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "FLOOR", "DATA FORMAT", "JOB"});
-    for (const auto& a : apps) {
-      const std::string& name = std::get<0>(a);
-      if (!app.empty() && name != app) continue;
+    for (const auto& [name, details] : apps) {
       std::string job;
       for (const auto& j : jobs)
         if (std::get<2>(j) == name)
           job = std::to_string(std::get<0>(j)) + " " + std::get<1>(j) + " " + std::get<4>(j);
-      std::string floor, finalization;
+      auto text = [&](const char* key) {
+        auto it = details.find(key);
+        return it == details.end() ? std::string() : it->second.get<std::string>();
+      };
       std::optional<std::uint64_t> finalized, writes;
-      try {
-        auto details = client.GetApp(name);
-        if (auto it = details.find("floor"); it != details.end())
-          floor = it->second.get<std::string>();
-        if (auto it = details.find("finalization"); it != details.end())
-          finalization = it->second.get<std::string>();
-        if (auto it = details.find("finalized_data_format"); it != details.end())
-          finalized = it->second.get<std::uint64_t>();
-        if (auto it = details.find("current_writes"); it != details.end())
-          writes = it->second.get<std::uint64_t>();
-      } catch (const sdbus::Error& e) {
-        if (e.getName() != "org.upgraded1.Error.NotFound") throw;  // removed meanwhile
-        continue;
-      }
+      if (auto it = details.find("finalized_data_format"); it != details.end())
+        finalized = it->second.get<std::uint64_t>();
+      if (auto it = details.find("current_writes"); it != details.end())
+        writes = it->second.get<std::uint64_t>();
+      const std::string current = text("current"), previous = text("previous"),
+                        good = text("last_known_good"), floor = text("floor"),
+                        finalization = text("finalization");
       out.push_back({{"app", name},
-                     {"current", std::get<1>(a)},
-                     {"previous", std::get<2>(a)},
-                     {"last_known_good", std::get<3>(a)},
+                     {"current", current},
+                     {"previous", previous},
+                     {"last_known_good", good},
                      {"floor", floor},
                      {"finalization", finalization},
                      {"finalized_data_format", finalized ? json(*finalized) : json(nullptr)},
@@ -357,7 +367,7 @@ int run_status(const Common& c, const std::string& app) {
       std::string data = finalized ? std::to_string(*finalized) : "";
       if (finalization == "pre-finalized" && writes)
         data += " (pre-finalized: " + std::to_string(*writes) + ")";
-      t.add({name, std::get<1>(a), std::get<2>(a), std::get<3>(a), floor, data, job});
+      t.add({name, current, previous, good, floor, data, job});
     }
     if (!app.empty() && out.empty()) {
       std::fprintf(stderr, "upgradectl: no app '%s' is installed\n", app.c_str());
@@ -374,25 +384,29 @@ int run_list(const Common& c, const std::string& only) {
   try {
     auto bus = connect(c.user);
     Client client(*bus);
-    std::vector<std::string> apps;
-    if (!only.empty()) {
-      apps.push_back(only);
-    } else {
-      for (const auto& a : client.ListApps())
-        apps.push_back(std::get<0>(a));
-    }
     json out = json::array();
     Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
-    for (const auto& app : apps) {
-      std::string finalization;
-      auto details = client.GetApp(app);
-      if (auto it = details.find("finalization"); it != details.end())
-        finalization = it->second.get<std::string>();
-      for (const auto& r : client.ListReleases(app)) {
+    auto pre_finalized = [](const std::map<std::string, sdbus::Variant>& details) {
+      auto it = details.find("finalization");
+      return it != details.end() && it->second.get<std::string>() == "pre-finalized";
+    };
+    if (!only.empty()) {
+      bool pre = pre_finalized(client.GetApp(only));
+      for (const auto& r : client.ListReleases(only)) {
         const std::string& role = std::get<2>(r);
-        add_release_row(out, t, app, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
-                        std::get<4>(r), std::get<5>(r),
-                        role == "current" && finalization == "pre-finalized");
+        add_release_row(out, t, only, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
+                        std::get<4>(r), std::get<5>(r), role == "current" && pre);
+      }
+    } else {
+      // Two calls whatever the number of apps.
+      std::set<std::string> pre;
+      for (const auto& [app, details] : client.GetApps())
+        if (pre_finalized(details)) pre.insert(app);
+      for (const auto& r : client.ListAllReleases()) {
+        const std::string& app = std::get<0>(r);
+        const std::string& role = std::get<3>(r);
+        add_release_row(out, t, app, std::get<1>(r), std::get<2>(r), role, std::get<4>(r),
+                        std::get<5>(r), std::get<6>(r), role == "current" && pre.count(app) > 0);
       }
     }
     print_rows(c.json, out, t, "No releases are installed.");
@@ -606,11 +620,20 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto force = std::make_shared<bool>(false);
     cmd->add_flag("--force", *force, "with --offline: even where systemd is running")
         ->needs(cmd->get_option("--offline"));
+    auto wait_lock = std::make_shared<double>(kDefaultWaitLockS);
+    cmd->add_option("--wait-lock", *wait_lock,
+                    "with --offline: wait up to SECONDS for another process installing the same "
+                    "app (default " +
+                        std::to_string(static_cast<int>(kDefaultWaitLockS)) +
+                        "; 0: do not wait), then exit 5")
+        ->type_name("SECONDS")
+        ->check(CLI::Range(0.0, 86400.0))
+        ->needs(cmd->get_option("--offline"));
     // Every variable an option writes to is captured, so that it outlives the parsing (--wait
     // only says what is the default, but CLI11 still writes to it).
-    cmd->callback([&exit_code, c, file, stage_only, wait, offline, root, force] {
+    cmd->callback([&exit_code, c, file, stage_only, wait, offline, root, force, wait_lock] {
       if (*offline) {
-        exit_code = run_offline_install(*root, *file, *stage_only, c->quiet, *force);
+        exit_code = run_offline_install(*root, *file, *stage_only, c->quiet, *force, *wait_lock);
         return;
       }
       int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);

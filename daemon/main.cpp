@@ -63,9 +63,14 @@ int run(bool user, const std::string& root, std::string helper) {
   }
 
   store::StoreOptions so = config->store_options();
-  auto store = store::Store::open(so);  // recovers every app
+  auto store = store::Store::open(so);
   if (!store) {
     log(Level::kError, "opening the store " + so.root + ": " + store.error().message());
+    return 1;
+  }
+  // Once, at start: from then on every operation recovers the app it locks.
+  if (auto r = store->recover_all(); !r) {
+    log(Level::kError, "recovering the store " + so.root + ": " + r.error().message());
     return 1;
   }
   for (const auto& [app, error] : store->recovery_errors())

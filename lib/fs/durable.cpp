@@ -133,6 +133,11 @@ Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t 
   UniqueFd owner(fd);
   struct stat st {};
   if (::fstat(fd, &st) != 0) return system_error(errno, "inspecting '" + path + "'");
+  return read_fd(fd, st, path, max_size);
+}
+
+Result<std::string> read_fd(int fd, const struct stat& st, const std::string& path,
+                            std::uint64_t max_size) {
   if (!S_ISREG(st.st_mode))
     return Error(ErrorCode::kInvalidArgument, "'" + path + "' is not a regular file");
   std::string out;

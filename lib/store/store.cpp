@@ -7,9 +7,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <ctime>
+#include <mutex>
 #include <random>
+#include <thread>
 
 #include "upgraded/artifact/encoding.h"
 #include "upgraded/artifact/strict_json.h"
@@ -226,6 +229,8 @@ Result<void> delete_release_files(int appfd, const std::string& tree, const std:
 
 // Brings an app directory back to a consistent state: undoes an uncommitted stage, removes
 // leftovers, and makes disk, state.json and `current` agree. Idempotent; safe to interrupt.
+// An app with nothing to repair costs a few reads and no write or fsync: every operation on an
+// app recovers it first, so this is on the path of every install.
 Result<void> recover_app(int appfd, const std::string& app) {
   auto loaded = read_state(appfd);
   if (!loaded) return loaded.error();
@@ -235,16 +240,24 @@ Result<void> recover_app(int appfd, const std::string& app) {
 
   auto journal = read_journal(appfd);
   if (!journal) return journal.error();
+  // Set when a release tree, a manifest or a partial tree was deleted: the two directories are
+  // then synced, so that a power cut cannot bring back what the state no longer lists.
+  bool deleted = false;
   if (*journal)
     for (const auto& v : (*journal)->versions)
-      if (!st.releases.count(v)) UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+      if (!st.releases.count(v)) {
+        UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+        deleted = true;
+      }
 
   // Leftovers: partial extractions, a half-made symlink, temporary files.
   auto trees = list_dir(appfd, "releases");
   if (!trees) return trees.error();
   for (const auto& name : *trees)
-    if (name.rfind(kPartialPrefix, 0) == 0)
+    if (name.rfind(kPartialPrefix, 0) == 0) {
       UPGRADED_TRY(fs::remove_tree(appfd, "releases/" + name));
+      deleted = true;
+    }
   ::unlinkat(appfd, kCurrentNew, 0);
   for (const char* dir : {".", "manifests"}) {
     auto names = list_dir(appfd, dir);
@@ -258,15 +271,19 @@ Result<void> recover_app(int appfd, const std::string& app) {
   // make recovery delete releases.
   if (had_state) {
     for (const auto& v : *trees)
-      if (v.front() != '.' && !st.releases.count(v))
-        UPGRADED_TRY(
-            delete_release_files(appfd, release_name(v), v));  // never committed, or removed
+      if (v.front() != '.' && !st.releases.count(v)) {
+        // Never committed, or removed.
+        UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+        deleted = true;
+      }
     auto manifests = list_dir(appfd, "manifests");
     if (!manifests) return manifests.error();
     for (const auto& name : *manifests) {
       if (name.front() == '.' || !name.ends_with(".json")) continue;
-      if (!st.releases.count(name.substr(0, name.size() - 5)))
+      if (!st.releases.count(name.substr(0, name.size() - 5))) {
         ::unlinkat(appfd, ("manifests/" + name).c_str(), 0);
+        deleted = true;
+      }
     }
     for (auto it = st.releases.begin(); it != st.releases.end();) {
       if (exists_at(appfd, release_name(it->first)) && exists_at(appfd, manifest_name(it->first))) {
@@ -275,14 +292,17 @@ Result<void> recover_app(int appfd, const std::string& app) {
       }
       const std::string v = it->first;  // half a release cannot be used: drop both halves
       UPGRADED_TRY(delete_release_files(appfd, release_name(v), v));
+      deleted = true;
       it = st.releases.erase(it);
       for (auto* ref : {&st.current, &st.previous, &st.last_known_good})
         if (*ref == v) ref->reset();
     }
     if (!st.current && st.previous) std::swap(st.current, st.previous);
   }
-  UPGRADED_TRY(sync_dir(appfd, "releases"));
-  UPGRADED_TRY(sync_dir(appfd, "manifests"));
+  if (deleted) {
+    UPGRADED_TRY(sync_dir(appfd, "releases"));
+    UPGRADED_TRY(sync_dir(appfd, "manifests"));
+  }
   // Apps from before data formats were tracked: the data is in the format the current release
   // writes, as for a first activation.
   if (had_state && st.current && !st.finalized_data_format && st.releases.count(*st.current)) {
@@ -307,17 +327,22 @@ Result<Store> Store::open(StoreOptions options) {
   if (!root) return root.error();
   UPGRADED_TRY(mkdir_durable(root->get(), "apps", 0755));
   options.extract.read_only = true;
-  Store store(std::move(options));
-  auto apps = store.app_dirs();
+  return Store(std::move(options));
+}
+
+Result<void> Store::recover_all() {
+  m_recovery_errors.clear();
+  auto apps = app_dirs();
   if (!apps) return apps.error();
   for (const auto& app : *apps) {
-    auto lock = store.lock(app);  // recovers
+    auto lock = this->lock(app);  // recovers
     // One broken app must not take the others down: it is reported, and lock() keeps
-    // refusing it with the same error until it is repaired.
+    // refusing it with the same error until it is repaired. A busy app is its lock holder's
+    // to recover (every operation recovers the app it locks first).
     if (!lock && lock.error().code() != ErrorCode::kBusy)
-      store.m_recovery_errors.emplace(app, lock.error());
+      m_recovery_errors.emplace(app, lock.error());
   }
-  return store;
+  return {};
 }
 
 std::string Store::release_path(const std::string& app, const std::string& version) const {
@@ -357,7 +382,7 @@ Result<std::vector<std::string>> Store::apps() const {
   return with_state;
 }
 
-Result<AppLock> Store::lock(const std::string& app) const {
+Result<AppLock> Store::lock(const std::string& app, std::chrono::milliseconds wait) const {
   UPGRADED_TRY(policy::validate_app_name(app));
   std::string dir = app_root(app);
   UPGRADED_TRY(mkdir_path_durable(dir, 0755));
@@ -368,18 +393,57 @@ Result<AppLock> Store::lock(const std::string& app) const {
   int fd = ::openat(appfd->get(), ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0) return system_error(errno, "opening the lock of " + policy::quote(app));
   UniqueFd lockfd(fd);
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK)
-      return Error(ErrorCode::kBusy,
-                   "app " + policy::quote(app) + " is busy: another operation holds its lock");
-    return system_error(errno, "locking " + policy::quote(app));
+  // Waiting polls rather than blocks in flock(): a bounded wait needs no signal or thread, and
+  // the lock is taken within a few milliseconds of its release.
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  auto pause = std::chrono::milliseconds(1);
+  while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno != EWOULDBLOCK) return system_error(errno, "locking " + policy::quote(app));
+    auto now = std::chrono::steady_clock::now();
+    if (now >= deadline)
+      return Error(
+          ErrorCode::kBusy,
+          "app " + policy::quote(app) + " is busy: another operation holds its lock" +
+              (wait.count() > 0 ? " (waited " + std::to_string(wait.count() / 1000.0) + " s)"
+                                : ""));
+    std::this_thread::sleep_for(
+        std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+    pause = std::min(pause * 2, std::chrono::milliseconds(50));
   }
   if (auto r = recover_app(appfd->get(), app); !r)
     return r.error().with_context("recovering " + policy::quote(app));
   return AppLock(app, std::move(lockfd));
 }
 
-Result<AppState> Store::state(const std::string& app) const {
+namespace {
+
+// What an interrupted operation leaves behind that a reader would notice (recover_app repairs
+// each): an unfinished stage (its journal), a half-made symlink, or a `current` that does not
+// name state.current. Leftover temporary files and trees the state does not list are garbage,
+// not inconsistencies: the next recovery removes them.
+bool interrupted(int dfd, const std::optional<AppState>& st) {
+  if (exists_at(dfd, kJournal) || exists_at(dfd, kCurrentNew)) return true;
+  if (!st) return false;
+  char buf[4096];
+  ssize_t n = ::readlinkat(dfd, kCurrent, buf, sizeof buf - 1);
+  if (n < 0) return errno != ENOENT || st->current.has_value();
+  return !st->current ||
+         std::string(buf, static_cast<std::size_t>(n)) != release_name(*st->current);
+}
+
+}  // namespace
+
+Result<bool> Store::needs_recovery(const std::string& app) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  auto appfd = fs::open_directory(app_root(app));
+  if (!appfd) return appfd.error();
+  auto st = read_state(appfd->get());
+  if (!st) return st.error();
+  return interrupted(appfd->get(), *st);
+}
+
+Result<AppView> Store::view(const std::string& app) const {
   UPGRADED_TRY(policy::validate_app_name(app));
   auto appfd = fs::open_directory(app_root(app));
   if (!appfd) {
@@ -389,8 +453,60 @@ Result<AppState> Store::state(const std::string& app) const {
   }
   auto st = read_state(appfd->get());
   if (!st) return st.error();
-  if (!*st) return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
-  return std::move(**st);
+  AppView v;
+  v.needs_recovery = interrupted(appfd->get(), *st);
+  v.state = std::move(*st);
+  return v;
+}
+
+struct Store::StateCache {
+  struct Entry {
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtime, ctime;
+    AppState state;
+  };
+  std::mutex mutex;
+  std::map<std::string, Entry> entries;
+};
+
+Store::Store(StoreOptions options) : m_options(std::move(options)) {
+  if (m_options.cache_states) m_cache = std::make_shared<StateCache>();
+}
+
+Result<AppState> Store::state(const std::string& app) const {
+  UPGRADED_TRY(policy::validate_app_name(app));
+  std::string path = app_root(app) + "/" + kState;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) {
+    if (errno == ENOENT || errno == ENOTDIR)
+      return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
+    return system_error(errno, "opening " + policy::quote(path));
+  }
+  UniqueFd owner(fd);
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0) return system_error(errno, "inspecting " + policy::quote(path));
+  auto same = [&](const StateCache::Entry& e) {
+    return e.dev == sb.st_dev && e.ino == sb.st_ino && e.size == sb.st_size &&
+           e.mtime.tv_sec == sb.st_mtim.tv_sec && e.mtime.tv_nsec == sb.st_mtim.tv_nsec &&
+           e.ctime.tv_sec == sb.st_ctim.tv_sec && e.ctime.tv_nsec == sb.st_ctim.tv_nsec;
+  };
+  if (m_cache) {
+    std::lock_guard lock(m_cache->mutex);
+    if (auto it = m_cache->entries.find(app); it != m_cache->entries.end() && same(it->second))
+      return it->second.state;
+  }
+  auto text = fs::read_fd(fd, sb, kState, kMaxStateSize);
+  if (!text) return text.error();
+  auto st = parse_state(*text);
+  if (!st) return st.error();
+  if (m_cache) {
+    std::lock_guard lock(m_cache->mutex);
+    m_cache->entries.insert_or_assign(
+        app, StateCache::Entry{sb.st_dev, sb.st_ino, sb.st_size, sb.st_mtim, sb.st_ctim, *st});
+  }
+  return std::move(*st);
 }
 
 Result<artifact::Manifest> Store::manifest(const std::string& app,

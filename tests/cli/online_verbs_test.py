@@ -7,6 +7,7 @@ for people and --json, and the documented exit codes.
 Needs UPGRADED_TESTBED_OPEN_BUS=1 (a caller running as nobody).
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -276,6 +277,88 @@ class OnlineVerbs(unittest.TestCase):
         self.assertEqual(releases["1.5.0"], "good")
         history = json.loads(self.ctl("history", self.app, "--json").stdout)
         self.assertEqual((history[-1]["op"], history[-1]["result"]), ("recover", "done"))
+
+    def test_parallel_offline_installs_never_meet_and_the_same_app_waits_bounded(self):
+        src = os.path.join(self.dir, "tree")
+        os.makedirs(src)
+        with open(os.path.join(src, "f"), "w") as f:
+            f.write("x")
+        apps, versions = ["p%d" % i for i in range(8)], ["1.0.%d" % v for v in range(4)]
+        arts = {}
+        for a in apps:
+            for v in versions:
+                arts[a, v] = os.path.join(self.dir, "%s-%s.upd" % (a, v))
+                subprocess.run([UPGRADECTL, "pack", "--key", self.key, "--app", a, "--version",
+                                v, "-o", arts[a, v], src], check=True, stdout=subprocess.DEVNULL)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")}
+
+        def install(*args):
+            return subprocess.Popen([UPGRADECTL, "install", "--offline", "--root", self.root,
+                                     "-q", *args], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        # Eight package hooks at once, one app each, each installing four releases in a row:
+        # no install waits for or fails because of another app.
+        for v in versions:
+            procs = [install(arts[a, v]) for a in apps]
+            for p in procs:
+                out, err = p.communicate(timeout=120)
+                self.assertEqual(p.returncode, 0, err)
+        listing = json.loads(self.offline("list", "--json").stdout)
+        self.assertEqual(sorted((r["app"], r["version"]) for r in listing),
+                         sorted(arts))
+        # The same app from two processes: the second waits for the lock, as long as it is
+        # told to, then exits 5 having changed nothing.
+        app_root = os.path.join(self.root, "var/lib/upgraded/apps/p0")
+        extra = os.path.join(self.dir, "p0-2.upd")
+        subprocess.run([UPGRADECTL, "pack", "--key", self.key, "--app", "p0", "--version",
+                        "2.0.0", "-o", extra, src], check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(app_root, ".lock"), "r+") as holder:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            before = sorted(os.listdir(os.path.join(app_root, "releases")))
+            t0 = time.monotonic()
+            r = self.offline("install", "--wait-lock", "0.5", extra, check=5)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.5)
+            self.assertIn("busy", r.stderr)
+            self.assertIn("waited 0.5", r.stderr)
+            self.assertEqual(sorted(os.listdir(os.path.join(app_root, "releases"))), before)
+            # Released while it waits: it goes ahead.
+            waiting = install(extra)
+            time.sleep(0.5)
+            self.assertIsNone(waiting.poll(), "it waits for the lock")
+        out, err = waiting.communicate(timeout=60)
+        self.assertEqual(waiting.returncode, 0, err)
+        self.assertIn("2.0.0", os.listdir(os.path.join(app_root, "releases")))
+
+        # A listing recovers nothing and writes nothing: an app an interrupted install left
+        # behind is reported as such, and stays as it is until its next install.
+        victim = os.path.join(self.root, "var/lib/upgraded/apps/p1")
+        os.makedirs(os.path.join(victim, "releases/.partial.0badc0de/tree"))
+        with open(os.path.join(victim, "journal.json"), "w") as f:
+            json.dump({"op": "stage", "txid": "0badc0de", "versions": ["9.0.0"]}, f)
+
+        def tree(d):
+            return sorted((os.path.relpath(os.path.join(p, n), d), os.lstat(os.path.join(p, n)).st_mtime_ns)
+                          for p, ds, fs in os.walk(d) for n in ds + fs)
+        store = os.path.join(self.root, "var/lib/upgraded")
+        before = tree(store)
+        trace = os.path.join(self.dir, "list.trace")
+        r = subprocess.run(["strace", "-f", "-o", trace, "-e",
+                            "trace=fsync,fdatasync,syncfs,sync,sync_file_range,flock",
+                            UPGRADECTL, "list", "--offline", "--root", self.root],
+                           env=env, capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("p1: an interrupted operation left it for recovery", r.stderr)
+        with open(trace) as f:
+            calls = [line for line in f if "(" in line and "+++" not in line]
+        self.assertEqual(calls, [], "a listing syncs and locks nothing")
+        self.assertEqual(tree(store), before)
+        self.assertIn("p1", r.stdout)
+        self.offline("install", "-q", os.path.join(self.dir, "p1-1.0.0.upd"), check=9)
+        self.assertFalse(os.path.exists(os.path.join(victim, "journal.json")))
+        self.assertFalse(os.path.exists(os.path.join(victim, "releases/.partial.0badc0de")))
+        r = self.offline("list")
+        self.assertNotIn("recovery", r.stderr)
 
     def test_colour_and_a_progress_bar_only_on_a_terminal_and_never_with_no_color(self):
         self.start_daemon()

@@ -1,6 +1,7 @@
 // Crash safety of the release store. A helper process runs one operation and is killed with
 // SIGKILL at a named crash point (every point, every time it is reached) or at a random moment;
-// then the store is opened (which recovers it) and the invariants are checked.
+// then the app is recovered, by the next lock() (what every operation does) or by recover_all()
+// (what the daemon does at start), and the invariants are checked.
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -140,6 +141,23 @@ TEST(StoreCrash, RecoversToAConsistentStateAfterAKillAtEveryCrashPoint) {
         reached = true;
         auto s = Store::open(fixture().options(root));
         ASSERT_TRUE(s.ok()) << sc.name << " " << point << "#" << n << ": " << s.error().message();
+        // Before any recovery: an app that a read-only listing would show as needing none is
+        // already what its state says (every release listed is there, `current` agrees).
+        auto needs = s->needs_recovery("hello");
+        if (needs.ok() && !*needs) {
+          for (const auto& b : check_store_invariants(s->app_root("hello"), fixture().trees()))
+            EXPECT_TRUE(b.find("has no") == std::string::npos &&
+                        b.find("current") == std::string::npos)
+                << sc.name << " killed at " << point << "#" << n
+                << ": needs_recovery() said no, but " << b;
+        }
+        if (n % 2) {
+          ASSERT_TRUE(s->lock("hello").ok()) << sc.name << " " << point;
+        } else {
+          ASSERT_TRUE(s->recover_all().ok());
+          ASSERT_TRUE(s->recovery_errors().empty()) << sc.name << " " << point;
+        }
+        EXPECT_FALSE(*s->needs_recovery("hello")) << sc.name << " " << point << "#" << n;
         auto bad = check_store_invariants(s->app_root("hello"), fixture().trees(), floor);
         ASSERT_TRUE(bad.empty()) << sc.name << " killed at " << point << "#" << n << ": "
                                  << ::testing::PrintToString(bad);
@@ -147,7 +165,7 @@ TEST(StoreCrash, RecoversToAConsistentStateAfterAKillAtEveryCrashPoint) {
         int again = wait_status(spawn_helper(args, ""));
         ASSERT_TRUE(WIFEXITED(again)) << sc.name;
         auto after = Store::open(fixture().options(root));
-        ASSERT_TRUE(after.ok());
+        ASSERT_TRUE(after.ok() && after->recover_all().ok());
         EXPECT_TRUE(
             check_store_invariants(after->app_root("hello"), fixture().trees(), floor).empty());
       }
@@ -188,6 +206,7 @@ TEST(StoreCrash, RecoversAfterKillsAtRandomMoments) {
     killed_mid_operation += WIFSIGNALED(status);
     auto s = Store::open(fixture().options(root));
     ASSERT_TRUE(s.ok()) << "run " << i << ": " << s.error().message();
+    ASSERT_TRUE(s->recover_all().ok());
     auto bad = check_store_invariants(s->app_root("hello"), fixture().trees());
     ASSERT_TRUE(bad.empty()) << "run " << i << ": " << ::testing::PrintToString(bad);
     ASSERT_EQ(std::system(("rm -rf " + root).c_str()), 0);

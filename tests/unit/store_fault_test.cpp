@@ -108,7 +108,7 @@ TEST(StoreFaults, EveryFailingSyncRenameOrWriteLeavesTheStoreIntactOrCommitted) 
           ++committed;
         }
         auto reopened = Store::open(fixture().options(t / "state"));
-        ASSERT_TRUE(reopened.ok()) << where;
+        ASSERT_TRUE(reopened.ok() && reopened->recover_all().ok()) << where;
         auto bad = check_store_invariants(app, fixture().trees());
         EXPECT_TRUE(bad.empty()) << where << ": " << ::testing::PrintToString(bad);
       }

@@ -1,7 +1,11 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <thread>
 
 #include "support/store_fixture.h"
 #include "upgraded/policy/version.h"
@@ -244,7 +248,7 @@ TEST_F(AStore, PutsAnAppWithItsOwnRootWhereItSays) {
   EXPECT_EQ(*apps, std::vector<std::string>{"hello"});
 }
 
-TEST_F(AStore, RecoversFromLeftoversWhenOpened) {
+TEST_F(AStore, RecoversFromLeftoversWhenTheAppIsNextLockedAndOnlyThen) {
   ASSERT_TRUE(stage("1.0.0").ok());
   {
     auto lock = store->lock("hello");
@@ -255,10 +259,85 @@ TEST_F(AStore, RecoversFromLeftoversWhenOpened) {
   write_file(app_root() + "/manifests/9.9.9.json", "{}");  // a manifest without a release
   ::symlink("releases/nope", (app_root() + "/current.new").c_str());
   write_file(app_root() + "/.state.json.tmp.1234", "{");
+  auto before = snapshot(app_root(), false);
   auto reopened = Store::open(fixture().options(t / "state"));
   ASSERT_TRUE(reopened.ok()) << reopened.error().message();
+  EXPECT_TRUE(*reopened->needs_recovery("hello"));
+  // Opening, listing and reading touch nothing: the next operation on the app recovers it.
+  ASSERT_TRUE(reopened->apps().ok() && reopened->state("hello").ok());
+  EXPECT_EQ(snapshot(app_root(), false), before);
+  ASSERT_TRUE(reopened->lock("hello").ok());
   expect_consistent();
   EXPECT_EQ(link(), "releases/1.0.0");
+  EXPECT_FALSE(*reopened->needs_recovery("hello"));
+}
+
+TEST_F(AStore, WithItsStateCacheSeesEveryChangeToAStateFile) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto o = fixture().options(t / "state");
+  o.cache_states = true;
+  auto cached = Store::open(o);
+  ASSERT_TRUE(cached.ok());
+  ASSERT_FALSE(cached->state("hello")->releases.at("1.0.0").pinned);
+  {
+    auto lock = store->lock("hello");  // another Store: another process, as far as files go
+    ASSERT_TRUE(store->set_pinned(*lock, "1.0.0", true).ok());
+  }
+  EXPECT_TRUE(cached->state("hello")->releases.at("1.0.0").pinned);
+  // Replaced behind its back with the same size (pinned false <-> true changes the size, so a
+  // floor of the same length is used): still seen.
+  std::string text = read_file(app_root() + "/state.json");
+  auto pos = text.find("\"floor\": null");
+  ASSERT_NE(pos, std::string::npos) << text;
+  text.replace(pos, 13, "\"floor\":\"1.0\"");
+  write_file(app_root() + "/state.json.new", text);
+  ASSERT_EQ(::rename((app_root() + "/state.json.new").c_str(),
+                     (app_root() + "/state.json").c_str()),
+            0);
+  EXPECT_EQ(cached->state("hello")->floor, "1.0");
+  ASSERT_EQ(::unlink((app_root() + "/state.json").c_str()), 0);
+  EXPECT_EQ(cached->state("hello").error().code(), ErrorCode::kNotFound);
+}
+
+TEST_F(AStore, NeverTouchesAnotherAppWhenLockingOne) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  make_dirs(t / "state/apps/other/releases/.partial.cafe/tree");
+  write_file(t / "state/apps/other/journal.json", "{not json");
+  // Another process holds the other app's lock: locking this one neither waits nor fails.
+  UniqueFd other(
+      ::open((t / "state/apps/other/.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_EQ(::flock(other.get(), LOCK_EX), 0);
+  auto before = snapshot(t / "state/apps/other", false);
+  auto s = Store::open(fixture().options(t / "state"));
+  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE(s->lock("hello").ok());
+  EXPECT_EQ(snapshot(t / "state/apps/other", false), before);
+  auto busy = s->lock("other");
+  ASSERT_FALSE(busy.ok());
+  EXPECT_EQ(busy.error().code(), ErrorCode::kBusy);
+}
+
+TEST_F(AStore, WaitsForABusyAppsLockAsLongAsAskedAndNoLonger) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  UniqueFd holder(::open((app_root() + "/.lock").c_str(), O_RDWR | O_CLOEXEC));
+  ASSERT_EQ(::flock(holder.get(), LOCK_EX), 0);
+  auto t0 = std::chrono::steady_clock::now();
+  auto refused = store->lock("hello", std::chrono::milliseconds(200));
+  auto waited = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), ErrorCode::kBusy);
+  EXPECT_NE(refused.error().message().find("waited 0.2"), std::string::npos)
+      << refused.error().message();
+  EXPECT_GE(waited, std::chrono::milliseconds(200));
+  EXPECT_LT(waited, std::chrono::milliseconds(2000));
+  // Released while waiting: taken.
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    holder.reset();
+  });
+  auto taken = store->lock("hello", std::chrono::seconds(10));
+  release.join();
+  EXPECT_TRUE(taken.ok()) << taken.error().message();
 }
 
 TEST_F(AStore, KeepsServingOtherAppsWhenOneAppsStateIsCorrupt) {
@@ -268,6 +347,7 @@ TEST_F(AStore, KeepsServingOtherAppsWhenOneAppsStateIsCorrupt) {
   write_file(t / "state/apps/broken/state.json", "{not json");
   auto reopened = Store::open(o);
   ASSERT_TRUE(reopened.ok()) << reopened.error().message();
+  ASSERT_TRUE(reopened->recover_all().ok());
   ASSERT_EQ(reopened->recovery_errors().count("broken"), 1u);
   EXPECT_NE(reopened->recovery_errors().at("broken").message().find("corrupt"), std::string::npos);
   EXPECT_FALSE(reopened->lock("broken").ok());
@@ -278,6 +358,7 @@ TEST_F(AStore, KeepsServingOtherAppsWhenOneAppsStateIsCorrupt) {
 TEST_F(AStore, NeverDeletesReleasesBecauseTheStateFileIsMissing) {
   ASSERT_TRUE(stage("1.0.0").ok());
   ASSERT_EQ(::unlink((app_root() + "/state.json").c_str()), 0);
-  ASSERT_TRUE(Store::open(fixture().options(t / "state")).ok());
+  auto reopened = Store::open(fixture().options(t / "state"));
+  ASSERT_TRUE(reopened.ok() && reopened->recover_all().ok());
   EXPECT_TRUE(exists(app_root() + "/releases/1.0.0/bin/hello"));
 }

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 // Durable filesystem primitives: everything the store and the extractor need to make a change
@@ -43,6 +44,9 @@ Result<void> write_all(int fd, std::span<const std::byte> data);
 
 /// Reads a whole regular file of at most `max_size` bytes.
 Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t max_size);
+/// The same for an open file whose fstat() the caller has (`path` names it in errors).
+Result<std::string> read_fd(int fd, const struct stat& st, const std::string& path,
+                            std::uint64_t max_size);
 
 /// Writes `data` to `dirfd/name` atomically and durably: a temporary sibling is written and
 /// fsynced, renamed over `name`, and `dirfd` is fsynced. The file gets mode `mode`. With

@@ -4,9 +4,11 @@
 // `current` symlink, retention, and crash-safe transactions. docs/state.md describes the layout,
 // the state model and the recovery rules.
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -29,6 +31,11 @@ struct StoreOptions {
   std::map<std::string, std::string> app_roots;
   /// Extraction policy for stage(); read_only is always forced on.
   artifact::ExtractPolicy extract;
+  /// Keep parsed states in memory, each reused while its state.json is the same file (inode,
+  /// size, mtime and ctime to the nanosecond: every write replaces the file by a rename). For
+  /// the daemon, whose listings of thousands of apps would otherwise parse every state.json on
+  /// every call. The memory is the apps' states, a few hundred bytes per release.
+  bool cache_states = false;
 };
 
 /// Proof that the caller holds an app's lock (flock on `<app root>/.lock`). Released on
@@ -94,6 +101,12 @@ struct PendingActivation {
   std::string step = "restart";
 };
 
+/// What a read-only listing knows about an app without recovering it (Store::view).
+struct AppView {
+  std::optional<AppState> state;
+  bool needs_recovery = false;
+};
+
 struct StageResult {
   artifact::Manifest manifest;
   artifact::SignatureReport signatures;
@@ -102,19 +115,31 @@ struct StageResult {
 
 class Store {
  public:
-  /// Creates the layout under `options.root` if needed and recovers every app found there and
-  /// in `app_roots` (an app busy in another process is skipped; its lock holder recovers it).
+  /// Creates the layout under `options.root` if needed. Recovers nothing: each operation
+  /// recovers the app it locks (lock()), so its cost does not grow with the number of apps.
   static Result<Store> open(StoreOptions options);
+  /// Recovers every app found under the root and in `app_roots` (the daemon, once at start).
+  /// An app busy in another process is skipped: its lock holder recovered it when it locked
+  /// it. Failures are in recovery_errors().
+  Result<void> recover_all();
 
-  /// Takes an app's lock without waiting (kBusy if held), then recovers the app, so that every
-  /// operation starts from a consistent state even after another process crashed.
-  Result<AppLock> lock(const std::string& app) const;
+  /// Takes an app's lock (kBusy if another holds it for longer than `wait`; zero: do not
+  /// wait), then recovers the app, so that every operation starts from a consistent state even
+  /// after another process crashed. Never touches another app.
+  Result<AppLock> lock(const std::string& app,
+                       std::chrono::milliseconds wait = std::chrono::milliseconds(0)) const;
+  /// Whether an interrupted operation left the app for recovery (an unfinished stage, a
+  /// half-switched `current`), which its next lock() does. Reads only; takes no lock.
+  Result<bool> needs_recovery(const std::string& app) const;
+  /// An app's state (none: its first stage never committed) and whether it needs recovery, in
+  /// one pass, for listings. Reads only; takes no lock; kNotFound for an unknown app.
+  Result<AppView> view(const std::string& app) const;
 
   std::string app_root(const std::string& app) const;
   /// The absolute path of a release's tree.
   std::string release_path(const std::string& app, const std::string& version) const;
-  /// Apps whose recovery failed when the store was opened (e.g. a corrupt state.json), with
-  /// the reason. The other apps are usable.
+  /// Apps whose recovery failed in recover_all() (e.g. a corrupt state.json), with the reason.
+  /// The other apps are usable.
   const std::map<std::string, Error>& recovery_errors() const { return m_recovery_errors; }
   /// Apps that have a state file, sorted.
   Result<std::vector<std::string>> apps() const;
@@ -183,13 +208,15 @@ class Store {
   Result<std::vector<HistoryEntry>> history(const std::string& app, std::size_t limit = 1000) const;
 
  private:
-  explicit Store(StoreOptions options) : m_options(std::move(options)) {}
+  explicit Store(StoreOptions options);
+  struct StateCache;
   /// Every app directory there is, with or without a state file (for recovery).
   Result<std::vector<std::string>> app_dirs() const;
   Result<void> switch_impl(const AppLock& lock, const std::string& version,
                            const std::optional<std::string>& previous) const;
   StoreOptions m_options;
   std::map<std::string, Error> m_recovery_errors;
+  std::shared_ptr<StateCache> m_cache;  ///< null unless options.cache_states
 };
 
 }  // namespace upgraded::store
