@@ -232,6 +232,8 @@ store::StoreOptions Config::store_options() const {
     so.app_roots[app] = path(app_root);
   // (data_dirs are host paths too: AppPolicy's callers take them under root with path())
   so.extract = extract;
+  // Only the daemon lists the store again and again; the CLI sets this back (one-shot).
+  so.cache_states = true;
   return so;
 }
 

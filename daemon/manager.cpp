@@ -102,8 +102,8 @@ void Manager::authorized(std::shared_ptr<PathResult> reply, std::vector<std::str
 void Manager::check_actions(std::shared_ptr<PathResult> reply, const std::string& sender,
                             std::vector<std::string> actions, std::size_t i,
                             std::function<void(uid_t)> then, std::function<void()> decided) {
-  const std::string action = actions.at(i);
-  m_auth->check(sender, action,
+  const std::string asked = actions.at(i);
+  m_auth->check(sender, asked,
                 [this, reply, sender, actions = std::move(actions), i, then,
                  decided](const Authorization& a) mutable {
                   if (decided) decided();
@@ -939,9 +939,10 @@ std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::Finalizati
   return out;
 }
 
-std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
-  check_app(app);
-  auto st = value_or_throw(m_store.state(app));
+namespace {
+
+std::map<std::string, sdbus::Variant> app_details(const store::Store& store, const std::string& app,
+                                                  const store::AppState& st) {
   std::map<std::string, sdbus::Variant> out;
   out["current"] = sdbus::Variant(st.current.value_or(""));
   out["previous"] = sdbus::Variant(st.previous.value_or(""));
@@ -955,8 +956,42 @@ std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
   if (st.current && st.releases.count(*st.current))
     out["current_writes"] =
         sdbus::Variant(std::uint64_t(st.releases.at(*st.current).data_format.writes));
-  auto pending = m_store.pending_activation(app);
+  auto pending = store.pending_activation(app);
   out["pending_activation"] = sdbus::Variant(pending && *pending ? (*pending)->to : std::string());
+  return out;
+}
+
+}  // namespace
+
+std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
+  check_app(app);
+  return app_details(m_store, app, value_or_throw(m_store.state(app)));
+}
+
+std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::GetApps() {
+  std::map<std::string, std::map<std::string, sdbus::Variant>> out;
+  for (const auto& app : value_or_throw(m_store.apps()))
+    if (auto st = m_store.state(app))  // else removed meanwhile, or broken (reported at start)
+      out.emplace(app, app_details(m_store, app, *st));
+  return out;
+}
+
+std::vector<
+    sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool, uint64_t>>
+Manager::ListAllReleases() {
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
+                            uint64_t>>
+      out;
+  for (const auto& app : value_or_throw(m_store.apps())) {
+    auto st = m_store.state(app);
+    if (!st) continue;
+    for (const auto& v : st->versions_in_order()) {
+      const auto& r = st->releases.at(v);
+      std::string role = st->current == v ? "current" : st->previous == v ? "previous" : "";
+      out.emplace_back(app, v, std::string(store::to_string(r.status)), role, r.staged_at, r.pinned,
+                       r.size);
+    }
+  }
   return out;
 }
 

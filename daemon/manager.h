@@ -66,6 +66,10 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::map<std::string, std::map<std::string, sdbus::Variant>> FinalizationStatus(
       const std::string& app) override;
   std::map<std::string, sdbus::Variant> GetApp(const std::string& app) override;
+  std::map<std::string, std::map<std::string, sdbus::Variant>> GetApps() override;
+  std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
+                            uint64_t>>
+  ListAllReleases() override;
   std::tuple<std::string, std::string, std::string> GetJobResult(const uint32_t& id) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
       override;

@@ -223,6 +223,13 @@ class Lifecycle(DaemonTest):
         self.assertEqual(rows["1.0.0"][1:3], ["good", "current"])
         self.assertEqual(rows["2.0.0"][1:3], ["good", "previous"])
         self.assertEqual(rows["3.0.0"][1], "bad")
+        # The bulk reads (one call for every app) say what the per-app ones say.
+        self.assertEqual([[str(x) if not isinstance(x, (dbus.Boolean, dbus.UInt64)) else x
+                           for x in r[1:]] for r in self.manager.ListAllReleases()
+                          if r[0] == self.app],
+                         [[str(x) if not isinstance(x, (dbus.Boolean, dbus.UInt64)) else x
+                           for x in r] for r in self.manager.ListReleases(self.app)])
+        self.assertEqual(self.manager.GetApps()[self.app], self.manager.GetApp(self.app))
 
         history = self.manager.GetHistory(self.app, {})
         ops = [(str(h[1]), str(h[3]), str(h[4])) for h in history]
