@@ -144,19 +144,20 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
   auto opened = open_store(root);
   if (!opened) return report_store(opened.error());
   const store::Store& st = *opened->store;
-  std::vector<std::string> apps;
+  std::vector<std::pair<std::string, store::AppView>> apps;
   if (!only.empty()) {
-    apps.push_back(only);
+    auto one = st.view(only);
+    if (!one) return report_store(one.error());
+    apps.emplace_back(only, std::move(*one));
   } else {
-    auto all = st.apps();
+    auto all = st.views();
     if (!all) return report_store(all.error());
-    apps = *all;
+    apps = std::move(*all);
   }
   nlohmann::json out = nlohmann::json::array();
   Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
-  for (const auto& app : apps) {
-    auto view = st.view(app);
-    if (!view) return report_store(view.error());
+  for (const auto& [app, v] : apps) {
+    const store::AppView* view = &v;
     if (view->needs_recovery)
       std::fprintf(stderr,
                    "upgradectl: %s: an interrupted operation left it for recovery, which its next "
@@ -171,7 +172,7 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
       const auto& r = state->releases.at(v);
       std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";
       std::string status(store::to_string(r.status));
-      add_release_row(out, t, app, v, status, role, r.staged_at, r.pinned, r.size,
+      add_release_row(json_out, out, t, app, v, status, role, r.staged_at, r.pinned, r.size,
                       role == "current" && state->pre_finalized());
     }
   }

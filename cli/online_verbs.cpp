@@ -394,7 +394,7 @@ int run_list(const Common& c, const std::string& only) {
       bool pre = pre_finalized(client.GetApp(only));
       for (const auto& r : client.ListReleases(only)) {
         const std::string& role = std::get<2>(r);
-        add_release_row(out, t, only, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
+        add_release_row(c.json, out, t, only, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
                         std::get<4>(r), std::get<5>(r), role == "current" && pre);
       }
     } else {
@@ -405,7 +405,7 @@ int run_list(const Common& c, const std::string& only) {
       for (const auto& r : client.ListAllReleases()) {
         const std::string& app = std::get<0>(r);
         const std::string& role = std::get<3>(r);
-        add_release_row(out, t, app, std::get<1>(r), std::get<2>(r), role, std::get<4>(r),
+        add_release_row(c.json, out, t, app, std::get<1>(r), std::get<2>(r), role, std::get<4>(r),
                         std::get<5>(r), std::get<6>(r), role == "current" && pre.count(app) > 0);
       }
     }

@@ -76,10 +76,16 @@ void Table::print() const {
     line(row, false);
 }
 
-void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
+void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std::string& app,
                      const std::string& version, const std::string& status, const std::string& role,
                      const std::string& staged_at, bool pinned, std::uint64_t size,
                      bool pre_finalized) {
+  if (!as_json) {
+    table.add({app, version, colored_status(status),
+               role + (pre_finalized ? " (pre-finalized)" : ""), staged_at, pinned ? "yes" : "",
+               human_size(size)});
+    return;
+  }
   out.push_back({{"app", app},
                  {"version", version},
                  {"status", status},
@@ -88,15 +94,13 @@ void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
                  {"pinned", pinned},
                  {"size", size},
                  {"pre_finalized", pre_finalized}});
-  table.add({app, version, colored_status(status), role + (pre_finalized ? " (pre-finalized)" : ""),
-             staged_at, pinned ? "yes" : "", human_size(size)});
 }
 
 void print_rows(bool json, const nlohmann::json& out, const Table& table,
                 const std::string& empty) {
   if (json)
     std::printf("%s\n", out.dump(2).c_str());
-  else if (out.empty())
+  else if (table.empty())
     std::printf("%s\n", empty.c_str());
   else
     table.print();

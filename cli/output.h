@@ -22,19 +22,20 @@ class Table {
   explicit Table(std::vector<std::string> header) : m_header(std::move(header)) {}
   void add(std::vector<std::string> row) { m_rows.push_back(std::move(row)); }
   void print() const;
+  bool empty() const { return m_rows.empty(); }
 
  private:
   std::vector<std::string> m_header;
   std::vector<std::vector<std::string>> m_rows;
 };
 
-/// `upgradectl list`'s row for one release, in both forms (the JSON one is a stable schema,
-/// docs/upgradectl.md).
-void add_release_row(nlohmann::json& out, Table& table, const std::string& app,
+/// `upgradectl list`'s row for one release, to `out` (as_json: the stable schema of
+/// docs/upgradectl.md) or to `table`: only the form that is printed is built (thousands of rows).
+void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std::string& app,
                      const std::string& version, const std::string& status, const std::string& role,
                      const std::string& staged_at, bool pinned, std::uint64_t size,
                      bool pre_finalized = false);
-/// Prints `out` with --json, else `table`, else `empty` when there are no rows.
+/// Prints `out` with --json, else `table`, or `empty` when the one to print has no rows.
 void print_rows(bool json, const nlohmann::json& out, const Table& table, const std::string& empty);
 
 /// A job's progress on stderr: a redrawn bar with the step's name on a terminal, one line per

@@ -1,6 +1,6 @@
 #include "upgraded/artifact/strict_json.h"
 
-#include <set>
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -23,16 +23,25 @@ Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view
     return Error(
         ErrorCode::kVerificationFailed,
         std::string(what) + " is not valid JSON: a NUL byte at offset " + std::to_string(nul));
-  std::vector<std::set<std::string>> seen;
+  // The keys of each open object, in one flat list: `starts` marks where each object's keys
+  // begin.
+  // Duplicates are found when the object ends, by sorting its keys (n log n, and no node per
+  // key as a set would allocate: state files are parsed by the thousand).
+  std::vector<std::string> keys;
+  std::vector<std::size_t> starts;
   auto cb = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
     using E = nlohmann::json::parse_event_t;
     if (depth > max_depth) throw Rejected{"nested deeper than " + std::to_string(max_depth)};
-    if (event == E::object_start) seen.emplace_back();
-    if (event == E::object_end && !seen.empty()) seen.pop_back();
-    if (event == E::key && !seen.empty()) {
-      auto key = parsed.get<std::string>();
-      if (!seen.back().insert(key).second) throw Rejected{"duplicate key " + policy::quote(key)};
+    if (event == E::object_start) starts.push_back(keys.size());
+    if (event == E::object_end && !starts.empty()) {
+      auto first = keys.begin() + static_cast<std::ptrdiff_t>(starts.back());
+      std::sort(first, keys.end());
+      if (auto dup = std::adjacent_find(first, keys.end()); dup != keys.end())
+        throw Rejected{"duplicate key " + policy::quote(*dup)};
+      keys.resize(starts.back());
+      starts.pop_back();
     }
+    if (event == E::key && !starts.empty()) keys.push_back(parsed.get_ref<const std::string&>());
     return true;
   };
   try {

@@ -153,6 +153,9 @@ Result<std::string> read_fd(int fd, const struct stat& st, const std::string& pa
       return Error(ErrorCode::kInvalidArgument,
                    "'" + path + "' is larger than " + std::to_string(max_size) + " bytes");
     out.append(buf, static_cast<std::size_t>(n));
+    // As large as fstat() said: done, without a read() to see the end. (A file that grows
+    // meanwhile is read as it was; files that change are replaced by a rename here.)
+    if (st.st_size > 0 && out.size() >= static_cast<std::uint64_t>(st.st_size)) break;
   }
   return out;
 }

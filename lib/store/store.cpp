@@ -419,11 +419,13 @@ Result<AppLock> Store::lock(const std::string& app, std::chrono::milliseconds wa
 namespace {
 
 // What an interrupted operation leaves behind that a reader would notice (recover_app repairs
-// each): an unfinished stage (its journal), a half-made symlink, or a `current` that does not
-// name state.current. Leftover temporary files and trees the state does not list are garbage,
-// not inconsistencies: the next recovery removes them.
+// each): an unfinished stage (its journal), or a `current` that does not name state.current.
+// (A leftover `current.new` always comes with the latter: state.json is written before the
+// symlink is made, and no symlink is made when `current` already agrees.) Leftover temporary
+// files and trees the state does not list are garbage, not inconsistencies: the next recovery
+// removes them.
 bool interrupted(int dfd, const std::optional<AppState>& st) {
-  if (exists_at(dfd, kJournal) || exists_at(dfd, kCurrentNew)) return true;
+  if (exists_at(dfd, kJournal)) return true;
   if (!st) return false;
   char buf[4096];
   ssize_t n = ::readlinkat(dfd, kCurrent, buf, sizeof buf - 1);
@@ -441,6 +443,21 @@ Result<bool> Store::needs_recovery(const std::string& app) const {
   auto st = read_state(appfd->get());
   if (!st) return st.error();
   return interrupted(appfd->get(), *st);
+}
+
+Result<std::vector<std::pair<std::string, AppView>>> Store::views() const {
+  auto names = app_dirs();
+  if (!names) return names.error();
+  std::vector<std::pair<std::string, AppView>> out;
+  for (const auto& app : *names) {
+    auto v = view(app);
+    if (!v) {
+      if (v.error().code() == ErrorCode::kNotFound) continue;  // removed meanwhile
+      return v.error().with_context(app);
+    }
+    if (v->state || v->needs_recovery) out.emplace_back(app, std::move(*v));
+  }
+  return out;
 }
 
 Result<AppView> Store::view(const std::string& app) const {

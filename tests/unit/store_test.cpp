@@ -259,6 +259,13 @@ TEST_F(AStore, RecoversFromLeftoversWhenTheAppIsNextLockedAndOnlyThen) {
   write_file(app_root() + "/manifests/9.9.9.json", "{}");  // a manifest without a release
   ::symlink("releases/nope", (app_root() + "/current.new").c_str());
   write_file(app_root() + "/.state.json.tmp.1234", "{");
+  {
+    auto garbage_only = Store::open(fixture().options(t / "state"));
+    EXPECT_FALSE(*garbage_only->needs_recovery("hello")) << "what it lists is still accurate";
+  }
+  // An interrupted stage (of 9.9.9, the manifest above) leaves its journal.
+  write_file(app_root() + "/journal.json",
+             R"({"op":"stage","txid":"deadbeef","versions":["9.9.9"]})");
   auto before = snapshot(app_root(), false);
   auto reopened = Store::open(fixture().options(t / "state"));
   ASSERT_TRUE(reopened.ok()) << reopened.error().message();
@@ -291,9 +298,8 @@ TEST_F(AStore, WithItsStateCacheSeesEveryChangeToAStateFile) {
   ASSERT_NE(pos, std::string::npos) << text;
   text.replace(pos, 13, "\"floor\":\"1.0\"");
   write_file(app_root() + "/state.json.new", text);
-  ASSERT_EQ(::rename((app_root() + "/state.json.new").c_str(),
-                     (app_root() + "/state.json").c_str()),
-            0);
+  ASSERT_EQ(
+      ::rename((app_root() + "/state.json.new").c_str(), (app_root() + "/state.json").c_str()), 0);
   EXPECT_EQ(cached->state("hello")->floor, "1.0");
   ASSERT_EQ(::unlink((app_root() + "/state.json").c_str()), 0);
   EXPECT_EQ(cached->state("hello").error().code(), ErrorCode::kNotFound);

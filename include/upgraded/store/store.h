@@ -134,6 +134,8 @@ class Store {
   /// An app's state (none: its first stage never committed) and whether it needs recovery, in
   /// one pass, for listings. Reads only; takes no lock; kNotFound for an unknown app.
   Result<AppView> view(const std::string& app) const;
+  /// view() of every app there is (with a state, or left for recovery), sorted by name.
+  Result<std::vector<std::pair<std::string, AppView>>> views() const;
 
   std::string app_root(const std::string& app) const;
   /// The absolute path of a release's tree.
