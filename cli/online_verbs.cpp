@@ -398,16 +398,11 @@ int run_list(const Common& c, const std::string& only) {
                         std::get<4>(r), std::get<5>(r), role == "current" && pre);
       }
     } else {
-      // Two calls whatever the number of apps.
-      std::set<std::string> pre;
-      for (const auto& [app, details] : client.GetApps())
-        if (pre_finalized(details)) pre.insert(app);
-      for (const auto& r : client.ListAllReleases()) {
-        const std::string& app = std::get<0>(r);
-        const std::string& role = std::get<3>(r);
-        add_release_row(c.json, out, t, app, std::get<1>(r), std::get<2>(r), role, std::get<4>(r),
-                        std::get<5>(r), std::get<6>(r), role == "current" && pre.count(app) > 0);
-      }
+      // One call whatever the number of apps.
+      for (const auto& r : client.ListAllReleases())
+        add_release_row(c.json, out, t, std::get<0>(r), std::get<1>(r), std::get<2>(r),
+                        std::get<3>(r), std::get<4>(r), std::get<5>(r), std::get<6>(r),
+                        std::get<7>(r));
     }
     print_rows(c.json, out, t, "No releases are installed.");
     return kExitOk;

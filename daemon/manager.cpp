@@ -968,7 +968,14 @@ std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
   return app_details(m_store, app, value_or_throw(m_store.state(app)));
 }
 
+// A bulk reply of thousands of apps is built and freed in a burst: once it is sent, the heap it
+// used goes back to the system, so that the idle daemon stays small.
+void Manager::trim_after_reply() {
+  m_loop.post([] { ::malloc_trim(0); });
+}
+
 std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::GetApps() {
+  trim_after_reply();
   std::map<std::string, std::map<std::string, sdbus::Variant>> out;
   for (const auto& app : value_or_throw(m_store.apps()))
     if (auto st = m_store.state(app))  // else removed meanwhile, or broken (reported at start)
@@ -976,11 +983,12 @@ std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::GetApps() 
   return out;
 }
 
-std::vector<
-    sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool, uint64_t>>
+std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
+                          uint64_t, bool>>
 Manager::ListAllReleases() {
+  trim_after_reply();
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
-                            uint64_t>>
+                            uint64_t, bool>>
       out;
   for (const auto& app : value_or_throw(m_store.apps())) {
     auto st = m_store.state(app);
@@ -989,7 +997,7 @@ Manager::ListAllReleases() {
       const auto& r = st->releases.at(v);
       std::string role = st->current == v ? "current" : st->previous == v ? "previous" : "";
       out.emplace_back(app, v, std::string(store::to_string(r.status)), role, r.staged_at, r.pinned,
-                       r.size);
+                       r.size, role == "current" && st->pre_finalized());
     }
   }
   return out;

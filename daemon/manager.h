@@ -67,8 +67,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
       const std::string& app) override;
   std::map<std::string, sdbus::Variant> GetApp(const std::string& app) override;
   std::map<std::string, std::map<std::string, sdbus::Variant>> GetApps() override;
+  void trim_after_reply();
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
-                            uint64_t>>
+                            uint64_t, bool>>
   ListAllReleases() override;
   std::tuple<std::string, std::string, std::string> GetJobResult(const uint32_t& id) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()

@@ -33,7 +33,7 @@ _upgradectl() {
     status | jobs | finalization-status) opts="--user --json" ;;
     finalize) opts="--user --no-backup --yes --no-block --quiet" ;;
     list) opts="--user --json --offline --root" ;;
-    install) opts="--user --stage-only --wait --no-block --quiet --offline --root" ;;
+    install) opts="--user --stage-only --wait --no-block --quiet --offline --root --force --wait-lock" ;;
     activate) opts="--user --through --allow-bad --allow-below-floor --no-block --quiet" ;;
     rollback) opts="--user --allow-below-floor --no-block --quiet" ;;
     remove | pin | unpin | floor) opts="--user --no-block --quiet" ;;

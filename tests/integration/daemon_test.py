@@ -225,7 +225,7 @@ class Lifecycle(DaemonTest):
         self.assertEqual(rows["3.0.0"][1], "bad")
         # The bulk reads (one call for every app) say what the per-app ones say.
         self.assertEqual([[str(x) if not isinstance(x, (dbus.Boolean, dbus.UInt64)) else x
-                           for x in r[1:]] for r in self.manager.ListAllReleases()
+                           for x in r[1:7]] for r in self.manager.ListAllReleases()
                           if r[0] == self.app],
                          [[str(x) if not isinstance(x, (dbus.Boolean, dbus.UInt64)) else x
                            for x in r] for r in self.manager.ListReleases(self.app)])
