@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -53,7 +54,8 @@ mode_t read_umask() {
 // given, beneath the root fd, with the same openat2 confinement.
 struct FileJob {
   std::string path;
-  std::vector<char> data;
+  std::unique_ptr<char[]> data;  // `size` bytes, read from the archive (not zeroed first)
+  std::size_t size;
   mode_t mode;
   bool needs_chmod;
   timespec mtime;
@@ -91,11 +93,10 @@ class WriterPool {
     if (m_threads.empty()) return write_file(job);
     std::unique_lock lock(m_mutex);
     m_space.wait(lock, [&] {
-      return m_error ||
-             (m_jobs.size() < kMaxQueuedJobs && m_bytes + job.data.size() <= kMaxQueuedBytes);
+      return m_error || (m_jobs.size() < kMaxQueuedJobs && m_bytes + job.size <= kMaxQueuedBytes);
     });
     if (m_error) return *m_error;
-    m_bytes += job.data.size();
+    m_bytes += job.size;
     m_jobs.push_back(std::move(job));
     m_work.notify_one();
     return {};
@@ -119,7 +120,7 @@ class WriterPool {
         if (m_stop || m_error) return;
         job = std::move(m_jobs.front());
         m_jobs.pop_front();
-        m_bytes -= job.data.size();
+        m_bytes -= job.size;
         ++m_busy;
       }
       m_space.notify_one();
@@ -138,7 +139,7 @@ class WriterPool {
     auto fd = fs::open_beneath(m_root, job.path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW,
                                job.needs_chmod ? 0600 : job.mode);
     if (!fd) return fd.error().with_context("extracting");
-    if (auto w = fs::write_all(fd->get(), std::as_bytes(std::span(job.data))); !w)
+    if (auto w = fs::write_all(fd->get(), std::as_bytes(std::span(job.data.get(), job.size))); !w)
       return w.error().with_context("extracting " + policy::quote(job.path));
     if (job.needs_chmod && ::fchmod(fd->get(), job.mode) != 0)
       return system_error(errno, "setting mode of " + policy::quote(job.path));
@@ -362,10 +363,11 @@ Result<void> Extractor::make_file(const std::string& path, archive_entry* e) {
   bool needs_chmod = (*mode & m_umask) != 0;
   timespec mtime{archive_entry_mtime(e), archive_entry_mtime_nsec(e)};
   if (size <= WriterPool::kMaxFileSize && archive_entry_sparse_count(e) == 0) {
-    FileJob job{path, std::vector<char>(size), *mode, needs_chmod, mtime};
+    FileJob job{path, std::make_unique_for_overwrite<char[]>(size), size, *mode, needs_chmod,
+                mtime};
     std::size_t got = 0;
     while (got < size) {
-      la_ssize_t n = archive_read_data(m_archive, job.data.data() + got, size - got);
+      la_ssize_t n = archive_read_data(m_archive, job.data.get() + got, size - got);
       if (n < 0) return archive_failure("reading " + policy::quote(path));
       if (n == 0) return refuse("entry " + policy::quote(path) + " is truncated");
       got += static_cast<std::size_t>(n);

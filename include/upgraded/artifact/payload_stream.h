@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -49,7 +50,7 @@ class VerifiedPayloadStream final : public PayloadSource {
 
   std::mutex m_mutex;
   std::condition_variable m_cv;
-  std::vector<std::vector<std::byte>> m_buffers;
+  std::vector<std::unique_ptr<std::byte[]>> m_buffers;
   std::vector<std::size_t> m_lengths;
   std::deque<std::size_t> m_free;
   std::deque<std::size_t> m_ready;
