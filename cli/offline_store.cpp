@@ -4,7 +4,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -82,9 +84,10 @@ int run_offline_install(const std::string& root, const std::string& file, bool s
   auto art = artifact::open_verified(fd, *keyring, artifact::TrustPolicy{config.threshold});
   if (!art) return report_store(art.error().with_context("verifying '" + file + "'"));
   const std::string app = art->manifest.app, version = art->manifest.version;
-  // Verified before the lock is taken: the wait for a busy app is not spent holding anything.
-  auto lock =
-      st.lock(app, std::chrono::milliseconds(static_cast<std::int64_t>(wait_lock_s * 1000)));
+  // The signatures are checked before the lock is taken; the payload is hashed as it is
+  // extracted, under the lock.
+  auto lock = st.lock(app, std::chrono::milliseconds(static_cast<std::int64_t>(
+                               std::ceil(std::clamp(wait_lock_s, 0.0, 86400.0) * 1000))));
   if (!lock) return report_store(lock.error());
   auto staged = st.stage(*lock, *art);
   if (!staged) return report_store(staged.error().with_context("installing '" + file + "'"));
@@ -160,8 +163,9 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
     const store::AppView* view = &v;
     if (view->needs_recovery)
       std::fprintf(stderr,
-                   "upgradectl: %s: an interrupted operation left it for recovery, which its next "
-                   "install (or upgraded's start) does; listed as its state records it\n",
+                   "upgradectl: %s: an operation on it is in progress or was interrupted; an "
+                   "interrupted one is recovered by its next install (or upgraded's start); "
+                   "listed as its state records it\n",
                    app.c_str());
     if (!view->state) {
       if (!only.empty()) return report_store(Error(ErrorCode::kNotFound, "no app '" + app + "'"));

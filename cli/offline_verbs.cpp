@@ -166,7 +166,7 @@ int run_verify(const TrustArgs& t, const std::string& file, bool json) {
   print_signers(artifact->signatures);
   std::printf("  %zu of %u required signature(s) valid\n", artifact->signatures.trusted.size(),
               t.threshold);
-  std::printf("  payload %s: %zu chunk(s) and whole SHA-256 %s match\n",
+  std::printf("  payload %s: all %zu chunk(s) match their signed SHA-256 (payload sha256 %s)\n",
               human_size(m.payload.size).c_str(), m.payload.chunks.size(),
               to_hex(m.payload.sha256).c_str());
   return kExitOk;

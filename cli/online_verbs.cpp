@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <sdbus-c++/sdbus-c++.h>
+#include <cmath>
 #include <cstdio>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -623,6 +624,11 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
                         "; 0: do not wait), then exit 5")
         ->type_name("SECONDS")
         ->check(CLI::Range(0.0, 86400.0))
+        ->check(CLI::Validator(
+            [](std::string& s) {
+              return std::isfinite(std::stod(s)) ? std::string() : "not a number of seconds";
+            },
+            "", "finite"))
         ->needs(cmd->get_option("--offline"));
     // Every variable an option writes to is captured, so that it outlives the parsing (--wait
     // only says what is the default, but CLI11 still writes to it).

@@ -970,8 +970,15 @@ std::map<std::string, sdbus::Variant> Manager::GetApp(const std::string& app) {
 
 // A bulk reply of thousands of apps is built and freed in a burst: once it is sent, the heap it
 // used goes back to the system, so that the idle daemon stays small.
+// One trim for any number of calls in a burst, and none while jobs run (a trim takes every
+// malloc arena's lock in turn; a caller looping on the bulk reads must not slow installs).
 void Manager::trim_after_reply() {
-  m_loop.post([] { ::malloc_trim(0); });
+  if (m_trim_posted) return;
+  m_trim_posted = true;
+  m_loop.post([this] {
+    m_trim_posted = false;
+    if (m_jobs.empty()) ::malloc_trim(0);
+  });
 }
 
 std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::GetApps() {

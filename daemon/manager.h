@@ -45,6 +45,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void shut_down(std::function<void()> idle);
 
  private:
+  /// Gives the heap of a bulk reply back once it is sent (loop thread only).
+  void trim_after_reply();
+  bool m_trim_posted = false;
   using Options = BusOptions;
   using PathResult = sdbus::Result<sdbus::ObjectPath>;
   using ProgressFn = std::function<void(const std::string&, int)>;
@@ -67,7 +70,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
       const std::string& app) override;
   std::map<std::string, sdbus::Variant> GetApp(const std::string& app) override;
   std::map<std::string, std::map<std::string, sdbus::Variant>> GetApps() override;
-  void trim_after_reply();
+
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
                             uint64_t, bool>>
   ListAllReleases() override;

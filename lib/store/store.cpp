@@ -318,6 +318,28 @@ Result<void> recover_app(int appfd, const std::string& app) {
 
 }  // namespace
 
+// Parsed states of the daemon, reused while state.json is the same file. The key alone (device,
+// inode, size, times) could match a different file: a rename frees the inode a later write may
+// get again, with the same size, within one timestamp tick. So, as Git does with its index
+// ("racy clean"), an entry is only cached once its file's ctime is well before the moment it was
+// read: any later write then carries a later ctime. Every lock() drops the app's entry too.
+struct Store::StateCache {
+  struct Entry {
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtime, ctime;
+    AppState state;
+  };
+  static constexpr time_t kSettledS = 2;
+  std::mutex mutex;
+  std::map<std::string, Entry> entries;
+};
+
+Store::Store(StoreOptions options) : m_options(std::move(options)) {
+  if (m_options.cache_states) m_cache = std::make_shared<StateCache>();
+}
+
 Result<Store> Store::open(StoreOptions options) {
   if (options.root.empty()) return Error(ErrorCode::kInvalidArgument, "store root is empty");
   for (const auto& [app, root] : options.app_roots)
@@ -395,21 +417,27 @@ Result<AppLock> Store::lock(const std::string& app, std::chrono::milliseconds wa
   UniqueFd lockfd(fd);
   // Waiting polls rather than blocks in flock(): a bounded wait needs no signal or thread, and
   // the lock is taken within a few milliseconds of its release.
+  wait = std::clamp(wait, std::chrono::milliseconds(0), std::chrono::milliseconds(86400 * 1000));
   const auto deadline = std::chrono::steady_clock::now() + wait;
   auto pause = std::chrono::milliseconds(1);
   while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     if (errno == EINTR) continue;
     if (errno != EWOULDBLOCK) return system_error(errno, "locking " + policy::quote(app));
     auto now = std::chrono::steady_clock::now();
-    if (now >= deadline)
-      return Error(
-          ErrorCode::kBusy,
-          "app " + policy::quote(app) + " is busy: another operation holds its lock" +
-              (wait.count() > 0 ? " (waited " + std::to_string(wait.count() / 1000.0) + " s)"
-                                : ""));
+    if (now >= deadline) {
+      char waited[32] = "";
+      if (wait.count() > 0)
+        std::snprintf(waited, sizeof waited, " (waited %g s)", wait.count() / 1000.0);
+      return Error(ErrorCode::kBusy, "app " + policy::quote(app) +
+                                         " is busy: another operation holds its lock" + waited);
+    }
     std::this_thread::sleep_for(
         std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
     pause = std::min(pause * 2, std::chrono::milliseconds(50));
+  }
+  if (m_cache) {  // the lock holder is about to write: never serve it an entry from before
+    std::lock_guard cache_lock(m_cache->mutex);
+    m_cache->entries.erase(app);
   }
   if (auto r = recover_app(appfd->get(), app); !r)
     return r.error().with_context("recovering " + policy::quote(app));
@@ -427,6 +455,8 @@ namespace {
 bool interrupted(int dfd, const std::optional<AppState>& st) {
   if (exists_at(dfd, kJournal)) return true;
   if (!st) return false;
+  // From before data formats were tracked: recovery records the current release's format.
+  if (st->current && !st->finalized_data_format) return true;
   char buf[4096];
   ssize_t n = ::readlinkat(dfd, kCurrent, buf, sizeof buf - 1);
   if (n < 0) return errno != ENOENT || st->current.has_value();
@@ -476,22 +506,6 @@ Result<AppView> Store::view(const std::string& app) const {
   return v;
 }
 
-struct Store::StateCache {
-  struct Entry {
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    struct timespec mtime, ctime;
-    AppState state;
-  };
-  std::mutex mutex;
-  std::map<std::string, Entry> entries;
-};
-
-Store::Store(StoreOptions options) : m_options(std::move(options)) {
-  if (m_options.cache_states) m_cache = std::make_shared<StateCache>();
-}
-
 Result<AppState> Store::state(const std::string& app) const {
   UPGRADED_TRY(policy::validate_app_name(app));
   std::string path = app_root(app) + "/" + kState;
@@ -520,8 +534,13 @@ Result<AppState> Store::state(const std::string& app) const {
   if (!st) return st.error();
   if (m_cache) {
     std::lock_guard lock(m_cache->mutex);
-    m_cache->entries.insert_or_assign(
-        app, StateCache::Entry{sb.st_dev, sb.st_ino, sb.st_size, sb.st_mtim, sb.st_ctim, *st});
+    struct timespec now {};
+    ::clock_gettime(CLOCK_REALTIME, &now);
+    if (sb.st_ctim.tv_sec + StateCache::kSettledS < now.tv_sec)
+      m_cache->entries.insert_or_assign(
+          app, StateCache::Entry{sb.st_dev, sb.st_ino, sb.st_size, sb.st_mtim, sb.st_ctim, *st});
+    else
+      m_cache->entries.erase(app);
   }
   return std::move(*st);
 }

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <fstream>
 #include <thread>
 
 #include "support/store_fixture.h"
@@ -279,7 +280,7 @@ TEST_F(AStore, RecoversFromLeftoversWhenTheAppIsNextLockedAndOnlyThen) {
   EXPECT_FALSE(*reopened->needs_recovery("hello"));
 }
 
-TEST_F(AStore, WithItsStateCacheSeesEveryChangeToAStateFile) {
+TEST_F(AStore, WithItsStateCacheSeesEveryReplacedOrRewrittenStateFile) {
   ASSERT_TRUE(stage("1.0.0").ok());
   auto o = fixture().options(t / "state");
   o.cache_states = true;
@@ -301,6 +302,15 @@ TEST_F(AStore, WithItsStateCacheSeesEveryChangeToAStateFile) {
   ASSERT_EQ(
       ::rename((app_root() + "/state.json.new").c_str(), (app_root() + "/state.json").c_str()), 0);
   EXPECT_EQ(cached->state("hello")->floor, "1.0");
+  // Rewritten in place, same inode and size, within the same second: a file this fresh is never
+  // served from the cache (on a kernel with coarse timestamps its times would not change).
+  auto again = text;
+  again.replace(pos, 13, "\"floor\":\"0.9\"");
+  {
+    std::ofstream out(app_root() + "/state.json", std::ios::in | std::ios::out | std::ios::binary);
+    out << again;
+  }
+  EXPECT_EQ(cached->state("hello")->floor, "0.9");
   ASSERT_EQ(::unlink((app_root() + "/state.json").c_str()), 0);
   EXPECT_EQ(cached->state("hello").error().code(), ErrorCode::kNotFound);
 }
