@@ -269,6 +269,10 @@ void add_offline_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("--level", a->o.zstd_level, "zstd level for a directory payload")
         ->check(CLI::Range(1, 19));
     cmd->add_option("--chunk-size", a->o.chunk_size, "payload chunk size in bytes (power of two)");
+    cmd->add_option("--threads", a->o.threads,
+                    "zstd threads for a directory (default: online CPUs); the artifact does not "
+                    "depend on it")
+        ->check(CLI::Range(1u, 256u));
     cmd->add_option("DIR", a->source, "release tree to pack");
     cmd->callback([&exit_code, a] { exit_code = run_pack(*a); });
   }

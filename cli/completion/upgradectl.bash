@@ -41,7 +41,7 @@ _upgradectl() {
     cancel) opts="--user --quiet" ;;
     history) opts="--user --json --limit" ;;
     keygen) opts="--private --public" ;;
-    pack) opts="--key --app --version --manifest --output --payload --created --level --chunk-size" ;;
+    pack) opts="--key --app --version --manifest --output --payload --created --level --chunk-size --threads" ;;
     verify) opts="--keys --revoked --threshold --json" ;;
     unpack) opts="--keys --revoked --threshold --strip-unsafe-modes" ;;
     inspect) opts="--json" ;;
@@ -56,7 +56,7 @@ _upgradectl() {
       return
       ;;
     --keep | --max-bytes | --limit | -n | --threshold | --app | --version | --level | \
-      --chunk-size | --created)
+      --chunk-size | --created | --threads)
       return  # a value of the user's choosing
       ;;
   esac

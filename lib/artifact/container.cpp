@@ -393,6 +393,11 @@ Result<void> write_container(int out_fd, std::string_view manifest, std::string_
   UPGRADED_TRY(member("manifest.sig", signature));
   auto h = canonical_header(payload_member_name(compression), payload_size);
   UPGRADED_TRY(write_all(h.data(), h.size()));
+  // Every 8 MiB copied is handed to writeback at once, so that the caller's fsync has less left
+  // to wait for. (copy_file_range was no faster on ext4, and the fsync after it was slower.)
+  const off_t start = ::lseek(out_fd, 0, SEEK_CUR);
+  constexpr std::uint64_t kWriteBehind = 8u << 20;
+  std::uint64_t flushed = 0;
   std::vector<char> buf(kReadSize);
   std::uint64_t done = 0;
   while (done < payload_size) {
@@ -404,6 +409,11 @@ Result<void> write_container(int out_fd, std::string_view manifest, std::string_
     if (n == 0) return Error(ErrorCode::kFailed, "payload shrank while packing");
     UPGRADED_TRY(write_all(buf.data(), static_cast<std::size_t>(n)));
     done += static_cast<std::uint64_t>(n);
+    if (start >= 0 && (done - flushed >= kWriteBehind || done == payload_size)) {
+      ::sync_file_range(out_fd, start + static_cast<off_t>(flushed),
+                        static_cast<off_t>(done - flushed), SYNC_FILE_RANGE_WRITE);
+      flushed = done;
+    }
   }
   UPGRADED_TRY(pad(payload_size));
   return write_all(kZeros, sizeof kZeros);

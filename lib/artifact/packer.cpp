@@ -5,14 +5,20 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "upgraded/artifact/container.h"
+#include "upgraded/artifact/digest.h"
 #include "upgraded/artifact/encoding.h"
 #include "upgraded/artifact/keys.h"
 #include "upgraded/artifact/signatures.h"
@@ -31,6 +37,238 @@ using ResolverPtr =
 Error archive_error(archive* a, const std::string& doing) {
   const char* msg = archive_error_string(a);
   return Error(ErrorCode::kFailed, doing + ": " + (msg ? msg : "libarchive error"));
+}
+
+// Writes the compressed payload to a file and hashes it (whole and per chunk) on a thread of its
+// own, from a few buffers that the compressing side fills and hands over in order.
+class PayloadSink {
+ public:
+  static constexpr std::size_t kBufferSize = 1 << 20;
+  static constexpr std::size_t kBuffers = 4;
+
+  PayloadSink(int fd, std::uint64_t chunk_size) : m_fd(fd), m_chunk_size(chunk_size) {
+    for (std::size_t i = 0; i < kBuffers; ++i)
+      m_free.emplace_back(kBufferSize);
+    m_thread = std::thread([this] { run(); });
+  }
+
+  ~PayloadSink() {
+    {
+      std::lock_guard lock(m_mutex);
+      m_stop = true;
+    }
+    m_cv.notify_all();
+    if (m_thread.joinable()) m_thread.join();
+  }
+
+  PayloadSink(const PayloadSink&) = delete;
+  PayloadSink& operator=(const PayloadSink&) = delete;
+
+  // An empty buffer of kBufferSize bytes to fill; waits while all of them are queued.
+  Result<std::vector<std::byte>> take() {
+    std::unique_lock lock(m_mutex);
+    m_cv.wait(lock, [&] { return m_error || !m_free.empty(); });
+    if (m_error) return *m_error;
+    auto buf = std::move(m_free.front());
+    m_free.pop_front();
+    return buf;
+  }
+
+  // Queues the first `n` bytes of `buf` to be written and hashed after everything queued before.
+  Result<void> put(std::vector<std::byte> buf, std::size_t n) {
+    {
+      std::lock_guard lock(m_mutex);
+      if (m_error) return *m_error;
+      m_queue.push_back({std::move(buf), n});
+    }
+    m_cv.notify_all();
+    return {};
+  }
+
+  // Waits until everything queued is written and hashed, and ends the thread.
+  Result<PayloadInfo> finish() {
+    {
+      std::lock_guard lock(m_mutex);
+      m_closing = true;
+    }
+    m_cv.notify_all();
+    m_thread.join();
+    if (m_error) return *m_error;
+    if (m_in_chunk > 0) m_chunks.push_back(m_chunk.finish());
+    PayloadInfo info;
+    info.compression = Compression::kZstd;
+    info.size = m_size;
+    info.sha256 = m_whole.finish();
+    info.chunk_size = m_chunk_size;
+    info.chunks = std::move(m_chunks);
+    return info;
+  }
+
+ private:
+  struct Piece {
+    std::vector<std::byte> buf;
+    std::size_t n;
+  };
+
+  void run() {
+    for (;;) {
+      Piece piece;
+      {
+        std::unique_lock lock(m_mutex);
+        m_cv.wait(lock, [&] { return m_stop || m_closing || !m_queue.empty(); });
+        if (m_stop || m_queue.empty()) return;
+        piece = std::move(m_queue.front());
+        m_queue.pop_front();
+      }
+      auto r = consume(std::span<const std::byte>(piece.buf.data(), piece.n));
+      {
+        std::lock_guard lock(m_mutex);
+        if (!r && !m_error) m_error = r.error();
+        m_free.push_back(std::move(piece.buf));
+      }
+      m_cv.notify_all();
+      if (!r) return;
+    }
+  }
+
+  Result<void> consume(std::span<const std::byte> data) {
+    for (std::size_t done = 0; done < data.size();) {
+      ssize_t w = ::write(m_fd, data.data() + done, data.size() - done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) return system_error(errno, "writing the payload");
+      done += static_cast<std::size_t>(w);
+    }
+    m_size += data.size();
+    if (m_size > kMaxPayloadSize)
+      return Error(ErrorCode::kInvalidArgument, "payload is larger than 8 GiB - 1 byte");
+    m_whole.update(data);
+    while (!data.empty()) {
+      std::size_t n =
+          static_cast<std::size_t>(std::min<std::uint64_t>(data.size(), m_chunk_size - m_in_chunk));
+      m_chunk.update(data.first(n));
+      data = data.subspan(n);
+      m_in_chunk += n;
+      if (m_in_chunk == m_chunk_size) {
+        m_chunks.push_back(m_chunk.finish());
+        m_in_chunk = 0;
+      }
+    }
+    return {};
+  }
+
+  const int m_fd;
+  const std::uint64_t m_chunk_size;
+  std::mutex m_mutex;
+  std::condition_variable m_cv;
+  std::deque<std::vector<std::byte>> m_free;
+  std::deque<Piece> m_queue;
+  bool m_closing = false;  // finish(): end once the queue is empty
+  bool m_stop = false;     // destructor: end now
+  std::optional<Error> m_error;
+  // The sink thread's alone until it has ended.
+  std::uint64_t m_size = 0;
+  Sha256 m_whole, m_chunk;
+  std::uint64_t m_in_chunk = 0;
+  std::vector<Sha256Digest> m_chunks;
+  std::thread m_thread;
+};
+
+// zstd in multi-threaded mode (ZSTD_c_nbWorkers >= 1): `workers` threads compress jobs of a size
+// fixed by the level, while the caller feeds input. Its output is the same whatever the number
+// of workers (zstd.h, ZSTD_c_nbWorkers; tests/unit/artifact_packer_test.cpp checks it), unlike
+// single-threaded mode (nbWorkers 0), whose frames differ. The output goes to a PayloadSink.
+class ZstdStream {
+ public:
+  explicit ZstdStream(PayloadSink& sink) : m_sink(sink) {}
+  ~ZstdStream() { ZSTD_freeCCtx(m_cctx); }  // waits for the workers
+  ZstdStream(const ZstdStream&) = delete;
+  ZstdStream& operator=(const ZstdStream&) = delete;
+
+  Result<void> init(int level, unsigned workers) {
+    m_cctx = ZSTD_createCCtx();
+    if (!m_cctx) return Error(ErrorCode::kFailed, "allocating the zstd compressor");
+    auto set = [&](ZSTD_cParameter p, int value, const char* what) -> Result<void> {
+      std::size_t r = ZSTD_CCtx_setParameter(m_cctx, p, value);
+      if (ZSTD_isError(r))
+        return Error(ErrorCode::kFailed, std::string("setting zstd's ") + what + " to " +
+                                             std::to_string(value) + ": " + ZSTD_getErrorName(r));
+      return {};
+    };
+    ZSTD_bounds b = ZSTD_cParam_getBounds(ZSTD_c_nbWorkers);
+    int n = std::clamp(static_cast<int>(std::min(workers, 1024u)), 1, std::max(b.upperBound, 1));
+    UPGRADED_TRY(set(ZSTD_c_compressionLevel, level, "compression level"));
+    UPGRADED_TRY(set(ZSTD_c_checksumFlag, 0, "checksum flag"));  // the manifest hashes it all
+    // A libzstd without multi-threading refuses this: no silently different bytes.
+    UPGRADED_TRY(set(ZSTD_c_nbWorkers, n, "number of workers"));
+    return {};
+  }
+
+  Result<void> write(const void* data, std::size_t size) {
+    ZSTD_inBuffer in{data, size, 0};
+    return drive(in, ZSTD_e_continue);
+  }
+
+  // Ends the frame and hands the last bytes to the sink.
+  Result<void> finish() {
+    ZSTD_inBuffer in{nullptr, 0, 0};
+    UPGRADED_TRY(drive(in, ZSTD_e_end));
+    if (m_filled > 0) UPGRADED_TRY(m_sink.put(std::exchange(m_buf, {}), m_filled));
+    m_filled = 0;
+    return {};
+  }
+
+  // Makes every later write fail at once (an error elsewhere: stop compressing).
+  void fail(const Error& e) {
+    if (!m_error) m_error = e;
+  }
+  const std::optional<Error>& error() const { return m_error; }
+
+ private:
+  Result<void> drive(ZSTD_inBuffer& in, ZSTD_EndDirective mode) {
+    if (m_error) return *m_error;
+    auto r = drive_unchecked(in, mode);
+    if (!r) fail(r.error());
+    return r;
+  }
+
+  Result<void> drive_unchecked(ZSTD_inBuffer& in, ZSTD_EndDirective mode) {
+    for (;;) {
+      if (m_buf.empty()) {
+        auto buf = m_sink.take();
+        if (!buf) return buf.error();
+        m_buf = std::move(*buf);
+        m_filled = 0;
+      }
+      ZSTD_outBuffer out{m_buf.data(), m_buf.size(), m_filled};
+      // Waits inside when every worker is busy and the output buffer has room.
+      std::size_t left = ZSTD_compressStream2(m_cctx, &out, &in, mode);
+      if (ZSTD_isError(left))
+        return Error(ErrorCode::kFailed,
+                     std::string("compressing the payload: ") + ZSTD_getErrorName(left));
+      m_filled = out.pos;
+      if (m_filled == m_buf.size()) {
+        UPGRADED_TRY(m_sink.put(std::exchange(m_buf, {}), m_filled));
+        m_filled = 0;
+      }
+      if (mode == ZSTD_e_continue ? in.pos == in.size : left == 0) return {};
+    }
+  }
+
+  PayloadSink& m_sink;
+  ZSTD_CCtx* m_cctx = nullptr;
+  std::vector<std::byte> m_buf;  // being filled; empty when none is held
+  std::size_t m_filled = 0;
+  std::optional<Error> m_error;
+};
+
+// libarchive's client writer: the uncompressed tar goes to zstd.
+la_ssize_t write_tar(archive* a, void* stream, const void* data, std::size_t size) {
+  auto r = static_cast<ZstdStream*>(stream)->write(data, size);
+  if (!r) {
+    archive_set_error(a, EIO, "%s", r.error().message().c_str());
+    return -1;
+  }
+  return static_cast<la_ssize_t>(size);
 }
 
 class DirWriter {
@@ -109,15 +347,14 @@ class DirWriter {
       int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
       if (fd < 0) return system_error(errno, "opening " + policy::quote(path));
       UniqueFd owner(fd);
-      std::vector<char> buf(1 << 20);
       std::int64_t left = archive_entry_size(entry);
       while (left > 0) {
-        ssize_t n = ::read(fd, buf.data(),
-                           std::min<std::int64_t>(left, static_cast<std::int64_t>(buf.size())));
+        ssize_t n = ::read(fd, m_buf.data(),
+                           std::min<std::int64_t>(left, static_cast<std::int64_t>(m_buf.size())));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) return system_error(errno, "reading " + policy::quote(path));
         if (n == 0) return Error(ErrorCode::kFailed, policy::quote(path) + " shrank while packing");
-        if (archive_write_data(m_archive, buf.data(), static_cast<std::size_t>(n)) != n)
+        if (archive_write_data(m_archive, m_buf.data(), static_cast<std::size_t>(n)) != n)
           return archive_error(m_archive, "writing " + policy::quote(path));
         left -= n;
       }
@@ -128,6 +365,7 @@ class DirWriter {
   archive* m_archive;
   std::int64_t m_mtime;
   ResolverPtr m_resolver;
+  std::vector<char> m_buf = std::vector<char>(1 << 20);  // file contents on their way to the tar
 };
 
 Result<std::int64_t> newest_mtime(int dirfd, const std::string& rel) {
@@ -202,6 +440,19 @@ Result<Compression> payload_compression(const std::string& path, int fd) {
   return *by_name;
 }
 
+Result<void> check_chunk_size(std::uint64_t chunk_size) {
+  if (chunk_size < kMinChunkSize || chunk_size > kMaxChunkSize ||
+      (chunk_size & (chunk_size - 1)) != 0)
+    return Error(ErrorCode::kInvalidArgument,
+                 "chunk size must be a power of two from 64 KiB to 16 MiB");
+  return {};
+}
+
+unsigned online_cpus() {
+  long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<unsigned>(n) : 1u;
+}
+
 UniqueFd temp_file_near(const std::string& output) {
   auto [dir, base] = fs::split_parent(output);
   int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
@@ -210,40 +461,36 @@ UniqueFd temp_file_near(const std::string& output) {
 
 }  // namespace
 
-Result<void> write_payload_from_dir(const std::string& dir, int out_fd, Compression compression,
-                                    int level, std::int64_t mtime) {
+Result<PayloadInfo> write_payload_from_dir(const std::string& dir, int out_fd,
+                                           const DirPayloadOptions& o) {
+  UPGRADED_TRY(check_chunk_size(o.chunk_size));
   auto root = fs::open_directory(dir);
   if (!root) return root.error();
+  // Declared in this order so that they end in the reverse one: the archive (whose end may still
+  // write through the stream), the stream (zstd's workers), the sink (its thread).
+  PayloadSink sink(out_fd, o.chunk_size);
+  ZstdStream stream(sink);
+  UPGRADED_TRY(stream.init(o.zstd_level, o.threads));
   ArchivePtr a(archive_write_new(), &archive_write_free);
   if (!a) return Error(ErrorCode::kFailed, "allocating archive writer");
   int r = archive_write_set_format_pax_restricted(a.get());
-  switch (compression) {
-    case Compression::kZstd:
-      if (r == ARCHIVE_OK) r = archive_write_add_filter_zstd(a.get());
-      if (r == ARCHIVE_OK)
-        r = archive_write_set_filter_option(a.get(), "zstd", "compression-level",
-                                            std::to_string(level).c_str());
-      break;
-    case Compression::kXz:
-      if (r == ARCHIVE_OK) r = archive_write_add_filter_xz(a.get());
-      break;
-    case Compression::kGzip:
-      if (r == ARCHIVE_OK) r = archive_write_add_filter_gzip(a.get());
-      // gzip headers carry a timestamp unless told not to.
-      if (r == ARCHIVE_OK)
-        r = archive_write_set_filter_option(a.get(), "gzip", "timestamp", nullptr);
-      break;
-    case Compression::kNone:
-      break;
-  }
-  if (r == ARCHIVE_OK) r = archive_write_set_bytes_per_block(a.get(), 10240);
-  if (r == ARCHIVE_OK) r = archive_write_open_fd(a.get(), out_fd);
+  // No blocking: each piece of tar goes straight to the stream, and nothing pads the end (the tar
+  // ends with its two zero blocks, as with the zstd filter before).
+  if (r == ARCHIVE_OK) r = archive_write_set_bytes_per_block(a.get(), 0);
+  if (r == ARCHIVE_OK) r = archive_write_set_bytes_in_last_block(a.get(), 1);
+  if (r == ARCHIVE_OK)
+    r = archive_write_open2(a.get(), &stream, nullptr, &write_tar, nullptr, nullptr);
   if (r != ARCHIVE_OK) return archive_error(a.get(), "opening payload writer");
-  DirWriter writer(a.get(), mtime);
-  UPGRADED_TRY(writer.walk(root->get(), ""));
+  auto fail = [&](const Error& e) -> Error {
+    stream.fail(e);  // so that freeing the archive does not compress its end
+    return e;
+  };
+  DirWriter writer(a.get(), o.mtime);
+  if (auto w = writer.walk(root->get(), ""); !w) return fail(stream.error().value_or(w.error()));
   if (archive_write_close(a.get()) != ARCHIVE_OK)
-    return archive_error(a.get(), "finishing payload");
-  return {};
+    return fail(stream.error().value_or(archive_error(a.get(), "finishing payload")));
+  if (auto f = stream.finish(); !f) return f.error();
+  return sink.finish();
 }
 
 Result<PayloadInfo> describe_payload(int fd, Compression compression, std::uint64_t chunk_size) {
@@ -258,10 +505,7 @@ Result<PayloadInfo> describe_payload(int fd, Compression compression, std::uint6
   info.chunk_size = chunk_size;
   while ((info.size + info.chunk_size - 1) / info.chunk_size > kMaxChunks)
     info.chunk_size *= 2;
-  if (info.chunk_size < kMinChunkSize || info.chunk_size > kMaxChunkSize ||
-      (info.chunk_size & (info.chunk_size - 1)) != 0)
-    return Error(ErrorCode::kInvalidArgument,
-                 "chunk size must be a power of two from 64 KiB to 16 MiB");
+  UPGRADED_TRY(check_chunk_size(info.chunk_size));
   std::vector<std::byte> buf(info.chunk_size);
   Sha256 whole, chunk;
   std::uint64_t offset = 0;
@@ -346,11 +590,11 @@ Result<PackResult> pack(const PackOptions& o) {
   }
 
   UniqueFd payload_fd;
-  Compression compression = Compression::kZstd;
-  std::int64_t created = 0;
+  std::optional<PayloadInfo> info;
   if (o.source_dir) {
     auto root = fs::open_directory(*o.source_dir);
     if (!root) return root.error();
+    std::int64_t created = 0;
     if (o.created) {
       created = *o.created;
     } else {
@@ -358,25 +602,37 @@ Result<PackResult> pack(const PackOptions& o) {
       if (!newest) return newest.error();
       created = *newest;
     }
+    m.created = format_rfc3339(created);
     payload_fd = temp_file_near(o.output);
     if (!payload_fd)
       return system_error(errno, "creating a temporary payload next to " + policy::quote(o.output));
-    UPGRADED_TRY(write_payload_from_dir(*o.source_dir, payload_fd.get(), compression, o.zstd_level,
-                                        created));
+    DirPayloadOptions d;
+    d.zstd_level = o.zstd_level;
+    d.threads = o.threads > 0 ? o.threads : online_cpus();
+    d.chunk_size = o.chunk_size;
+    d.mtime = created;
+    auto written = write_payload_from_dir(*o.source_dir, payload_fd.get(), d);
+    if (!written) return written.error();
+    if (written->chunks.size() <= kMaxChunks)
+      info = std::move(*written);  // else hashed again below, in larger chunks
   } else {
     int fd = ::open(o.payload_path->c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return system_error(errno, "opening payload " + policy::quote(*o.payload_path));
     payload_fd.reset(fd);
     auto c = payload_compression(*o.payload_path, fd);
     if (!c) return c.error();
-    compression = *c;
     struct stat st {};
     if (::fstat(fd, &st) != 0) return system_error(errno, "inspecting payload");
-    created = o.created.value_or(st.st_mtim.tv_sec);
+    m.created = format_rfc3339(o.created.value_or(st.st_mtim.tv_sec));
+    auto described = describe_payload(fd, *c, o.chunk_size);
+    if (!described) return described.error();
+    info = std::move(*described);
   }
-  m.created = format_rfc3339(created);
-  auto info = describe_payload(payload_fd.get(), compression, o.chunk_size);
-  if (!info) return info.error();
+  if (!info) {
+    auto described = describe_payload(payload_fd.get(), Compression::kZstd, o.chunk_size);
+    if (!described) return described.error();
+    info = std::move(*described);
+  }
   m.payload = std::move(*info);
   std::string manifest_bytes = serialize_manifest(m);
   if (manifest_bytes.size() > kMaxManifestSize)

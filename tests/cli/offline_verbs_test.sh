@@ -43,6 +43,9 @@ check "keygen other" 0 "$U" keygen --private other.pem --public other/other.pem
 check "pack a directory" 0 "$U" pack --key release.pem --app hello --version 1.0.0 --output h.upd src
 check "pack again" 0 "$U" pack --key release.pem --app hello --version 1.0.0 --output h2.upd src
 expect "pack is reproducible" cmp -s h.upd h2.upd
+check "pack on 3 threads" 0 "$U" pack --threads 3 --key release.pem --app hello --version 1.0.0 --output h4.upd src
+expect "pack gives the same bytes on any number of threads" cmp -s h.upd h4.upd
+check "pack refuses 0 threads" 2 "$U" pack --threads 0 --key release.pem --app hello --version 1.0.0 --output x.upd src
 SOURCE_DATE_EPOCH=1700000000 check "pack with SOURCE_DATE_EPOCH" 0 "$U" pack --key release.pem --app hello --version 1.0.0 --output h3.upd src
 expect "SOURCE_DATE_EPOCH sets created" grep -q '2023-11-14T22:13:20Z' <(tar -xOf h3.upd manifest.json)
 expect "tar lists the three members in order" test "$(tar -tf h.upd | tr '\n' ' ')" = "manifest.json manifest.sig payload.tar.zst "

@@ -1,7 +1,13 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <random>
 
 #include "support/artifact_builder.h"
 #include "support/test_dir.h"
@@ -15,6 +21,13 @@ using namespace upgraded::artifact;
 using namespace upgraded::test;
 
 namespace {
+
+// This process's threads (a sanitizer may have one of its own).
+int thread_count() {
+  std::string status = read_file("/proc/self/status");
+  auto at = status.find("Threads:");
+  return at == std::string::npos ? -1 : std::atoi(status.c_str() + at + 8);
+}
 
 class Packer : public ::testing::Test {
  protected:
@@ -43,6 +56,46 @@ class Packer : public ::testing::Test {
     o.source_dir = t / "src";
     o.chunk_size = kMinChunkSize;
     return o;
+  }
+
+  // A tree that spans several zstd jobs (8 MiB of tar each at level 3), so that the workers
+  // really split the work: a few hundred files, some larger than 1 MiB, incompressible and
+  // compressible, empty files, symlinks and hardlinks.
+  void make_big_tree(const std::string& root) {
+    std::mt19937_64 rng(20261129);
+    auto random_bytes = [&](std::size_t n) {
+      std::string s(n, '\0');
+      for (std::size_t i = 0; i < n; i += 8) {
+        std::uint64_t v = rng();
+        std::memcpy(s.data() + i, &v, std::min<std::size_t>(8, n - i));
+      }
+      return s;
+    };
+    auto text = [&](std::size_t n) {
+      std::string s;
+      while (s.size() < n)
+        s += "word" + std::to_string(rng() % 5000) + ((rng() % 12) ? " " : "\n");
+      s.resize(n);
+      return s;
+    };
+    for (int d = 0; d < 10; ++d)
+      make_dirs(root + "/d" + std::to_string(d));
+    for (int i = 0; i < 300; ++i) {
+      std::string path = root + "/d" + std::to_string(i % 10) + "/f" + std::to_string(i);
+      std::size_t size = i % 25 == 0 ? (1u << 20) + rng() % (3u << 20) : rng() % (40u << 10);
+      if (i % 37 == 0) size = 0;
+      write_file(path, i % 2 ? random_bytes(size) : text(size), i % 7 ? 0644 : 0755);
+    }
+    for (int i = 0; i < 20; ++i) {
+      std::string d = root + "/d" + std::to_string(i % 10);
+      ASSERT_EQ(
+          ::symlink(("f" + std::to_string(i)).c_str(), (d + "/link" + std::to_string(i)).c_str()),
+          0);
+      ASSERT_EQ(
+          ::link((root + "/d" + std::to_string(i % 10) + "/f" + std::to_string(i + 100)).c_str(),
+                 (d + "/hard" + std::to_string(i)).c_str()),
+          0);
+    }
   }
 
   Result<UnpackResult> unpack(const std::string& artifact, const std::string& dest) {
@@ -154,11 +207,13 @@ TEST_F(Packer, RefusesBadNamesAndSpecialFilesWithoutWritingOutput) {
   o.version = "1/2";
   EXPECT_FALSE(pack(o).ok());
   ASSERT_EQ(::mkfifo((t / "src/fifo").c_str(), 0644), 0);
+  int threads_before = thread_count();
   auto r = pack(options(t / "a.upd"));
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.error().message().find("fifo"), std::string::npos);
   EXPECT_FALSE(exists(t / "a.upd"));
   EXPECT_EQ(snapshot(t.path()).count(".a.upd.tmp"), 0u);
+  EXPECT_EQ(thread_count(), threads_before) << "a thread is left running";
 }
 
 TEST_F(Packer, SignsWithSeveralKeysForThresholds) {
@@ -173,4 +228,63 @@ TEST_F(Packer, SignsWithSeveralKeysForThresholds) {
   ASSERT_TRUE(a.ok()) << a.error().message();
   o.key_paths.push_back(key.private_path);
   EXPECT_FALSE(pack(o).ok()) << "the same key twice is refused";
+}
+
+TEST_F(Packer, GivesTheSameBytesWhateverTheNumberOfThreads) {
+  make_big_tree(t / "big");
+  std::string first;
+  for (unsigned threads : {1u, 2u, 4u, 0u}) {
+    auto o = options(t / ("t" + std::to_string(threads) + ".upd"));
+    o.source_dir = t / "big";
+    o.created = 1700000000;
+    o.threads = threads;
+    auto r = pack(o);
+    ASSERT_TRUE(r.ok()) << threads << " threads: " << r.error().message();
+    std::string bytes = read_file(o.output);
+    if (first.empty()) {
+      first = bytes;
+      EXPECT_GT(r->manifest.payload.size, 8u << 20) << "the payload should span several zstd jobs";
+    } else {
+      EXPECT_TRUE(bytes == first) << threads << " threads give another artifact than 1 thread";
+    }
+  }
+  // The hashes in the manifest are those of the payload as written, and it unpacks to the tree.
+  UniqueFd fd(::open((t / "t2.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto a = open_verified(fd.get(), ring, TrustPolicy{});
+  ASSERT_TRUE(a.ok()) << a.error().message();
+  auto v = verify_payload(*a);
+  ASSERT_TRUE(v.ok()) << v.error().message();
+  auto u = unpack(t / "t4.upd", "out");
+  ASSERT_TRUE(u.ok()) << u.error().message();
+  EXPECT_EQ(tree_hash(t / "big"), tree_hash(t / "out"));
+  EXPECT_EQ(u->stats.hardlinks, 20u);
+  EXPECT_EQ(u->stats.symlinks, 20u);
+}
+
+TEST_F(Packer, AWriteErrorMidwayStopsEveryThreadAndLeavesNoOutput) {
+  make_big_tree(t / "big");
+  auto o = options(t / "a.upd");
+  o.source_dir = t / "big";
+  o.threads = 2;
+  // Files may grow to 2 MiB: writing the temporary payload fails (EFBIG) part of the way.
+  struct sigaction ignore {
+  }, old{};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGXFSZ, &ignore, &old), 0);
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &saved), 0);
+  rlimit small = saved;
+  small.rlim_cur = 2u << 20;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  int threads_before = thread_count();
+  auto r = pack(o);
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  ::sigaction(SIGXFSZ, &old, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("writing the payload"), std::string::npos)
+      << r.error().message();
+  EXPECT_FALSE(exists(t / "a.upd"));
+  for (const auto& [path, what] : snapshot(t.path()))
+    EXPECT_FALSE(path.starts_with(".a.upd")) << path << " is left over";
+  EXPECT_EQ(thread_count(), threads_before) << "a thread is left running";
 }

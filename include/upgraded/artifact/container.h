@@ -77,7 +77,8 @@ class ContainerReader {
 };
 
 /// Writes a canonical container to `out_fd`: the three members with their canonical headers;
-/// the payload is copied from `payload_fd` (offset 0, `payload_size` bytes).
+/// the payload is copied from `payload_fd` (offset 0, `payload_size` bytes) and handed to
+/// writeback as it goes (the caller's fsync then waits less).
 Result<void> write_container(int out_fd, std::string_view manifest, std::string_view signature,
                              int payload_fd, std::uint64_t payload_size, Compression compression);
 

@@ -2,7 +2,8 @@
 
 // Building artifacts (`upgradectl pack`). The output is reproducible: the same inputs give a
 // byte-identical artifact (entries sorted by name, owners 0:0 without names, every mtime set to
-// the `created` time, deterministic zstd, Ed25519's deterministic signatures).
+// the `created` time, multi-threaded zstd whose output does not depend on the number of
+// workers, Ed25519's deterministic signatures), whatever the number of threads or CPUs.
 
 #include <cstdint>
 #include <optional>
@@ -27,6 +28,9 @@ struct PackOptions {
   std::optional<std::int64_t> created;
   int zstd_level = 3;
   std::uint64_t chunk_size = kDefaultChunkSize;
+  /// zstd compression workers for a directory payload; 0: the number of online CPUs. The
+  /// artifact is the same byte for byte whatever the number.
+  unsigned threads = 0;
 };
 
 struct PackResult {
@@ -39,10 +43,22 @@ struct PackResult {
 /// is renamed into place). An existing output is replaced.
 Result<PackResult> pack(const PackOptions& options);
 
-/// Writes a reproducible tar of `dir` (compressed as `compression`) to `out_fd`. Regular files,
-/// directories, symlinks and hardlinks are stored; any other file type is an error.
-Result<void> write_payload_from_dir(const std::string& dir, int out_fd, Compression compression,
-                                    int level, std::int64_t mtime);
+struct DirPayloadOptions {
+  int zstd_level = 3;
+  unsigned threads = 1;  ///< zstd workers, at least 1: the output is the same for any number
+  std::uint64_t chunk_size = kDefaultChunkSize;  ///< a power of two, kMinChunkSize..kMaxChunkSize
+  std::int64_t mtime = 0;                        ///< of every entry
+};
+
+/// Writes a reproducible tar of `dir`, compressed with multi-threaded zstd, to `out_fd` (from
+/// its current offset), and hashes the compressed bytes as they are written: returns the
+/// payload's size, SHA-256 and chunk hashes (`chunk_size` chunks: more than kMaxChunks of them
+/// is for the caller to handle). The tree is read, compressed and hashed at the same time, on
+/// `threads` zstd workers and one thread that writes and hashes; memory stays bounded (a few
+/// MiB of buffers, plus zstd's per-worker job buffers). Regular files, directories, symlinks and
+/// hardlinks are stored; any other file type is an error. Every thread has ended on return.
+Result<PayloadInfo> write_payload_from_dir(const std::string& dir, int out_fd,
+                                           const DirPayloadOptions& options);
 
 /// Hashes a payload file: size, whole SHA-256 and the SHA-256 of each `chunk_size` chunk.
 Result<PayloadInfo> describe_payload(int fd, Compression compression, std::uint64_t chunk_size);
