@@ -159,8 +159,8 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
   }
   nlohmann::json out = nlohmann::json::array();
   Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
-  for (const auto& [app, v] : apps) {
-    const store::AppView* view = &v;
+  for (const auto& [app, entry] : apps) {
+    const store::AppView* view = &entry;
     if (view->needs_recovery)
       std::fprintf(stderr,
                    "upgradectl: %s: an operation on it is in progress or was interrupted; an "
