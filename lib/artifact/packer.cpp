@@ -174,8 +174,8 @@ class PayloadSink {
 };
 
 // zstd in multi-threaded mode (ZSTD_c_nbWorkers >= 1): `workers` threads compress jobs of a size
-// fixed by the level, while the caller feeds input. Its output is the same whatever the number
-// of workers (zstd.h, ZSTD_c_nbWorkers; tests/unit/artifact_packer_test.cpp checks it), unlike
+// fixed by the level, while the caller feeds input. The jobs, hence the output, are the same
+// whatever the number of workers (tests/unit/artifact_packer_test.cpp checks it), unlike
 // single-threaded mode (nbWorkers 0), whose frames differ. The output goes to a PayloadSink.
 class ZstdStream {
  public:
