@@ -174,8 +174,8 @@ class PayloadSink {
 };
 
 // zstd in multi-threaded mode (ZSTD_c_nbWorkers >= 1): `workers` threads compress jobs of a size
-// fixed by the level, while the caller feeds input. Its output is the same whatever the number
-// of workers (zstd.h, ZSTD_c_nbWorkers; tests/unit/artifact_packer_test.cpp checks it), unlike
+// fixed by the level, while the caller feeds input. The jobs, hence the output, are the same
+// whatever the number of workers (tests/unit/artifact_packer_test.cpp checks it), unlike
 // single-threaded mode (nbWorkers 0), whose frames differ. The output goes to a PayloadSink.
 class ZstdStream {
  public:
@@ -261,20 +261,20 @@ class ZstdStream {
   std::optional<Error> m_error;
 };
 
-// libarchive's client writer: the uncompressed tar goes to zstd.
-la_ssize_t write_tar(archive* a, void* stream, const void* data, std::size_t size) {
-  auto r = static_cast<ZstdStream*>(stream)->write(data, size);
-  if (!r) {
-    archive_set_error(a, EIO, "%s", r.error().message().c_str());
-    return -1;
-  }
+// libarchive's client writer: the uncompressed tar goes to zstd. A failure stays in the stream,
+// which refuses every later write, and the walk ends on it (DirWriter checks after each call):
+// libarchive is not told, because an archive in its fatal state is freed without closing its
+// client writer, whose buffers then leak.
+la_ssize_t write_tar(archive*, void* stream, const void* data, std::size_t size) {
+  (void)static_cast<ZstdStream*>(stream)->write(data, size);
   return static_cast<la_ssize_t>(size);
 }
 
 class DirWriter {
  public:
-  DirWriter(archive* a, std::int64_t mtime)
+  DirWriter(archive* a, const ZstdStream& stream, std::int64_t mtime)
       : m_archive(a),
+        m_stream(stream),
         m_mtime(mtime),
         m_resolver(archive_entry_linkresolver_new(), &archive_entry_linkresolver_free) {
     archive_entry_linkresolver_set_strategy(m_resolver.get(), ARCHIVE_FORMAT_TAR_PAX_RESTRICTED);
@@ -343,6 +343,7 @@ class DirWriter {
     archive_entry_set_nlink(entry, 1);
     if (archive_write_header(m_archive, entry) != ARCHIVE_OK)
       return archive_error(m_archive, "adding " + policy::quote(path));
+    if (m_stream.error()) return *m_stream.error();
     if (regular && archive_entry_size(entry) > 0) {
       int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
       if (fd < 0) return system_error(errno, "opening " + policy::quote(path));
@@ -356,6 +357,7 @@ class DirWriter {
         if (n == 0) return Error(ErrorCode::kFailed, policy::quote(path) + " shrank while packing");
         if (archive_write_data(m_archive, m_buf.data(), static_cast<std::size_t>(n)) != n)
           return archive_error(m_archive, "writing " + policy::quote(path));
+        if (m_stream.error()) return *m_stream.error();
         left -= n;
       }
     }
@@ -363,6 +365,7 @@ class DirWriter {
   }
 
   archive* m_archive;
+  const ZstdStream& m_stream;
   std::int64_t m_mtime;
   ResolverPtr m_resolver;
   std::vector<char> m_buf = std::vector<char>(1 << 20);  // file contents on their way to the tar
@@ -485,7 +488,7 @@ Result<PayloadInfo> write_payload_from_dir(const std::string& dir, int out_fd,
     stream.fail(e);  // so that freeing the archive does not compress its end
     return e;
   };
-  DirWriter writer(a.get(), o.mtime);
+  DirWriter writer(a.get(), stream, o.mtime);
   if (auto w = writer.walk(root->get(), ""); !w) return fail(stream.error().value_or(w.error()));
   if (archive_write_close(a.get()) != ARCHIVE_OK)
     return fail(stream.error().value_or(archive_error(a.get(), "finishing payload")));
