@@ -3,7 +3,6 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -21,6 +20,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "upgraded/fs/beneath.h"
 #include "upgraded/fs/durable.h"
 #include "upgraded/policy/names.h"
 
@@ -48,10 +48,10 @@ mode_t read_umask() {
 }
 
 // Creates small files on background threads. File creation is almost all kernel time
-// (inode allocation in openat2, write, close); two threads on two cores overlap it, which is
+// (inode allocation in the open, write, close); two threads on two cores overlap it, which is
 // what lets one verified pass beat tar for trees of many small files. The main thread keeps
 // every decision (names, duplicates, directories, limits); workers only write what they are
-// given, beneath the root fd, with the same openat2 confinement.
+// given, beneath the root fd, with the same confinement (fs/beneath.h).
 struct FileJob {
   std::string path;
   std::unique_ptr<char[]> data;  // `size` bytes, read from the archive (not zeroed first)
@@ -564,10 +564,7 @@ Result<void> Extractor::check_symlinks() {
     // Follow the link as the kernel would at run time, but confined to the release: EXDEV means
     // it leads outside (possibly through other links), ELOOP a cycle. A dangling link stays
     // dangling, because nothing can be added to a release later.
-    open_how how{};
-    how.flags = O_PATH | O_CLOEXEC;
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-    if (int fd = fs::openat2_retrying(m_root, path.c_str(), how); fd >= 0) {
+    if (int fd = fs::resolve_beneath(m_root, path.c_str()); fd >= 0) {
       ::close(fd);
       continue;
     }

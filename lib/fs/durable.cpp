@@ -1,9 +1,9 @@
 #include "upgraded/fs/durable.h"
 
 #include "upgraded/crash_point.h"
+#include "upgraded/fs/beneath.h"
 
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -70,22 +70,9 @@ Result<void> sync_filesystem(int fd, std::string_view what) {
   return {};
 }
 
-int openat2_retrying(int dirfd, const char* path, const open_how& how) {
-  long fd;
-  int attempts = 0;
-  do {
-    fd = ::syscall(SYS_openat2, dirfd, path, &how, sizeof how);
-  } while (fd < 0 && (errno == EINTR || errno == EAGAIN) && ++attempts <= 1000);
-  return static_cast<int>(fd);
-}
-
 Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsigned mode) {
-  open_how how{};
-  how.flags = static_cast<std::uint64_t>(flags | O_CLOEXEC);
-  how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
-  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
   std::string p(path);
-  int fd = openat2_retrying(dirfd, p.c_str(), how);
+  int fd = open_beneath_fd(dirfd, p.c_str(), flags, mode);
   if (fd < 0) return system_error(errno, "opening '" + p + "'");
   return UniqueFd(fd);
 }

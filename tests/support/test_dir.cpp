@@ -14,6 +14,7 @@
 
 #include "upgraded/artifact/digest.h"
 #include "upgraded/artifact/encoding.h"
+#include "upgraded/fs/beneath.h"
 #include "upgraded/fs/remove_tree.h"
 
 namespace upgraded::test {
@@ -127,3 +128,14 @@ bool in_ci() {
 }
 
 }  // namespace upgraded::test
+
+namespace {
+// UPGRADED_TEST_BENEATH=walk runs a test binary with the openat2 fallback forced
+// (tests/CMakeLists.txt registers some suites a second time so).
+const bool kBeneathImplChosen = [] {
+  const char* v = std::getenv("UPGRADED_TEST_BENEATH");
+  if (v && std::string(v) == "walk")
+    upgraded::fs::set_beneath_impl(upgraded::fs::BeneathImpl::kWalk);
+  return true;
+}();
+}  // namespace

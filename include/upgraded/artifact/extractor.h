@@ -1,8 +1,9 @@
 #pragma once
 
 // Safe extraction of a verified payload (docs/artifact-format.md §6). libarchive only reads; all
-// files are created by this module relative to a directory fd with openat2(RESOLVE_BENEATH |
-// RESOLVE_NO_SYMLINKS), so no entry can write outside the destination or through a symlink.
+// files are created by this module relative to a directory fd (fs/beneath.h: openat2 with
+// RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, or a walk with the same guarantees where openat2 is
+// missing), so no entry can write outside the destination or through a symlink.
 
 #include <cstdint>
 

@@ -16,17 +16,10 @@
 #include "upgraded/fs/unique_fd.h"
 #include "upgraded/result.h"
 
-struct open_how;  // <linux/openat2.h>
-
 namespace upgraded::fs {
 
-/// openat2(2) with `how`, retried on EINTR and on EAGAIN (a rename anywhere on the system raced
-/// with the kernel's ".." checks), but not forever under a rename storm: at most 1000 times.
-/// A descriptor, or -1 with errno set.
-int openat2_retrying(int dirfd, const char* path, const open_how& how);
-
-/// Opens `path` relative to `dirfd` with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
-/// RESOLVE_NO_MAGICLINKS): no component may be a symlink or lead outside `dirfd`. O_CLOEXEC is
+/// Opens `path` relative to `dirfd`, no component a symlink or leading outside `dirfd`
+/// (open_beneath_fd in beneath.h: openat2, or the walk where openat2 is missing). O_CLOEXEC is
 /// always added.
 Result<UniqueFd> open_beneath(int dirfd, std::string_view path, int flags, unsigned mode = 0);
 
