@@ -375,6 +375,17 @@ int run_status(const Common& c, const std::string& app) {
       return kExitNotFound;
     }
     print_rows(c.json, out, t, "No apps are installed.");
+    // A daemon whose helpers cannot be fully confined (no Landlock: some containers) says so
+    // at start in its log, and here.
+    std::string sandbox;
+    try {
+      sandbox = client.HelperSandbox();
+    } catch (const sdbus::Error&) {
+      // A daemon older than the property: nothing to say.
+    }
+    if (!sandbox.empty() && sandbox.rfind("full:", 0) != 0)
+      std::fprintf(stderr, "upgradectl: note: the extraction helpers' sandbox is %s\n",
+                   sandbox.c_str());
     return kExitOk;
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);

@@ -101,6 +101,16 @@ void EventLoop::ping_watchdog() {
 }
 
 Result<void> EventLoop::run(const std::function<void()>& on_terminate) {
+  try {
+    return run_until_stopped(on_terminate);
+  } catch (const sdbus::Error& e) {
+    // The bus went away (dbus-daemon stopped or died): nothing more can arrive or be answered.
+    return Error(ErrorCode::kFailed,
+                 "lost the connection to the bus: " + e.getMessage() + " (" + e.getName() + ")");
+  }
+}
+
+Result<void> EventLoop::run_until_stopped(const std::function<void()>& on_terminate) {
   while (!m_stop) {
     // A bounded batch of bus messages, then the posted work and the watchdog: a flood of calls
     // must not starve the jobs' updates or get the daemon killed by its watchdog.

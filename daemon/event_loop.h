@@ -39,11 +39,13 @@ class EventLoop {
   /// Tasks started and not yet finished.
   std::size_t pending_tasks() const { return m_tasks.size(); }
   /// Runs until stop(). `on_terminate` is called (on the loop) for each SIGTERM or SIGINT.
+  /// Losing the bus ends it with an error (never an exception).
   Result<void> run(const std::function<void()>& on_terminate);
   void stop() { m_stop = true; }
 
  private:
   explicit EventLoop(sdbus::IConnection& bus) : m_bus(bus) {}
+  Result<void> run_until_stopped(const std::function<void()>& on_terminate);
   void run_posted();
   void ping_watchdog();
 

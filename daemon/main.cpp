@@ -80,6 +80,11 @@ int run(bool user, const std::string& root, std::string helper) {
   auto manager =
       std::make_unique<Manager>(*bus, **loop, *config, *store, **units, **units, extractor, user);
   bus->requestName(kBusName);
+  // Once: the helpers inherit this process's system call filters, so what the daemon sees of
+  // Landlock is what every helper will see.
+  if (auto sandbox = manager->helper_sandbox(); sandbox.rfind("full:", 0) != 0)
+    log(sandbox.rfind("unusable:", 0) == 0 ? Level::kError : Level::kWarning,
+        "extraction helper sandbox " + sandbox);
   std::string files;
   for (const auto& f : config->files)
     files += (files.empty() ? "" : ", ") + f;

@@ -11,6 +11,7 @@
 #include "bus_options.h"
 #include "log.h"
 #include "sandbox/extract_child.h"
+#include "sandbox/landlock.h"
 #include "trust_root.h"
 #include "upgraded/artifact/container.h"
 #include "upgraded/artifact/verifier.h"
@@ -55,6 +56,8 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
       m_units(units),
       m_hooks(hooks),
       m_helper(std::move(helper)),
+      m_helper_sandbox(
+          sandbox::describe_confinement(sandbox::probe_landlock(), m_helper.as.has_value())),
       m_auth(std::make_unique<Authorizer>(bus, user_instance, m_config.authorizations_per_user)) {
   // Descriptors the daemon may come to hold at once: its own (bus, journal, loop: a few dozen),
   // each verification's (the artifact, pipes to and a pidfd of its helper: 10 at most), and two
@@ -81,6 +84,10 @@ Manager::~Manager() {
 
 std::string Manager::Version() {
   return UPGRADED_VERSION;
+}
+
+std::string Manager::HelperSandbox() {
+  return m_helper_sandbox;
 }
 
 // --- mutating methods -------------------------------------------------------------------------

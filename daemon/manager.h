@@ -35,6 +35,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
           bool user_instance);
   ~Manager();
 
+  /// How extraction helpers are confined here (the HelperSandbox property), decided at start.
+  const std::string& helper_sandbox() const { return m_helper_sandbox; }
   /// Starts a "recover" job for every app whose activation a crash interrupted.
   void recover_interrupted();
   /// Starts the finalize jobs that auto-finalize ([apps.<app>] auto_finalize_after_s) calls
@@ -86,6 +88,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
                             std::string, std::map<std::string, uint64_t>>>
   GetHistory(const std::string& app, const Options& options) override;
   std::string Version() override;
+  std::string HelperSandbox() override;
 
   /// Authorizes the current call for `action`, then runs `then`, which replies (now or later);
   /// if it throws sdbus::Error, that is the reply.
@@ -142,6 +145,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::set<std::string> m_auto_finalize_warned;  // apps told once why they are not finalized
   std::set<std::string> m_auto_finalize_tried;   // "app version good_since" attempted
   sandbox::Helper m_helper;
+  std::string m_helper_sandbox;  // HelperSandbox: decided once, at start
   std::unique_ptr<Authorizer> m_auth;
   std::uint32_t m_next_id = 1;
   std::uint32_t m_next_helper_id = 0;

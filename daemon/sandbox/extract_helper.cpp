@@ -129,6 +129,7 @@ Result<artifact::SignatureReport> verify() {
 int probe(const sandbox::SandboxReport& report) {
   nlohmann::json out = {{"uid", report.uid},
                         {"landlock_abi", report.landlock_abi},
+                        {"landlock_missing", report.landlock_missing},
                         {"seccomp", report.seccomp},
                         {"capabilities_dropped", report.capabilities_dropped}};
   auto result = [](bool ok) { return ok ? std::string("allowed") : std::strerror(errno); };

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 
 #include "upgraded/fs/unique_fd.h"
@@ -27,14 +28,9 @@ namespace upgraded::sandbox {
 namespace {
 
 // Confines every file access by path (reading, writing, creating, removing, linking,
-// executing) to beneath `dirfd` (-1: nowhere). Returns the Landlock ABI in force (0: the kernel
-// has none). Descriptors opened before (the artifact, the destination) stay usable.
-Result<int> restrict_files_beneath(int dirfd) {
-  long abi = ::syscall(SYS_landlock_create_ruleset, nullptr, 0, LANDLOCK_CREATE_RULESET_VERSION);
-  if (abi < 0) {
-    if (errno == ENOSYS || errno == EOPNOTSUPP) return 0;
-    return system_error(errno, "querying Landlock");
-  }
+// executing) to beneath `dirfd` (-1: nowhere), with the Landlock ABI `abi` (> 0).
+// Descriptors opened before (the artifact, the destination) stay usable.
+Result<void> restrict_files_beneath(int dirfd, int abi) {
   // Reads too: a helper that could open files elsewhere could also fchmod or futimens them,
   // which Landlock does not cover.
   std::uint64_t writes =
@@ -60,7 +56,7 @@ Result<int> restrict_files_beneath(int dirfd) {
   }
   if (::syscall(SYS_landlock_restrict_self, ruleset.get(), 0) != 0)
     return system_error(errno, "enforcing Landlock");
-  return static_cast<int>(abi);
+  return {};
 }
 
 Result<void> drop_bounding_set() {
@@ -283,16 +279,18 @@ Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> 
   UPGRADED_TRY(clear_capabilities());
   report.capabilities_dropped = true;
   report.uid = ::getuid();
-  auto abi = restrict_files_beneath(writable_dirfd);
-  if (!abi) return abi.error();
-  report.landlock_abi = *abi;
+  auto landlock = probe_landlock();
   // Under a uid of its own the helper owns nothing outside its tree; under the daemon's uid (a
   // --user instance) only Landlock keeps it off the user's files.
-  if (*abi == 0 && !as)
+  if (landlock.abi == 0 && !as)
     return Error(ErrorCode::kFailed,
-                 "this kernel has no Landlock, which the helper needs when it cannot run as a uid "
-                 "of its own (run the daemon as root, or on Linux 5.13 or later with Landlock "
-                 "enabled)");
+                 "Landlock is not available (" + landlock.reason +
+                     "), and the helper needs it when it cannot run as a uid of its own: run the "
+                     "daemon as root, or where Landlock is enabled (Linux 5.13 or later) and, in "
+                     "a container, let its system calls through the container's filter");
+  if (landlock.abi > 0) UPGRADED_TRY(restrict_files_beneath(writable_dirfd, landlock.abi));
+  report.landlock_abi = landlock.abi;
+  report.landlock_missing = landlock.reason;
   UPGRADED_TRY(load_seccomp_filter());
   report.seccomp = true;
   return report;

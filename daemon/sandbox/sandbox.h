@@ -9,14 +9,16 @@
 #include <optional>
 #include <string>
 
+#include "sandbox/landlock.h"
 #include "upgraded/result.h"
 
 namespace upgraded::sandbox {
 
 struct SandboxReport {
-  uid_t uid = 0;         ///< the uid it runs as afterwards
-  int landlock_abi = 0;  ///< 0: the kernel has no Landlock (writes not confined by it)
-  bool seccomp = false;  ///< the system call filter is loaded
+  uid_t uid = 0;                 ///< the uid it runs as afterwards
+  int landlock_abi = 0;          ///< 0: no Landlock (see landlock_missing)
+  std::string landlock_missing;  ///< why, when landlock_abi is 0
+  bool seccomp = false;          ///< the system call filter is loaded
   bool capabilities_dropped = false;
   int oom_score_adj = 0;  ///< as read back after setting it (0 when /proc was not there)
 };
@@ -56,7 +58,9 @@ struct ResourceLimits {
 ///   io_uring, anything acting on another process (signals, ptrace, limits, priorities,
 ///   affinity, I/O priority), mounts, namespaces, uid and gid changes, chown, chmod by path,
 ///   extended attributes.
-/// Landlock missing from the kernel is reported, not an error; anything else failing is.
+/// Landlock being unavailable (probe_landlock) is reported, not an error, when `as` is given:
+/// the uid of its own then confines the helper. Without `as` it is an error, since nothing else
+/// would keep the helper off the files of the uid it shares. Anything else failing is an error.
 Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> as,
                                     const ResourceLimits& limits);
 

@@ -49,8 +49,10 @@ T prop(const std::map<std::string, sdbus::Variant>& props, const char* name, T f
 class SystemdUnits::ManagerProxy final
     : public sdbus::ProxyInterfaces<org::freedesktop::systemd1::Manager_proxy> {
  public:
-  ManagerProxy(std::unique_ptr<sdbus::IConnection> connection, SystemdUnits& owner)
-      : ProxyInterfaces(std::move(connection), kService, kManagerPath), m_owner(owner) {
+  // On a connection it does not own: sdbus-c++ would run an owned connection's loop on a thread
+  // of its own, where the error of a lost bus escapes and aborts the daemon.
+  ManagerProxy(sdbus::IConnection& connection, SystemdUnits& owner)
+      : ProxyInterfaces(connection, kService, kManagerPath), m_owner(owner) {
     registerProxy();  // the JobRemoved match is in place from here on
   }
   ~ManagerProxy() { unregisterProxy(); }
@@ -72,7 +74,11 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
       return bus == Bus::kSystem ? sdbus::createSystemBusConnection()
                                  : sdbus::createSessionBusConnection();
     };
-    self->m_manager = std::make_unique<ManagerProxy>(open(), *self);
+    self->m_signals = open();
+    int stop = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (stop < 0) return system_error(errno, "eventfd");
+    self->m_stop.reset(stop);
+    self->m_manager = std::make_unique<ManagerProxy>(*self->m_signals, *self);
     self->m_calls = open();
     // Who owns systemd's name, and from now on every change of it. Only the bus driver can
     // send as org.freedesktop.DBus (dbus-daemon sets the sender field), so that match is safe.
@@ -110,14 +116,37 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
   } catch (const sdbus::Error& e) {
     return from_dbus(e, "connecting to systemd");
   }
+  self->m_signal_thread = std::thread([me = self.get()] { me->process_signals(); });
   return self;
+}
+
+void SystemdUnits::process_signals() {
+  try {
+    for (;;) {
+      while (m_signals->processPendingRequest()) {
+      }
+      auto pd = m_signals->getEventLoopPollData();
+      pollfd fds[2] = {{pd.fd, pd.events, 0}, {m_stop.get(), POLLIN, 0}};
+      int timeout = -1;
+      if (auto rel = pd.getRelativeTimeout())
+        timeout = static_cast<int>((rel->count() + 999) / 1000);
+      if (::poll(fds, 2, timeout) < 0 && errno != EINTR) return;
+      if (fds[1].revents & POLLIN) return;
+    }
+  } catch (const sdbus::Error&) {
+    // The bus is gone (at shutdown, or dbus-daemon died): nothing more will arrive here.
+  }
 }
 
 SystemdUnits::SystemdUnits(Bus bus) : m_bus(bus) {}
 
 SystemdUnits::~SystemdUnits() {
   // No handler may run while the members it uses go away.
-  if (m_manager) m_manager->connection().leaveEventLoop();
+  if (m_signal_thread.joinable()) {
+    std::uint64_t one = 1;
+    (void)!::write(m_stop.get(), &one, sizeof one);
+    m_signal_thread.join();
+  }
 }
 
 void SystemdUnits::on_owner_changed(const std::string& owner) {

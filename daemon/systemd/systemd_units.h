@@ -10,9 +10,11 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include <sdbus-c++/TypeTraits.h>
 
+#include "upgraded/fs/unique_fd.h"
 #include "upgraded/units/hook_runner.h"
 #include "upgraded/units/unit_control.h"
 
@@ -64,8 +66,17 @@ class SystemdUnits final : public units::UnitControl, public units::HookRunner {
   std::optional<std::string> job_ended_without_signal(const char* verb, const std::string& unit,
                                                       const std::string& job);
 
+  /// The signal connection's loop, on m_signal_thread: dispatches JobRemoved and
+  /// NameOwnerChanged until m_stop is signalled or the bus goes away (then the waits fall back
+  /// to asking systemd, and fail at their deadline; the daemon itself learns of the loss on its
+  /// own connection). Never lets an sdbus::Error escape a thread, which would abort the daemon.
+  void process_signals();
+
   Bus m_bus;
-  std::unique_ptr<ManagerProxy> m_manager;      // owns its connection and signal thread
+  std::unique_ptr<sdbus::IConnection> m_signals;  // JobRemoved, NameOwnerChanged (and calls)
+  UniqueFd m_stop;                                // eventfd: ends process_signals
+  std::thread m_signal_thread;
+  std::unique_ptr<ManagerProxy> m_manager;      // on m_signals
   sdbus::Slot m_owner_match;                    // NameOwnerChanged of systemd's name
   std::unique_ptr<sdbus::IConnection> m_calls;  // plain synchronous calls (properties)
   std::mutex m_calls_mutex;

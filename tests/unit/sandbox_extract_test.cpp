@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <seccomp.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "sandbox/extract_child.h"
+#include "sandbox/landlock.h"
 #include "support/artifact_builder.h"
 #include "support/raw_tar.h"
 #include "support/test_dir.h"
@@ -380,4 +382,61 @@ TEST(Sandbox, RefusesWhatTheHelperNeverNeeds) {
                  "note: this kernel has no Landlock; writes are confined by the uid only\n");
   }
   EXPECT_EQ(::access("/tmp/upgraded-probe-outside", F_OK), -1);
+}
+
+// systemd-nspawn's default system call filter answers the Landlock calls with EPERM, as any
+// filter that does not know them may. A root daemon's helper then falls back to the uid of its
+// own; a helper that shares the daemon's uid (a --user instance) refuses to run.
+TEST_F(SandboxExtract, WithoutLandlockARootHelperFallsBackToItsOwnUidAndAUserHelperRefuses) {
+  const bool root = ::geteuid() == 0;
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(out[0]);
+    auto say = [&](const std::string& what, int code) {
+      (void)!::write(out[1], what.data(), what.size());
+      ::_exit(code);
+    };
+    scmp_filter_ctx ctx = ::seccomp_init(SCMP_ACT_ALLOW);
+    if (!ctx ||
+        ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(landlock_create_ruleset), 0) != 0 ||
+        ::seccomp_load(ctx) != 0)
+      say("loading the filter failed", 10);
+    auto landlock = sandbox::probe_landlock();
+    if (landlock.abi != 0 || landlock.reason.find("EPERM") == std::string::npos)
+      say("probe_landlock: abi " + std::to_string(landlock.abi) + ", " + landlock.reason, 11);
+    auto described = sandbox::describe_confinement(landlock, root);
+    if (described.rfind(root ? "degraded:" : "unusable:", 0) != 0) say(described, 12);
+    // The helper inherits the filter, as a helper of a daemon in such a container does.
+    auto r = run(raw_tar({dir("bin"), file("bin/hello", "#!/bin/sh\n", 0755)}));
+    if (root) {
+      if (!r) say("a root daemon's helper refused: " + r.error().message(), 13);
+      if (read_file(t / "dest/bin/hello") != "#!/bin/sh\n") say("not extracted", 14);
+      struct stat st {};
+      if (::stat((t / "dest/bin/hello").c_str(), &st) != 0 || st.st_uid != 0)
+        say("the tree was not handed back to root", 15);
+    } else {
+      if (r) say("a helper without a uid of its own ran without Landlock", 16);
+      if (r.error().message().find("Landlock is not available") == std::string::npos)
+        say("unclear refusal: " + r.error().message(), 17);
+      if (snapshot(t / "dest").size() != 1) say("the refused helper wrote something", 18);
+    }
+    say(described, 0);
+  }
+  ::close(out[1]);
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;)
+    text.append(buf, static_cast<std::size_t>(n));
+  ::close(out[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << text;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << text;
+  if (!root)
+    std::fprintf(stderr,
+                 "note: not root, so only the refusal of a helper without a uid of its own "
+                 "was checked (CI runs this as root)\n");
 }
