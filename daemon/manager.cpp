@@ -749,7 +749,8 @@ sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string&
   m_busy[app] = id;
   m_jobs[id] = std::move(running);
   log(Level::kInfo, LogContext{app, version, std::to_string(id), message_id::kJobStarted},
-      type + " " + app + " " + version + ": job " + std::to_string(id) + " started");
+      type + " " + app + (version.empty() ? "" : " " + version) + ": job " + std::to_string(id) +
+          " started");
   // The reply goes out first (the caller returns), then JobNew, then the work: never signal
   // before the method has returned.
   m_loop.post([this, id, path, job, shared_lock, work = std::move(work)]() mutable {
@@ -797,7 +798,7 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
   if (!r && message.find("; rolled back to ") != std::string::npos)
     c.message_id = message_id::kRolledBack;
   log(r ? Level::kInfo : Level::kError, c,
-      job.type + " " + job.app + " " + job.version + ": " + result +
+      job.type + " " + job.app + (job.version.empty() ? "" : " " + job.version) + ": " + result +
           (message.empty() ? "" : ": " + message));
   if (!r) running.object->set_error(bus_error::name_for(r.error().code()));
   m_ended[id] = Ended{result, message, r ? "" : bus_error::name_for(r.error().code())};

@@ -1,0 +1,177 @@
+"""The booted-system testbed (design.md §11): a Debian 12 root file system made with mmdebstrap,
+booted with systemd-nspawn (PID 1 systemd, the system bus, journald, polkitd), the freshly built
+.deb installed into it with apt.
+
+The root file system is cached in /var/tmp/upgraded-booted/rootfs-<hash of the package list>
+and copied for each boot; a boot lives in a run directory of its own, removed with everything
+in it when the container has powered off. Nothing is left mounted or running."""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+CACHE = "/var/tmp/upgraded-booted"
+# What the system needs to boot and what the package depends on, so that `apt install ./x.deb`
+# inside needs no network.
+PACKAGES = ["systemd", "systemd-sysv", "dbus", "polkitd", "libsdbus-c++1", "libarchive13",
+            "libssl3", "libzstd1", "libtomlplusplus3", "libseccomp2", "init-system-helpers",
+            "passwd", "procps"]
+# systemd-nspawn's default filter answers these with EPERM; listing them lets Landlock through.
+LANDLOCK_CALLS = "landlock_create_ruleset landlock_add_rule landlock_restrict_self"
+
+
+class Unavailable(Exception):
+    """This machine cannot boot a container (a reason for skipping, or failing under CI)."""
+
+
+def mirror():
+    """The Debian mirror of the host's apt sources (deb822 or one-line), else deb.debian.org."""
+    candidates = ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"]
+    candidates += [os.path.join("/etc/apt/sources.list.d", f)
+                   for f in sorted(os.listdir("/etc/apt/sources.list.d"))
+                   if os.path.isdir("/etc/apt/sources.list.d")]
+    for path in candidates:
+        try:
+            text = open(path).read()
+        except OSError:
+            continue
+        m = re.search(r"^URIs:\s*(\S+)", text, re.M) or \
+            re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M)
+        if m and "security" not in m.group(1):
+            return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def check_machine():
+    if os.geteuid() != 0:
+        raise Unavailable("needs root (systemd-nspawn, mmdebstrap)")
+    for tool in ("systemd-nspawn", "mmdebstrap", "nsenter"):
+        if not shutil.which(tool):
+            raise Unavailable("%s is missing (scripts/install-deps installs it)" % tool)
+
+
+def rootfs():
+    """The cached root file system, made once per package list (about 50 s, 250 MB)."""
+    key = hashlib.sha256(" ".join(PACKAGES).encode()).hexdigest()[:16]
+    path = os.path.join(CACHE, "rootfs-" + key)
+    if os.path.isdir(path):
+        return path
+    os.makedirs(CACHE, exist_ok=True)
+    partial = tempfile.mkdtemp(dir=CACHE, prefix="partial-")
+    target = os.path.join(partial, "root")
+    r = subprocess.run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
+                        "bookworm", target, mirror()], capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Unavailable("mmdebstrap failed:\n" + r.stderr[-3000:])
+    os.rename(target, path)
+    shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+class Container:
+    """One booted container. run() enters it with nsenter: such a process is not under the
+    container's system call filter, which everything systemd starts inside (the daemon, its
+    helpers, hooks, systemd-run) is."""
+
+    def __init__(self, name, syscall_filter=None, binds=()):
+        self.name = name
+        self.filter = syscall_filter
+        self.binds = binds
+        self.dir = None
+        self.root = None
+        self.nspawn = None
+        self.pid1 = None
+
+    def boot(self):
+        check_machine()
+        base = rootfs()
+        self.dir = tempfile.mkdtemp(dir=CACHE, prefix="run-%s-" % self.name)
+        self.root = os.path.join(self.dir, "root")
+        subprocess.run(["cp", "-a", "--reflink=auto", base, self.root], check=True)
+        args = ["systemd-nspawn", "-q", "-D", self.root, "--boot", "--register=no",
+                "--keep-unit", "--console=pipe", "--machine=" + self.name]
+        if self.filter:
+            args.append("--system-call-filter=" + self.filter)
+        for host, inside in self.binds:
+            args.append("--bind-ro=%s:%s" % (host, inside))
+        self.log = open(os.path.join(self.dir, "console.log"), "wb")
+        self.nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise Unavailable("systemd-nspawn exited with %d:\n%s" %
+                                  (self.nspawn.returncode, self.console()))
+            kids = subprocess.run(["pgrep", "-P", str(self.nspawn.pid), "-x", "systemd"],
+                                  capture_output=True, text=True).stdout.split()
+            if kids:
+                self.pid1 = int(kids[0])
+                if subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "test", "-S",
+                                   "/run/systemd/private"]).returncode == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            raise Unavailable("the container did not come up:\n" + self.console())
+        state = self.run(["systemctl", "is-system-running", "--wait"], check=False).stdout
+        if state.strip() not in ("running", "degraded"):
+            raise AssertionError("system state %r:\n%s" % (state, self.console()))
+        return self
+
+    def console(self):
+        try:
+            with open(os.path.join(self.dir, "console.log"), errors="replace") as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+    def run(self, cmd, user=None, check=True, input=None, timeout=300):
+        """A command inside, as root (or as `user`, through runuser), with a login-like
+        environment. Returns the CompletedProcess (text)."""
+        inner = list(cmd)
+        if user:
+            inner = ["runuser", "-u", user, "--"] + inner
+        full = ["nsenter", "-t", str(self.pid1), "-a", "--", "/usr/bin/env", "-i",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8", "HOME=/root"] + inner
+        r = subprocess.run(full, capture_output=True, text=True, input=input, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError("%s exited with %d\nstdout: %s\nstderr: %s" %
+                                 (" ".join(cmd), r.returncode, r.stdout, r.stderr))
+        return r
+
+    def write(self, path, text, mode=0o644):
+        """A file inside (written through the root directory: the container sees it at once)."""
+        full = os.path.join(self.root, path.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w") as f:
+            f.write(text)
+        os.chmod(full, mode)
+
+    def poweroff(self):
+        """Clean shutdown, then the run directory goes. Raises if anything is left behind."""
+        if self.nspawn is None:
+            return
+        try:
+            if self.nspawn.poll() is None:
+                self.run(["systemctl", "poweroff"], check=False, timeout=60)
+                try:
+                    self.nspawn.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.nspawn.pid, 9)
+                    self.nspawn.wait(timeout=30)
+                    raise AssertionError("the container did not power off within 90 s")
+        finally:
+            self.log.close()
+            mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
+                                    text=True).stdout.split()
+            left = [m for m in mounts if m.startswith(self.dir)]
+            for m in sorted(left, reverse=True):
+                subprocess.run(["umount", "-l", m], check=False)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.nspawn = None
+            if left:
+                raise AssertionError("mounts left after poweroff: %s" % left)
