@@ -45,6 +45,20 @@ T value_or_throw(Result<T> r) {
 
 }  // namespace
 
+namespace {
+
+// HelperSandbox: Landlock as this process sees it (its helpers inherit its filters) and, for
+// helpers under a uid of their own, whether their id range is free.
+std::string helper_confinement(const sandbox::Helper& helper) {
+  auto landlock = sandbox::probe_landlock();
+  std::string taken;
+  if (helper.as && landlock.abi == 0)
+    taken = sandbox::accounts_in_range(helper.as->first, Config::kHelperIds);
+  return sandbox::describe_confinement(landlock, helper.as.has_value(), taken);
+}
+
+}  // namespace
+
 Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const store::Store& store,
                  units::UnitControl& units, units::HookRunner& hooks, sandbox::Helper helper,
                  bool user_instance)
@@ -56,8 +70,7 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
       m_units(units),
       m_hooks(hooks),
       m_helper(std::move(helper)),
-      m_helper_sandbox(
-          sandbox::describe_confinement(sandbox::probe_landlock(), m_helper.as.has_value())),
+      m_helper_sandbox(helper_confinement(m_helper)),
       m_auth(std::make_unique<Authorizer>(bus, user_instance, m_config.authorizations_per_user)) {
   // Descriptors the daemon may come to hold at once: its own (bus, journal, loop: a few dozen),
   // each verification's (the artifact, pipes to and a pidfd of its helper: 10 at most), and two
@@ -206,6 +219,13 @@ void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options optio
 
 void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd,
                      bool activate, uid_t caller) {
+  // No helper runs where it could not be confined (HelperSandbox says why).
+  if (m_helper_sandbox.rfind("unusable:", 0) == 0) {
+    reply->returnError(
+        sdbus::Error(bus_error::kFailed, "the extraction helpers' sandbox is " + m_helper_sandbox));
+    drain_verify_queue();
+    return;
+  }
   // The trust root as it is now, when this artifact's turn comes.
   auto trust = read_trust_root(m_config);
   if (!trust) {

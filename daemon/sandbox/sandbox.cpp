@@ -280,6 +280,7 @@ Result<SandboxReport> enter_sandbox(int writable_dirfd, std::optional<Identity> 
   report.capabilities_dropped = true;
   report.uid = ::getuid();
   auto landlock = probe_landlock();
+  if (landlock.error) return Error(ErrorCode::kFailed, "Landlock: " + landlock.reason);
   // Under a uid of its own the helper owns nothing outside its tree; under the daemon's uid (a
   // --user instance) only Landlock keeps it off the user's files.
   if (landlock.abi == 0 && !as)

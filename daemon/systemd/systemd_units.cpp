@@ -75,9 +75,6 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
                                  : sdbus::createSessionBusConnection();
     };
     self->m_signals = open();
-    int stop = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (stop < 0) return system_error(errno, "eventfd");
-    self->m_stop.reset(stop);
     self->m_manager = std::make_unique<ManagerProxy>(*self->m_signals, *self);
     self->m_calls = open();
     // Who owns systemd's name, and from now on every change of it. Only the bus driver can
@@ -121,18 +118,12 @@ Result<std::unique_ptr<SystemdUnits>> SystemdUnits::connect(Bus bus) {
 }
 
 void SystemdUnits::process_signals() {
+  // sdbus-c++'s own loop, so that it knows this is the connection's loop thread: calls from job
+  // threads then wait for their replies through it instead of blocking the connection (and
+  // the signals queued behind them). Only the error of a lost bus is caught here, which would
+  // otherwise escape the thread and abort the daemon.
   try {
-    for (;;) {
-      while (m_signals->processPendingRequest()) {
-      }
-      auto pd = m_signals->getEventLoopPollData();
-      pollfd fds[2] = {{pd.fd, pd.events, 0}, {m_stop.get(), POLLIN, 0}};
-      int timeout = -1;
-      if (auto rel = pd.getRelativeTimeout())
-        timeout = static_cast<int>((rel->count() + 999) / 1000);
-      if (::poll(fds, 2, timeout) < 0 && errno != EINTR) return;
-      if (fds[1].revents & POLLIN) return;
-    }
+    m_signals->enterEventLoop();
   } catch (const sdbus::Error&) {
     // The bus is gone (at shutdown, or dbus-daemon died): nothing more will arrive here.
   }
@@ -143,8 +134,11 @@ SystemdUnits::SystemdUnits(Bus bus) : m_bus(bus) {}
 SystemdUnits::~SystemdUnits() {
   // No handler may run while the members it uses go away.
   if (m_signal_thread.joinable()) {
-    std::uint64_t one = 1;
-    (void)!::write(m_stop.get(), &one, sizeof one);
+    try {
+      m_signals->leaveEventLoop();
+    } catch (const sdbus::Error&) {
+      // The loop has ended already (the bus went away).
+    }
     m_signal_thread.join();
   }
 }

@@ -67,14 +67,14 @@ class SystemdUnits final : public units::UnitControl, public units::HookRunner {
                                                       const std::string& job);
 
   /// The signal connection's loop, on m_signal_thread: dispatches JobRemoved and
-  /// NameOwnerChanged until m_stop is signalled or the bus goes away (then the waits fall back
-  /// to asking systemd, and fail at their deadline; the daemon itself learns of the loss on its
-  /// own connection). Never lets an sdbus::Error escape a thread, which would abort the daemon.
+  /// NameOwnerChanged, and the replies to the job threads' calls, until the destructor leaves
+  /// it or the bus goes away (then the waits fall back to asking systemd, and fail at their
+  /// deadline; the daemon itself learns of the loss on its own connection). Never lets an
+  /// sdbus::Error escape a thread, which would abort the daemon.
   void process_signals();
 
   Bus m_bus;
   std::unique_ptr<sdbus::IConnection> m_signals;  // JobRemoved, NameOwnerChanged (and calls)
-  UniqueFd m_stop;                                // eventfd: ends process_signals
   std::thread m_signal_thread;
   std::unique_ptr<ManagerProxy> m_manager;      // on m_signals
   sdbus::Slot m_owner_match;                    // NameOwnerChanged of systemd's name

@@ -1,8 +1,10 @@
 #include "upgraded/fs/beneath.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -53,16 +55,24 @@ int fail(int err) {
   return -1;
 }
 
-// Splits a relative path into its components, dropping empty ones and ".".
+// Stands for "what was resolved so far must be a directory": a path (or a link's target) that
+// ends in "/", "/." or "/.." says so. No component can be "/".
+constexpr const char* kMustBeDirectory = "/";
+
+// Splits a relative path into its components, dropping empty ones and ".", and ending with
+// kMustBeDirectory where the path asks for a directory.
 void split_into(std::string_view path, std::deque<std::string>& out, bool front) {
   std::vector<std::string> parts;
+  std::string_view last;
   while (!path.empty()) {
     auto slash = path.find('/');
     auto part = path.substr(0, slash);
     if (!part.empty() && part != ".") parts.emplace_back(part);
+    last = slash == std::string_view::npos ? part : std::string_view();
     if (slash == std::string_view::npos) break;
     path.remove_prefix(slash + 1);
   }
+  if (last.empty() || last == "." || last == "..") parts.emplace_back(kMustBeDirectory);
   if (front)
     out.insert(out.begin(), parts.begin(), parts.end());
   else
@@ -97,14 +107,21 @@ class Walk {
 
 int walk_open(int dirfd, std::string_view path, int flags, unsigned mode) {
   if (path.empty()) return fail(ENOENT);
+  if (path.size() >= PATH_MAX) return fail(ENAMETOOLONG);
   if (path.front() == '/') return fail(EXDEV);
   std::deque<std::string> parts;
   split_into(path, parts, false);
-  if (path.back() == '/' && !(flags & O_CREAT)) flags |= O_DIRECTORY;
+  // Creating something that must be a directory fails before anything is looked at, as in the
+  // kernel: a final "." or ".." exists already (EEXIST with O_EXCL), a trailing "/" is EISDIR.
+  if ((flags & O_CREAT) && parts.back() == kMustBeDirectory) {
+    std::string_view last = path.substr(path.rfind('/') + 1);
+    return fail((last == "." || last == "..") && (flags & O_EXCL) ? EEXIST : EISDIR);
+  }
   Walk walk(dirfd);
   while (!parts.empty()) {
     std::string part = std::move(parts.front());
     parts.pop_front();
+    if (part == kMustBeDirectory) continue;  // the components before it were opened as such
     if (part == "..") {
       if (!walk.up()) return fail(EXDEV);
       continue;
@@ -138,13 +155,14 @@ int walk_open(int dirfd, std::string_view path, int flags, unsigned mode) {
     }
     return fd;
   }
-  // Only ".", "..", or slashes: the directory reached.
+  // Ended on a directory (".", "..", a trailing "/"): the directory reached.
   if (flags & O_CREAT) return fail(EISDIR);
   return walk.reopen(flags);
 }
 
 int walk_resolve(int dirfd, std::string_view path) {
   if (path.empty()) return fail(ENOENT);
+  if (path.size() >= PATH_MAX) return fail(ENAMETOOLONG);
   if (path.front() == '/') return fail(EXDEV);
   std::deque<std::string> parts;
   split_into(path, parts, false);
@@ -153,6 +171,7 @@ int walk_resolve(int dirfd, std::string_view path) {
   while (!parts.empty()) {
     std::string part = std::move(parts.front());
     parts.pop_front();
+    if (part == kMustBeDirectory) continue;  // the components before it were opened as such
     if (part == "..") {
       if (!walk.up()) return fail(EXDEV);
       continue;
@@ -162,6 +181,11 @@ int walk_resolve(int dirfd, std::string_view path) {
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) return -1;
     if (S_ISLNK(st.st_mode)) {
+      // A magic link (/proc/self/exe, /proc/PID/fd/N) reads as text that is not where it leads
+      // ("pipe:[123]"): never followed, as RESOLVE_NO_MAGICLINKS says.
+      struct statfs fs {};
+      if (::fstatfs(fd.get(), &fs) != 0) return -1;
+      if (fs.f_type == PROC_SUPER_MAGIC) return fail(ELOOP);
       if (++links > kMaxLinks) return fail(ELOOP);
       // readlinkat on an O_PATH descriptor of the link itself, with an empty name.
       std::string target(PATH_MAX, '\0');

@@ -567,7 +567,7 @@ class ShippedUnitSandbox(DaemonTest):
     here and not only on a host. Then again with the Landlock calls refused as systemd-nspawn's
     default filter refuses them: the helpers fall back to their uid, and the daemon says so."""
 
-    def run_under_unit(self, extra=()):
+    def run_under_unit(self, extra=(), unusable=False):
         self.daemon.stop()
         unit = "upgraded-sandboxed.service"
         here = os.path.dirname(os.path.abspath(__file__))
@@ -596,6 +596,14 @@ class ShippedUnitSandbox(DaemonTest):
             self.daemon.unique = str(driver.GetNameOwner(NAME))
             sandbox = str(self.bus.get_object(NAME, PATH).Get(
                 MANAGER, "HelperSandbox", dbus_interface="org.freedesktop.DBus.Properties"))
+            if unusable:
+                # No helper is started: the install is refused, saying why, and nothing changes.
+                before = tree_digest(self.root)
+                with self.assertRaises(dbus.exceptions.DBusException) as refused:
+                    self.install(self.pack("1.0.0"))
+                self.assertIn("sandbox is unusable", str(refused.exception))
+                self.assertEqual(tree_digest(self.root), before)
+                return sandbox, ""
             self.run_job(self.install(self.pack("1.0.0")))
             self.run_job(self.install(self.pack("2.0.0")))
             self.assertEqual(self.serving("2.0.0"), "2.0.0")
@@ -614,6 +622,15 @@ class ShippedUnitSandbox(DaemonTest):
         sandbox, notes = self.run_under_unit()
         self.assertTrue(sandbox.startswith("full: Landlock (ABI "), sandbox)
         self.assertNotIn("sandbox", notes)
+
+    def test_without_landlock_helper_ids_that_overlap_accounts_refuse_every_install(self):
+        with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
+            f.write("[extract]\nhelper_ids = 1000\n")
+        sandbox, _ = self.run_under_unit([
+            "SystemCallFilter=~landlock_create_ruleset landlock_add_rule landlock_restrict_self"],
+            unusable=True)
+        self.assertTrue(sandbox.startswith("unusable: no Landlock"), sandbox)
+        self.assertIn("below 65536", sandbox)
 
     def test_without_landlock_a_root_daemon_confines_helpers_by_uid_and_says_so(self):
         sandbox, notes = self.run_under_unit([

@@ -2,18 +2,22 @@
 booted with systemd-nspawn (PID 1 systemd, the system bus, journald, polkitd), the freshly built
 .deb installed into it with apt.
 
-The root file system is cached in /var/tmp/upgraded-booted/rootfs-<hash of the package list>
-and copied for each boot; a boot lives in a run directory of its own, removed with everything
-in it when the container has powered off. Nothing is left mounted or running."""
+The root file system is cached in /var/cache/upgraded-booted/rootfs-<hash of the package list>
+(a directory only root may write, checked before use: a cache someone else prepared would be
+booted as root) and copied for each boot; a boot lives in a run directory of its own, removed
+with everything in it when the container has powered off. Nothing is left mounted or running.
+Files are written into the container from inside it, never through its tree from the host,
+where a symlink made inside would lead anywhere on the host."""
 import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
 
-CACHE = "/var/tmp/upgraded-booted"
+CACHE = "/var/cache/upgraded-booted"
 # What the system needs to boot and what the package depends on, so that `apt install ./x.deb`
 # inside needs no network.
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "polkitd", "libsdbus-c++1", "libarchive13",
@@ -30,9 +34,9 @@ class Unavailable(Exception):
 def mirror():
     """The Debian mirror of the host's apt sources (deb822 or one-line), else deb.debian.org."""
     candidates = ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"]
-    candidates += [os.path.join("/etc/apt/sources.list.d", f)
-                   for f in sorted(os.listdir("/etc/apt/sources.list.d"))
-                   if os.path.isdir("/etc/apt/sources.list.d")]
+    if os.path.isdir("/etc/apt/sources.list.d"):
+        candidates += [os.path.join("/etc/apt/sources.list.d", f)
+                       for f in sorted(os.listdir("/etc/apt/sources.list.d"))]
     for path in candidates:
         try:
             text = open(path).read()
@@ -53,13 +57,23 @@ def check_machine():
             raise Unavailable("%s is missing (scripts/install-deps installs it)" % tool)
 
 
+def owned_by_root_only(path):
+    """A real directory (not a symlink) that root owns and nobody else may write."""
+    st = os.lstat(path)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+
+
 def rootfs():
     """The cached root file system, made once per package list (about 50 s, 250 MB)."""
     key = hashlib.sha256(" ".join(PACKAGES).encode()).hexdigest()[:16]
     path = os.path.join(CACHE, "rootfs-" + key)
-    if os.path.isdir(path):
+    os.makedirs(CACHE, mode=0o700, exist_ok=True)
+    if not owned_by_root_only(CACHE):
+        raise AssertionError("%s is not a directory only root may write: not used" % CACHE)
+    if os.path.lexists(path):
+        if not owned_by_root_only(path):
+            raise AssertionError("%s is not a directory only root may write: not booted" % path)
         return path
-    os.makedirs(CACHE, exist_ok=True)
     partial = tempfile.mkdtemp(dir=CACHE, prefix="partial-")
     target = os.path.join(partial, "root")
     r = subprocess.run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
@@ -85,8 +99,23 @@ class Container:
         self.root = None
         self.nspawn = None
         self.pid1 = None
+        self.log = None
 
     def boot(self):
+        """Boots, or raises with nothing left behind (a half-booted container is powered off)."""
+        try:
+            return self._boot()
+        except BaseException:
+            self.poweroff_quietly()
+            raise
+
+    def poweroff_quietly(self):
+        try:
+            self.poweroff()
+        except Exception:
+            pass
+
+    def _boot(self):
         check_machine()
         base = rootfs()
         self.dir = tempfile.mkdtemp(dir=CACHE, prefix="run-%s-" % self.name)
@@ -144,16 +173,14 @@ class Container:
         return r
 
     def write(self, path, text, mode=0o644):
-        """A file inside (written through the root directory: the container sees it at once)."""
-        full = os.path.join(self.root, path.lstrip("/"))
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        with open(full, "w") as f:
-            f.write(text)
-        os.chmod(full, mode)
+        """A file inside, written by a process inside (install -D)."""
+        self.run(["install", "-D", "-m", "%o" % mode, "/dev/stdin", path], input=text)
 
     def poweroff(self):
         """Clean shutdown, then the run directory goes. Raises if anything is left behind."""
         if self.nspawn is None:
+            if self.dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
             return
         try:
             if self.nspawn.poll() is None:
@@ -165,7 +192,9 @@ class Container:
                     self.nspawn.wait(timeout=30)
                     raise AssertionError("the container did not power off within 90 s")
         finally:
-            self.log.close()
+            if self.log:
+                self.log.close()
+                self.log = None
             mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
                                     text=True).stdout.split()
             left = [m for m in mounts if m.startswith(self.dir)]

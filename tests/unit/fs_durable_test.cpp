@@ -94,6 +94,8 @@ struct BeneathTree {
     link("loop1", "root/loop2");
     link("a/b/c/../../tob", "root/winding");  // up and down, stays inside
     link("/proc/self/exe", "root/magic");
+    link("b/file/", "root/a/slashfile");  // a target that must be a directory
+    link("b/", "root/a/slashdir");
     auto fd = fs::open_directory(t / "root");
     EXPECT_TRUE(fd.ok());
     root = std::move(*fd);
@@ -128,6 +130,17 @@ const char* kPaths[] = {
     "nonexistent",
     "a/nonexistent/x",
     "",
+    "a/b/file/",
+    "a/b/file/.",
+    "a/b/",
+    "a/b/.",
+    "a/tob/",
+    "a/b/..",
+    "a/slashfile",
+    "a/slashdir",
+    "a/slashdir/file",
+    "./a//b/./file",
+    "a/b/file/..",
 };
 
 // What one call did: the inode it opened, or the errno it failed with.
@@ -170,6 +183,23 @@ TEST(Beneath, TheWalkAnswersEveryPathAsOpenat2Does) {
     ++compared;
   }
   EXPECT_EQ(compared, static_cast<int>(std::size(kPaths)) * 6);
+  // Creating, at the paths that cannot be created (each exists, or must be a directory).
+  for (const char* path : {"a/b/.", "a/b/..", "a/b/", "a/b/new/", "a/b/file/", ".", "a/b/file"}) {
+    for (int flags : {O_WRONLY | O_CREAT, O_WRONLY | O_CREAT | O_EXCL}) {
+      int dir = tree.root.get();
+      auto kernel = run_as(fs::BeneathImpl::kOpenat2,
+                           [&] { return fs::open_beneath_fd(dir, path, flags, 0644); });
+      auto walked = run_as(fs::BeneathImpl::kWalk,
+                           [&] { return fs::open_beneath_fd(dir, path, flags, 0644); });
+      EXPECT_EQ(walked, kernel) << "creating '" << path << "', flags " << flags;
+    }
+  }
+  // Too long for the kernel: the same answer.
+  const std::string very_long(PATH_MAX + 10, 'x');
+  int d = tree.root.get();
+  EXPECT_EQ(
+      run_as(fs::BeneathImpl::kWalk, [&] { return fs::resolve_beneath(d, very_long.c_str()); }),
+      run_as(fs::BeneathImpl::kOpenat2, [&] { return fs::resolve_beneath(d, very_long.c_str()); }));
   // The cases that matter most, spelled out (the comparison above would pass if both were wrong).
   fs::set_beneath_impl(fs::BeneathImpl::kWalk);
   int dir = tree.root.get();
@@ -187,6 +217,24 @@ TEST(Beneath, TheWalkAnswersEveryPathAsOpenat2Does) {
   int fd = fs::resolve_beneath(dir, "winding/file");
   EXPECT_GE(fd, 0) << std::strerror(errno);
   if (fd >= 0) ::close(fd);
+  fs::set_beneath_impl(fs::BeneathImpl::kAuto);
+}
+
+// Real magic links, beneath /proc/self: never followed (RESOLVE_NO_MAGICLINKS: ELOOP), while
+// the files next to them open as usual.
+TEST(Beneath, TheWalkNeverFollowsAMagicLink) {
+  UniqueFd self(::open("/proc/self", O_PATH | O_DIRECTORY | O_CLOEXEC));
+  ASSERT_TRUE(self);
+  int dir = self.get();
+  for (const char* path : {"exe", "cwd", "root", "fd/0", "fd/1", "status", "fd", "task/.."}) {
+    auto kernel = run_as(fs::BeneathImpl::kOpenat2, [&] { return fs::resolve_beneath(dir, path); });
+    auto walked = run_as(fs::BeneathImpl::kWalk, [&] { return fs::resolve_beneath(dir, path); });
+    EXPECT_EQ(walked, kernel) << path;
+  }
+  fs::set_beneath_impl(fs::BeneathImpl::kWalk);
+  errno = 0;
+  EXPECT_EQ(fs::resolve_beneath(dir, "exe"), -1);
+  EXPECT_EQ(errno, ELOOP);
   fs::set_beneath_impl(fs::BeneathImpl::kAuto);
 }
 
@@ -210,6 +258,10 @@ TEST(Beneath, TheWalkCreatesAsOpenat2DoesAndNeverThroughALink) {
     EXPECT_EQ(errno, EEXIST);
     EXPECT_EQ(fs::open_beneath_fd(dir, "../outside/new", create, 0644), -1);
     EXPECT_EQ(errno, EXDEV);
+    for (const char* must_be_dir : {"a/b/new/", "a/b/", "a/b/file/"}) {
+      EXPECT_EQ(fs::open_beneath_fd(dir, must_be_dir, create, 0644), -1) << must_be_dir;
+      EXPECT_EQ(errno, EISDIR) << must_be_dir;
+    }
     fs::set_beneath_impl(fs::BeneathImpl::kAuto);
     EXPECT_FALSE(exists(tree.t / "root/missing"));
     EXPECT_FALSE(exists(tree.t / "outside/new"));
