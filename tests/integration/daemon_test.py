@@ -569,7 +569,9 @@ class ShippedUnitSandbox(DaemonTest):
 
     def run_under_unit(self, extra=(), unusable=False):
         self.daemon.stop()
-        unit = "upgraded-sandboxed.service"
+        # A name of its own for each test: a transient unit that ended badly (a sanitizer build's
+        # exit status) stays loaded until reset, and its name could not be used again.
+        unit = "upgraded-sandboxed-%s.service" % self._testMethodName.replace("_", "-")[5:40]
         here = os.path.dirname(os.path.abspath(__file__))
         props = unit_sandbox_properties(os.path.join(here, "../../units/upgraded.service"))
         self.assertIn("ProtectSystem=strict", props)
@@ -617,6 +619,8 @@ class ShippedUnitSandbox(DaemonTest):
             return sandbox, status.stderr
         finally:
             subprocess.run(["systemctl", "--user", "stop", unit], check=False)
+            subprocess.run(["systemctl", "--user", "reset-failed", unit], check=False,
+                           stderr=subprocess.DEVNULL)
 
     def test_installs_upgrades_and_rolls_back_under_the_units_sandbox(self):
         sandbox, notes = self.run_under_unit()
