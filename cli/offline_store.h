@@ -5,20 +5,26 @@
 // only its own app, so parallel installs of different apps never meet; a listing recovers
 // nothing and writes nothing.
 
+#include <optional>
 #include <string>
+
+#include "config.h"
+#include "upgraded/result.h"
+#include "upgraded/store/store.h"
 
 namespace upgradectl {
 
-/// Verifies and stages FILE in the store under `root` (as the daemon would: `root`/etc/upgraded
-/// for keys and config, `root`/var/lib/upgraded for the store) and, unless `stage_only`, switches
-/// `current` to it with an activation record: the daemon restarts the release's units and runs
-/// the health gate when it next starts.
-/// On a host where systemd runs (`root` is /), refused unless `force`: the running daemon would
-/// not restart the units.
-/// Another process installing the same app: waits up to `wait_lock_s` seconds for its lock,
-/// then exits 5 (busy). Different apps never wait for each other.
-int run_offline_install(const std::string& root, const std::string& file, bool stage_only,
-                        bool quiet, bool force, double wait_lock_s);
+struct Opened {
+  upgraded::daemon::Config config;
+  std::optional<upgraded::store::Store> store;
+};
+
+/// Opens the store under `root` without recovering it: each operation recovers the app it
+/// locks, and a listing reports an app left for recovery instead of repairing it.
+upgraded::Result<Opened> open_store(const std::string& root);
+/// Reports `e` on stderr: the exit code the daemon's verbs give for it.
+int report_store(const upgraded::Error& e);
+
 /// The releases in the store under `root`, as `upgradectl list` shows them.
 int run_offline_list(const std::string& root, const std::string& app, bool json);
 

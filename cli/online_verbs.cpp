@@ -1,317 +1,25 @@
-// The verbs that talk to the daemon, through the proxies generated from dbus/*.xml.
+// The verbs that talk to the daemon: their command lines. What they do is in upgradectl-bus.so
+// (bus_verbs.cpp), loaded only when one of them runs (cli/verbs.h).
 
 #include "online_verbs.h"
 
-#include <fcntl.h>
-#include <poll.h>
-#include <unistd.h>
-
-#include <sdbus-c++/sdbus-c++.h>
 #include <cmath>
-#include <cstdio>
-#include <mutex>
-#include <nlohmann/json.hpp>
-#include <set>
+#include <memory>
+#include <optional>
+#include <string>
 
 #include "exit_codes.h"
 #include "offline_store.h"
-#include "org.upgraded1.Job.proxy.h"
-#include "org.upgraded1.Manager.proxy.h"
-#include "output.h"
+#include "verbs.h"
 
 namespace upgradectl {
 namespace {
 
-using nlohmann::json;
-constexpr const char* kName = "org.upgraded1";
-constexpr const char* kPath = "/org/upgraded1";
 // How long `install --offline` waits for another process installing the same app
 // (docs/upgradectl.md, "Parallel installs"): an offline install holds its app's lock for one
 // extraction, seconds for most payloads and about a minute for the largest; longer means the holder
 // is stuck, and a package transaction should fail with a clear exit 5 rather than hang.
 constexpr double kDefaultWaitLockS = 120;
-using Options = std::map<std::string, sdbus::Variant>;
-
-int exit_code_for_error_name(const std::string& name) {
-  if (name == "org.upgraded1.Error.InvalidArgument") return kExitUsage;
-  if (name == "org.upgraded1.Error.PolicyRefused") return kExitPolicyRefused;
-  if (name == "org.upgraded1.Error.VerificationFailed") return kExitVerificationFailed;
-  if (name == "org.upgraded1.Error.Busy") return kExitBusy;
-  if (name == "org.upgraded1.Error.AccessDenied") return kExitAccessDenied;
-  if (name == "org.upgraded1.Error.NotFound") return kExitNotFound;
-  if (name == "org.upgraded1.Error.Exists") return kExitExists;
-  if (name == "org.upgraded1.Error.ShuttingDown") return kExitUnreachable;
-  if (name == "org.freedesktop.DBus.Error.ServiceUnknown" ||
-      name == "org.freedesktop.DBus.Error.NameHasNoOwner" ||
-      name == "org.freedesktop.DBus.Error.NoServer" ||
-      name == "org.freedesktop.DBus.Error.FileNotFound" ||
-      name == "org.freedesktop.DBus.Error.Disconnected" ||
-      name == "org.freedesktop.DBus.Error.Spawn.ChildExited")
-    return kExitUnreachable;
-  return kExitFailed;
-}
-
-// What to do next, for the errors where there is something to say.
-std::string hint_for(const std::string& name, bool user) {
-  if (name == "org.freedesktop.DBus.Error.NoReply" || name == "org.freedesktop.DBus.Error.TimedOut")
-    return "no reply in time; a job may still have started: upgradectl jobs";
-  if (name == "org.upgraded1.Error.ShuttingDown")
-    return "upgraded is stopping; retry when it is back";
-  if (exit_code_for_error_name(name) == kExitUnreachable)
-    return user ? "is `upgraded --user` running on your session bus?"
-                : "is upgraded.service installed? (systemctl status upgraded)";
-  if (name == "org.upgraded1.Error.AccessDenied")
-    return "run it as root (sudo), or ask for the polkit action it names";
-  if (name == "org.upgraded1.Error.Busy") return "wait for that job (upgradectl jobs), then retry";
-  return "";
-}
-
-int report_dbus(const sdbus::Error& e, bool user) {
-  std::string message = e.getMessage().empty() ? e.getName() : e.getMessage();
-  std::fprintf(stderr, "upgradectl: %s\n", message.c_str());
-  if (auto hint = hint_for(e.getName(), user); !hint.empty())
-    std::fprintf(stderr, "upgradectl: %s\n", hint.c_str());
-  return exit_code_for_error_name(e.getName());
-}
-
-constexpr const char* kBusDriver = "org.freedesktop.DBus";
-
-// The job a call started, and the unique bus name of the daemon that started it (the reply's
-// sender): the only connection whose signals about the job count.
-struct Started {
-  sdbus::ObjectPath job;
-  std::string daemon;
-};
-
-// A connection to the daemon, with JobRemoved subscribed before any call, so that the end of a
-// job it starts cannot be missed.
-//
-// Signals are data from strangers: anyone on the bus can send one that looks like the daemon's,
-// addressed to this connection, and sd-bus cannot check a well-known sender name locally. So
-// every handler compares the sender with the daemon's unique name (or the bus driver's).
-class Client final : public sdbus::ProxyInterfaces<org::upgraded1::Manager_proxy> {
- public:
-  // The connection runs no event loop yet: signals that arrive during a call are queued and
-  // dispatched once run_job starts the loop, by which time the daemon's name is known.
-  explicit Client(sdbus::IConnection& bus) : ProxyInterfaces(bus, kName, kPath) { registerProxy(); }
-  ~Client() { unregisterProxy(); }
-
-  /// Calls a Manager method that starts a job; remembers who replied.
-  template <typename... Args>
-  Started start(const char* method, const Args&... args) {
-    auto call = getProxy().createMethodCall(INTERFACE_NAME, method);
-    (call << ... << args);
-    auto reply = getProxy().callMethod(call);
-    Started s;
-    reply >> s.job;
-    s.daemon = reply.getSender();
-    std::lock_guard lock(m_mutex);
-    m_daemon = s.daemon;
-    return s;
-  }
-
-  struct Outcome {
-    std::string result, message;
-    std::string error;  ///< the error name, when it came from GetJobResult
-  };
-  // Waits for JobRemoved of `job`, or for the daemon to leave the bus (a crash, a kill): then
-  // the job cannot end as far as this client can tell, and waiting longer would hang a
-  // package hook for ever. A JobRemoved can also be lost (the bus drops signals to a client
-  // whose queue is full, which anyone can make happen by flooding it): every two seconds
-  // without one, the daemon is asked how the job ended (GetJobResult).
-  //
-  // The bus is processed on this thread (no event loop thread), so that a connection that
-  // drops surfaces here as an sdbus::Error the caller handles.
-  Outcome wait(sdbus::IConnection& bus, const std::string& job) {
-    using Clock = std::chrono::steady_clock;
-    auto next_check = Clock::now() + std::chrono::seconds(2);
-    for (;;) {
-      while (bus.processPendingRequest()) {
-      }
-      {
-        std::lock_guard lock(m_mutex);
-        if (m_removed.count(job)) return m_removed[job];
-        if (m_daemon_gone) return daemon_gone();
-      }
-      if (Clock::now() >= next_check) {
-        if (auto ended = ask_result(job)) return *ended;
-        next_check = Clock::now() + std::chrono::seconds(2);
-      }
-      auto pd = bus.getEventLoopPollData();
-      pollfd pfd{pd.fd, pd.events, 0};
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(next_check - Clock::now());
-      int timeout = static_cast<int>(std::max<std::int64_t>(left.count(), 0));
-      if (auto rel = pd.getRelativeTimeout())
-        timeout = std::min(timeout, static_cast<int>((rel->count() + 999) / 1000));
-      if (::poll(&pfd, 1, timeout) < 0 && errno != EINTR)
-        throw sdbus::Error("org.freedesktop.DBus.Error.Disconnected", "waiting for the bus failed");
-    }
-  }
-  // NameOwnerChanged for org.upgraded1, from the bus driver: the daemon that runs our job left
-  // (not when D-Bus activation starts one: then the old owner is empty).
-  void owner_changed(const std::string& old_owner) {
-    std::lock_guard lock(m_mutex);
-    if (!m_daemon.empty() && old_owner == m_daemon) m_daemon_gone = true;
-  }
-  bool from_daemon(const sdbus::Message& msg) {
-    std::lock_guard lock(m_mutex);
-    return !m_daemon.empty() && msg.getSender() == m_daemon;
-  }
-
- private:
-  static Outcome daemon_gone() {
-    return {"failed",
-            "upgraded stopped while the job ran; when it starts again it finishes what a crash "
-            "interrupted (see upgradectl status and upgradectl history)",
-            ""};
-  }
-  // The job's outcome from the daemon that started it, if it has ended.
-  std::optional<Outcome> ask_result(const std::string& job) {
-    std::uint32_t id = 0;
-    try {
-      id = static_cast<std::uint32_t>(std::stoul(job.substr(job.rfind('/') + 1)));
-    } catch (const std::exception&) {
-      return std::nullopt;
-    }
-    try {
-      auto call = getProxy().createMethodCall(INTERFACE_NAME, "GetJobResult");
-      call << id;
-      auto reply = getProxy().callMethod(call);
-      std::string result, message, error;
-      reply >> result >> message >> error;
-      std::lock_guard lock(m_mutex);
-      if (reply.getSender() != m_daemon) return daemon_gone();  // another daemon now
-      if (result == "running") return std::nullopt;
-      return Outcome{result, message, error};
-    } catch (const sdbus::Error& e) {
-      if (e.getName() == "org.upgraded1.Error.NotFound") return daemon_gone();
-      return std::nullopt;  // e.g. an older daemon without the method: keep waiting
-    }
-  }
-
- public:
- private:
-  void onJobNew(const uint32_t&, const sdbus::ObjectPath&) override {}
-  void onJobRemoved(const uint32_t&, const sdbus::ObjectPath& job, const std::string& result,
-                    const std::string& message) override {
-    const sdbus::Message* msg = getProxy().getCurrentlyProcessedMessage();
-    if (!msg || !from_daemon(*msg)) return;
-    std::lock_guard lock(m_mutex);
-    m_removed[job] = {result, message, ""};
-  }
-  std::mutex m_mutex;
-  std::string m_daemon;  // the unique name that replied to start()
-  std::map<std::string, Outcome> m_removed;
-  bool m_daemon_gone = false;
-};
-
-// Follows a job's properties: progress for people, and the error name for the exit code. The
-// match is added before the call that creates the job, so that nothing it emits is missed; what
-// does not come from the daemon that started the job is ignored.
-class JobWatch {
- public:
-  JobWatch(sdbus::IConnection& bus, Client& client, upgradectl::Progress& progress)
-      : m_client(client), m_progress(progress) {
-    m_slot = bus.addMatch(
-        "type='signal',sender='org.upgraded1',interface='org.freedesktop.DBus.Properties',"
-        "member='PropertiesChanged',path_namespace='/org/upgraded1/job'",
-        [this](sdbus::Message& msg) { on_changed(msg); });
-  }
-  void follow(const std::string& path) {
-    std::lock_guard lock(m_mutex);
-    m_path = path;
-  }
-  std::string error() {
-    std::lock_guard lock(m_mutex);
-    return m_error;
-  }
-
- private:
-  void on_changed(sdbus::Message& msg) {
-    if (!m_client.from_daemon(msg)) return;
-    std::string iface;
-    std::map<std::string, sdbus::Variant> changed;
-    std::vector<std::string> invalidated;
-    try {
-      msg >> iface >> changed >> invalidated;
-    } catch (const sdbus::Error&) {
-      return;
-    }
-    std::lock_guard lock(m_mutex);
-    if (msg.getPath() != m_path || iface != "org.upgraded1.Job") return;
-    try {
-      if (auto it = changed.find("Error"); it != changed.end())
-        m_error = it->second.get<std::string>();
-      if (auto it = changed.find("Step"); it != changed.end())
-        m_step = it->second.get<std::string>();
-      if (auto it = changed.find("Progress"); it != changed.end())
-        m_percent = it->second.get<uint32_t>();
-    } catch (const sdbus::Error&) {
-      return;  // a value of the wrong type: not what the API sends
-    }
-    if (changed.count("Step") || changed.count("Progress")) m_progress.update(m_step, m_percent);
-  }
-  Client& m_client;
-  upgradectl::Progress& m_progress;
-  sdbus::Slot m_slot;
-  std::mutex m_mutex;
-  std::string m_path, m_error, m_step;
-  uint32_t m_percent = 0;
-};
-
-struct Common {
-  bool user = false;
-  bool json = false;
-  bool quiet = false;
-  bool no_block = false;
-};
-
-std::unique_ptr<sdbus::IConnection> connect(bool user) {
-  auto bus = user ? sdbus::createSessionBusConnection() : sdbus::createSystemBusConnection();
-  // Install replies after the signature check (up to ~20 s) and polkit may ask for a password:
-  // more than sd-bus's default 25 s.
-  bus->setMethodCallTimeout(std::chrono::minutes(5));
-  return bus;
-}
-
-// Starts a job with `call` and, unless --no-block, follows it to its end.
-int run_job(const Common& c, const std::function<Started(Client&)>& call, const std::string& what) {
-  try {
-    auto bus = connect(c.user);
-    Client client(*bus);
-    Progress progress(what, c.quiet);
-    JobWatch watch(*bus, client, progress);
-    auto owner = bus->addMatch(
-        "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-        "member='NameOwnerChanged',arg0='org.upgraded1'",
-        [&client](sdbus::Message& msg) {
-          if (msg.getSender() != kBusDriver) return;  // only the bus driver says who owns what
-          std::string name, old_owner, new_owner;
-          try {
-            msg >> name >> old_owner >> new_owner;
-          } catch (const sdbus::Error&) {
-            return;
-          }
-          if (name == kName) client.owner_changed(old_owner);
-        });
-    sdbus::ObjectPath job = call(client).job;
-    if (c.no_block) {
-      std::printf("%s\n", job.c_str());
-      return kExitOk;
-    }
-    watch.follow(job);
-    auto outcome = client.wait(*bus, job);
-    progress.finish(outcome.result == "done");
-    if (outcome.result == "done") return kExitOk;
-    std::string name = outcome.error.empty() ? watch.error() : outcome.error;
-    std::fprintf(stderr, "upgradectl: %s %s: %s\n", what.c_str(), outcome.result.c_str(),
-                 outcome.message.c_str());
-    if (outcome.result == "canceled") return kExitFailed;
-    return name.empty() ? kExitFailed : exit_code_for_error_name(name);
-  } catch (const sdbus::Error& e) {
-    return report_dbus(e, c.user);
-  }
-}
 
 void add_common(CLI::App* cmd, Common& c, bool job, bool read) {
   cmd->add_flag("--user", c.user, "talk to the per-user instance on the session bus");
@@ -319,259 +27,6 @@ void add_common(CLI::App* cmd, Common& c, bool job, bool read) {
   if (job) {
     cmd->add_flag("--no-block", c.no_block, "print the job's path and return at once");
     cmd->add_flag("-q,--quiet", c.quiet, "no progress output");
-  }
-}
-
-int run_status(const Common& c, const std::string& app) {
-  try {
-    auto bus = connect(c.user);
-    Client client(*bus);
-    // One call for every app (thousands of apps: one round trip, not one per app).
-    std::map<std::string, std::map<std::string, sdbus::Variant>> apps;
-    if (app.empty()) {
-      apps = client.GetApps();
-    } else {
-      try {
-        apps.emplace(app, client.GetApp(app));
-      } catch (const sdbus::Error& e) {
-        if (e.getName() != "org.upgraded1.Error.NotFound") throw;
-      }
-    }
-    auto jobs = client.ListJobs();
-    json out = json::array();
-    Table t({"APP", "CURRENT", "PREVIOUS", "LAST GOOD", "FLOOR", "DATA FORMAT", "JOB"});
-    for (const auto& [name, details] : apps) {
-      std::string job;
-      for (const auto& j : jobs)
-        if (std::get<2>(j) == name)
-          job = std::to_string(std::get<0>(j)) + " " + std::get<1>(j) + " " + std::get<4>(j);
-      auto text = [&](const char* key) {
-        auto it = details.find(key);
-        return it == details.end() ? std::string() : it->second.get<std::string>();
-      };
-      std::optional<std::uint64_t> finalized, writes;
-      if (auto it = details.find("finalized_data_format"); it != details.end())
-        finalized = it->second.get<std::uint64_t>();
-      if (auto it = details.find("current_writes"); it != details.end())
-        writes = it->second.get<std::uint64_t>();
-      const std::string current = text("current"), previous = text("previous"),
-                        good = text("last_known_good"), floor = text("floor"),
-                        finalization = text("finalization");
-      out.push_back({{"app", name},
-                     {"current", current},
-                     {"previous", previous},
-                     {"last_known_good", good},
-                     {"floor", floor},
-                     {"finalization", finalization},
-                     {"finalized_data_format", finalized ? json(*finalized) : json(nullptr)},
-                     {"job", job}});
-      std::string data = finalized ? std::to_string(*finalized) : "";
-      if (finalization == "pre-finalized" && writes)
-        data += " (pre-finalized: " + std::to_string(*writes) + ")";
-      t.add({name, current, previous, good, floor, data, job});
-    }
-    if (!app.empty() && out.empty()) {
-      std::fprintf(stderr, "upgradectl: no app '%s' is installed\n", app.c_str());
-      return kExitNotFound;
-    }
-    print_rows(c.json, out, t, "No apps are installed.");
-    // A daemon whose helpers cannot be fully confined (no Landlock: some containers) says so
-    // at start in its log, and here.
-    std::string sandbox;
-    try {
-      sandbox = client.HelperSandbox();
-    } catch (const sdbus::Error&) {
-      // A daemon older than the property: nothing to say.
-    }
-    if (!sandbox.empty() && sandbox.rfind("full:", 0) != 0)
-      std::fprintf(stderr, "upgradectl: note: the extraction helpers' sandbox is %s\n",
-                   sandbox.c_str());
-    return kExitOk;
-  } catch (const sdbus::Error& e) {
-    return report_dbus(e, c.user);
-  }
-}
-
-int run_list(const Common& c, const std::string& only) {
-  try {
-    auto bus = connect(c.user);
-    Client client(*bus);
-    json out = json::array();
-    Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
-    auto pre_finalized = [](const std::map<std::string, sdbus::Variant>& details) {
-      auto it = details.find("finalization");
-      return it != details.end() && it->second.get<std::string>() == "pre-finalized";
-    };
-    if (!only.empty()) {
-      bool pre = pre_finalized(client.GetApp(only));
-      for (const auto& r : client.ListReleases(only)) {
-        const std::string& role = std::get<2>(r);
-        add_release_row(c.json, out, t, only, std::get<0>(r), std::get<1>(r), role, std::get<3>(r),
-                        std::get<4>(r), std::get<5>(r), role == "current" && pre);
-      }
-    } else {
-      // One call whatever the number of apps.
-      for (const auto& r : client.ListAllReleases())
-        add_release_row(c.json, out, t, std::get<0>(r), std::get<1>(r), std::get<2>(r),
-                        std::get<3>(r), std::get<4>(r), std::get<5>(r), std::get<6>(r),
-                        std::get<7>(r));
-    }
-    print_rows(c.json, out, t, "No releases are installed.");
-    return kExitOk;
-  } catch (const sdbus::Error& e) {
-    return report_dbus(e, c.user);
-  }
-}
-
-int run_jobs(const Common& c) {
-  try {
-    auto bus = connect(c.user);
-    Client client(*bus);
-    json out = json::array();
-    Table t({"ID", "TYPE", "APP", "VERSION", "STATE"});
-    for (const auto& j : client.ListJobs()) {
-      out.push_back({{"id", std::get<0>(j)},
-                     {"type", std::get<1>(j)},
-                     {"app", std::get<2>(j)},
-                     {"version", std::get<3>(j)},
-                     {"state", std::get<4>(j)},
-                     {"path", std::string(std::get<5>(j))}});
-      t.add({std::to_string(std::get<0>(j)), std::get<1>(j), std::get<2>(j), std::get<3>(j),
-             std::get<4>(j)});
-    }
-    print_rows(c.json, out, t, "No jobs are running.");
-    return kExitOk;
-  } catch (const sdbus::Error& e) {
-    return report_dbus(e, c.user);
-  }
-}
-
-int run_history(const Common& c, const std::string& app, unsigned limit) {
-  try {
-    auto bus = connect(c.user);
-    Client client(*bus);
-    auto entries = client.GetHistory(app, {{"limit", sdbus::Variant(uint32_t(limit))}});
-    json out = json::array();
-    Table t({"TIME", "OP", "FROM", "TO", "RESULT", "DOWNTIME", "MESSAGE"});
-    for (const auto& h : entries) {
-      json downtime = json::object();
-      std::uint64_t worst = 0;
-      for (const auto& [unit, usec] : std::get<6>(h)) {
-        downtime[unit] = usec;
-        worst = std::max<std::uint64_t>(worst, usec);
-      }
-      out.push_back({{"time", std::get<0>(h)},
-                     {"op", std::get<1>(h)},
-                     {"from", std::get<2>(h)},
-                     {"to", std::get<3>(h)},
-                     {"result", std::get<4>(h)},
-                     {"message", std::get<5>(h)},
-                     {"downtime_usec", downtime}});
-      char dt[32] = "";
-      if (!std::get<6>(h).empty())
-        std::snprintf(dt, sizeof dt, "%.1f ms", static_cast<double>(worst) / 1000);
-      t.add({std::get<0>(h), std::get<1>(h), std::get<2>(h), std::get<3>(h),
-             colored_status(std::get<4>(h)), dt, std::get<5>(h)});
-    }
-    print_rows(c.json, out, t, "No history for " + app + ".");
-    return kExitOk;
-  } catch (const sdbus::Error& e) {
-    return report_dbus(e, c.user);
-  }
-}
-
-int run_finalization_status(const Common& c, const std::string& app) {
-  try {
-    auto bus = connect(c.user);
-    Client client(*bus);
-    auto all = client.FinalizationStatus(app);
-    json out = json::array();
-    Table t({"APP", "STATE", "FINALIZED", "CURRENT", "WRITES", "PENDING SINCE", "LAST BACKUP",
-             "ROLLBACK TARGETS"});
-    auto str = [](const std::map<std::string, sdbus::Variant>& v, const char* k) {
-      auto it = v.find(k);
-      return it == v.end() ? std::string() : it->second.get<std::string>();
-    };
-    auto num = [](const std::map<std::string, sdbus::Variant>& v,
-                  const char* k) -> std::optional<std::uint64_t> {
-      auto it = v.find(k);
-      if (it == v.end()) return std::nullopt;
-      return it->second.get<std::uint64_t>();
-    };
-    for (const auto& [name, v] : all) {
-      auto finalized = num(v, "finalized_data_format");
-      std::vector<std::string> targets;
-      if (auto it = v.find("rollback_targets"); it != v.end())
-        targets = it->second.get<std::vector<std::string>>();
-      std::string joined;
-      for (const auto& x : targets)
-        joined += (joined.empty() ? "" : " ") + x;
-      out.push_back({{"app", name},
-                     {"state", str(v, "state")},
-                     {"finalized_data_format", finalized ? json(*finalized) : json(nullptr)},
-                     {"finalized_at", str(v, "finalized_at")},
-                     {"current", str(v, "current")},
-                     {"current_writes", num(v, "current_writes").value_or(0)},
-                     {"pending_since", str(v, "pending_since")},
-                     {"last_backup", str(v, "last_backup")},
-                     {"auto_finalize_after_s", num(v, "auto_finalize_after_s").value_or(0)},
-                     {"rollback_targets", targets}});
-      t.add({name, str(v, "state"), finalized ? std::to_string(*finalized) : "", str(v, "current"),
-             std::to_string(num(v, "current_writes").value_or(0)), str(v, "pending_since"),
-             str(v, "last_backup"), joined});
-    }
-    print_rows(c.json, out, t, "No apps are installed.");
-    return kExitOk;
-  } catch (const sdbus::Error& e) {
-    return report_dbus(e, c.user);
-  }
-}
-
-// On a terminal, finalize asks first: it is the one step that cannot be undone.
-bool confirm_finalize(const Common& c, const std::string& app) {
-  if (!::isatty(STDIN_FILENO) || !::isatty(STDERR_FILENO)) return true;
-  auto bus = connect(c.user);
-  Client client(*bus);
-  auto all = client.FinalizationStatus(app);
-  auto it = all.find(app);
-  if (it == all.end()) return true;  // the daemon's refusal says why
-  const auto& v = it->second;
-  auto get = [&](const char* k) {
-    auto f = v.find(k);
-    return f == v.end() ? std::string() : f->second.get<std::string>();
-  };
-  std::uint64_t writes = 0;
-  if (auto f = v.find("current_writes"); f != v.end()) writes = f->second.get<std::uint64_t>();
-  std::fprintf(stderr,
-               "Finalize data format %llu of %s %s? Downgrading to releases older than %s will no "
-               "longer be possible (only a backup restore goes back). [y/N] ",
-               static_cast<unsigned long long>(writes), app.c_str(), get("current").c_str(),
-               get("current").c_str());
-  char line[64] = "";
-  if (!std::fgets(line, sizeof line, stdin)) return false;
-  return line[0] == 'y' || line[0] == 'Y';
-}
-
-int run_cancel(const Common& c, unsigned id) {
-  try {
-    auto bus = connect(c.user);
-    struct JobProxy final : sdbus::ProxyInterfaces<org::upgraded1::Job_proxy> {
-      JobProxy(sdbus::IConnection& b, std::string path)
-          : ProxyInterfaces(b, kName, std::move(path)) {
-        registerProxy();
-      }
-      ~JobProxy() { unregisterProxy(); }
-    } job(*bus, "/org/upgraded1/job/" + std::to_string(id));
-    job.Cancel();
-    if (!c.quiet) std::printf("Asked job %u to cancel.\n", id);
-    return kExitOk;
-  } catch (const sdbus::Error& e) {
-    if (e.getName() == "org.freedesktop.DBus.Error.UnknownObject" ||
-        e.getName() == "org.freedesktop.DBus.Error.UnknownMethod") {
-      std::fprintf(stderr, "upgradectl: there is no job %u (it may have ended)\n", id);
-      return kExitNotFound;
-    }
-    return report_dbus(e, c.user);
   }
 }
 
@@ -584,7 +39,9 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto name = std::make_shared<std::string>();
     add_common(cmd, *c, false, true);
     cmd->add_option("APP", *name, "only this app");
-    cmd->callback([&exit_code, c, name] { exit_code = run_status(*c, *name); });
+    cmd->callback([&exit_code, c, name] {
+      exit_code = on_bus([&](const BusVerbs& v) { return v.status(*c, *name); });
+    });
   }
   {
     auto* cmd = app.add_subcommand("list", "List installed releases");
@@ -600,7 +57,8 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->get_option("--offline")->excludes("--user");
     cmd->add_option("APP", *name, "only this app");
     cmd->callback([&exit_code, c, name, offline, root] {
-      exit_code = *offline ? run_offline_list(*root, *name, c->json) : run_list(*c, *name);
+      exit_code = *offline ? run_offline_list(*root, *name, c->json)
+                           : on_bus([&](const BusVerbs& v) { return v.list(*c, *name); });
     });
   }
   {
@@ -644,23 +102,11 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     // Every variable an option writes to is captured, so that it outlives the parsing (--wait
     // only says what is the default, but CLI11 still writes to it).
     cmd->callback([&exit_code, c, file, stage_only, wait, offline, root, force, wait_lock] {
-      if (*offline) {
-        exit_code = run_offline_install(*root, *file, *stage_only, c->quiet, *force, *wait_lock);
-        return;
-      }
-      int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
-      if (fd < 0) {
-        exit_code = report(upgraded::system_error(errno, "opening '" + *file + "'"));
-        return;
-      }
-      sdbus::UnixFd artifact(fd, sdbus::adopt_fd);
-      exit_code = run_job(
-          *c,
-          [&](Client& cl) {
-            return cl.start("Install", artifact,
-                            Options{{"activate", sdbus::Variant(!*stage_only)}});
-          },
-          "install " + *file);
+      exit_code =
+          *offline ? with_artifact([&](const ArtifactVerbs& v) {
+            return v.install_offline(*root, *file, *stage_only, c->quiet, *force, *wait_lock);
+          })
+                   : on_bus([&](const BusVerbs& v) { return v.install(*c, *file, *stage_only); });
     });
   }
   {
@@ -681,13 +127,9 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("APP", *name, "app")->required();
     cmd->add_option("VERSION", *version, "release")->required();
     cmd->callback([&exit_code, c, name, version, allow_bad, below_floor, through] {
-      std::map<std::string, sdbus::Variant> o;
-      if (*through) o["through_path"] = sdbus::Variant(true);
-      if (*allow_bad) o["allow_bad"] = sdbus::Variant(true);
-      if (*below_floor) o["allow_below_floor"] = sdbus::Variant(true);
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("Activate", *name, *version, o); },
-          "activate " + *name + " " + *version);
+      exit_code = on_bus([&](const BusVerbs& v) {
+        return v.activate(*c, *name, *version, *through, *allow_bad, *below_floor);
+      });
     });
   }
   {
@@ -700,10 +142,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
                   "also when the previous release is below the version floor");
     cmd->add_option("APP", *name, "app")->required();
     cmd->callback([&exit_code, c, name, below_floor] {
-      Options o;
-      if (*below_floor) o["allow_below_floor"] = sdbus::Variant(true);
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("Rollback", *name, o); }, "rollback " + *name);
+      exit_code = on_bus([&](const BusVerbs& v) { return v.rollback(*c, *name, *below_floor); });
     });
   }
   {
@@ -715,9 +154,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("APP", *name, "app")->required();
     cmd->add_option("VERSION", *version, "release")->required();
     cmd->callback([&exit_code, c, name, version] {
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("Remove", *name, *version, Options{}); },
-          "remove " + *name + " " + *version);
+      exit_code = on_bus([&](const BusVerbs& v) { return v.remove(*c, *name, *version); });
     });
   }
   for (bool pin : {true, false}) {
@@ -731,9 +168,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("APP", *name, "app")->required();
     cmd->add_option("VERSION", *version, "release")->required();
     cmd->callback([&exit_code, c, name, version, pin] {
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("SetPinned", *name, *version, pin, Options{}); },
-          std::string(pin ? "pin " : "unpin ") + *name + " " + *version);
+      exit_code = on_bus([&](const BusVerbs& v) { return v.set_pinned(*c, *name, *version, pin); });
     });
   }
   {
@@ -746,9 +181,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("APP", *name, "app")->required();
     cmd->add_option("VERSION", *version, "the oldest version allowed from now on")->required();
     cmd->callback([&exit_code, c, name, version] {
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("SetFloor", *name, *version, Options{}); },
-          "floor " + *name + " " + *version);
+      exit_code = on_bus([&](const BusVerbs& v) { return v.floor(*c, *name, *version); });
     });
   }
   {
@@ -764,11 +197,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_option("--max-bytes", *max_bytes, "a byte budget for the app's releases");
     cmd->add_option("APP", *name, "app")->required();
     cmd->callback([&exit_code, c, name, keep, max_bytes] {
-      std::map<std::string, sdbus::Variant> o;
-      if (*keep) o["keep"] = sdbus::Variant(uint32_t(**keep));
-      if (*max_bytes) o["max_bytes"] = sdbus::Variant(uint64_t(**max_bytes));
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("GarbageCollect", *name, o); }, "gc " + *name);
+      exit_code = on_bus([&](const BusVerbs& v) { return v.gc(*c, *name, *keep, *max_bytes); });
     });
   }
   {
@@ -784,20 +213,8 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_flag("--yes,-y", *yes, "do not ask for confirmation on a terminal");
     cmd->add_option("APP", *name, "app")->required();
     cmd->callback([&exit_code, c, name, no_backup, yes] {
-      try {
-        if (!*yes && !confirm_finalize(*c, *name)) {
-          std::fprintf(stderr, "upgradectl: not finalized\n");
-          exit_code = kExitFailed;
-          return;
-        }
-      } catch (const sdbus::Error& e) {
-        exit_code = report_dbus(e, c->user);
-        return;
-      }
-      std::map<std::string, sdbus::Variant> o;
-      if (*no_backup) o["no_backup"] = sdbus::Variant(true);
-      exit_code = run_job(
-          *c, [&](Client& cl) { return cl.start("Finalize", *name, o); }, "finalize " + *name);
+      exit_code =
+          on_bus([&](const BusVerbs& v) { return v.finalize(*c, *name, *no_backup, *yes); });
     });
   }
   {
@@ -808,13 +225,16 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto name = std::make_shared<std::string>();
     add_common(cmd, *c, false, true);
     cmd->add_option("APP", *name, "app (default: every app)");
-    cmd->callback([&exit_code, c, name] { exit_code = run_finalization_status(*c, *name); });
+    cmd->callback([&exit_code, c, name] {
+      exit_code = on_bus([&](const BusVerbs& v) { return v.finalization_status(*c, *name); });
+    });
   }
   {
     auto* cmd = app.add_subcommand("jobs", "List running jobs");
     auto c = std::make_shared<Common>();
     add_common(cmd, *c, false, true);
-    cmd->callback([&exit_code, c] { exit_code = run_jobs(*c); });
+    cmd->callback(
+        [&exit_code, c] { exit_code = on_bus([&](const BusVerbs& v) { return v.jobs(*c); }); });
   }
   {
     auto* cmd = app.add_subcommand("cancel", "Cancel a job before its point of no return");
@@ -823,7 +243,9 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_flag("--user", c->user, "talk to the per-user instance on the session bus");
     cmd->add_flag("-q,--quiet", c->quiet, "print nothing on success");
     cmd->add_option("JOB", *id, "job number (upgradectl jobs)")->required();
-    cmd->callback([&exit_code, c, id] { exit_code = run_cancel(*c, *id); });
+    cmd->callback([&exit_code, c, id] {
+      exit_code = on_bus([&](const BusVerbs& v) { return v.cancel(*c, *id); });
+    });
   }
   {
     auto* cmd = app.add_subcommand("history", "Show an app's activations and rollbacks");
@@ -833,7 +255,9 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     add_common(cmd, *c, false, true);
     cmd->add_option("--limit,-n", *limit, "newest entries to show")->check(CLI::Range(1, 10000));
     cmd->add_option("APP", *name, "app")->required();
-    cmd->callback([&exit_code, c, name, limit] { exit_code = run_history(*c, *name, *limit); });
+    cmd->callback([&exit_code, c, name, limit] {
+      exit_code = on_bus([&](const BusVerbs& v) { return v.history(*c, *name, *limit); });
+    });
   }
 }
 

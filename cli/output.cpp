@@ -99,7 +99,7 @@ void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std:
 void print_rows(bool json, const nlohmann::json& out, const Table& table,
                 const std::string& empty) {
   if (json)
-    std::printf("%s\n", out.dump(2).c_str());
+    std::printf("%s\n", out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   else if (table.empty())
     std::printf("%s\n", empty.c_str());
   else

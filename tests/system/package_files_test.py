@@ -3,7 +3,8 @@
 
 What may differ, and only that: the system unit's directory (Debian 12 ships units in
 /lib/systemd/system, Fedora in /usr/lib/systemd/system), the man pages' compression, Debian's
-changelog.gz and copyright in the doc directory, and the RPM's /usr/lib/.build-id links.
+changelog.gz and copyright in the doc directory, the RPM's /usr/lib/.build-id links, and the library
+directory (/usr/lib/<multiarch> on Debian, /usr/lib64 in the RPM).
 
 usage: package_files_test.py DIST_DIR"""
 import glob
@@ -13,6 +14,8 @@ import sys
 import unittest
 
 DIST = sys.argv[1] if len(sys.argv) > 1 else "dist"
+DEB_LIBDIR = "/usr/lib/" + subprocess.run(["dpkg-architecture", "-qDEB_HOST_MULTIARCH"],
+                                         capture_output=True, text=True).stdout.strip()
 
 
 def deb_files(path):
@@ -36,6 +39,9 @@ def normalize(paths):
             continue
         if p == "/lib" or p.startswith("/lib/"):
             p = "/usr" + p
+        for libdir in (DEB_LIBDIR, "/usr/lib64"):
+            if (p + "/").startswith(libdir + "/"):
+                p = "/usr/LIBDIR" + p[len(libdir):]
         if p.startswith("/usr/share/man/") and p.endswith(".gz"):
             p = p[:-3]
         out.add(p)
@@ -57,6 +63,8 @@ class PackageFiles(unittest.TestCase):
         self.assertEqual(sorted(deb - rpm), [], "only in the .deb")
         self.assertEqual(sorted(rpm - deb), [], "only in the RPM")
         for must in ("/usr/sbin/upgraded", "/usr/bin/upgradectl",
+                     "/usr/LIBDIR/upgraded/upgradectl-bus.so",
+                     "/usr/LIBDIR/upgraded/upgradectl-artifact.so",
                      "/usr/libexec/upgraded/upgraded-extract",
                      "/usr/lib/systemd/system/upgraded.service",
                      "/usr/share/dbus-1/system.d/org.upgraded1.conf",
