@@ -48,8 +48,9 @@ mkdir -p root/etc/upgraded/keys.d root/var/lib/upgraded
 mkdir tree && echo hi >tree/f
 "$U" pack --key k.key --app a --version 1.0.0 -o a.upd tree >/dev/null || exit 1
 
-# What each verb loads, with the modules of the build. The C and C++ runtimes only:
-runtime='^(libstdc\+\+\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libc\.so\.6)$'
+# What each verb loads, with the modules of the build. The C and C++ runtimes only (and the
+# sanitizers' in a sanitizer build):
+runtime='^(libstdc\+\+\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libc\.so\.6|libasan\.so\.[0-9]+|libubsan\.so\.[0-9]+)$'
 loaded "$U" --version >v.txt
 expect "--version loads something" test -s v.txt
 expect "--version loads the C and C++ runtimes only" bash -c "! grep -Evq '$runtime' v.txt"
