@@ -25,6 +25,27 @@ TESTBED = os.environ["UPGRADED_TESTBED"]
 UNITS_DIR = os.environ["UPGRADED_TESTBED_UNITS"]
 
 
+def upgradectl_for_nobody():
+    """A copy of upgradectl and its modules, laid out as in the build (cli/verbs.h), that nobody
+    can read: the build tree may be in a directory only its owner can enter."""
+    modules = os.environ.get("UPGRADECTL_MODULES")
+    if not modules:
+        return UPGRADECTL
+    top = os.path.join(TESTBED, "nobody-upgradectl")
+    bindir = os.path.join(top, "bin")
+    copy = os.path.join(bindir, os.path.basename(UPGRADECTL))
+    if not os.path.exists(copy):
+        moddir = os.path.normpath(os.path.join(
+            bindir, os.path.relpath(modules, os.path.dirname(os.path.realpath(UPGRADECTL)))))
+        for d in (top, bindir, moddir):
+            os.makedirs(d, exist_ok=True)
+            os.chmod(d, 0o755)
+        for m in ("upgradectl-bus.so", "upgradectl-artifact.so"):
+            shutil.copy(os.path.join(modules, m), moddir)
+        shutil.copy(UPGRADECTL, copy)
+    return copy
+
+
 class OnlineVerbs(unittest.TestCase):
     app = "hello"
 
@@ -64,7 +85,8 @@ class OnlineVerbs(unittest.TestCase):
     def ctl(self, *args, user=True, check=0, as_nobody=False):
         cmd = [UPGRADECTL, *args] + (["--user"] if user else [])
         if as_nobody:
-            cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] + cmd
+            cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                   upgradectl_for_nobody()] + cmd[1:]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if check is not None:
             self.assertEqual(r.returncode, check, "%s\nstdout: %s\nstderr: %s" %
