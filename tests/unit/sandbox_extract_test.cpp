@@ -240,6 +240,123 @@ TEST_F(SandboxExtract, ACancelKillsTheHelper) {
   EXPECT_EQ(errno, ECHILD);
 }
 
+// A wide and deep tree, as a real release has, by one thread and by four: everything is handed
+// over, or nothing of it; a refusal names the same entry whatever the number of threads.
+TEST(ChownTree, HandsOverAWideDeepTreeOrNothingOfItByAnyNumberOfThreads) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
+  TempDir t;
+  std::vector<std::string> entries{"tree"};
+  for (int a = 0; a < 40; ++a) {
+    std::string da = "tree/a" + std::to_string(a);
+    entries.push_back(da);
+    for (int b = 0; b < 5; ++b) {
+      std::string db = da + "/b" + std::to_string(b);
+      make_dirs(t / db);
+      entries.push_back(db);
+      for (int f = 0; f < 10; ++f) {
+        std::string file = db + "/f" + std::to_string(f);
+        write_file(t / file, "x");
+        entries.push_back(file);
+      }
+      ASSERT_EQ(::symlink("f0", (t / (db + "/link")).c_str()), 0);
+      entries.push_back(db + "/link");
+    }
+  }
+  // A hard link between two far-apart directories, met by different threads.
+  ASSERT_EQ(::link((t / "tree/a0/b0/f0").c_str(), (t / "tree/a39/b4/alias").c_str()), 0);
+  entries.push_back("tree/a39/b4/alias");
+  auto owned_by = [&](uid_t uid) {
+    for (const auto& e : entries) {
+      struct stat st {};
+      if (::lstat((t / e).c_str(), &st) != 0 || st.st_uid != uid) return e;
+    }
+    return std::string();
+  };
+  auto helper_owns_all = [&] {
+    for (const auto& e : entries)
+      ASSERT_EQ(::lchown((t / e).c_str(), kHelperId, kHelperId), 0) << e;
+  };
+  auto fd = fs::open_directory(t / "tree");
+  ASSERT_TRUE(fd.ok());
+  for (unsigned threads : {1u, 4u}) {
+    SCOPED_TRACE(threads);
+    // Two setuid files among 200 directories: the first in the tree's order is named.
+    helper_owns_all();
+    ASSERT_EQ(::chmod((t / "tree/a27/b3/f7").c_str(), 04755), 0);
+    ASSERT_EQ(::chmod((t / "tree/a3/b1/f2").c_str(), 04755), 0);
+    for (int run = 0; run < 5; ++run) {
+      auto r = fs::chown_tree(fd->get(), kHelperId, 0, 0, false, threads);
+      ASSERT_FALSE(r.ok());
+      EXPECT_NE(r.error().message().find("./a27/b3/f7"), std::string::npos) << r.error().message();
+    }
+    EXPECT_EQ(owned_by(kHelperId), "") << "a refused tree is not handed over, not even in part";
+    ASSERT_EQ(::chmod((t / "tree/a27/b3/f7").c_str(), 0644), 0);
+    ASSERT_EQ(::chmod((t / "tree/a3/b1/f2").c_str(), 0644), 0);
+    // A name of a tree's file outside the tree.
+    ASSERT_EQ(::link((t / "tree/a12/b2/f5").c_str(), (t / "outside-name").c_str()), 0);
+    auto leaving = fs::chown_tree(fd->get(), kHelperId, 0, 0, false, threads);
+    ASSERT_FALSE(leaving.ok());
+    EXPECT_NE(leaving.error().message().find("'./a12/b2/f5' has 2 links, 1 of them in the tree"),
+              std::string::npos)
+        << leaving.error().message();
+    EXPECT_EQ(owned_by(kHelperId), "");
+    ASSERT_EQ(::unlink((t / "outside-name").c_str()), 0);
+    // A directory replaced by a symlink to one outside: the walk does not follow it.
+    make_dirs(t / "outside/x");
+    ASSERT_EQ(::lchown((t / "outside/x").c_str(), kHelperId, kHelperId), 0);
+    ASSERT_EQ(::rename((t / "tree/a5/b1").c_str(), (t / "moved").c_str()), 0);
+    ASSERT_EQ(::symlink((t / "outside").c_str(), (t / "tree/a5/b1").c_str()), 0);
+    ASSERT_EQ(::lchown((t / "tree/a5/b1").c_str(), kHelperId, kHelperId), 0);
+    ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false, threads).ok());
+    struct stat out {};
+    ASSERT_EQ(::stat((t / "outside/x").c_str(), &out), 0);
+    EXPECT_EQ(out.st_uid, kHelperId) << "the symlink's target is never touched";
+    ASSERT_EQ(::unlink((t / "tree/a5/b1").c_str()), 0);
+    ASSERT_EQ(::rename((t / "moved").c_str(), (t / "tree/a5/b1").c_str()), 0);
+    // A good tree: everything changes owner.
+    helper_owns_all();
+    ASSERT_TRUE(fs::chown_tree(fd->get(), kHelperId, 0, 0, false, threads).ok());
+    EXPECT_EQ(owned_by(0), "");
+  }
+}
+
+// Deeper than PATH_MAX: each directory is opened from its parent, so no path is too long.
+TEST(ChownTree, HandsOverATreeDeeperThanPathMax) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
+  TempDir t;
+  make_dirs(t / "tree");
+  auto root = fs::open_directory(t / "tree");
+  ASSERT_TRUE(root.ok());
+  const std::string name(200, 'd');  // 30 levels: about 6,000 bytes of path
+  std::vector<UniqueFd> chain;
+  int at = root->get();
+  for (int i = 0; i < 30; ++i) {
+    ASSERT_EQ(::mkdirat(at, name.c_str(), 0755), 0);
+    ASSERT_EQ(::fchownat(at, name.c_str(), kHelperId, kHelperId, AT_SYMLINK_NOFOLLOW), 0);
+    int fd = ::openat(at, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    chain.emplace_back(fd);
+    at = fd;
+  }
+  int file = ::openat(at, "deepest", O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  ASSERT_GE(file, 0);
+  ASSERT_EQ(::fchown(file, kHelperId, kHelperId), 0);
+  ::close(file);
+  ASSERT_EQ(::fchown(root->get(), kHelperId, kHelperId), 0);
+  ASSERT_TRUE(fs::chown_tree(root->get(), kHelperId, 0, 0, false, 4).ok());
+  struct stat st {};
+  ASSERT_EQ(::fstatat(at, "deepest", &st, AT_SYMLINK_NOFOLLOW), 0);
+  EXPECT_EQ(st.st_uid, 0u);
+  ASSERT_EQ(::fstat(at, &st), 0);
+  EXPECT_EQ(st.st_uid, 0u);
+  // Removing it needs relative paths too.
+  ASSERT_EQ(::unlinkat(chain[29].get(), "deepest", 0), 0);
+  for (int i = 29; i >= 0; --i) {
+    int parent = i == 0 ? root->get() : chain[static_cast<std::size_t>(i - 1)].get();
+    ASSERT_EQ(::unlinkat(parent, name.c_str(), AT_REMOVEDIR), 0);
+  }
+}
+
 TEST(ChownTree, RefusesAnEntryTheBuilderDidNotCreate) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
   TempDir t;
