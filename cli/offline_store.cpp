@@ -41,6 +41,7 @@ Result<Opened> open_store(const std::string& root) {
   UPGRADED_TRY(fs::make_directories(config->state_dir()));
   store::StoreOptions so = config->store_options();
   so.cache_states = false;  // one pass: nothing to reuse
+  so.persist_views = true;  // list --offline: views.cache
   auto st = store::Store::open(so);
   if (!st) return st.error();
   Opened o{std::move(*config), {}};
@@ -52,38 +53,28 @@ int run_offline_list(const std::string& root, const std::string& only, bool json
   auto opened = open_store(root);
   if (!opened) return report_store(opened.error());
   const store::Store& st = *opened->store;
-  std::vector<std::pair<std::string, store::AppView>> apps;
-  if (!only.empty()) {
-    auto one = st.view(only);
-    if (!one) return report_store(one.error());
-    apps.emplace_back(only, std::move(*one));
-  } else {
-    auto all = st.views();
-    if (!all) return report_store(all.error());
-    apps = std::move(*all);
-  }
   nlohmann::json out = nlohmann::json::array();
   Table t({"APP", "VERSION", "STATUS", "ROLE", "STAGED", "PINNED", "SIZE"});
-  for (const auto& [app, entry] : apps) {
-    const store::AppView* view = &entry;
-    if (view->needs_recovery)
+  auto add = [&](const std::string& app, const store::AppView& view) {
+    if (view.needs_recovery)
       std::fprintf(stderr,
                    "upgradectl: %s: an operation on it is in progress or was interrupted; an "
                    "interrupted one is recovered by its next install (or upgraded's start); "
                    "listed as its state records it\n",
                    app.c_str());
-    if (!view->state) {
-      if (!only.empty()) return report_store(Error(ErrorCode::kNotFound, "no app '" + app + "'"));
-      continue;  // its first install never committed
-    }
-    const auto& state = view->state;
-    for (const auto& v : state->versions_in_order()) {
-      const auto& r = state->releases.at(v);
-      std::string role = state->current == v ? "current" : state->previous == v ? "previous" : "";
-      std::string status(store::to_string(r.status));
-      add_release_row(json_out, out, t, app, v, status, role, r.staged_at, r.pinned, r.size,
-                      role == "current" && state->pre_finalized());
-    }
+    for (const auto& r : view.releases)
+      add_release_row(json_out, out, t, app, r.version, std::string(store::to_string(r.status)),
+                      r.role, r.staged_at, r.pinned, r.size,
+                      r.role == "current" && view.pre_finalized);
+  };
+  if (!only.empty()) {
+    auto one = st.view(only);
+    if (!one) return report_store(one.error());
+    add(only, *one);
+    // Its first install never committed.
+    if (!one->has_state) return report_store(Error(ErrorCode::kNotFound, "no app '" + only + "'"));
+  } else if (auto all = st.for_each_view(add); !all) {
+    return report_store(all.error());
   }
   print_rows(json_out, out, t, "No releases are installed.");
   return kExitOk;

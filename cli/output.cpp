@@ -10,7 +10,7 @@ namespace upgradectl {
 namespace {
 
 // Width on screen of UTF-8 text without escape sequences (one column per code point).
-std::size_t visible_width(const std::string& s) {
+std::size_t visible_width(std::string_view s) {
   std::size_t n = 0;
   for (std::size_t i = 0; i < s.size(); ++i) {
     if (s[i] == '\033') {
@@ -51,29 +51,47 @@ std::string colored_status(const std::string& s) {
   return s;
 }
 
-void Table::print() const {
-  std::vector<std::size_t> width(m_header.size(), 0);
-  for (std::size_t i = 0; i < m_header.size(); ++i)
-    width[i] = visible_width(m_header[i]);
-  for (const auto& row : m_rows)
-    for (std::size_t i = 0; i < row.size() && i < width.size(); ++i)
-      width[i] = std::max(width[i], visible_width(row[i]));
-  auto line = [&](const std::vector<std::string>& cells, bool header) {
-    std::string out;
-    for (std::size_t i = 0; i < cells.size(); ++i) {
-      std::string cell = cells[i];
-      bool last = i + 1 == cells.size();
-      if (!last) cell += std::string(width[i] - visible_width(cells[i]) + 2, ' ');
-      out += cell;
+Table::Table(std::initializer_list<std::string_view> header)
+    : m_columns(header.size()), m_width(header.size(), 0) {
+  append(header);
+}
+
+void Table::add(std::initializer_list<std::string_view> row) {
+  append(row);
+  ++m_rows;
+}
+
+void Table::append(std::initializer_list<std::string_view> row) {
+  auto cell = row.begin();
+  for (std::size_t i = 0; i < m_columns; ++i) {
+    if (cell != row.end()) {
+      m_text.append(*cell);
+      m_width[i] = std::max(m_width[i], visible_width(*cell));
+      ++cell;
     }
-    while (!out.empty() && out.back() == ' ')
-      out.pop_back();
-    if (header && use_color()) out = "\033[1m" + out + "\033[0m";
-    std::printf("%s\n", out.c_str());
-  };
-  line(m_header, true);
-  for (const auto& row : m_rows)
-    line(row, false);
+    m_ends.push_back(static_cast<std::uint32_t>(m_text.size()));
+  }
+}
+
+void Table::print() const {
+  std::string line;
+  std::size_t start = 0;
+  for (std::size_t r = 0; r <= m_rows; ++r) {
+    line.clear();
+    if (r == 0 && use_color()) line += "\033[1m";
+    for (std::size_t i = 0; i < m_columns; ++i) {
+      std::size_t end = m_ends[r * m_columns + i];
+      std::string_view cell(m_text.data() + start, end - start);
+      start = end;
+      line += cell;
+      if (i + 1 < m_columns) line.append(m_width[i] - visible_width(cell) + 2, ' ');
+    }
+    while (!line.empty() && line.back() == ' ')
+      line.pop_back();
+    if (r == 0 && use_color()) line += "\033[0m";
+    line += '\n';
+    std::fwrite(line.data(), 1, line.size(), stdout);
+  }
 }
 
 void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std::string& app,

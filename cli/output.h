@@ -7,6 +7,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace upgradectl {
@@ -17,16 +18,23 @@ std::string human_size(std::uint64_t bytes);
 /// A release or history status, coloured on a terminal (good/done green, bad/failed red).
 std::string colored_status(const std::string& status);
 
+/// Rows of cells printed in aligned columns. The cells are kept in one buffer: a listing of
+/// thousands of releases would otherwise allocate a string per cell.
 class Table {
  public:
-  explicit Table(std::vector<std::string> header) : m_header(std::move(header)) {}
-  void add(std::vector<std::string> row) { m_rows.push_back(std::move(row)); }
+  explicit Table(std::initializer_list<std::string_view> header);
+  /// A row of as many cells as the header has (missing ones are empty, extra ones dropped).
+  void add(std::initializer_list<std::string_view> row);
   void print() const;
-  bool empty() const { return m_rows.empty(); }
+  bool empty() const { return m_rows == 0; }
 
  private:
-  std::vector<std::string> m_header;
-  std::vector<std::vector<std::string>> m_rows;
+  void append(std::initializer_list<std::string_view> row);
+  std::size_t m_columns;
+  std::size_t m_rows = 0;             ///< not counting the header
+  std::string m_text;                 ///< every cell, header first, one after the other
+  std::vector<std::uint32_t> m_ends;  ///< where each cell ends in m_text
+  std::vector<std::size_t> m_width;   ///< each column's width on a terminal
 };
 
 /// `upgradectl list`'s row for one release, to `out` (as_json: the stable schema of

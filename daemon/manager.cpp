@@ -907,33 +907,36 @@ void Manager::shut_down(std::function<void()> idle) {
 
 // --- read-only methods ------------------------------------------------------------------------
 
+// The states of every app the bulk reads list: an app whose state.json cannot be read is left
+// out (recovery at start logged it, and its own calls name the error).
+std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>>
+Manager::readable_states() const {
+  std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> out;
+  for (auto& listed : value_or_throw(m_store.states()))
+    if (listed.state) out.emplace_back(std::move(listed.app), std::move(listed.state));
+  return out;
+}
+
 std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> Manager::ListApps() {
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> out;
-  for (const auto& app : value_or_throw(m_store.apps())) {
-    auto st = m_store.state(app);
-    if (!st) continue;  // removed meanwhile, or broken (reported at start)
+  for (const auto& [app, st] : readable_states())
     out.emplace_back(app, st->current.value_or(""), st->previous.value_or(""),
                      st->last_known_good.value_or(""));
-  }
   return out;
 }
 
 std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::FinalizationStatus(
     const std::string& app) {
-  std::vector<std::string> apps;
+  std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> apps;
   if (app.empty()) {
-    apps = value_or_throw(m_store.apps());
+    apps = readable_states();
   } else {
     check_app(app);
-    apps.push_back(app);
+    apps.emplace_back(app,
+                      std::make_shared<const store::AppState>(value_or_throw(m_store.state(app))));
   }
   std::map<std::string, std::map<std::string, sdbus::Variant>> out;
-  for (const auto& a : apps) {
-    auto st = m_store.state(a);
-    if (!st) {
-      if (!app.empty()) throw bus_error::from(st.error());
-      continue;
-    }
+  for (const auto& [a, st] : apps) {
     std::map<std::string, sdbus::Variant> v;
     const bool pre = st->pre_finalized();
     v["state"] = sdbus::Variant(std::string(pre                         ? "pre-finalized"
@@ -1012,9 +1015,8 @@ void Manager::trim_after_reply() {
 std::map<std::string, std::map<std::string, sdbus::Variant>> Manager::GetApps() {
   trim_after_reply();
   std::map<std::string, std::map<std::string, sdbus::Variant>> out;
-  for (const auto& app : value_or_throw(m_store.apps()))
-    if (auto st = m_store.state(app))  // else removed meanwhile, or broken (reported at start)
-      out.emplace(app, app_details(m_store, app, *st));
+  for (const auto& [app, st] : readable_states())
+    out.emplace(app, app_details(m_store, app, *st));
   return out;
 }
 
@@ -1025,9 +1027,7 @@ Manager::ListAllReleases() {
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
                             uint64_t, bool>>
       out;
-  for (const auto& app : value_or_throw(m_store.apps())) {
-    auto st = m_store.state(app);
-    if (!st) continue;
+  for (const auto& [app, st] : readable_states()) {
     for (const auto& v : st->versions_in_order()) {
       const auto& r = st->releases.at(v);
       std::string role = st->current == v ? "current" : st->previous == v ? "previous" : "";

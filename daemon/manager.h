@@ -49,6 +49,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
  private:
   /// Gives the heap of a bulk reply back once it is sent (loop thread only).
   void trim_after_reply();
+  std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> readable_states()
+      const;
   bool m_trim_posted = false;
   using Options = BusOptions;
   using PathResult = sdbus::Result<sdbus::ObjectPath>;

@@ -127,23 +127,33 @@ Result<std::string> read_fd(int fd, const struct stat& st, const std::string& pa
                             std::uint64_t max_size) {
   if (!S_ISREG(st.st_mode))
     return Error(ErrorCode::kInvalidArgument, "'" + path + "' is not a regular file");
+  auto too_large = [&] {
+    return Error(ErrorCode::kInvalidArgument,
+                 "'" + path + "' is larger than " + std::to_string(max_size) + " bytes");
+  };
+  if (st.st_size > 0 && static_cast<std::uint64_t>(st.st_size) > max_size) return too_large();
+  // Read straight into the string, sized as fstat() said (one allocation, no copy); a file
+  // that reports no size (procfs) or grows is read on in steps.
   std::string out;
-  char buf[65536];
+  std::size_t used = 0;
+  out.resize(st.st_size > 0 ? static_cast<std::size_t>(st.st_size) : 4096);
   for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (used == out.size()) {
+      // As large as fstat() said: done, without a read() to see the end. (A file that grows
+      // meanwhile is read as it was; files that change are replaced by a rename here.)
+      if (st.st_size > 0 && used >= static_cast<std::uint64_t>(st.st_size)) break;
+      out.resize(std::min<std::uint64_t>(out.size() * 2, max_size + 1));
+    }
+    ssize_t n = ::read(fd, out.data() + used, out.size() - used);
     if (n < 0) {
       if (errno == EINTR) continue;
       return system_error(errno, "reading '" + path + "'");
     }
     if (n == 0) break;
-    if (out.size() + static_cast<std::size_t>(n) > max_size)
-      return Error(ErrorCode::kInvalidArgument,
-                   "'" + path + "' is larger than " + std::to_string(max_size) + " bytes");
-    out.append(buf, static_cast<std::size_t>(n));
-    // As large as fstat() said: done, without a read() to see the end. (A file that grows
-    // meanwhile is read as it was; files that change are replaced by a rename here.)
-    if (st.st_size > 0 && out.size() >= static_cast<std::uint64_t>(st.st_size)) break;
+    used += static_cast<std::size_t>(n);
+    if (used > max_size) return too_large();
   }
+  out.resize(used);
   return out;
 }
 

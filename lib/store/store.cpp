@@ -329,12 +329,19 @@ struct Store::StateCache {
     ino_t ino;
     off_t size;
     struct timespec mtime, ctime;
-    AppState state;
+    std::shared_ptr<const AppState> state;
+    bool same_file(const struct stat& sb) const;
   };
   static constexpr time_t kSettledS = 2;
   std::mutex mutex;
   std::map<std::string, Entry> entries;
 };
+
+bool Store::StateCache::Entry::same_file(const struct stat& sb) const {
+  return dev == sb.st_dev && ino == sb.st_ino && size == sb.st_size &&
+         mtime.tv_sec == sb.st_mtim.tv_sec && mtime.tv_nsec == sb.st_mtim.tv_nsec &&
+         ctime.tv_sec == sb.st_ctim.tv_sec && ctime.tv_nsec == sb.st_ctim.tv_nsec;
+}
 
 Store::Store(StoreOptions options) : m_options(std::move(options)) {
   if (m_options.cache_states) m_cache = std::make_shared<StateCache>();
@@ -475,21 +482,6 @@ Result<bool> Store::needs_recovery(const std::string& app) const {
   return interrupted(appfd->get(), *st);
 }
 
-Result<std::vector<std::pair<std::string, AppView>>> Store::views() const {
-  auto names = app_dirs();
-  if (!names) return names.error();
-  std::vector<std::pair<std::string, AppView>> out;
-  for (const auto& app : *names) {
-    auto v = view(app);
-    if (!v) {
-      if (v.error().code() == ErrorCode::kNotFound) continue;  // removed meanwhile
-      return v.error().with_context(app);
-    }
-    if (v->state || v->needs_recovery) out.emplace_back(app, std::move(*v));
-  }
-  return out;
-}
-
 Result<AppView> Store::view(const std::string& app) const {
   UPGRADED_TRY(policy::validate_app_name(app));
   auto appfd = fs::open_directory(app_root(app));
@@ -500,49 +492,110 @@ Result<AppView> Store::view(const std::string& app) const {
   }
   auto st = read_state(appfd->get());
   if (!st) return st.error();
-  AppView v;
+  AppView v = *st ? view_of(**st) : AppView{};
   v.needs_recovery = interrupted(appfd->get(), *st);
-  v.state = std::move(*st);
+  return v;
+}
+
+AppView view_of(const AppState& st) {
+  AppView v;
+  v.has_state = true;
+  v.pre_finalized = st.pre_finalized();
+  for (const auto& version : st.versions_in_order()) {
+    const auto& r = st.releases.at(version);
+    v.releases.push_back({version, r.status,
+                          st.current == version    ? "current"
+                          : st.previous == version ? "previous"
+                                                   : "",
+                          r.staged_at, r.pinned, r.size});
+  }
   return v;
 }
 
 Result<AppState> Store::state(const std::string& app) const {
   UPGRADED_TRY(policy::validate_app_name(app));
-  std::string path = app_root(app) + "/" + kState;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  auto st = load_state(AT_FDCWD, app_root(app) + "/" + kState, app, nullptr);
+  if (!st) return st.error();
+  return **st;
+}
+
+// state.json of `app` at `dirfd/path`, from the cache while it is the same file. `sb`: its
+// fstatat() if the caller has made one (a cache hit then costs no further system call).
+Result<std::shared_ptr<const AppState>> Store::load_state(int dirfd, const std::string& path,
+                                                          const std::string& app,
+                                                          const struct stat* sb) const {
+  if (m_cache && sb) {
+    std::lock_guard lock(m_cache->mutex);
+    if (auto it = m_cache->entries.find(app);
+        it != m_cache->entries.end() && it->second.same_file(*sb))
+      return it->second.state;
+  }
+  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) {
     if (errno == ENOENT || errno == ENOTDIR)
       return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
     return system_error(errno, "opening " + policy::quote(path));
   }
   UniqueFd owner(fd);
-  struct stat sb {};
-  if (::fstat(fd, &sb) != 0) return system_error(errno, "inspecting " + policy::quote(path));
-  auto same = [&](const StateCache::Entry& e) {
-    return e.dev == sb.st_dev && e.ino == sb.st_ino && e.size == sb.st_size &&
-           e.mtime.tv_sec == sb.st_mtim.tv_sec && e.mtime.tv_nsec == sb.st_mtim.tv_nsec &&
-           e.ctime.tv_sec == sb.st_ctim.tv_sec && e.ctime.tv_nsec == sb.st_ctim.tv_nsec;
-  };
+  struct stat fsb {};
+  if (::fstat(fd, &fsb) != 0) return system_error(errno, "inspecting " + policy::quote(path));
   if (m_cache) {
     std::lock_guard lock(m_cache->mutex);
-    if (auto it = m_cache->entries.find(app); it != m_cache->entries.end() && same(it->second))
+    if (auto it = m_cache->entries.find(app);
+        it != m_cache->entries.end() && it->second.same_file(fsb))
       return it->second.state;
   }
-  auto text = fs::read_fd(fd, sb, kState, kMaxStateSize);
+  auto text = fs::read_fd(fd, fsb, kState, kMaxStateSize);
   if (!text) return text.error();
-  auto st = parse_state(*text);
-  if (!st) return st.error();
+  auto parsed = parse_state(*text);
+  if (!parsed) return parsed.error();
+  auto st = std::make_shared<const AppState>(std::move(*parsed));
   if (m_cache) {
     std::lock_guard lock(m_cache->mutex);
     struct timespec now {};
     ::clock_gettime(CLOCK_REALTIME, &now);
-    if (sb.st_ctim.tv_sec + StateCache::kSettledS < now.tv_sec)
-      m_cache->entries.insert_or_assign(
-          app, StateCache::Entry{sb.st_dev, sb.st_ino, sb.st_size, sb.st_mtim, sb.st_ctim, *st});
+    if (fsb.st_ctim.tv_sec + StateCache::kSettledS < now.tv_sec)
+      m_cache->entries.insert_or_assign(app, StateCache::Entry{fsb.st_dev, fsb.st_ino, fsb.st_size,
+                                                               fsb.st_mtim, fsb.st_ctim, st});
     else
       m_cache->entries.erase(app);
   }
-  return std::move(*st);
+  return st;
+}
+
+Result<std::vector<ListedState>> Store::states() const {
+  std::vector<ListedState> out;
+  // One fstatat() per app, relative to the apps directory: with the states cached (the
+  // daemon), that is all a listing of thousands of apps costs the kernel.
+  auto add = [&](int dirfd, const std::string& app, const std::string& path) -> Result<void> {
+    struct stat sb {};
+    if (::fstatat(dirfd, path.c_str(), &sb, 0) != 0) {
+      if (errno == ENOENT || errno == ENOTDIR) return {};  // no state (yet), or removed
+      return system_error(errno, "inspecting " + policy::quote(path));
+    }
+    auto st = load_state(dirfd, path, app, &sb);
+    if (st)
+      out.push_back({app, std::move(*st), std::nullopt});
+    else if (st.error().code() != ErrorCode::kNotFound)  // else removed meanwhile
+      out.push_back({app, nullptr, st.error().with_context(app)});
+    return {};
+  };
+  auto root = fs::open_directory(m_options.root);
+  if (!root) return root.error();
+  auto names = list_dir(root->get(), "apps");
+  if (!names) return names.error();
+  if (!names->empty()) {
+    int fd = ::openat(root->get(), "apps", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return system_error(errno, "opening the apps directory");
+    UniqueFd apps(fd);
+    for (const auto& n : *names)
+      if (policy::validate_app_name(n) && !m_options.app_roots.count(n))
+        UPGRADED_TRY(add(apps.get(), n, n + "/" + kState));
+  }
+  for (const auto& [app, dir] : m_options.app_roots)
+    UPGRADED_TRY(add(AT_FDCWD, app, dir + "/" + kState));
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.app < b.app; });
+  return out;
 }
 
 Result<artifact::Manifest> Store::manifest(const std::string& app,

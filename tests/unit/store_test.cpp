@@ -9,7 +9,10 @@
 #include <thread>
 
 #include "support/store_fixture.h"
+#include "upgraded/fs/durable.h"
+#include "upgraded/fs/remove_tree.h"
 #include "upgraded/policy/version.h"
+#include "upgraded/store/views_cache.h"
 
 using namespace upgraded;
 using namespace upgraded::store;
@@ -313,6 +316,159 @@ TEST_F(AStore, WithItsStateCacheSeesEveryReplacedOrRewrittenStateFile) {
   EXPECT_EQ(cached->state("hello")->floor, "0.9");
   ASSERT_EQ(::unlink((app_root() + "/state.json").c_str()), 0);
   EXPECT_EQ(cached->state("hello").error().code(), ErrorCode::kNotFound);
+}
+
+TEST_F(AStore, ListsEveryStateInOnePassAndNamesTheOneItCannotRead) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  make_dirs(t / "state/apps/broken");
+  write_file(t / "state/apps/broken/state.json", "{not json");
+  make_dirs(t / "state/apps/empty");  // a first stage that never committed: no state
+  auto o = fixture().options(t / "state");
+  o.cache_states = true;
+  auto cached = Store::open(o);
+  ASSERT_TRUE(cached.ok());
+  for (int pass = 0; pass < 2; ++pass) {  // read, then (the same files) from the cache
+    auto all = cached->states();
+    ASSERT_TRUE(all.ok()) << all.error().message();
+    ASSERT_EQ(all->size(), 2u);
+    EXPECT_EQ((*all)[0].app, "broken");
+    EXPECT_EQ((*all)[0].state, nullptr);
+    ASSERT_TRUE((*all)[0].error.has_value());
+    EXPECT_NE((*all)[0].error->message().find("broken"), std::string::npos);
+    EXPECT_EQ((*all)[1].app, "hello");
+    ASSERT_NE((*all)[1].state, nullptr);
+    EXPECT_EQ(*(*all)[1].state, state());
+    EXPECT_FALSE((*all)[1].error.has_value());
+  }
+  {
+    auto lock = store->lock("hello");  // another Store: another process, as far as files go
+    ASSERT_TRUE(store->set_pinned(*lock, "1.0.0", true).ok());
+  }
+  auto after = cached->states();
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE((*after)[1].state->releases.at("1.0.0").pinned);
+}
+
+TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  ASSERT_TRUE(stage("1.1.0").ok());
+  {
+    auto lock = store->lock("hello");
+    ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
+  }
+  make_dirs(t / "state/apps/empty");  // no state: not listed
+  auto o = fixture().options(t / "state");
+  o.persist_views = true;
+  auto listing = Store::open(o);
+  ASSERT_TRUE(listing.ok());
+  const std::string cache = t / "state/views.cache";
+  auto entries = [&] {
+    std::string bytes = read_file(cache);
+    return views_cache::decode(
+        std::span(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()));
+  };
+  auto versions = [&] {
+    auto v = listing->views();
+    EXPECT_TRUE(v.ok()) << v.error().message();
+    std::vector<std::string> out;
+    for (const auto& [app, view] : *v)
+      for (const auto& r : view.releases)
+        out.push_back(app + " " + r.version + " " + r.role + (r.pinned ? " pinned" : "") +
+                      (view.needs_recovery ? " recovering" : ""));
+    return out;
+  };
+  const std::vector<std::string> real = {"hello 1.0.0 current", "hello 1.1.0 "};
+
+  // Just changed: listed, but not kept (a change within the same timestamp tick could go
+  // unnoticed).
+  fs::FaultInjection::disarm();
+  EXPECT_EQ(versions(), real);
+  EXPECT_FALSE(exists(cache)) << "nothing settled enough to keep";
+  std::this_thread::sleep_for(std::chrono::milliseconds(3100));
+  EXPECT_EQ(versions(), real);
+  auto kept = entries();
+  ASSERT_TRUE(kept.has_value());
+  ASSERT_EQ(kept->count("hello"), 1u);
+  EXPECT_EQ(kept->count("empty"), 1u);
+  struct stat sb {};
+  ASSERT_EQ(::stat((app_root() + "/state.json").c_str(), &sb), 0);
+  EXPECT_EQ(kept->at("hello").state, views_cache::key_of(sb));
+  ASSERT_EQ(::stat(cache.c_str(), &sb), 0);
+  EXPECT_EQ(sb.st_mode & 0777, 0644u);
+  EXPECT_EQ(fs::FaultInjection::calls(fs::FaultOp::kSync), 0) << "a listing syncs nothing";
+
+  // The cache is what is listed while the files are the same: a forged entry shows.
+  auto forge = [&](unsigned mode) {
+    auto forged = *kept;
+    forged["hello"].releases = views_cache::encode_releases(
+        {ListedRelease{"7.7.7", ReleaseStatus::kGood, "current", "x", false, 1}});
+    auto bytes = views_cache::encode(forged);
+    ::unlink(cache.c_str());
+    write_file(cache, std::string(bytes.begin(), bytes.end()), mode);
+  };
+  forge(0644);
+  EXPECT_EQ(versions(), std::vector<std::string>{"hello 7.7.7 current"});
+  // ... but not one that others may write.
+  forge(0664);
+  EXPECT_EQ(versions(), real);
+  // Garbage is ignored, and replaced; so is what a listing killed mid-write left, once old.
+  write_file(cache, "\xa2garbage", 0644);
+  const std::string old_leftover = t / "state/.views.cache.0123456789abcdef";
+  const std::string new_leftover = t / "state/.views.cache.fedcba9876543210";
+  write_file(old_leftover, "half");
+  write_file(new_leftover, "half");
+  struct timespec times[2] = {{0, UTIME_OMIT}, {std::time(nullptr) - 120, 0}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, old_leftover.c_str(), times, 0), 0);
+  EXPECT_EQ(versions(), real);
+  EXPECT_TRUE(entries().has_value());
+  EXPECT_FALSE(exists(old_leftover));
+  EXPECT_TRUE(exists(new_leftover)) << "perhaps another listing's, being written";
+
+  // state.json rewritten in place, same inode and size: seen.
+  forge(0644);
+  std::string text = read_file(app_root() + "/state.json");
+  auto pos = text.find("\"pinned\": false");
+  ASSERT_NE(pos, std::string::npos) << text;
+  text.replace(pos, 15, "\"pinned\":  true");
+  {
+    std::ofstream out(app_root() + "/state.json", std::ios::in | std::ios::out | std::ios::binary);
+    out << text;
+  }
+  EXPECT_EQ(versions(), (std::vector<std::string>{"hello 1.0.0 current pinned", "hello 1.1.0 "}));
+  // An interrupted stage's journal (the state unchanged): the app needs recovery.
+  forge(0644);
+  write_file(app_root() + "/journal.json", R"({"op":"stage","txid":"deadbeef","versions":[]})");
+  EXPECT_EQ(versions(), (std::vector<std::string>{"hello 1.0.0 current pinned recovering",
+                                                  "hello 1.1.0  recovering"}));
+  // `current` swapped behind the state's back.
+  ::unlink((app_root() + "/journal.json").c_str());
+  forge(0644);
+  ::unlink((app_root() + "/current").c_str());
+  ASSERT_EQ(::symlink("releases/1.1.0", (app_root() + "/current").c_str()), 0);
+  EXPECT_EQ(versions(), (std::vector<std::string>{"hello 1.0.0 current pinned recovering",
+                                                  "hello 1.1.0  recovering"}));
+  // An app removed: gone from the listing and from the cache.
+  ASSERT_TRUE(fs::remove_tree(AT_FDCWD, t / "state/apps/empty").ok());
+  versions();
+  EXPECT_EQ(entries()->count("empty"), 0u);
+}
+
+TEST_F(AStore, ListsWithoutItsCacheWhenTheCacheCannotBeWritten) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto o = fixture().options(t / "state");
+  o.persist_views = true;
+  auto listing = Store::open(o);
+  ASSERT_TRUE(listing.ok());
+  make_dirs(t / "state/views.cache");  // not a file: neither read nor replaced
+  for (int i = 0; i < 2; ++i) {
+    auto v = listing->views();
+    ASSERT_TRUE(v.ok()) << v.error().message();
+    ASSERT_EQ(v->size(), 1u);
+    EXPECT_EQ((*v)[0].second.releases.at(0).version, "1.0.0");
+  }
+  struct stat sb {};
+  ASSERT_EQ(::stat((t / "state/views.cache").c_str(), &sb), 0);
+  EXPECT_TRUE(S_ISDIR(sb.st_mode));
 }
 
 TEST_F(AStore, NeverTouchesAnotherAppWhenLockingOne) {

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+
 #include "upgraded/artifact/extractor.h"
 #include "upgraded/artifact/keys.h"
 #include "upgraded/artifact/signatures.h"
@@ -36,6 +38,10 @@ struct StoreOptions {
   /// the daemon, whose listings of thousands of apps would otherwise parse every state.json on
   /// every call. The memory is the apps' states, a few hundred bytes per release.
   bool cache_states = false;
+  /// Keep views() between processes, in `<root>/views.cache` (upgradectl list --offline): an
+  /// app's entry is reused while its directory and its state.json are the same (inode, times
+  /// to the nanosecond); the file is a cache, written without fsync and ignored when unusable.
+  bool persist_views = false;
 };
 
 /// Proof that the caller holds an app's lock (flock on `<app root>/.lock`). Released on
@@ -101,10 +107,34 @@ struct PendingActivation {
   std::string step = "restart";
 };
 
+/// One release as a listing shows it.
+struct ListedRelease {
+  std::string version;
+  ReleaseStatus status = ReleaseStatus::kStaged;
+  std::string role;  ///< "current", "previous" or empty
+  std::string staged_at;
+  bool pinned = false;
+  std::uint64_t size = 0;
+  bool operator==(const ListedRelease&) const = default;
+};
+
 /// What a read-only listing knows about an app without recovering it (Store::view).
 struct AppView {
-  std::optional<AppState> state;
+  bool has_state = false;  ///< false: its first stage never committed
   bool needs_recovery = false;
+  bool pre_finalized = false;           ///< AppState::pre_finalized()
+  std::vector<ListedRelease> releases;  ///< oldest first (policy::compare_versions)
+  bool operator==(const AppView&) const = default;
+};
+
+/// The listing of an app in state `st`.
+AppView view_of(const AppState& st);
+
+/// One app of Store::states(): its state, or why it could not be read.
+struct ListedState {
+  std::string app;
+  std::shared_ptr<const AppState> state;  ///< null when `error` is set
+  std::optional<Error> error;
 };
 
 struct StageResult {
@@ -134,8 +164,15 @@ class Store {
   /// An app's state (none: its first stage never committed) and whether it needs recovery, in
   /// one pass, for listings. Reads only; takes no lock; kNotFound for an unknown app.
   Result<AppView> view(const std::string& app) const;
-  /// view() of every app there is (with a state, or left for recovery), sorted by name.
+  /// view() of every app there is (with a state, or left for recovery), sorted by name. With
+  /// options.persist_views, an app unchanged since the cache was written costs two fstatat()
+  /// calls (its directory, its state.json) and no read.
   Result<std::vector<std::pair<std::string, AppView>>> views() const;
+  /// The same, one app at a time, in name order: `fn` gets each app's view, which lives only
+  /// for the call (a listing of thousands of apps never holds them all). On an error, `fn` may
+  /// already have been called for the apps before it.
+  Result<void> for_each_view(
+      const std::function<void(const std::string&, const AppView&)>& fn) const;
 
   std::string app_root(const std::string& app) const;
   /// The absolute path of a release's tree.
@@ -148,6 +185,10 @@ class Store {
   /// An app's state as on disk (kNotFound for an unknown app). Needs no lock: state.json is
   /// replaced atomically.
   Result<AppState> state(const std::string& app) const;
+  /// Every app's state, sorted by name (apps without one are left out), for listings. With
+  /// options.cache_states, a state still cached costs one fstatat() and no copy. An app whose
+  /// state.json cannot be read or parsed is listed with the error instead (its name in it).
+  Result<std::vector<ListedState>> states() const;
   /// The signed manifest a release was installed from.
   Result<artifact::Manifest> manifest(const std::string& app, const std::string& version) const;
 
@@ -214,6 +255,9 @@ class Store {
   struct StateCache;
   /// Every app directory there is, with or without a state file (for recovery).
   Result<std::vector<std::string>> app_dirs() const;
+  Result<std::shared_ptr<const AppState>> load_state(int dirfd, const std::string& path,
+                                                     const std::string& app,
+                                                     const struct stat* sb) const;
   Result<void> switch_impl(const AppLock& lock, const std::string& version,
                            const std::optional<std::string>& previous) const;
   StoreOptions m_options;

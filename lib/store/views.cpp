@@ -1,0 +1,191 @@
+#include <chrono>
+// Store::views(): every app's listing, and the cache that keeps it between processes.
+//
+// A listing of thousands of apps (upgradectl list --offline) would otherwise open, read and
+// parse every state.json and check every app for an interrupted operation: some 7 system calls
+// and one strict JSON parse per app. The cache (`<root>/views.cache`) keeps each app's view
+// with what identified its files when it was read: the app directory's and state.json's device,
+// inode, size and change and modification times to the nanosecond. Everything a view depends on
+// changes one of them: state.json is only ever replaced by a rename (a new inode, and a new
+// mtime on the directory), and so are `current` and the journal, which decide needs_recovery;
+// an in-place edit of state.json changes its own times. A reused entry therefore costs two
+// fstatat() calls, relative to the apps directory.
+//
+// Two writes within one timestamp tick can leave a file's times as they were (the kernel's
+// clock is coarse): so, as Git does with its index ("racy clean"), an entry is only kept if the
+// times it was keyed on are well before the moment it was read. A younger app is read again on
+// the next listing.
+//
+// The file is a cache: it is written without fsync (a listing syncs nothing), replaced by a
+// rename, trusted only if its owner is root or the caller and no one else may write it, and
+// ignored, whole, if it cannot be read or parsed or is of another format.
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <ctime>
+#include <map>
+#include <random>
+
+#include "upgraded/fs/durable.h"
+#include "upgraded/fs/unique_fd.h"
+#include "upgraded/policy/names.h"
+#include "upgraded/store/store.h"
+#include "upgraded/store/views_cache.h"
+
+namespace upgraded::store {
+namespace {
+
+using views_cache::Entries;
+using views_cache::Entry;
+using views_cache::FileKey;
+
+constexpr const char* kViewsCache = "views.cache";
+constexpr std::size_t kMaxViewsCacheSize = 256 << 20;
+constexpr time_t kSettledS = 2;
+
+// Settled: changed long enough before `now` that any later change carries a later time.
+bool settled(const FileKey& k, const struct timespec& now) {
+  return k.ino == 0 || (k.ctime_s + kSettledS < now.tv_sec && k.mtime_s + kSettledS < now.tv_sec);
+}
+
+// The cache's entries; empty if there is no usable cache.
+Entries load(int rootfd) {
+  int fd = ::openat(rootfd, kViewsCache, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) return {};
+  UniqueFd owner(fd);
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || (sb.st_mode & 022) != 0 ||
+      (sb.st_uid != 0 && sb.st_uid != ::geteuid()))
+    return {};
+  auto text = fs::read_fd(fd, sb, kViewsCache, kMaxViewsCacheSize);
+  if (!text) return {};
+  auto entries = views_cache::decode(
+      std::span(reinterpret_cast<const std::uint8_t*>(text->data()), text->size()));
+  return entries ? std::move(*entries) : Entries();
+}
+
+// Removes what a listing killed while writing the cache left behind: its temporary file, once
+// it is old enough not to be another listing's, still being written.
+void remove_leftovers(int rootfd, const struct timespec& now) {
+  auto names = fs::list_names(rootfd, ".");
+  if (!names) return;
+  const std::string prefix = std::string(".") + kViewsCache + ".";
+  for (const auto& name : *names) {
+    struct stat sb {};
+    if (name.rfind(prefix, 0) == 0 &&
+        ::fstatat(rootfd, name.c_str(), &sb, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(sb.st_mode) &&
+        sb.st_mtim.tv_sec + 60 < now.tv_sec)
+      ::unlinkat(rootfd, name.c_str(), 0);
+  }
+}
+
+// Replaces the cache; best effort (a caller who may not write the store lists without it).
+void save(int rootfd, const Entries& entries, const struct timespec& now) {
+  remove_leftovers(rootfd, now);
+  auto bytes = views_cache::encode(entries);
+  std::random_device rd;
+  char tmp[64];
+  std::snprintf(tmp, sizeof tmp, ".%s.%08x%08x", kViewsCache, rd(), rd());
+  int fd = ::openat(rootfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) return;
+  UniqueFd owner(fd);
+  if (!fs::write_all(fd, std::as_bytes(std::span(bytes.data(), bytes.size()))) ||
+      ::fchmod(fd, 0644) != 0 || ::renameat(rootfd, tmp, rootfd, kViewsCache) != 0)
+    ::unlinkat(rootfd, tmp, 0);
+}
+
+}  // namespace
+
+Result<std::vector<std::pair<std::string, AppView>>> Store::views() const {
+  std::vector<std::pair<std::string, AppView>> out;
+  UPGRADED_TRY(for_each_view(
+      [&](const std::string& app, const AppView& view) { out.emplace_back(app, view); }));
+  return out;
+}
+
+Result<void> Store::for_each_view(
+    const std::function<void(const std::string&, const AppView&)>& fn) const {
+  auto names = app_dirs();
+  if (!names) return names.error();
+  auto read = [&](const std::string& app) -> Result<std::optional<AppView>> {
+    auto v = view(app);
+    if (!v) {
+      if (v.error().code() == ErrorCode::kNotFound)  // removed meanwhile
+        return std::optional<AppView>();
+      return v.error().with_context(app);
+    }
+    return std::optional<AppView>(std::move(*v));
+  };
+  auto listed = [](const AppView& v) { return v.has_state || v.needs_recovery; };
+  if (!m_options.persist_views) {
+    for (const auto& app : *names) {
+      auto v = read(app);
+      if (!v) return v.error();
+      if (*v && listed(**v)) fn(app, **v);
+    }
+    return {};
+  }
+
+  auto root = fs::open_directory(m_options.root);
+  if (!root) return root.error();
+  int fd = ::openat(root->get(), "apps", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0 && errno != ENOENT) return system_error(errno, "opening the apps directory");
+  UniqueFd apps(fd);
+  struct timespec now {};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  Entries cached = load(root->get());
+  Entries kept;
+  bool changed = false;
+  AppView decoded;  // the view of an app from the cache; its memory serves every app in turn
+  for (const auto& app : *names) {
+    // The app's directory and state.json, as in the apps directory or at the app's own root.
+    auto own = m_options.app_roots.find(app);
+    int dirfd = own == m_options.app_roots.end() ? apps.get() : AT_FDCWD;
+    std::string dir = own == m_options.app_roots.end() ? app : own->second;
+    struct stat dsb {
+    }, ssb{};
+    if (::fstatat(dirfd, dir.c_str(), &dsb, 0) != 0) {
+      if (errno == ENOENT) continue;  // removed meanwhile
+      return system_error(errno, "inspecting " + policy::quote(dir));
+    }
+    FileKey dkey = views_cache::key_of(dsb), skey;
+    if (::fstatat(dirfd, (dir + "/state.json").c_str(), &ssb, 0) == 0)
+      skey = views_cache::key_of(ssb);
+    else if (errno != ENOENT)
+      return system_error(errno, "inspecting the state of " + policy::quote(app));
+    if (auto it = cached.find(app);
+        it != cached.end() && it->second.dir == dkey && it->second.state == skey &&
+        views_cache::decode_releases(it->second.releases, decoded.releases)) {
+      const Entry& e = it->second;
+      decoded.has_state = e.has_state;
+      decoded.needs_recovery = e.needs_recovery;
+      decoded.pre_finalized = e.pre_finalized;
+      if (listed(decoded)) fn(app, decoded);
+      kept.insert(cached.extract(it));
+      continue;
+    }
+    // Read after the keys were taken: the view is at least as new as its keys, so a change
+    // in between makes the next listing read the app again, never keep an older view.
+    auto v = read(app);
+    if (!v) return v.error();
+    if (!*v) continue;
+    const AppView& view = **v;
+    if (settled(dkey, now) && settled(skey, now)) {
+      kept.insert_or_assign(
+          app, Entry{dkey, skey, view.has_state, view.needs_recovery, view.pre_finalized,
+                     views_cache::encode_releases(view.releases)});
+      changed = true;
+    }
+    if (listed(view)) fn(app, view);
+  }
+  // Left in `cached`: apps gone, changed (and too young to be kept), or undecodable.
+  if (changed || !cached.empty()) save(root->get(), kept, now);
+  return {};
+}
+
+}  // namespace upgraded::store

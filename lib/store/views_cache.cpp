@@ -1,0 +1,287 @@
+// The encoding of views.cache (upgraded/store/views_cache.h): CBOR written by nlohmann's
+// encoder, read through its SAX interface straight into the structures, with the document's
+// shape checked value by value.
+
+#include "upgraded/store/views_cache.h"
+
+#include <nlohmann/json.hpp>
+
+namespace upgraded::store::views_cache {
+namespace {
+
+using nlohmann::json;
+
+json key_to_json(const FileKey& k) {
+  return json::array({k.dev, k.ino, k.size, k.mtime_s, k.mtime_ns, k.ctime_s, k.ctime_ns});
+}
+
+// The SAX events nlohmann's CBOR reader delivers, each refused unless a reader below accepts
+// it: the documents are read straight into their structures, without a JSON tree, and any value
+// out of place fails the read.
+struct StrictSax {
+  using Json = json;
+  bool null() { return false; }
+  bool boolean(bool) { return false; }
+  bool number_integer(json::number_integer_t) { return false; }
+  bool number_unsigned(json::number_unsigned_t) { return false; }
+  bool number_float(json::number_float_t, const std::string&) { return false; }
+  bool string(json::string_t&) { return false; }
+  bool binary(json::binary_t&) { return false; }
+  bool start_object(std::size_t) { return false; }
+  bool key(json::string_t&) { return false; }
+  bool end_object() { return false; }
+  bool start_array(std::size_t) { return false; }
+  bool end_array() { return false; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) {
+    return false;
+  }
+};
+
+// An app's releases: [[version, status, role, staged_at, pinned, size], ...].
+class ReleasesReader : public StrictSax {
+ public:
+  explicit ReleasesReader(std::vector<ListedRelease>& out) : m_out(out) { m_out.clear(); }
+  bool done() const { return m_done; }
+
+  bool boolean(bool b) {
+    if (!in_release() || m_field != 4) return false;
+    m_release.pinned = b;
+    return next();
+  }
+  bool number_unsigned(json::number_unsigned_t n) {
+    if (!in_release() || m_field != 5) return false;
+    m_release.size = n;
+    return next();
+  }
+  bool string(json::string_t& v) {
+    if (!in_release()) return false;
+    switch (m_field) {
+      case 0:
+        m_release.version = std::move(v);
+        break;
+      case 1: {
+        auto status = release_status_from(v);
+        if (!status) return false;
+        m_release.status = *status;
+        break;
+      }
+      case 2:
+        m_release.role = std::move(v);
+        break;
+      case 3:
+        m_release.staged_at = std::move(v);
+        break;
+      default:
+        return false;
+    }
+    return next();
+  }
+  bool start_array(std::size_t elements) {
+    if (m_depth == 0 && !m_done) {
+      // CBOR gives the count: the releases are allocated once.
+      if (elements != static_cast<std::size_t>(-1) && elements <= kMaxReleasesPerApp)
+        m_out.reserve(elements);
+    } else if (m_depth == 1) {
+      m_field = 0;
+    } else {
+      return false;
+    }
+    ++m_depth;
+    return true;
+  }
+  bool end_array() {
+    if (m_depth == 2) {
+      if (m_field != 6 || m_out.size() >= kMaxReleasesPerApp) return false;
+      m_out.push_back(std::move(m_release));
+    } else {
+      m_done = true;
+    }
+    --m_depth;
+    return true;
+  }
+
+ private:
+  bool in_release() const { return m_depth == 2; }
+  bool next() {
+    ++m_field;
+    return true;
+  }
+  std::vector<ListedRelease>& m_out;
+  ListedRelease m_release;
+  int m_depth = 0, m_field = 0;
+  bool m_done = false;
+};
+
+// The file: {"format": 1, "apps": [[app, dir key, state key, has_state, needs_recovery,
+// pre_finalized, releases (a CBOR byte string)], ...]}, a key being [dev, ino, size, mtime s,
+// mtime ns, ctime s, ctime ns].
+class CacheReader : public StrictSax {
+ public:
+  std::map<std::string, Entry> entries;
+  bool complete() const { return m_format == kFormat && m_apps_seen && m_stack.empty(); }
+
+  bool boolean(bool b) {
+    if (!top(kApp) || field() < 3 || field() > 5) return false;
+    (field() == 3   ? m_entry.has_state
+     : field() == 4 ? m_entry.needs_recovery
+                    : m_entry.pre_finalized) = b;
+    return next();
+  }
+  bool number_integer(json::number_integer_t n) { return number(n); }
+  bool number_unsigned(json::number_unsigned_t n) {
+    return n <= static_cast<std::uint64_t>(INT64_MAX) && number(static_cast<std::int64_t>(n));
+  }
+  bool string(json::string_t& v) {
+    if (!top(kApp) || field() != 0) return false;
+    m_app = std::move(v);
+    return next();
+  }
+  bool binary(json::binary_t& v) {
+    if (!top(kApp) || field() != 6) return false;
+    m_entry.releases = std::move(static_cast<std::vector<std::uint8_t>&>(v));
+    return next();
+  }
+  bool start_object(std::size_t) {
+    if (!m_stack.empty() || m_format != 0) return false;
+    m_stack.push_back({kTop, 0});
+    return true;
+  }
+  bool key(json::string_t& k) {
+    if (!top(kTop)) return false;
+    m_key = std::move(k);
+    return true;
+  }
+  bool end_object() {
+    if (!top(kTop)) return false;
+    m_stack.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) {
+    if (top(kTop) && m_key == "apps" && !m_apps_seen) return push(kApps);
+    if (top(kApps)) {
+      m_entry = Entry{};
+      return push(kApp);
+    }
+    if (top(kApp) && (field() == 1 || field() == 2)) {
+      m_key_value = FileKey{};
+      return push(kKey);
+    }
+    return false;
+  }
+  bool end_array() {
+    if (m_stack.empty()) return false;
+    auto [ctx, n] = m_stack.back();
+    m_stack.pop_back();
+    switch (ctx) {
+      case kKey:
+        if (n != 7) return false;
+        (field() == 1 ? m_entry.dir : m_entry.state) = m_key_value;
+        return next();
+      case kApp:
+        if (n != 7) return false;
+        entries.insert_or_assign(std::move(m_app), std::move(m_entry));
+        return next();
+      case kApps:
+        m_apps_seen = true;
+        return true;
+      default:
+        return false;
+    }
+  }
+
+ private:
+  enum Ctx { kTop, kApps, kApp, kKey };
+  bool top(Ctx c) const { return !m_stack.empty() && m_stack.back().first == c; }
+  int field() const { return m_stack.back().second; }
+  bool next() {
+    ++m_stack.back().second;
+    return true;
+  }
+  bool push(Ctx c) {
+    m_stack.push_back({c, 0});
+    return true;
+  }
+  bool number(std::int64_t n) {
+    if (top(kTop) && m_key == "format") {
+      m_format = n;
+      return true;
+    }
+    if (!top(kKey) || field() >= 7) return false;
+    switch (field()) {  // dev, ino, size: unsigned; the times: signed
+      case 0:
+        m_key_value.dev = static_cast<std::uint64_t>(n);
+        break;
+      case 1:
+        m_key_value.ino = static_cast<std::uint64_t>(n);
+        break;
+      case 2:
+        m_key_value.size = static_cast<std::uint64_t>(n);
+        break;
+      case 3:
+        m_key_value.mtime_s = n;
+        break;
+      case 4:
+        m_key_value.mtime_ns = n;
+        break;
+      case 5:
+        m_key_value.ctime_s = n;
+        break;
+      case 6:
+        m_key_value.ctime_ns = n;
+        break;
+    }
+    if (field() < 3 && n < 0) return false;
+    return next();
+  }
+
+  std::vector<std::pair<Ctx, int>> m_stack;
+  std::string m_key, m_app;
+  std::int64_t m_format = 0;
+  bool m_apps_seen = false;
+  Entry m_entry;
+  FileKey m_key_value;
+};
+
+}  // namespace
+
+FileKey key_of(const struct stat& sb) {
+  return {static_cast<std::uint64_t>(sb.st_dev),
+          static_cast<std::uint64_t>(sb.st_ino),
+          static_cast<std::uint64_t>(sb.st_size),
+          sb.st_mtim.tv_sec,
+          sb.st_mtim.tv_nsec,
+          sb.st_ctim.tv_sec,
+          sb.st_ctim.tv_nsec};
+}
+
+std::vector<std::uint8_t> encode_releases(const std::vector<ListedRelease>& releases) {
+  json out = json::array();
+  for (const auto& r : releases)
+    out.push_back(json::array(
+        {r.version, std::string(to_string(r.status)), r.role, r.staged_at, r.pinned, r.size}));
+  return json::to_cbor(out);
+}
+
+bool decode_releases(std::span<const std::uint8_t> bytes, std::vector<ListedRelease>& out) {
+  ReleasesReader reader(out);
+  return json::sax_parse(bytes.begin(), bytes.end(), &reader, json::input_format_t::cbor) &&
+         reader.done();
+}
+
+std::vector<std::uint8_t> encode(const Entries& entries) {
+  json apps = json::array();
+  for (const auto& [app, e] : entries)
+    apps.push_back(json::array({app, key_to_json(e.dir), key_to_json(e.state), e.has_state,
+                                e.needs_recovery, e.pre_finalized, json::binary(e.releases)}));
+  return json::to_cbor(json{{"format", kFormat}, {"apps", std::move(apps)}});
+}
+
+std::optional<Entries> decode(std::span<const std::uint8_t> bytes) {
+  CacheReader reader;
+  if (!json::sax_parse(bytes.begin(), bytes.end(), &reader, json::input_format_t::cbor) ||
+      !reader.complete())
+    return std::nullopt;
+  return std::move(reader.entries);
+}
+
+}  // namespace upgraded::store::views_cache
