@@ -335,11 +335,13 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   // kept the daemon's uid (a --user instance) hands nothing over, but its tree is checked the
   // same way: a subverted helper could have left what the extractor never makes (a setuid
   // file, a link out of the tree).
+  // Nor a path the extractor's limits refuse.
+  const fs::TreeLimits limits{rq.policy.limits.max_path_length, rq.policy.limits.max_depth};
   if (helper.as)
     UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
-                                rq.policy.read_only));
+                                rq.policy.read_only, 0, limits));
   else
-    UPGRADED_TRY(fs::check_tree(rq.dest_dirfd, ::geteuid(), rq.policy.read_only));
+    UPGRADED_TRY(fs::check_tree(rq.dest_dirfd, ::geteuid(), rq.policy.read_only, 0, limits));
   // The helper leaves the one syncfs to us: contents and owners made durable together.
   UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree"));
   return stats;

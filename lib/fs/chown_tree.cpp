@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -32,7 +33,7 @@ namespace {
 struct Links {
   std::uint64_t nlink = 0;
   std::uint64_t seen = 0;
-  std::string first;  // its first name in walk order, for messages
+  std::string first;  // the first of its names in the tree's order, for messages
 };
 using LinkMap = std::map<std::pair<dev_t, ino_t>, Links>;
 
@@ -109,10 +110,9 @@ Result<void> walk_tree(int root, unsigned threads, const VisitDir& visit) {
     if (!error) error = std::move(e);
   };
   {
-    int fd = ::fcntl(root, F_DUPFD_CLOEXEC, 3);
-    if (fd < 0) return system_error(errno, "opening the tree's root");
-    stack.push_back({nullptr, "", "."});
-    stack.back().parent = std::make_shared<UniqueFd>(fd);
+    UniqueFd fd(::fcntl(root, F_DUPFD_CLOEXEC, 3));
+    if (fd.get() < 0) return system_error(errno, "opening the tree's root");
+    stack.push_back({std::make_shared<UniqueFd>(std::move(fd)), "", "."});
   }
   auto work = [&] {
     for (;;) {
@@ -146,6 +146,8 @@ Result<void> walk_tree(int root, unsigned threads, const VisitDir& visit) {
           if (auto r = visit(self->get(), next.path, subdirs); !r) failed = r.error();
       } catch (const std::exception& e) {
         failed = Error(ErrorCode::kFailed, std::string("walking the tree: ") + e.what());
+      } catch (...) {
+        failed = Error(ErrorCode::kFailed, "walking the tree: an unknown exception");
       }
       std::lock_guard lock(mutex);
       --busy;
@@ -158,6 +160,8 @@ Result<void> walk_tree(int root, unsigned threads, const VisitDir& visit) {
             stack.push_back({self, std::move(it->first), std::move(it->second)});
         } catch (const std::exception& e) {
           fail(Error(ErrorCode::kFailed, std::string("walking the tree: ") + e.what()));
+        } catch (...) {
+          fail(Error(ErrorCode::kFailed, "walking the tree: an unknown exception"));
         }
       }
       cv.notify_all();
@@ -184,18 +188,33 @@ unsigned default_threads() {
 }
 
 // The check: every entry stat'ed once and checked, every multiply linked one counted.
-// Nothing is changed.
-Result<void> check_contents(int root, uid_t owner, bool read_only, unsigned threads) {
+// Nothing is changed. `entries`: how many there are below the root.
+Result<void> check_contents(int root, uid_t owner, bool read_only, unsigned threads,
+                            const TreeLimits& limits, std::uint64_t& entries_seen) {
   std::mutex links_mutex;
   LinkMap links;
+  std::atomic<std::uint64_t> count{0};
   auto r =
       walk_tree(root, threads,
                 [&](int fd, const std::string& path,
                     std::vector<std::pair<std::string, std::string>>& subdirs) -> Result<void> {
                   auto entries = list_entries(fd, path);
                   if (!entries) return entries.error();
+                  count += entries->size();
+                  // `path` is "." or "./a/b": its entries are one level deeper.
+                  const std::size_t depth =
+                      static_cast<std::size_t>(std::count(path.begin(), path.end(), '/')) + 1;
+                  if (!entries->empty() && depth > limits.max_depth)
+                    return Error(ErrorCode::kPolicyRefused,
+                                 policy::quote(path + "/" + entries->front().name) +
+                                     " is nested deeper than " + std::to_string(limits.max_depth) +
+                                     " levels");
                   for (const auto& e : *entries) {
                     std::string child = path + "/" + e.name;
+                    if (child.size() - 2 > limits.max_path_length)
+                      return Error(ErrorCode::kPolicyRefused,
+                                   policy::quote(child) + " is longer than " +
+                                       std::to_string(limits.max_path_length) + " bytes");
                     struct stat st {};
                     if (::fstatat(fd, e.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
                       int err = errno;
@@ -217,9 +236,10 @@ Result<void> check_contents(int root, uid_t owner, bool read_only, unsigned thre
   if (!r) {
     // Several threads: whichever bad entry one met first. Refusals are rare; the same walk by
     // one thread names the first bad entry in the tree's order, the same one every time.
-    if (threads > 1) return check_contents(root, owner, read_only, 1);
+    if (threads > 1) return check_contents(root, owner, read_only, 1, limits, entries_seen);
     return r;
   }
+  entries_seen = count;
   // Every name of a multiply linked file or symlink must lie in the tree: a name elsewhere
   // would be a file of the new owner at a place nobody chose.
   for (const auto& [id, l] : links)
@@ -234,48 +254,72 @@ Result<void> check_contents(int root, uid_t owner, bool read_only, unsigned thre
 // never their targets. The entries' types come from the listing (d_type, else one fstatat):
 // the builder is gone (each extraction runs under a uid of its own and its helper cannot fork),
 // so the tree is the one just checked.
-Result<void> chown_contents(int root, uid_t uid, gid_t gid, unsigned threads) {
-  return walk_tree(root, threads,
-                   [&](int fd, const std::string& path,
-                       std::vector<std::pair<std::string, std::string>>& subdirs) -> Result<void> {
-                     auto entries = list_entries(fd, path);
-                     if (!entries) return entries.error();
-                     for (const auto& e : *entries) {
-                       bool dir = e.type == DT_DIR;
-                       if (e.type == DT_UNKNOWN) {
-                         struct stat st {};
-                         if (::fstatat(fd, e.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
-                           int err = errno;
-                           return system_error(err,
-                                               "inspecting " + policy::quote(path + "/" + e.name));
-                         }
-                         dir = S_ISDIR(st.st_mode);
-                       }
-                       if (::fchownat(fd, e.name.c_str(), uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
-                         int err = errno;
-                         return system_error(err, "chown " + policy::quote(path + "/" + e.name));
-                       }
-                       if (dir) subdirs.emplace_back(e.name, path + "/" + e.name);
-                     }
-                     return {};
-                   });
+Result<void> chown_contents(int root, uid_t uid, gid_t gid, unsigned threads,
+                            std::uint64_t& entries_seen) {
+  std::atomic<std::uint64_t> count{0};
+  auto r = walk_tree(
+      root, threads,
+      [&](int fd, const std::string& path,
+          std::vector<std::pair<std::string, std::string>>& subdirs) -> Result<void> {
+        auto entries = list_entries(fd, path);
+        if (!entries) return entries.error();
+        count += entries->size();
+        for (const auto& e : *entries) {
+          bool dir = e.type == DT_DIR;
+          if (e.type == DT_UNKNOWN) {
+            struct stat st {};
+            if (::fstatat(fd, e.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+              int err = errno;
+              return system_error(err, "inspecting " + policy::quote(path + "/" + e.name));
+            }
+            dir = S_ISDIR(st.st_mode);
+          }
+          if (::fchownat(fd, e.name.c_str(), uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
+            int err = errno;
+            return system_error(err, "chown " + policy::quote(path + "/" + e.name));
+          }
+          if (dir) subdirs.emplace_back(e.name, path + "/" + e.name);
+        }
+        return {};
+      });
+  entries_seen = count;
+  return r;
 }
 
 }  // namespace
 
-Result<void> check_tree(int dirfd, uid_t owner, bool read_only, unsigned threads) {
+namespace {
+
+Result<void> check_root_and_contents(int dirfd, uid_t owner, bool read_only, unsigned threads,
+                                     const TreeLimits& limits, std::uint64_t& entries) {
   struct stat st {};
   if (::fstat(dirfd, &st) != 0) return system_error(errno, "inspecting the tree's root");
   UPGRADED_TRY(check_entry(st, owner, read_only, "."));
-  return check_contents(dirfd, owner, read_only, threads ? threads : default_threads());
+  return check_contents(dirfd, owner, read_only, threads ? threads : default_threads(), limits,
+                        entries);
+}
+
+}  // namespace
+
+Result<void> check_tree(int dirfd, uid_t owner, bool read_only, unsigned threads,
+                        const TreeLimits& limits) {
+  std::uint64_t entries = 0;
+  return check_root_and_contents(dirfd, owner, read_only, threads, limits, entries);
 }
 
 Result<void> chown_tree(int dirfd, uid_t from_uid, uid_t uid, gid_t gid, bool read_only,
-                        unsigned threads) {
+                        unsigned threads, const TreeLimits& limits) {
   if (threads == 0) threads = default_threads();
   // Check everything first: a refused tree keeps its builder's uid throughout.
-  UPGRADED_TRY(check_tree(dirfd, from_uid, read_only, threads));
-  UPGRADED_TRY(chown_contents(dirfd, uid, gid, threads));
+  std::uint64_t checked = 0, handed = 0;
+  UPGRADED_TRY(check_root_and_contents(dirfd, from_uid, read_only, threads, limits, checked));
+  UPGRADED_TRY(chown_contents(dirfd, uid, gid, threads, handed));
+  // The builder is gone, so the tree cannot have changed; if it did, what was handed over is
+  // not what was checked.
+  if (handed != checked)
+    return Error(ErrorCode::kFailed,
+                 "the tree changed while it was handed over: " + std::to_string(checked) +
+                     " entries checked, " + std::to_string(handed) + " handed over");
   if (::fchown(dirfd, uid, gid) != 0) return system_error(errno, "chown of the tree's root");
   return {};
 }

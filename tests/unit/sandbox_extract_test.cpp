@@ -320,8 +320,10 @@ TEST(ChownTree, HandsOverAWideDeepTreeOrNothingOfItByAnyNumberOfThreads) {
   }
 }
 
-// Deeper than PATH_MAX: each directory is opened from its parent, so no path is too long.
-TEST(ChownTree, HandsOverATreeDeeperThanPathMax) {
+// Deeper than PATH_MAX: each directory is opened from its parent, so no path is too long for
+// the walk. The extractor never makes such paths, so by default they are refused, and nothing
+// is handed over; limits that allow them (up to the 30 levels of 200 bytes built here) do.
+TEST(ChownTree, HandsOverATreeDeeperThanPathMaxOnlyWhenItsLimitsAllowIt) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
   TempDir t;
   make_dirs(t / "tree");
@@ -343,8 +345,27 @@ TEST(ChownTree, HandsOverATreeDeeperThanPathMax) {
   ASSERT_EQ(::fchown(file, kHelperId, kHelperId), 0);
   ::close(file);
   ASSERT_EQ(::fchown(root->get(), kHelperId, kHelperId), 0);
-  ASSERT_TRUE(fs::chown_tree(root->get(), kHelperId, 0, 0, false, 4).ok());
   struct stat st {};
+  for (unsigned threads : {1u, 4u}) {
+    // The defaults; one byte short; one level short.
+    for (auto [refused, why] :
+         {std::pair{fs::TreeLimits{}, "is longer than 4095 bytes"},
+          std::pair{fs::TreeLimits{30 * 201 + 6, 31}, "is longer than 6036 bytes"},
+          std::pair{fs::TreeLimits{30 * 201 + 7, 30}, "is nested deeper than 30 levels"}}) {
+      auto r = fs::chown_tree(root->get(), kHelperId, 0, 0, false, threads, refused);
+      ASSERT_FALSE(r.ok()) << why;
+      EXPECT_EQ(r.error().code(), ErrorCode::kPolicyRefused);
+      EXPECT_NE(r.error().message().find(why), std::string::npos) << r.error().message();
+      ASSERT_EQ(::fstatat(at, "deepest", &st, AT_SYMLINK_NOFOLLOW), 0);
+      EXPECT_EQ(st.st_uid, kHelperId) << "nothing handed over";
+      ASSERT_EQ(::fstat(root->get(), &st), 0);
+      EXPECT_EQ(st.st_uid, kHelperId);
+    }
+  }
+  // "d...d/" 30 times and "deepest": 30 * 201 + 7 bytes, 31 levels.
+  ASSERT_TRUE(
+      fs::chown_tree(root->get(), kHelperId, 0, 0, false, 4, fs::TreeLimits{30 * 201 + 7, 31})
+          .ok());
   ASSERT_EQ(::fstatat(at, "deepest", &st, AT_SYMLINK_NOFOLLOW), 0);
   EXPECT_EQ(st.st_uid, 0u);
   ASSERT_EQ(::fstat(at, &st), 0);
