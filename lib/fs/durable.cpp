@@ -115,7 +115,9 @@ Result<void> write_all(int fd, std::span<const std::byte> data) {
 }
 
 Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t max_size) {
-  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  // O_NONBLOCK: a FIFO in a file's place opens at once (and read_fd refuses it) instead of
+  // blocking until a writer comes; a regular file ignores it.
+  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   if (fd < 0) return system_error(errno, "opening '" + path + "'");
   UniqueFd owner(fd);
   struct stat st {};

@@ -530,7 +530,8 @@ Result<std::shared_ptr<const AppState>> Store::load_state(int dirfd, const std::
         it != m_cache->entries.end() && it->second.same_file(*sb))
       return it->second.state;
   }
-  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  // O_NONBLOCK: a FIFO in its place opens at once, and read_fd refuses it.
+  int fd = ::openat(dirfd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT || errno == ENOTDIR)
       return Error(ErrorCode::kNotFound, "no app " + policy::quote(app));
@@ -567,11 +568,21 @@ Result<std::vector<ListedState>> Store::states() const {
   std::vector<ListedState> out;
   // One fstatat() per app, relative to the apps directory: with the states cached (the
   // daemon), that is all a listing of thousands of apps costs the kernel.
+  // An app whose state cannot be inspected or read is listed with the error: one app's broken
+  // file never fails the listing of the others.
   auto add = [&](int dirfd, const std::string& app, const std::string& path) -> Result<void> {
     struct stat sb {};
     if (::fstatat(dirfd, path.c_str(), &sb, 0) != 0) {
       if (errno == ENOENT || errno == ENOTDIR) return {};  // no state (yet), or removed
-      return system_error(errno, "inspecting " + policy::quote(path));
+      out.push_back({app, nullptr,
+                     system_error(errno, "inspecting " + policy::quote(path)).with_context(app)});
+      return {};
+    }
+    if (!S_ISREG(sb.st_mode)) {  // never opened: a FIFO would block
+      out.push_back({app, nullptr,
+                     Error(ErrorCode::kFailed, policy::quote(path) + " is not a regular file")
+                         .with_context(app)});
+      return {};
     }
     auto st = load_state(dirfd, path, app, &sb);
     if (st)

@@ -53,8 +53,13 @@ bool settled(const FileKey& k, const struct timespec& now) {
   return k.ino == 0 || (k.ctime_s + kSettledS < now.tv_sec && k.mtime_s + kSettledS < now.tv_sec);
 }
 
+// What derives a view from an app's files: the code of view(), view_of() and the version
+// ordering (a hash of their sources, from lib/CMakeLists.txt). A cache written by other code is
+// dropped: its entries could mean something else (an interrupted operation it did not know).
+constexpr const char* kDerivation = UPGRADED_VIEWS_DERIVATION;
+
 // The cache's entries; empty if there is no usable cache.
-Entries load(int rootfd) {
+Entries load(int rootfd, const struct timespec& now) {
   int fd = ::openat(rootfd, kViewsCache, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
   if (fd < 0) return {};
   UniqueFd owner(fd);
@@ -64,9 +69,12 @@ Entries load(int rootfd) {
     return {};
   auto text = fs::read_fd(fd, sb, kViewsCache, kMaxViewsCacheSize);
   if (!text) return {};
-  auto entries = views_cache::decode(
+  auto doc = views_cache::decode(
       std::span(reinterpret_cast<const std::uint8_t*>(text->data()), text->size()));
-  return entries ? std::move(*entries) : Entries();
+  // Written by other code, or "later" than now: a clock stepped back could give a file the
+  // times an entry was keyed on, after it changed.
+  if (!doc || doc->derivation != kDerivation || doc->written > now.tv_sec) return {};
+  return std::move(doc->entries);
 }
 
 // Removes what a listing killed while writing the cache left behind: its temporary file, once
@@ -85,17 +93,18 @@ void remove_leftovers(int rootfd, const struct timespec& now) {
 }
 
 // Replaces the cache; best effort (a caller who may not write the store lists without it).
-void save(int rootfd, const Entries& entries, const struct timespec& now) {
+void save(int rootfd, Entries entries, const struct timespec& now) {
   remove_leftovers(rootfd, now);
-  auto bytes = views_cache::encode(entries);
+  auto bytes = views_cache::encode({kDerivation, now.tv_sec, std::move(entries)});
   std::random_device rd;
   char tmp[64];
   std::snprintf(tmp, sizeof tmp, ".%s.%08x%08x", kViewsCache, rd(), rd());
-  int fd = ::openat(rootfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+  // Readable by its owner only: it lists apps whose own roots others may not be able to reach.
+  int fd = ::openat(rootfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return;
   UniqueFd owner(fd);
   if (!fs::write_all(fd, std::as_bytes(std::span(bytes.data(), bytes.size()))) ||
-      ::fchmod(fd, 0644) != 0 || ::renameat(rootfd, tmp, rootfd, kViewsCache) != 0)
+      ::fchmod(fd, 0600) != 0 || ::renameat(rootfd, tmp, rootfd, kViewsCache) != 0)
     ::unlinkat(rootfd, tmp, 0);
 }
 
@@ -138,7 +147,7 @@ Result<void> Store::for_each_view(
   UniqueFd apps(fd);
   struct timespec now {};
   ::clock_gettime(CLOCK_REALTIME, &now);
-  Entries cached = load(root->get());
+  Entries cached = load(root->get(), now);
   Entries kept;
   bool changed = false;
   AppView decoded;  // the view of an app from the cache; its memory serves every app in turn
@@ -184,7 +193,7 @@ Result<void> Store::for_each_view(
     if (listed(view)) fn(app, view);
   }
   // Left in `cached`: apps gone, changed (and too young to be kept), or undecodable.
-  if (changed || !cached.empty()) save(root->get(), kept, now);
+  if (changed || !cached.empty()) save(root->get(), std::move(kept), now);
   return {};
 }
 

@@ -112,13 +112,13 @@ class ReleasesReader : public StrictSax {
   bool m_done = false;
 };
 
-// The file: {"format": 1, "apps": [[app, dir key, state key, has_state, needs_recovery,
-// pre_finalized, releases (a CBOR byte string)], ...]}, a key being [dev, ino, size, mtime s,
-// mtime ns, ctime s, ctime ns].
+// The file (views_cache.h, encode()), read value by value.
 class CacheReader : public StrictSax {
  public:
-  std::map<std::string, Entry> entries;
-  bool complete() const { return m_format == kFormat && m_apps_seen && m_stack.empty(); }
+  Document doc;
+  bool complete() const {
+    return m_seen == (kFormatSeen | kDerivationSeen | kWrittenSeen | kAppsSeen) && m_stack.empty();
+  }
 
   bool boolean(bool b) {
     if (!top(kApp) || field() < 3 || field() > 5) return false;
@@ -127,11 +127,21 @@ class CacheReader : public StrictSax {
                     : m_entry.pre_finalized) = b;
     return next();
   }
-  bool number_integer(json::number_integer_t n) { return number(n); }
+  bool number_integer(json::number_integer_t n) { return signed_number(n); }
   bool number_unsigned(json::number_unsigned_t n) {
-    return n <= static_cast<std::uint64_t>(INT64_MAX) && number(static_cast<std::int64_t>(n));
+    // dev, ino and size are unsigned, to their last bit; the times are signed.
+    if (top(kKey) && field() < 3) {
+      (field() == 0 ? m_key_value.dev : field() == 1 ? m_key_value.ino : m_key_value.size) = n;
+      return next();
+    }
+    return n <= static_cast<std::uint64_t>(INT64_MAX) &&
+           signed_number(static_cast<std::int64_t>(n));
   }
   bool string(json::string_t& v) {
+    if (top(kTop) && m_key == "derivation" && once(kDerivationSeen)) {
+      doc.derivation = std::move(v);
+      return true;
+    }
     if (!top(kApp) || field() != 0) return false;
     m_app = std::move(v);
     return next();
@@ -142,7 +152,7 @@ class CacheReader : public StrictSax {
     return next();
   }
   bool start_object(std::size_t) {
-    if (!m_stack.empty() || m_format != 0) return false;
+    if (!m_stack.empty() || m_seen != 0) return false;
     m_stack.push_back({kTop, 0});
     return true;
   }
@@ -157,7 +167,7 @@ class CacheReader : public StrictSax {
     return true;
   }
   bool start_array(std::size_t) {
-    if (top(kTop) && m_key == "apps" && !m_apps_seen) return push(kApps);
+    if (top(kTop) && m_key == "apps" && (m_seen & kAppsSeen) == 0) return push(kApps);
     if (top(kApps)) {
       m_entry = Entry{};
       return push(kApp);
@@ -178,11 +188,12 @@ class CacheReader : public StrictSax {
         (field() == 1 ? m_entry.dir : m_entry.state) = m_key_value;
         return next();
       case kApp:
-        if (n != 7) return false;
-        entries.insert_or_assign(std::move(m_app), std::move(m_entry));
+        // Each app once: a second entry for one is not something encode() writes.
+        if (n != 7 || !doc.entries.try_emplace(std::move(m_app), std::move(m_entry)).second)
+          return false;
         return next();
       case kApps:
-        m_apps_seen = true;
+        m_seen |= kAppsSeen;
         return true;
       default:
         return false;
@@ -191,6 +202,7 @@ class CacheReader : public StrictSax {
 
  private:
   enum Ctx { kTop, kApps, kApp, kKey };
+  enum Seen : unsigned { kFormatSeen = 1, kDerivationSeen = 2, kWrittenSeen = 4, kAppsSeen = 8 };
   bool top(Ctx c) const { return !m_stack.empty() && m_stack.back().first == c; }
   int field() const { return m_stack.back().second; }
   bool next() {
@@ -201,43 +213,28 @@ class CacheReader : public StrictSax {
     m_stack.push_back({c, 0});
     return true;
   }
-  bool number(std::int64_t n) {
-    if (top(kTop) && m_key == "format") {
-      m_format = n;
+  bool once(Seen s) {
+    if (m_seen & s) return false;
+    m_seen |= s;
+    return true;
+  }
+  bool signed_number(std::int64_t n) {
+    if (top(kTop) && m_key == "format" && once(kFormatSeen)) return n == kFormat;
+    if (top(kTop) && m_key == "written" && once(kWrittenSeen)) {
+      doc.written = n;
       return true;
     }
-    if (!top(kKey) || field() >= 7) return false;
-    switch (field()) {  // dev, ino, size: unsigned; the times: signed
-      case 0:
-        m_key_value.dev = static_cast<std::uint64_t>(n);
-        break;
-      case 1:
-        m_key_value.ino = static_cast<std::uint64_t>(n);
-        break;
-      case 2:
-        m_key_value.size = static_cast<std::uint64_t>(n);
-        break;
-      case 3:
-        m_key_value.mtime_s = n;
-        break;
-      case 4:
-        m_key_value.mtime_ns = n;
-        break;
-      case 5:
-        m_key_value.ctime_s = n;
-        break;
-      case 6:
-        m_key_value.ctime_ns = n;
-        break;
-    }
-    if (field() < 3 && n < 0) return false;
+    if (!top(kKey) || field() < 3 || field() >= 7) return false;
+    (field() == 3   ? m_key_value.mtime_s
+     : field() == 4 ? m_key_value.mtime_ns
+     : field() == 5 ? m_key_value.ctime_s
+                    : m_key_value.ctime_ns) = n;
     return next();
   }
 
   std::vector<std::pair<Ctx, int>> m_stack;
   std::string m_key, m_app;
-  std::int64_t m_format = 0;
-  bool m_apps_seen = false;
+  unsigned m_seen = 0;
   Entry m_entry;
   FileKey m_key_value;
 };
@@ -268,20 +265,23 @@ bool decode_releases(std::span<const std::uint8_t> bytes, std::vector<ListedRele
          reader.done();
 }
 
-std::vector<std::uint8_t> encode(const Entries& entries) {
+std::vector<std::uint8_t> encode(const Document& doc) {
   json apps = json::array();
-  for (const auto& [app, e] : entries)
+  for (const auto& [app, e] : doc.entries)
     apps.push_back(json::array({app, key_to_json(e.dir), key_to_json(e.state), e.has_state,
                                 e.needs_recovery, e.pre_finalized, json::binary(e.releases)}));
-  return json::to_cbor(json{{"format", kFormat}, {"apps", std::move(apps)}});
+  return json::to_cbor(json{{"format", kFormat},
+                            {"derivation", doc.derivation},
+                            {"written", doc.written},
+                            {"apps", std::move(apps)}});
 }
 
-std::optional<Entries> decode(std::span<const std::uint8_t> bytes) {
+std::optional<Document> decode(std::span<const std::uint8_t> bytes) {
   CacheReader reader;
   if (!json::sax_parse(bytes.begin(), bytes.end(), &reader, json::input_format_t::cbor) ||
       !reader.complete())
     return std::nullopt;
-  return std::move(reader.entries);
+  return std::move(reader.doc);
 }
 
 }  // namespace upgraded::store::views_cache

@@ -3,7 +3,7 @@
 // input is the file's bytes.
 //
 // Invariants: a document is accepted only whole (the reader checks every value's place and
-// type); what is accepted encodes back to a document that decodes to the same entries; an
+// type); what is accepted encodes back to a document that decodes to the same one; an
 // entry's releases decode, if at all, to at most kMaxReleasesPerApp releases that likewise
 // survive a round trip.
 
@@ -15,13 +15,13 @@
 using namespace upgraded::store;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  auto entries = views_cache::decode(std::span(data, size));
-  if (!entries) return 0;
-  auto again = views_cache::decode(views_cache::encode(*entries));
+  auto doc = views_cache::decode(std::span(data, size));
+  if (!doc) return 0;
+  auto again = views_cache::decode(views_cache::encode(*doc));
   FUZZ_CHECK(again.has_value());
-  FUZZ_CHECK(*again == *entries);
+  FUZZ_CHECK(*again == *doc);
   std::vector<ListedRelease> releases, round;
-  for (const auto& [app, e] : *entries) {
+  for (const auto& [app, e] : doc->entries) {
     if (!views_cache::decode_releases(e.releases, releases)) continue;
     FUZZ_CHECK(releases.size() <= views_cache::kMaxReleasesPerApp);
     FUZZ_CHECK(views_cache::decode_releases(views_cache::encode_releases(releases), round));

@@ -323,6 +323,10 @@ TEST_F(AStore, ListsEveryStateInOnePassAndNamesTheOneItCannotRead) {
   make_dirs(t / "state/apps/broken");
   write_file(t / "state/apps/broken/state.json", "{not json");
   make_dirs(t / "state/apps/empty");  // a first stage that never committed: no state
+  make_dirs(t / "state/apps/fifo");
+  ASSERT_EQ(::mkfifo((t / "state/apps/fifo/state.json").c_str(), 0644), 0);
+  make_dirs(t / "state/apps/loop");
+  ASSERT_EQ(::symlink("state.json", (t / "state/apps/loop/state.json").c_str()), 0);
   auto o = fixture().options(t / "state");
   o.cache_states = true;
   auto cached = Store::open(o);
@@ -330,15 +334,23 @@ TEST_F(AStore, ListsEveryStateInOnePassAndNamesTheOneItCannotRead) {
   for (int pass = 0; pass < 2; ++pass) {  // read, then (the same files) from the cache
     auto all = cached->states();
     ASSERT_TRUE(all.ok()) << all.error().message();
-    ASSERT_EQ(all->size(), 2u);
+    ASSERT_EQ(all->size(), 4u);
+    // Each broken one with its error (a FIFO never opened: that would block), the others read.
+    for (std::size_t i : {0u, 1u, 3u}) {
+      const auto& broken = (*all)[i];
+      EXPECT_EQ(broken.state, nullptr) << broken.app;
+      ASSERT_TRUE(broken.error.has_value()) << broken.app;
+      EXPECT_NE(broken.error->message().find(broken.app), std::string::npos)
+          << broken.error->message();
+    }
     EXPECT_EQ((*all)[0].app, "broken");
-    EXPECT_EQ((*all)[0].state, nullptr);
-    ASSERT_TRUE((*all)[0].error.has_value());
-    EXPECT_NE((*all)[0].error->message().find("broken"), std::string::npos);
-    EXPECT_EQ((*all)[1].app, "hello");
-    ASSERT_NE((*all)[1].state, nullptr);
-    EXPECT_EQ(*(*all)[1].state, state());
-    EXPECT_FALSE((*all)[1].error.has_value());
+    EXPECT_EQ((*all)[1].app, "fifo");
+    EXPECT_NE((*all)[1].error->message().find("not a regular file"), std::string::npos);
+    EXPECT_EQ((*all)[3].app, "loop");
+    EXPECT_EQ((*all)[2].app, "hello");
+    ASSERT_NE((*all)[2].state, nullptr);
+    EXPECT_EQ(*(*all)[2].state, state());
+    EXPECT_FALSE((*all)[2].error.has_value());
   }
   {
     auto lock = store->lock("hello");  // another Store: another process, as far as files go
@@ -346,7 +358,7 @@ TEST_F(AStore, ListsEveryStateInOnePassAndNamesTheOneItCannotRead) {
   }
   auto after = cached->states();
   ASSERT_TRUE(after.ok());
-  EXPECT_TRUE((*after)[1].state->releases.at("1.0.0").pinned);
+  EXPECT_TRUE((*after)[2].state->releases.at("1.0.0").pinned);
 }
 
 TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
@@ -388,31 +400,38 @@ TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
   EXPECT_EQ(versions(), real);
   auto kept = entries();
   ASSERT_TRUE(kept.has_value());
-  ASSERT_EQ(kept->count("hello"), 1u);
-  EXPECT_EQ(kept->count("empty"), 1u);
+  ASSERT_EQ(kept->entries.count("hello"), 1u);
+  EXPECT_EQ(kept->entries.count("empty"), 1u);
   struct stat sb {};
   ASSERT_EQ(::stat((app_root() + "/state.json").c_str(), &sb), 0);
-  EXPECT_EQ(kept->at("hello").state, views_cache::key_of(sb));
+  EXPECT_EQ(kept->entries.at("hello").state, views_cache::key_of(sb));
   ASSERT_EQ(::stat(cache.c_str(), &sb), 0);
-  EXPECT_EQ(sb.st_mode & 0777, 0644u);
+  EXPECT_EQ(sb.st_mode & 0777, 0600u) << "it may list apps others cannot reach";
   EXPECT_EQ(fs::FaultInjection::calls(fs::FaultOp::kSync), 0) << "a listing syncs nothing";
 
   // The cache is what is listed while the files are the same: a forged entry shows.
-  auto forge = [&](unsigned mode) {
+  auto forge = [&](unsigned mode, std::int64_t later = 0, std::string derivation = "") {
     auto forged = *kept;
-    forged["hello"].releases = views_cache::encode_releases(
+    forged.entries["hello"].releases = views_cache::encode_releases(
         {ListedRelease{"7.7.7", ReleaseStatus::kGood, "current", "x", false, 1}});
+    forged.written += later;
+    if (!derivation.empty()) forged.derivation = derivation;
     auto bytes = views_cache::encode(forged);
     ::unlink(cache.c_str());
     write_file(cache, std::string(bytes.begin(), bytes.end()), mode);
   };
   forge(0644);
   EXPECT_EQ(versions(), std::vector<std::string>{"hello 7.7.7 current"});
-  // ... but not one that others may write.
+  // ... but not one that others may write, one written by other code, or one from the future
+  // (the clock was stepped back since: a file could now get the times an entry has).
   forge(0664);
   EXPECT_EQ(versions(), real);
+  forge(0600, 0, "another build");
+  EXPECT_EQ(versions(), real);
+  forge(0600, 3600);
+  EXPECT_EQ(versions(), real);
   // Garbage is ignored, and replaced; so is what a listing killed mid-write left, once old.
-  write_file(cache, "\xa2garbage", 0644);
+  write_file(cache, "\xa2garbage", 0600);
   const std::string old_leftover = t / "state/.views.cache.0123456789abcdef";
   const std::string new_leftover = t / "state/.views.cache.fedcba9876543210";
   write_file(old_leftover, "half");
@@ -450,7 +469,7 @@ TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
   // An app removed: gone from the listing and from the cache.
   ASSERT_TRUE(fs::remove_tree(AT_FDCWD, t / "state/apps/empty").ok());
   versions();
-  EXPECT_EQ(entries()->count("empty"), 0u);
+  EXPECT_EQ(entries()->entries.count("empty"), 0u);
 }
 
 TEST_F(AStore, ListsWithoutItsCacheWhenTheCacheCannotBeWritten) {

@@ -40,12 +40,22 @@ struct Entry {
 };
 using Entries = std::map<std::string, Entry>;
 
-/// The file: CBOR {"format": 1, "apps": [[app, dir key, state key, has_state, needs_recovery,
-/// pre_finalized, releases (a byte string)], ...]}, a key being [dev, ino, size, mtime s,
-/// mtime ns, ctime s, ctime ns].
-std::vector<std::uint8_t> encode(const Entries& entries);
-/// The entries, or none if `bytes` is not exactly such a document (any value out of place).
-std::optional<Entries> decode(std::span<const std::uint8_t> bytes);
+struct Document {
+  /// What derived the entries' views (Store::for_each_view's kDerivation): a listing made by
+  /// other code, whose views may mean something else, is not reused.
+  std::string derivation;
+  std::int64_t written = 0;  ///< when (CLOCK_REALTIME seconds): a clock now earlier drops it
+  Entries entries;
+  bool operator==(const Document&) const = default;
+};
+
+/// The file: CBOR {"format": 1, "derivation": "...", "written": seconds, "apps": [[app, dir
+/// key, state key, has_state, needs_recovery, pre_finalized, releases (a byte string)], ...]},
+/// a key being [dev, ino, size, mtime s, mtime ns, ctime s, ctime ns].
+std::vector<std::uint8_t> encode(const Document& doc);
+/// The document, or none if `bytes` is not exactly such a document: any value out of place or
+/// of another type, a key missing or given twice, an app listed twice.
+std::optional<Document> decode(std::span<const std::uint8_t> bytes);
 
 /// An entry's releases: CBOR [[version, status, role, staged_at, pinned, size], ...].
 std::vector<std::uint8_t> encode_releases(const std::vector<ListedRelease>& releases);
