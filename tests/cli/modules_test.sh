@@ -3,6 +3,7 @@
 # libraries it needs, a missing or foreign module is a clear error (exit 1) that changes
 # nothing, and the command lines work without any module.
 set -uo pipefail
+. "$(dirname "$(realpath "${BASH_SOURCE[0]}")")/../support/checks.sh"
 U=$(realpath "${1:?usage: modules_test.sh UPGRADECTL BUS ARTIFACT WRONG_INTERFACE WRONG_SIZE NO_ENTRY CONFIGURED_DIR}")
 BUS=$(realpath "$2")
 ART=$(realpath "$3")
@@ -13,29 +14,6 @@ CONFIGURED=$7
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 cd "$T"
-passed=0
-failed=0
-
-check() {  # check NAME EXPECTED_RC COMMAND...
-  local name=$1 want=$2
-  shift 2
-  "$@" >out.txt 2>err.txt
-  local rc=$?
-  if [ "$rc" -eq "$want" ]; then
-    passed=$((passed + 1))
-  else
-    failed=$((failed + 1))
-    echo "FAIL: $name: exit $rc, expected $want"
-    sed 's/^/  stdout: /' out.txt | head -5
-    sed 's/^/  stderr: /' err.txt | head -5
-  fi
-}
-
-expect() {  # expect NAME CONDITION...
-  local name=$1
-  shift
-  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: $name"; fi
-}
 
 # The shared objects a run maps, from the dynamic loader's own account.
 loaded() {  # loaded COMMAND... -> one file name per line
@@ -121,5 +99,4 @@ check "install --offline with the modules next to it" 0 \
 check "list --offline" 0 alone/cli/upgradectl list --offline --root root
 expect "lists it" grep -q "^a  *1.0.0" out.txt
 
-echo "modules: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+report modules

@@ -2,33 +2,11 @@
 # End-to-end test of upgradectl's offline verbs: output, files on disk and exit codes
 # (0 ok, 1 failed, 2 usage, 3 policy refused, 4 verification failed).
 set -uo pipefail
+. "$(dirname "$(realpath "${BASH_SOURCE[0]}")")/../support/checks.sh"
 U=$(realpath "${1:?usage: offline_verbs_test.sh path/to/upgradectl}")
 T=$(mktemp -d)
 trap 'chmod -R u+w "$T" 2>/dev/null; rm -rf "$T"' EXIT
 cd "$T"
-passed=0
-failed=0
-
-check() {  # check NAME EXPECTED_RC COMMAND...
-  local name=$1 want=$2
-  shift 2
-  "$@" >out.txt 2>err.txt
-  local rc=$?
-  if [ "$rc" -eq "$want" ]; then
-    passed=$((passed + 1))
-  else
-    failed=$((failed + 1))
-    echo "FAIL: $name: exit $rc, expected $want"
-    sed 's/^/  stdout: /' out.txt | head -5
-    sed 's/^/  stderr: /' err.txt | head -5
-  fi
-}
-
-expect() {  # expect NAME CONDITION...
-  local name=$1
-  shift
-  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: $name"; fi
-}
 
 mkdir -p keys other src/bin src/share
 printf '#!/bin/sh\necho v1\n' >src/bin/hello && chmod 755 src/bin/hello
@@ -106,5 +84,4 @@ check "inspect --json" 0 "$U" inspect --json h.upd
 expect "inspect --json has verified=false" /usr/bin/python3 -c 'import json; d=json.load(open("out.txt")); assert d["verified"] is False and d["manifest"]["app"] == "hello"'
 check "unknown verb" 2 "$U" frobnicate
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+report
