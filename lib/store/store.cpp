@@ -474,12 +474,9 @@ bool interrupted(int dfd, const std::optional<AppState>& st) {
 }  // namespace
 
 Result<bool> Store::needs_recovery(const std::string& app) const {
-  UPGRADED_TRY(policy::validate_app_name(app));
-  auto appfd = fs::open_directory(app_root(app));
-  if (!appfd) return appfd.error();
-  auto st = read_state(appfd->get());
-  if (!st) return st.error();
-  return interrupted(appfd->get(), *st);
+  auto v = view(app);
+  if (!v) return v.error();
+  return v->needs_recovery;
 }
 
 Result<AppView> Store::view(const std::string& app) const {

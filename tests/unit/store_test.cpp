@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include "support/store_fixture.h"
@@ -38,6 +39,18 @@ class AStore : public ::testing::Test {
     return store->stage(fd.get(), fixture().keyring(), artifact::TrustPolicy{});
   }
   AppState state() { return *store->state("hello"); }
+  /// Another Store over the same files (another process, as far as files go), with `set` applied
+  /// to its options.
+  std::optional<Store> open_with(const std::function<void(StoreOptions&)>& set) {
+    auto o = fixture().options(t / "state");
+    set(o);
+    auto s = Store::open(o);
+    if (!s) {
+      ADD_FAILURE() << s.error().message();
+      return std::nullopt;
+    }
+    return std::move(*s);
+  }
   void expect_consistent() {
     auto bad = check_store_invariants(app_root(), fixture().trees());
     EXPECT_TRUE(bad.empty()) << ::testing::PrintToString(bad);
@@ -285,10 +298,8 @@ TEST_F(AStore, RecoversFromLeftoversWhenTheAppIsNextLockedAndOnlyThen) {
 
 TEST_F(AStore, WithItsStateCacheSeesEveryReplacedOrRewrittenStateFile) {
   ASSERT_TRUE(stage("1.0.0").ok());
-  auto o = fixture().options(t / "state");
-  o.cache_states = true;
-  auto cached = Store::open(o);
-  ASSERT_TRUE(cached.ok());
+  auto cached = open_with([](StoreOptions& o) { o.cache_states = true; });
+  ASSERT_TRUE(cached);
   ASSERT_FALSE(cached->state("hello")->releases.at("1.0.0").pinned);
   {
     auto lock = store->lock("hello");  // another Store: another process, as far as files go
@@ -327,10 +338,8 @@ TEST_F(AStore, ListsEveryStateInOnePassAndNamesTheOneItCannotRead) {
   ASSERT_EQ(::mkfifo((t / "state/apps/fifo/state.json").c_str(), 0644), 0);
   make_dirs(t / "state/apps/loop");
   ASSERT_EQ(::symlink("state.json", (t / "state/apps/loop/state.json").c_str()), 0);
-  auto o = fixture().options(t / "state");
-  o.cache_states = true;
-  auto cached = Store::open(o);
-  ASSERT_TRUE(cached.ok());
+  auto cached = open_with([](StoreOptions& o) { o.cache_states = true; });
+  ASSERT_TRUE(cached);
   for (int pass = 0; pass < 2; ++pass) {  // read, then (the same files) from the cache
     auto all = cached->states();
     ASSERT_TRUE(all.ok()) << all.error().message();
@@ -369,10 +378,8 @@ TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
     ASSERT_TRUE(store->switch_to(*lock, "1.0.0").ok());
   }
   make_dirs(t / "state/apps/empty");  // no state: not listed
-  auto o = fixture().options(t / "state");
-  o.persist_views = true;
-  auto listing = Store::open(o);
-  ASSERT_TRUE(listing.ok());
+  auto listing = open_with([](StoreOptions& o) { o.persist_views = true; });
+  ASSERT_TRUE(listing);
   const std::string cache = t / "state/views.cache";
   auto entries = [&] {
     std::string bytes = read_file(cache);
@@ -474,10 +481,8 @@ TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
 
 TEST_F(AStore, ListsWithoutItsCacheWhenTheCacheCannotBeWritten) {
   ASSERT_TRUE(stage("1.0.0").ok());
-  auto o = fixture().options(t / "state");
-  o.persist_views = true;
-  auto listing = Store::open(o);
-  ASSERT_TRUE(listing.ok());
+  auto listing = open_with([](StoreOptions& o) { o.persist_views = true; });
+  ASSERT_TRUE(listing);
   make_dirs(t / "state/views.cache");  // not a file: neither read nor replaced
   for (int i = 0; i < 2; ++i) {
     auto v = listing->views();
