@@ -28,6 +28,15 @@ using namespace upgraded::test;
 
 namespace {
 
+// The mutation tests below try every offset in the plain build. Under the sanitizers they are
+// there to catch memory errors on the refusal paths, which a sample of offsets reaches as well
+// (each run still tries offsets in every part of the artifact); a full pass costs minutes there.
+#ifdef UPGRADED_SANITIZE
+constexpr std::size_t kStride = 7;
+#else
+constexpr std::size_t kStride = 1;
+#endif
+
 // Incompressible, reproducible bytes (a linear congruential generator).
 std::string pseudo_random(std::size_t size, std::uint32_t seed) {
   std::string out;
@@ -93,7 +102,7 @@ TEST_F(Container, RejectsEverySingleByteChangeAtEveryOffset) {
   ASSERT_GT(good.size(), 2000u);
   int checked = 0;
   for (unsigned char mask : {0x01, 0xff}) {
-    for (std::size_t i = 0; i < good.size(); ++i) {
+    for (std::size_t i = 0; i < good.size(); i += kStride) {
       std::string bad = good;
       bad[i] = static_cast<char>(bad[i] ^ mask);
       write_file(t / "bad.upd", bad);
@@ -108,13 +117,14 @@ TEST_F(Container, RejectsEverySingleByteChangeAtEveryOffset) {
     }
   }
   expect_nothing_extracted();
-  EXPECT_EQ(checked, static_cast<int>(2 * good.size()));
-  std::printf("single-byte changes rejected: %d (2 per offset of a %zu-byte artifact)\n", checked,
-              good.size());
+  EXPECT_EQ(checked, static_cast<int>(2 * ((good.size() + kStride - 1) / kStride)));
+  std::printf("single-byte changes rejected: %d (2 per offset of a %zu-byte artifact, every %zu)\n",
+              checked, good.size(), kStride);
 }
 
 TEST_F(Container, RejectsEveryTruncation) {
-  for (std::size_t len = 0; len < good.size(); ++len) {
+  std::size_t checked = 0;
+  for (std::size_t len = 0; len < good.size(); len += kStride, ++checked) {
     write_file(t / "short.upd", good.substr(0, len));
     auto v = verify(t / "short.upd");
     ASSERT_FALSE(v.ok()) << "truncated to " << len << " bytes was accepted";
@@ -122,7 +132,7 @@ TEST_F(Container, RejectsEveryTruncation) {
     ASSERT_FALSE(exists(t / "work/out"));
   }
   expect_nothing_extracted();
-  std::printf("truncations rejected: %zu\n", good.size());
+  std::printf("truncations rejected: %zu of a %zu-byte artifact\n", checked, good.size());
 }
 
 TEST_F(Container, RejectsAppendedData) {
@@ -173,7 +183,7 @@ TEST_F(Container, RejectsEveryHeaderChangeEvenWithAMatchingChecksum) {
           512};
   int checked = 0;
   for (std::size_t h : headers) {
-    for (std::size_t i = 0; i < 512; ++i) {
+    for (std::size_t i = 0; i < 512; i += (i < 156 ? 1 : kStride)) {
       if (i >= 148 && i < 156) continue;  // the checksum field itself
       for (char value : {'0', '7', ' ', '\0', 'x'}) {
         if (good[h + i] == value) continue;
