@@ -20,6 +20,10 @@ SETTLE = float(os.environ.get("BENCH_SETTLE", "0.2"))  # idle seconds before eac
 # transient unit); the baseline is then a plain stop + start, which is what a migrate makes of
 # an activation.
 HOOKS = os.environ.get("BENCH_HOOKS") == "1"
+# --one-by-one: a release of three units with strategy one-by-one; each unit's window against a
+# plain restart of that unit, and whether two units were ever down at once.
+ONE_BY_ONE = os.environ.get("BENCH_ONE_BY_ONE") == "1"
+UNITS = ["bench-a.service", "bench-b.service", "bench-c.service"]
 HOOK_PHASES = ["pre_upgrade", "migrate", "health", "post_upgrade"]
 
 
@@ -27,8 +31,16 @@ def run(*cmd):
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def show(prop):
-    return run("systemctl", "--user", "show", "-P", prop, UNIT).strip()
+def show(prop, unit=UNIT):
+    return run("systemctl", "--user", "show", "-P", prop, unit).strip()
+
+
+def stamps(unit):
+    """(ActiveExit, ActiveEnter) of a unit's last restart, CLOCK_MONOTONIC µs."""
+    t = dict(line.split("=", 1) for line in run(
+        "systemctl", "--user", "show", "-p", "ActiveExitTimestampMonotonic",
+        "-p", "ActiveEnterTimestampMonotonic", unit).splitlines())
+    return int(t["ActiveExitTimestampMonotonic"]), int(t["ActiveEnterTimestampMonotonic"])
 
 
 def window():
@@ -52,7 +64,10 @@ def pack(key, version):
     with open(os.path.join(src, "bin/service"), "w") as f:
         f.write("#!/bin/sh\nexec sleep 100000\n")
     os.chmod(os.path.join(src, "bin/service"), 0o755)
-    manifest = {"units": [UNIT], "health": {"min_ready_s": 0, "deadline_s": 30}}
+    manifest = {"units": UNITS if ONE_BY_ONE else [UNIT],
+                "health": {"min_ready_s": 0, "deadline_s": 30}}
+    if ONE_BY_ONE:
+        manifest["strategy"] = "one-by-one"
     if HOOKS:
         os.makedirs(os.path.join(src, "hooks"))
         with open(os.path.join(src, "hooks/empty"), "w") as f:
@@ -75,13 +90,67 @@ def rss(pid):
                                             ("VmRSS", "RssAnon", "RssFile"))
 
 
+def one_by_one(daemon, versions, wait):
+    """Each unit's window in a one-by-one upgrade (from the history, checked against systemd's
+    timestamps) against a plain restart of the same unit, interleaved; and overlaps: a unit
+    that left "active" before the one before it was active again."""
+    manager = daemon.manager
+    plain = {u: [] for u in UNITS}
+    upgrade = {u: [] for u in UNITS}
+    overlaps = 0
+    for i in range(ROUNDS):
+        def plain_restarts():
+            for u in UNITS:
+                time.sleep(SETTLE)
+                run("systemctl", "--user", "restart", u)
+                exit_usec, enter_usec = stamps(u)
+                plain[u].append((enter_usec - exit_usec) / 1e6)
+
+        def upgrade_one_by_one():
+            nonlocal overlaps
+            time.sleep(SETTLE)
+            wait(str(manager.Activate("bench", versions[i + 1], {})))
+            history = manager.GetHistory("bench", {"limit": dbus.UInt32(1)})
+            windows = []
+            for u in UNITS:
+                exit_usec, enter_usec = stamps(u)
+                recorded = int(history[0][6][u])
+                assert recorded == enter_usec - exit_usec, (u, recorded, enter_usec - exit_usec)
+                upgrade[u].append(recorded / 1e6)
+                windows.append((exit_usec, enter_usec))
+            overlaps += sum(1 for k in range(len(windows) - 1)
+                            if windows[k + 1][0] < windows[k][1])
+
+        for step in ((plain_restarts, upgrade_one_by_one) if i % 2 == 0
+                     else (upgrade_one_by_one, plain_restarts)):
+            step()
+    daemon.stop()
+
+    def ms(xs):
+        return statistics.median(xs) * 1000
+
+    print("rounds: %d (medians; windows from systemd's ActiveExit/ActiveEnter timestamps)" % ROUNDS)
+    print("one-by-one over %d units, min_ready_s 0" % len(UNITS))
+    for u in UNITS:
+        print("%-16s plain restart window %7.2f ms   one-by-one window %7.2f ms   ratio %.2f "
+              "(target <= 1.10)" % (u, ms(plain[u]), ms(upgrade[u]), ms(upgrade[u]) / ms(plain[u])))
+    every_plain = [x for u in UNITS for x in plain[u]]
+    every_upgrade = [x for u in UNITS for x in upgrade[u]]
+    print("all units        plain restart window %7.2f ms   one-by-one window %7.2f ms   ratio %.2f"
+          % (ms(every_plain), ms(every_upgrade), ms(every_upgrade) / ms(every_plain)))
+    print("moments with two units down at once: %d over %d upgrades (target 0)" %
+          (overlaps, ROUNDS))
+
+
 def main():
     keys = os.path.join(ROOT, "etc/upgraded/keys.d")
     os.makedirs(keys)
     key = os.path.join(T, "k.key")
     run(UPGRADECTL, "keygen", "--private", key, "--public", os.path.join(keys, "k.pem"))
-    with open(os.path.join(T, "systemd/user", UNIT), "w") as f:
-        f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/bench/current/bin/service\n" % ROOT)
+    for unit in UNITS if ONE_BY_ONE else [UNIT]:
+        with open(os.path.join(T, "systemd/user", unit), "w") as f:
+            f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/bench/current/bin/service\n"
+                    % ROOT)
     if HOOKS:
         # A stopped unit nobody references is unloaded at once, and with it the timestamps a
         # window is measured from: a started target that wants it keeps it loaded (for the
@@ -101,13 +170,16 @@ def main():
         if result != "done":
             raise SystemExit("job failed: " + message)
 
-    versions = ["1.%d.0" % i for i in range(2 * ROUNDS + 1)]
+    versions = ["1.%d.0" % i for i in range((1 if ONE_BY_ONE else 2) * ROUNDS + 1)]
     artifacts = [pack(key, v) for v in versions]
     for a in artifacts:  # staged up front: extraction is never part of a window
         fd = os.open(a, os.O_RDONLY)
         wait(str(manager.Install(dbus.types.UnixFd(fd), {"activate": False})))
         os.close(fd)
     wait(str(manager.Activate("bench", versions[0], {})))
+    if ONE_BY_ONE:
+        one_by_one(daemon, versions, wait)
+        return
     rss_idle = rss(daemon.proc.pid)
 
     def stop_began_after(t0):

@@ -63,51 +63,88 @@ std::string describe_unhealthy(const std::string& unit, const units::UnitStatus&
 Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                                          const ActivationOptions& options,
                                          const ProgressFn& progress,
-                                         std::map<std::string, std::uint64_t>& downtime, bool soak,
-                                         bool start_only) {
-  const auto deadline = Clock::now() + std::chrono::seconds(m.health.deadline_s);
-  std::map<std::string, std::uint32_t> restarts;
-  int n = 0;
-  for (const auto& unit : m.units) {
+                                         std::map<std::string, std::uint64_t>& downtime,
+                                         const Gate& gate) {
+  const bool one_by_one = m.strategy == artifact::Strategy::kOneByOne;
+  const std::size_t total = m.units.size();
+  const std::string of_total = "/" + std::to_string(total) + ")";
+  // The units this call restarted so far, with their restart counters: each gate checks them
+  // all, so that an earlier unit failing while a later one soaks fails the gate too.
+  std::vector<std::pair<std::string, std::uint32_t>> restarted;
+  std::size_t i = std::min(gate.first, total);
+  while (i < total) {
+    // A wave: every unit (all-at-once) or the next one (one-by-one), then its gate.
+    const std::size_t end = one_by_one ? i + 1 : total;
+    const auto deadline = Clock::now() + std::chrono::seconds(m.health.deadline_s);
+    for (; i < end; ++i) {
+      const std::string& unit = m.units[i];
+      if (progress)
+        progress((gate.start_only ? "starting " : "restarting ") + unit + " (" +
+                     std::to_string(i + 1) + of_total,
+                 40 + static_cast<int>(40 * i / total));
+      if (one_by_one && gate.before_unit)
+        UPGRADED_TRY(gate.before_unit(static_cast<std::uint32_t>(i + 1)));
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+      if (left <= milliseconds(0))
+        return Error(ErrorCode::kFailed,
+                     "health gate: deadline passed before " + unit + " was restarted");
+      // A deliberate restart must not be refused because earlier ones hit the start limit.
+      if (auto reset = m_units.reset_failed(unit); !reset) return reset.error();
+      auto r = gate.start_only ? m_units.start(unit, std::min(left, options.job_timeout))
+                               : m_units.restart(unit, std::min(left, options.job_timeout));
+      if (!r) return r.error().with_context("health gate");
+      auto st = m_units.status(unit);
+      if (!st) return st.error();
+      if (st->active_state != "active")
+        return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
+      if (st->active_enter_usec > st->active_exit_usec && st->active_exit_usec != 0)
+        downtime[unit] = st->active_enter_usec - st->active_exit_usec;
+      restarted.emplace_back(unit, st->n_restarts);
+    }
+    if (!gate.soak) continue;
     if (progress)
-      progress((start_only ? "starting " : "restarting ") + unit,
-               40 + 40 * n++ / static_cast<int>(m.units.size()));
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
-    if (left <= milliseconds(0))
-      return Error(ErrorCode::kFailed,
-                   "health gate: deadline passed before " + unit + " was restarted");
-    // A deliberate restart must not be refused because earlier ones hit the start limit.
-    if (auto reset = m_units.reset_failed(unit); !reset) return reset.error();
-    auto r = start_only ? m_units.start(unit, std::min(left, options.job_timeout))
-                        : m_units.restart(unit, std::min(left, options.job_timeout));
-    if (!r) return r.error().with_context("health gate");
-    auto st = m_units.status(unit);
-    if (!st) return st.error();
-    if (st->active_state != "active")
-      return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
-    if (st->active_enter_usec > st->active_exit_usec && st->active_exit_usec != 0)
-      downtime[unit] = st->active_enter_usec - st->active_exit_usec;
-    restarts[unit] = st->n_restarts;
-  }
-  if (!soak) return {};
-  if (progress) progress("health gate", 85);
-  auto soak_until = Clock::now() + std::chrono::seconds(m.health.min_ready_s);
-  if (soak_until > deadline)
-    return Error(ErrorCode::kFailed, "health gate: min_ready_s does not fit in deadline_s");
-  // One wait for the soak period, then one look: systemd's state and restart counter say
-  // whether anything happened meanwhile.
-  std::this_thread::sleep_until(soak_until);
-  for (const auto& unit : m.units) {
-    auto st = m_units.status(unit);
-    if (!st) return st.error();
-    if (st->active_state != "active")
-      return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
-    if (st->n_restarts != restarts[unit])
-      return Error(ErrorCode::kFailed, "health gate: " + unit + " restarted " +
-                                           std::to_string(st->n_restarts - restarts[unit]) +
-                                           " time(s) within min_ready_s");
+      progress(one_by_one ? "health gate: " + m.units[i - 1] + " (" + std::to_string(i) + of_total
+                          : "health gate",
+               one_by_one ? 40 + static_cast<int>(40 * i / total) : 85);
+    auto soak_until = Clock::now() + std::chrono::seconds(m.health.min_ready_s);
+    if (soak_until > deadline)
+      return Error(ErrorCode::kFailed, "health gate: min_ready_s does not fit in deadline_s");
+    // One wait for the soak period, then one look: systemd's state and restart counter say
+    // whether anything happened meanwhile.
+    std::this_thread::sleep_until(soak_until);
+    for (const auto& [unit, restarts] : restarted) {
+      auto st = m_units.status(unit);
+      if (!st) return st.error();
+      if (st->active_state != "active")
+        return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
+      if (st->n_restarts != restarts)
+        return Error(ErrorCode::kFailed, "health gate: " + unit + " restarted " +
+                                             std::to_string(st->n_restarts - restarts) +
+                                             " time(s) within min_ready_s");
+    }
+    if (gate.after_unit && one_by_one) UPGRADED_TRY(gate.after_unit(m.units[i - 1], i));
   }
   return {};
+}
+
+Activator::Gate Activator::journaled_gate(const store::AppLock& lock,
+                                          const store::PendingActivation& pending) const {
+  Gate gate;
+  gate.before_unit = [this, &lock, p = pending](std::uint32_t touched) mutable -> Result<void> {
+    p.units_touched = touched;
+    UPGRADED_TRY(m_store.begin_activation(lock, p));
+    crash_point("activation.before_unit");
+    return {};
+  };
+  return gate;
+}
+
+std::vector<std::string> Activator::touched_units(const store::AppLock& lock,
+                                                  const artifact::Manifest& failed) const {
+  auto pending = m_store.pending_activation(lock.app());
+  if (!pending || !*pending || !(*pending)->units_touched) return failed.units;
+  const std::size_t n = std::min<std::size_t>(*(*pending)->units_touched, failed.units.size());
+  return {failed.units.begin(), failed.units.begin() + static_cast<std::ptrdiff_t>(n)};
 }
 
 bool has_activation_hooks(const artifact::Manifest& m) {
@@ -127,6 +164,10 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
   if (rec->second.status == store::ReleaseStatus::kBad && !allow_bad)
     return refuse(app + " " + version + " is marked bad (it failed before)");
   if (st.current == version) return {};
+  if (m.strategy == artifact::Strategy::kRolling)
+    return refuse(app + " " + version +
+                  " asks for the rolling strategy, which this upgraded does not have yet "
+                  "(one-by-one restarts its units singly, each gated)");
   if (st.floor && policy::compare_versions(version, *st.floor) < 0 && !checks.allow_below_floor)
     return refuse(app + " " + version + " is below the version floor " + *st.floor +
                   " (downgrade protection; allow_below_floor overrides it)");
@@ -276,15 +317,16 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
   // From here on a crash is finished by resume() when the daemon starts again.
   const std::string previous = st->previous.value_or("");
-  UPGRADED_TRY(m_store.begin_activation(
-      lock, store::PendingActivation{h.op, report.from, version, previous, ""}));
+  store::PendingActivation pending{h.op, report.from, version, previous, "", "restart", {}};
+  UPGRADED_TRY(m_store.begin_activation(lock, pending));
   if (progress) progress("switching", 20);
   if (auto r = m_store.switch_to(lock, version); !r) {
     (void)m_store.end_activation(lock);
     return r.error();
   }
   crash_point("activation.after_switch");
-  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
+  auto gate =
+      restart_and_gate(*m, options, progress, report.downtime_usec, journaled_gate(lock, pending));
   if (gate) {
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
     (void)m_store.end_activation(lock);  // before the history: a crash between the two must not
@@ -338,12 +380,24 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
   std::map<std::string, std::uint64_t> back_downtime;
   auto old_manifest = m_store.manifest(lock.app(), report.from);
   Result<void> back = old_manifest ? Result<void>() : Result<void>(old_manifest.error());
+  // One by one, the units not reached yet still run the old release: they are left alone.
+  std::vector<std::string> untouched;
   if (back) {
     if (auto failed = m_store.manifest(lock.app(), report.to)) {
-      for (auto it = failed->units.rbegin(); it != failed->units.rend() && back; ++it)
+      const auto touched = touched_units(lock, *failed);
+      auto was_touched = [&touched](const std::string& unit) {
+        return std::find(touched.begin(), touched.end(), unit) != touched.end();
+      };
+      for (auto it = touched.rbegin(); it != touched.rend() && back; ++it)
         if (std::find(old_manifest->units.begin(), old_manifest->units.end(), *it) ==
             old_manifest->units.end())
           back = m_units.stop(*it, options.job_timeout);
+      if (touched.size() < failed->units.size()) {
+        std::vector<std::string> restore;
+        for (const auto& unit : old_manifest->units)
+          (was_touched(unit) ? restore : untouched).push_back(unit);
+        old_manifest->units = std::move(restore);
+      }
     }
   }
   if (back) back = m_store.switch_back(lock, report.from, previous);
@@ -353,26 +407,29 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
         [&progress](const std::string& step, int percent) {
           if (progress) progress("rolling back: " + step, 90 + percent / 10);
         },
-        back_downtime, /*soak=*/false);
+        back_downtime, Gate{.soak = false});
   report.rolled_back = true;
+  std::string kept;
+  for (const auto& unit : untouched)
+    kept += (kept.empty() ? "" : ", ") + unit;
+  if (!kept.empty()) kept = " (never restarted: " + kept + ")";
   // The release rolled back to is the healthy one again (and its soak starts over).
   if (back) (void)m_store.set_status(lock, report.from, store::ReleaseStatus::kGood);
   h.result = back ? "rolled-back" : "failed";
+  if (back) h.message += kept;
   if (!back) h.message += "; rollback to " + report.from + " failed too: " + back.error().message();
   h.downtime_usec = report.downtime_usec;
   (void)m_store.end_activation(lock);
   (void)m_store.append_history(lock, h);
   if (!back) return Error(ErrorCode::kFailed, h.message);
-  return Error(ErrorCode::kFailed, failure.message() + "; rolled back to " + report.from);
+  return Error(ErrorCode::kFailed, failure.message() + "; rolled back to " + report.from + kept);
 }
 
-Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
-                                               const artifact::Manifest& m,
-                                               const std::string& phase, const std::string& from,
-                                               const std::string& to, const HookContext& ctx,
-                                               ActivationReport* report,
-                                               std::function<Result<void>()> before_release,
-                                               std::chrono::seconds hold_budget) {
+Result<units::HookOutcome> Activator::run_hook(
+    const store::AppLock& lock, const artifact::Manifest& m, const std::string& phase,
+    const std::string& from, const std::string& to, const HookContext& ctx,
+    ActivationReport* report, std::function<Result<void>()> before_release,
+    std::chrono::seconds hold_budget, const std::string& unit, std::size_t unit_index) {
   auto hook = m.hooks.find(phase);
   if (hook == m.hooks.end()) return units::HookOutcome{units::HookOutcome::How::kExited};
   if (!ctx.runner)
@@ -383,7 +440,9 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
   auto st = m_store.state(app);
   if (!st) return st.error();
   units::HookRun run;
-  run.unit = "upgraded-hook-" + app + "-" + phase + "-" + std::to_string(ctx.job_id) + ".service";
+  // One by one, a health hook per unit: the unit's index keeps the names apart.
+  run.unit = "upgraded-hook-" + app + "-" + phase + "-" + std::to_string(ctx.job_id) +
+             (unit_index ? "-" + std::to_string(unit_index) : "") + ".service";
   run.app = app;
   run.phase = phase;
   const std::string dir = m_store.release_path(app, m.version);
@@ -400,7 +459,8 @@ Result<units::HookOutcome> Activator::run_hook(const store::AppLock& lock,
                       // records the format.
                       : !st->current && before_release ? std::to_string(m.data_format.writes)
                                                        : ""},
-                     {"UPGRADED_JOB", std::to_string(ctx.job_id)}};
+                     {"UPGRADED_JOB", std::to_string(ctx.job_id)},
+                     {"UPGRADED_UNIT", unit}};
   std::string dirs;
   for (const auto& d : ctx.data_dirs)
     dirs += (dirs.empty() ? "" : ":") + d;
@@ -524,8 +584,12 @@ Result<ActivationReport> Activator::run_hooked(
     (void)m_store.end_activation(lock);
     return r.error();
   }
-  auto gate = restart_and_gate(m, options, progress, report.downtime_usec, /*soak=*/true,
-                               /*start_only=*/migrate);
+  // Stopped for a migrate, every unit counts as touched: only otherwise is the count journaled.
+  Gate units = migrate ? Gate{} : journaled_gate(lock, pending);
+  units.start_only = migrate;
+  auto gate = restart_and_gate(
+      m, options, progress, report.downtime_usec,
+      hooked_gate(lock, m, report.from, report, options, progress, std::move(units)));
   if (migrate) {
     // From the stop to active again: the start's timestamps against the stop's.
     for (const auto& unit : m.units)
@@ -549,10 +613,12 @@ Result<void> Activator::finish_hooked(const store::AppLock& lock, const artifact
                                       ActivationReport& report, const ActivationOptions& options,
                                       const ProgressFn& progress) {
   const std::string& version = m.version;
-  if (progress && m.hooks.count("health")) progress("health hook", 86);
-  if (auto r = run_hook(lock, m, "health", from, version, options.hooks, &report); !r)
-    return r.error().code() == ErrorCode::kCanceled ? r.error()
-                                                    : r.error().with_context("health gate");
+  if (m.strategy != artifact::Strategy::kOneByOne) {
+    if (progress && m.hooks.count("health")) progress("health hook", 86);
+    if (auto r = run_hook(lock, m, "health", from, version, options.hooks, &report); !r)
+      return r.error().code() == ErrorCode::kCanceled ? r.error()
+                                                      : r.error().with_context("health gate");
+  }
   if (m.hooks.count("post_upgrade")) {
     auto pending = m_store.pending_activation(lock.app());
     if (pending && *pending) {
@@ -567,6 +633,26 @@ Result<void> Activator::finish_hooked(const store::AppLock& lock, const artifact
   (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
   (void)m_store.end_activation(lock);
   return {};
+}
+
+Activator::Gate Activator::hooked_gate(const store::AppLock& lock, const artifact::Manifest& m,
+                                       const std::string& from, ActivationReport& report,
+                                       const ActivationOptions& options, const ProgressFn& progress,
+                                       Gate gate) {
+  if (m.strategy != artifact::Strategy::kOneByOne || !m.hooks.count("health")) return gate;
+  gate.after_unit = [this, &lock, &m, &from, &report, &options, &progress](
+                        const std::string& unit, std::size_t index) -> Result<void> {
+    if (progress)
+      progress("health hook: " + unit, 40 + static_cast<int>(40 * index / m.units.size()));
+    auto r =
+        run_hook(lock, m, "health", from, m.version, options.hooks, &report, {}, {}, unit, index);
+    if (!r)
+      return r.error().code() == ErrorCode::kCanceled
+                 ? r.error()
+                 : r.error().with_context("health gate of " + unit);
+    return {};
+  };
+  return gate;
 }
 
 // After a crash (docs/hooks.md, "Crash safety"): a hook that was running is never run again
@@ -645,7 +731,12 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
     (void)m_store.append_history(lock, h);
     return interrupted;
   }
-  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, /*soak=*/true);
+  // One by one, the units before the one being restarted passed their gates: it goes on from
+  // that one (restarted again) and keeps journaling.
+  Gate units = journaled_gate(lock, p);
+  if (p.units_touched && *st->current == p.to) units.first = *p.units_touched - 1;
+  if (hooked) units = hooked_gate(lock, *m, p.from, report, options, progress, std::move(units));
+  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, units);
   if (gate && hooked) gate = finish_hooked(lock, *m, p.from, p.previous, report, options, progress);
   if (gate) {
     if (*st->current == p.to) (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kGood);

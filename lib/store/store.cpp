@@ -1010,6 +1010,7 @@ Result<void> Store::begin_activation(const AppLock& lock, const PendingActivatio
   json doc = {{"op", p.op},     {"from", p.from},
               {"to", p.to},     {"previous", p.previous},
               {"step", p.step}, {"started", p.started.empty() ? now_rfc3339() : p.started}};
+  if (p.units_touched) doc["units_touched"] = *p.units_touched;
   return fs::write_file_atomic(appfd->get(), kActivation, doc.dump() + "\n", 0644);
 }
 
@@ -1054,8 +1055,14 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
   if ((!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to) ||
       (!previous->empty() && !policy::validate_version(*previous)))
     return bad;
-  return std::optional<PendingActivation>(
-      PendingActivation{*op, *from, *to, *previous, *started, step});
+  PendingActivation p{*op, *from, *to, *previous, *started, step, {}};
+  if (doc->contains("units_touched")) {
+    // A manifest names at most 64 units.
+    auto n = artifact::json_uint(*doc, "units_touched", kActivation, 64);
+    if (!n || *n == 0) return bad;
+    p.units_touched = static_cast<std::uint32_t>(*n);
+  }
+  return std::optional<PendingActivation>(std::move(p));
 }
 
 }  // namespace upgraded::store

@@ -48,20 +48,55 @@ class Activation : public ::testing::Test {
   }
 
   void TearDown() override {
-    if (units) (void)units->stop("hello.service", 10s);
+    if (units)
+      for (const char* u :
+           {"hello.service", "hello-a.service", "hello-b.service", "hello-c.service"})
+        (void)units->stop(u, 10s);
   }
 
-  // Packs and stages a release of the sample service. `fail`: it exits 3 after 0.3 s.
+  // Three units of one release, each writing the version it runs to t/<name>.out.
+  void three_units() {
+    const char* units_dir = std::getenv("UPGRADED_TESTBED_UNITS");
+    for (std::string name : {"a", "b", "c"})
+      test::write_file(std::string(units_dir) + "/hello-" + name + ".service",
+                       "[Service]\nExecStart=" + st->app_root("hello") +
+                           "/current/bin/hello\nEnvironment=OUT=" + (t / (name + ".out")) +
+                           " NAME=" + name + "\n");
+    ASSERT_TRUE(units->reload().ok());
+  }
+
+  std::string serving_as(const std::string& name, const std::string& expect) {
+    const std::string file = t / (name + ".out");
+    for (int i = 0; i < 100 && read_file(file) != expect; ++i)
+      std::this_thread::sleep_for(30ms);
+    return read_file(file);
+  }
+
+  // systemd's InvocationID of a unit: a new one each time it starts.
+  static std::string invocation_id(const std::string& unit) {
+    std::string cmd = "systemctl --user show -P InvocationID " + unit;
+    FILE* p = ::popen(cmd.c_str(), "r");
+    if (!p) return "";
+    char buf[128] = {};
+    std::string id = std::fgets(buf, sizeof buf, p) ? buf : "";
+    ::pclose(p);
+    return id;
+  }
+
+  // Packs and stages a release of the sample service. `fail`: it exits 3 after 0.3 s; with
+  // `fail_unit`, only in the unit whose NAME= is that.
   void release(const store::AppLock& lock, const std::string& version, bool fail = false,
-               const std::string& extra = "") {
+               const std::string& extra = "", const std::string& fail_unit = "hello") {
     std::string src = t / ("src-" + version);
     make_dirs(src + "/bin");
     write_file(src + "/bin/hello",
                "#!/bin/sh\nhere=$(dirname \"$(readlink -f \"$0\")\")\n"
-               "cat \"$here/../VERSION\" > \"$OUT\"\n" +
-                   std::string(fail ? "sleep 0.3; exit 3\n" : "exec sleep 1000\n"),
+               "cat \"$here/../VERSION\" > \"$OUT\"\n"
+               "if [ -e \"$here/../fail-${NAME:-hello}\" ]; then sleep 0.3; exit 3; fi\n"
+               "exec sleep 1000\n",
                0755);
     write_file(src + "/VERSION", version);
+    if (fail) write_file(src + "/fail-" + fail_unit, "");
     write_file(
         t / "extra.json",
         extra.empty()
@@ -188,4 +223,89 @@ TEST_F(Activation, RefusesReleasesItCannotActivateSafely) {
   EXPECT_NE(format.error().message().find("finalized"), std::string::npos);
   EXPECT_EQ(st->state("hello")->current, "1.0.0") << "a refusal switches nothing";
   EXPECT_EQ(serving("1.0.0"), "1.0.0");
+}
+
+// One by one: each unit restarted only once the one before it passed its whole gate (systemd's
+// timestamps show when each left and reached "active"); a unit failing its gate rolls back the
+// units moved so far, and the ones after it are never touched.
+TEST_F(Activation, OneByOneGatesEachUnitBeforeTheNextAndRollsBackOnlyTheUnitsItMoved) {
+  three_units();
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  ASSERT_TRUE(lock.ok());
+  const std::string extra =
+      R"({"units": ["hello-a.service", "hello-b.service", "hello-c.service"],
+          "strategy": "one-by-one", "health": {"min_ready_s": 1, "deadline_s": 30}})";
+  release(*lock, "1.0.0", false, extra);
+  ASSERT_TRUE(act.activate(*lock, "1.0.0").ok());
+  release(*lock, "2.0.0", false, extra);
+  std::vector<std::string> steps;
+  auto v2 = act.activate(*lock, "2.0.0", {},
+                         [&](const std::string& step, int) { steps.push_back(step); });
+  ASSERT_TRUE(v2.ok()) << v2.error().message();
+  for (std::string name : {"a", "b", "c"})
+    EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
+  std::vector<units::UnitStatus> s;
+  for (std::string name : {"a", "b", "c"}) {
+    auto u = units->status("hello-" + name + ".service");
+    ASSERT_TRUE(u.ok());
+    EXPECT_EQ(u->active_state, "active");
+    s.push_back(*u);
+  }
+  for (std::size_t k = 0; k + 1 < s.size(); ++k)
+    EXPECT_GE(s[k + 1].active_exit_usec, s[k].active_enter_usec + 1000000)
+        << "unit " << k + 2 << " left active before unit " << k + 1 << " had been active for "
+        << "min_ready_s";
+  EXPECT_EQ(v2->downtime_usec.size(), 3u);
+  const std::vector<std::string> expected{
+      "restarting hello-a.service (1/3)", "health gate: hello-a.service (1/3)",
+      "restarting hello-b.service (2/3)", "health gate: hello-b.service (2/3)",
+      "restarting hello-c.service (3/3)", "health gate: hello-c.service (3/3)"};
+  std::vector<std::string> unit_steps;
+  for (const auto& step : steps)
+    if (step.rfind("restarting ", 0) == 0 || step.rfind("health gate", 0) == 0)
+      unit_steps.push_back(step);
+  EXPECT_EQ(unit_steps, expected);
+
+  // 3.0.0 fails in hello-b only: a and b go back to 2.0.0, c keeps its 2.0.0 processes.
+  const std::string c_before = invocation_id("hello-c.service");
+  ASSERT_FALSE(c_before.empty());
+  const std::string a_before = invocation_id("hello-a.service");
+  release(*lock, "3.0.0", true, extra, "b");
+  auto v3 = act.activate(*lock, "3.0.0");
+  ASSERT_FALSE(v3.ok());
+  const std::string& why = v3.error().message();
+  EXPECT_NE(why.find("health gate: hello-b.service exited with status 3"), std::string::npos)
+      << why;
+  EXPECT_NE(why.find("rolled back to 2.0.0 (never restarted: hello-c.service)"), std::string::npos)
+      << why;
+  EXPECT_EQ(invocation_id("hello-c.service"), c_before) << "hello-c was touched";
+  EXPECT_NE(invocation_id("hello-a.service"), a_before) << "hello-a was not moved";
+  for (std::string name : {"a", "b", "c"}) {
+    EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
+    EXPECT_EQ(units->status("hello-" + name + ".service")->active_state, "active") << name;
+  }
+  auto after = st->state("hello");
+  EXPECT_EQ(after->current, "2.0.0");
+  EXPECT_EQ(after->releases["3.0.0"].status, store::ReleaseStatus::kBad);
+  EXPECT_FALSE(*st->pending_activation("hello")) << "the journal record is gone";
+  auto history = st->history("hello");
+  ASSERT_TRUE(history.ok());
+  EXPECT_EQ(history->back().result, "rolled-back");
+  EXPECT_NE(history->back().message.find("never restarted: hello-c.service"), std::string::npos);
+}
+
+TEST_F(Activation, RefusesTheRollingStrategyItDoesNotHaveWithNothingChanged) {
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  release(*lock, "1.0.0");
+  ASSERT_TRUE(act.activate(*lock, "1.0.0").ok());
+  const std::string before = invocation_id("hello.service");
+  release(*lock, "2.0.0", false, R"({"units": ["hello.service"], "strategy": "rolling"})");
+  auto r = act.activate(*lock, "2.0.0");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(r.error().message().find("rolling strategy"), std::string::npos);
+  EXPECT_EQ(st->state("hello")->current, "1.0.0");
+  EXPECT_EQ(invocation_id("hello.service"), before);
 }

@@ -29,8 +29,9 @@ ALL_HOOKS = ["pre_upgrade", "migrate", "health", "post_upgrade", "backup", "fina
 HOOK = r"""#!/bin/sh
 data=%(data)s
 [ -e "$data/whoami" ] && echo "$UPGRADED_PHASE $(id -un):$(id -gn)" >>"$data/whoami"
-echo "$UPGRADED_PHASE from=$UPGRADED_FROM to=$UPGRADED_TO df=$UPGRADED_DATA_FORMAT rel=$(basename "$UPGRADED_RELEASE_DIR") cwd=$(basename "$(pwd)") job=${UPGRADED_JOB:+set}" >>"$data/log"
-if [ -e "$data/fail-$UPGRADED_PHASE" ] || [ -e "$data/fail-$UPGRADED_PHASE-$UPGRADED_TO" ]; then
+echo "$UPGRADED_PHASE from=$UPGRADED_FROM to=$UPGRADED_TO df=$UPGRADED_DATA_FORMAT rel=$(basename "$UPGRADED_RELEASE_DIR") cwd=$(basename "$(pwd)") job=${UPGRADED_JOB:+set}${UPGRADED_UNIT:+ unit=$UPGRADED_UNIT}" >>"$data/log"
+if [ -e "$data/fail-$UPGRADED_PHASE" ] || [ -e "$data/fail-$UPGRADED_PHASE-$UPGRADED_TO" ] ||
+   { [ -n "$UPGRADED_UNIT" ] && [ -e "$data/fail-$UPGRADED_PHASE-$UPGRADED_UNIT" ]; }; then
   echo "checking the schema"
   echo "error: table users is locked" >&2
   exit 3
@@ -114,7 +115,7 @@ class Hooks(unittest.TestCase):
         return r
 
     def pack(self, version, writes=1, reads_min=1, hooks=ALL_HOOKS, timeouts=None,
-             upgrade_from=None):
+             upgrade_from=None, units=None, strategy=None):
         src = os.path.join(self.dir, "src-" + version)
         os.makedirs(os.path.join(src, "bin"))
         os.makedirs(os.path.join(src, "hooks"))
@@ -127,12 +128,14 @@ class Hooks(unittest.TestCase):
             f.write(HOOK % {"data": self.data})
         os.chmod(os.path.join(src, "bin/hello"), 0o755)
         os.chmod(os.path.join(src, "hooks/run"), 0o755)
-        manifest = {"units": [self.unit], "health": {"min_ready_s": 0, "deadline_s": 30},
+        manifest = {"units": units or [self.unit], "health": {"min_ready_s": 0, "deadline_s": 30},
                     "data_format": {"writes": writes, "reads_min": reads_min},
                     "hooks": {h: {"path": "hooks/run", "timeout_s": (timeouts or {}).get(h, 60)}
                               for h in hooks}}
         if upgrade_from:
             manifest["upgrade_from"] = upgrade_from
+        if strategy:
+            manifest["strategy"] = strategy
         extra = os.path.join(self.dir, "manifest-%s.json" % version)
         with open(extra, "w") as f:
             json.dump(manifest, f)
@@ -584,6 +587,94 @@ class Hooks(unittest.TestCase):
         last = self.history()[-1]
         self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
         self.assertIn("interrupted while rolling back to 1.0.0", last["message"])
+
+    def test_one_by_one_gates_each_unit_with_the_health_hook_and_resumes_after_a_kill(self):
+        names = [self.unit, "hello-b.service", "hello-c.service"]
+        outs = {self.unit: self.out}
+        for name in names[1:]:
+            outs[name] = os.path.join(self.dir, name + ".out")
+            with open(os.path.join(UNITS_DIR, name), "w") as f:
+                f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/hello/current/bin/hello\n"
+                        "Environment=OUT=%s\n" % (self.root, outs[name]))
+            self.addCleanup(os.unlink, os.path.join(UNITS_DIR, name))
+            self.addCleanup(subprocess.run, ["systemctl", "--user", "stop", name], check=False)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+
+        def pack(version):
+            return self.pack(version, hooks=["pre_upgrade", "health", "post_upgrade"],
+                             units=names, strategy="one-by-one")
+
+        def invocations():
+            return [subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID", u],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+                    for u in names]
+
+        def settled():
+            for _ in range(600):
+                if not json.loads(self.ctl("jobs", "--json").stdout):
+                    return
+                time.sleep(0.05)
+            self.fail("the daemon's jobs did not end")
+
+        self.start_daemon()
+        self.ctl("install", "-q", pack("1.0.0"))
+        self.ctl("install", "-q", pack("2.0.0"))
+        def phases(log):
+            return [line.split()[0] + ("@" + line.partition(" unit=")[2] if " unit=" in line
+                                       else "") for line in log]
+
+        self.assertEqual(phases(self.hook_log())[-5:],
+                         ["pre_upgrade", "health@hello.service", "health@hello-b.service",
+                          "health@hello-c.service", "post_upgrade"])
+        for u in names:
+            self.assertEqual(wait_for_content(outs[u], "2.0.0"), "2.0.0", u)
+
+        # The health hook fails for the second unit: the first two go back, the third was never
+        # restarted.
+        before = invocations()
+        open(os.path.join(self.data, "fail-health-hello-b.service"), "w").close()
+        r = self.ctl("install", pack("3.0.0"), check=None)
+        os.unlink(os.path.join(self.data, "fail-health-hello-b.service"))
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("health gate of hello-b.service", r.stderr)
+        self.assertIn("never restarted: hello-c.service", r.stderr)
+        after = invocations()
+        self.assertNotEqual(after[0], before[0])
+        self.assertNotEqual(after[1], before[1])
+        self.assertEqual(after[2], before[2], "hello-c.service was restarted")
+        self.assertEqual(self.current(), "releases/2.0.0")
+        for u in names:
+            self.assertEqual(wait_for_content(outs[u], "2.0.0"), "2.0.0", u)
+        self.assertEqual(phases(self.hook_log()),
+                         ["pre_upgrade", "health@hello.service", "health@hello-b.service"])
+
+        # Killed before the third unit is touched: the restarted daemon goes on from there, and
+        # the units that passed their gates are not restarted again.
+        self.stop_daemon()
+        self.start_daemon(env={"UPGRADED_CRASH_AT": "activation.before_unit#3"})
+        self.ctl("install", "--stage-only", "-q", pack("4.0.0"))
+        self.ctl("activate", self.app, "4.0.0", check=None)
+        self.daemon.wait(timeout=60)
+        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
+        self.log.close()
+        self.daemon = None
+        moved = invocations()
+        self.assertEqual(moved[2], after[2])
+        self.start_daemon()
+        settled()
+        self.assertEqual(invocations()[:2], moved[:2], "the units already moved were restarted")
+        self.assertNotEqual(invocations()[2], moved[2])
+        self.assertEqual(self.current(), "releases/4.0.0")
+        self.assertEqual(self.state()["releases"]["4.0.0"]["status"], "good")
+        for u in names:
+            self.assertEqual(wait_for_content(outs[u], "4.0.0"), "4.0.0", u)
+        # Before the kill: pre_upgrade and the gates of the first two units; after it, the
+        # third unit's gate and post_upgrade.
+        self.assertEqual(phases(self.hook_log()),
+                         ["pre_upgrade", "health@hello.service", "health@hello-b.service",
+                          "health@hello-c.service", "post_upgrade"])
+        last = self.history()[-1]
+        self.assertEqual((last["op"], last["result"]), ("recover", "done"))
 
     def test_auto_finalize_after_the_soak_across_a_restart(self):
         self.conf(data_dirs='["/var/lib/hello-data"]', auto_finalize_after_s=3 * TIME_FACTOR)

@@ -148,6 +148,35 @@ TEST_F(AStore, RefusesAFloorAboveTheCurrentRelease) {
   EXPECT_TRUE(store->raise_floor(*lock, "1.1.0").ok());
 }
 
+// The activation record keeps how far a one-by-one got; a record it cannot trust is an error,
+// never a guess (recovery would restore the wrong units).
+TEST_F(AStore, JournalsHowManyUnitsAOneByOneTouchedAndRefusesARecordItCannotTrust) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  auto lock = store->lock("hello");
+  PendingActivation p{"activate", "", "1.0.0", "", "", "starting", 2};
+  ASSERT_TRUE(store->begin_activation(*lock, p).ok());
+  auto read = store->pending_activation("hello");
+  ASSERT_TRUE(read.ok() && *read);
+  EXPECT_EQ((*read)->units_touched, 2u);
+  EXPECT_EQ((*read)->step, "starting");
+  p.units_touched.reset();
+  ASSERT_TRUE(store->begin_activation(*lock, p).ok());
+  read = store->pending_activation("hello");
+  ASSERT_TRUE(read.ok() && *read);
+  EXPECT_EQ((*read)->units_touched, std::nullopt) << "absent: every unit";
+  const std::string record = app_root() + "/activation.json";
+  for (const char* bad : {"0", "65", "-1", "1.5", "\"2\"", "null", "18446744073709551616"}) {
+    write_file(record,
+               std::string(R"({"op":"activate","from":"","to":"1.0.0","previous":"",)") +
+                   R"("started":"2026-01-01T00:00:00Z","step":"starting","units_touched":)" + bad +
+                   "}\n");
+    auto r = store->pending_activation("hello");
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.error().message().find("activation.json is corrupt"), std::string::npos) << bad;
+  }
+  ASSERT_TRUE(store->end_activation(*lock).ok());
+}
+
 TEST_F(AStore, ChangesNothingForABadArtifact) {
   write_file(t / "bad.upd", read_file(fixture().artifact("1.0.0")).substr(0, 3000));
   UniqueFd fd(::open((t / "bad.upd").c_str(), O_RDONLY | O_CLOEXEC));

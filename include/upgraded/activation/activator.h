@@ -173,8 +173,8 @@ class Activator {
                                       const std::optional<artifact::Manifest>& old_manifest,
                                       ActivationReport report, bool is_rollback,
                                       const ActivationOptions& options, const ProgressFn& progress);
-  /// After the units of `m` are active: the health hook, then post_upgrade (journaled), then
-  /// the release marked good and the history written.
+  /// After the units of `m` are active: the health hook (unless one by one: it ran in each
+  /// unit's gate), then post_upgrade (journaled), then the release marked good.
   Result<void> finish_hooked(const store::AppLock& lock, const artifact::Manifest& m,
                              const std::string& from, const std::string& previous,
                              ActivationReport& report, const ActivationOptions& options,
@@ -188,10 +188,32 @@ class Activator {
                                            const std::string& previous, store::HistoryEntry h,
                                            const Error& failure, const ActivationOptions& options,
                                            const ProgressFn& progress, bool mark_bad = true);
+  /// How restart_and_gate brings up a release's units.
+  struct Gate {
+    bool soak = true;         ///< wait min_ready_s and check again (not when rolling back)
+    bool start_only = false;  ///< start (the units were stopped for a migrate), not restart
+    std::size_t first = 0;    ///< units before this index are on the release already (resume)
+    /// One-by-one: called before the unit at index n-1 is touched, with n (journals it).
+    std::function<Result<void>(std::uint32_t touched)> before_unit;
+    /// One-by-one: the rest of a unit's gate once it has soaked (the health hook).
+    std::function<Result<void>(const std::string& unit, std::size_t index)> after_unit;
+  };
+  /// The units of `m` in order, per its strategy: all-at-once restarts them all, then gates
+  /// them together; one-by-one restarts one, gates it (active, min_ready_s without a restart,
+  /// after_unit), and only then touches the next. deadline_s bounds each gate.
   Result<void> restart_and_gate(const artifact::Manifest& m, const ActivationOptions& options,
                                 const ProgressFn& progress,
-                                std::map<std::string, std::uint64_t>& downtime, bool soak,
-                                bool start_only = false);
+                                std::map<std::string, std::uint64_t>& downtime, const Gate& gate);
+  /// One by one, the health hook ends each unit's gate (UPGRADED_UNIT names it).
+  Gate hooked_gate(const store::AppLock& lock, const artifact::Manifest& m, const std::string& from,
+                   ActivationReport& report, const ActivationOptions& options,
+                   const ProgressFn& progress, Gate gate);
+  /// A gate whose before_unit journals, into `pending`'s record, how far a one-by-one got.
+  Gate journaled_gate(const store::AppLock& lock, const store::PendingActivation& pending) const;
+  /// The units an interrupted or failed activation of `failed` touched (from the journal):
+  /// all of them unless it went one by one.
+  std::vector<std::string> touched_units(const store::AppLock& lock,
+                                         const artifact::Manifest& failed) const;
   /// Runs one of `m`'s hooks (if declared: otherwise passes) with FROM/TO as given. An error
   /// says which hook failed and how, with its last lines of output; kCanceled if canceled.
   Result<units::HookOutcome> run_hook(const store::AppLock& lock, const artifact::Manifest& m,
@@ -199,7 +221,8 @@ class Activator {
                                       const std::string& to, const HookContext& ctx,
                                       ActivationReport* report,
                                       std::function<Result<void>()> before_release = {},
-                                      std::chrono::seconds hold_budget = {});
+                                      std::chrono::seconds hold_budget = {},
+                                      const std::string& unit = {}, std::size_t unit_index = 0);
 
   const store::Store& m_store;
   units::UnitControl& m_units;

@@ -105,6 +105,11 @@ struct PendingActivation {
   /// starting, health gate), "post_upgrade" (the post_upgrade hook running), "rolling_back" (an
   /// automatic rollback under way).
   std::string step = "restart";
+  /// Strategy one-by-one, before each unit is restarted: how many of the release's units (in
+  /// its order) have been touched, the one about to be restarted included. A rollback restores
+  /// those and leaves the others running; a resume goes on from the last one. Absent: all of
+  /// them (all-at-once, or units stopped for a migrate).
+  std::optional<std::uint32_t> units_touched;
 };
 
 /// One release as a listing shows it.
