@@ -194,6 +194,7 @@ def main():
     plain_active, rollback_active = [], []
     plain_phases, upgrade_phases = [], []
     plain_pre, rollback_pre, rollback_window = [], [], []
+    prediction_error = []
     for i in range(ROUNDS):
         # The three measurements interleaved, so that drift of the machine hits all alike, and
         # each from the same idle start: on this VM a window is several times longer when the
@@ -214,9 +215,14 @@ def main():
             plain_pre.append(stop_began_after(t0))
 
         def upgrade():
+            # What plan predicts for this upgrade, from the windows of the ones before it.
+            plan = json.loads(str(manager.Plan("bench", versions[2 * i + 1], {})))
             time.sleep(SETTLE)
             wait(str(manager.Activate("bench", versions[2 * i + 1], {})))
             upgrade_window.append(window())
+            if plan["predicted_total_usec"] is not None:
+                predicted = plan["predicted_total_usec"] / 1e6
+                prediction_error.append(abs(predicted - upgrade_window[-1]) / upgrade_window[-1])
             upgrade_phases.append(phases())
             history = manager.GetHistory("bench", {"limit": dbus.UInt32(1)})
             recorded = int(history[0][6][UNIT]) / 1e6
@@ -292,6 +298,10 @@ def main():
     print("rollback:        request until JobRemoved %7.2f ms (bookkeeping after the unit is"
           " active included)   ratio to plain wall %.2f" %
           (ms(rollback_wall), ms(rollback_wall) / ms(plain_wall)))
+    if prediction_error:
+        print("plan's prediction (median of the unit's last 20 windows) against the window "
+              "measured: median |predicted - measured| / measured %.2f over %d upgrades" %
+              (statistics.median(prediction_error), len(prediction_error)))
     print("idle RSS after the first activation: %s" % rss_idle)
     print("idle RSS after all the runs:         %s   (target <= 8 MiB)" % rss_after)
 

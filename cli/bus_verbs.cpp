@@ -625,6 +625,121 @@ int run_finalize(const Common& c, const std::string& app, bool no_backup, bool y
       c, [&](Client& cl) { return cl.start("Finalize", app, o); }, "finalize " + app);
 }
 
+// One plan step in words ("restart a.service", "health gate of a.service, 2 s active").
+std::string describe_step(const json& s) {
+  const std::string kind = s.at("kind").get<std::string>();
+  const std::string target = s.at("target").get<std::string>();
+  const std::string unit = s.at("unit").get<std::string>();
+  const auto ready = s.at("min_ready_s").get<std::uint32_t>();
+  if (kind == "recover") return "finish the interrupted activation of " + target;
+  if (kind == "hook") return target + " hook" + (unit.empty() ? "" : " for " + unit);
+  if (kind == "switch") return "switch current to " + target;
+  if (kind == "mark-good") return "mark " + target + " good";
+  if (kind == "gate")
+    return (target.empty() ? std::string("health gate of every unit")
+                           : "health gate of " + target) +
+           ", " + std::to_string(ready) + " s active";
+  return kind + " " + target;  // stop, restart, start
+}
+
+std::string milliseconds(std::uint64_t usec) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f ms", static_cast<double>(usec) / 1000);
+  return buf;
+}
+
+int run_plan(const Common& c, const std::string& app, const std::string& version, bool rollback,
+             bool through, bool allow_bad, bool below_floor) {
+  std::string text;
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    Options o;
+    if (rollback) o["rollback"] = sdbus::Variant(true);
+    if (through) o["through_path"] = sdbus::Variant(true);
+    if (allow_bad) o["allow_bad"] = sdbus::Variant(true);
+    if (below_floor) o["allow_below_floor"] = sdbus::Variant(true);
+    text = client.Plan(app, version, o);
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+  try {
+    const json plan = json::parse(text);
+    const json& refusal = plan.at("refusal");
+    if (c.json) {
+      std::printf("%s\n", plan.dump().c_str());
+    } else if (!refusal.is_null()) {
+      std::printf("Plan: %s %s: refused, nothing would change\n",
+                  plan.at("op").get<std::string>().c_str(), app.c_str());
+    } else if (!plan.at("changes").get<bool>()) {
+      std::printf("%s %s is already current: nothing to do.\n", app.c_str(),
+                  plan.at("to").get<std::string>().c_str());
+    } else {
+      const std::string from = plan.at("from").get<std::string>();
+      std::printf(
+          "Plan: %s %s %s \u2192 %s (strategy %s)\n", plan.at("op").get<std::string>().c_str(),
+          app.c_str(), from.empty() ? "(nothing)" : from.c_str(),
+          plan.at("to").get<std::string>().c_str(), plan.at("strategy").get<std::string>().c_str());
+      const bool walk = !plan.at("path").empty();
+      Table t = walk ? Table({"#", "RELEASE", "STEP", "UNITS DOWN", "TIMEOUT"})
+                     : Table({"#", "STEP", "UNITS DOWN", "TIMEOUT"});
+      int n = 0;
+      for (const auto& s : plan.at("steps")) {
+        std::string down;
+        for (const auto& u : s.at("units_down"))
+          down += (down.empty() ? "" : ", ") + u.get<std::string>();
+        const auto timeout = s.at("timeout_s").get<std::uint32_t>();
+        const std::string number = std::to_string(++n);
+        const std::string step = describe_step(s);
+        const std::string limit = timeout ? std::to_string(timeout) + " s" : "-";
+        const std::string release = s.at("release").get<std::string>();
+        if (walk)
+          t.add({number, release, step, down.empty() ? "-" : down, limit});
+        else
+          t.add({number, step, down.empty() ? "-" : down, limit});
+      }
+      t.print();
+      std::printf(
+          "Predicted downtime (median / p95 of each unit's last windows in the history):\n");
+      for (const auto& d : plan.at("downtime")) {
+        const auto samples = d.at("samples").get<std::uint64_t>();
+        const std::string unit = d.at("unit").get<std::string>();
+        if (samples == 0)
+          std::printf("  %s: no history\n", unit.c_str());
+        else
+          std::printf("  %s: %s / %s (%llu windows)\n", unit.c_str(),
+                      milliseconds(d.at("median_usec").get<std::uint64_t>()).c_str(),
+                      milliseconds(d.at("p95_usec").get<std::uint64_t>()).c_str(),
+                      static_cast<unsigned long long>(samples));
+      }
+      const json& total = plan.at("predicted_total_usec");
+      if (!total.is_null())
+        std::printf("  total: %s (one unit down at a time)\n",
+                    milliseconds(total.get<std::uint64_t>()).c_str());
+      else if (!plan.at("downtime").empty())
+        std::printf("  total: unknown (a unit has no history)\n");
+      std::printf("If a step fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
+      const json& format = plan.at("pre_finalized_format");
+      if (!format.is_null())
+        std::printf(
+            "Afterwards %s is pre-finalized (data format %llu): rollback stays possible until "
+            "finalize, the irreversible step, which this plan does not include.\n",
+            app.c_str(), static_cast<unsigned long long>(format.get<std::uint64_t>()));
+    }
+    if (refusal.is_null()) return kExitOk;
+    const std::string message = refusal.at("message").get<std::string>();
+    if (!c.json) std::fprintf(stderr, "upgradectl: %s\n", message.c_str());
+    // As the activation itself would exit.
+    const std::string error = refusal.at("error").get<std::string>();
+    return error == "NotFound"        ? kExitNotFound
+           : error == "PolicyRefused" ? kExitPolicyRefused
+                                      : kExitFailed;
+  } catch (const json::exception& e) {
+    std::fprintf(stderr, "upgradectl: the daemon's plan cannot be read: %s\n", e.what());
+    return kExitFailed;
+  }
+}
+
 constexpr BusVerbs kVerbs{
     kModuleInterface,
     sizeof(BusVerbs),
@@ -642,6 +757,7 @@ constexpr BusVerbs kVerbs{
     guarded<run_floor>,
     guarded<run_gc>,
     guarded<run_finalize>,
+    guarded<run_plan>,
 };
 
 }  // namespace

@@ -110,6 +110,55 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     });
   }
   {
+    auto* cmd = app.add_subcommand(
+        "plan", "Show every step an activation or rollback would take, and its expected downtime");
+    auto c = std::make_shared<Common>();
+    auto spec = std::make_shared<std::vector<std::string>>();
+    auto rollback = std::make_shared<std::string>();
+    auto allow_bad = std::make_shared<bool>(false);
+    auto below_floor = std::make_shared<bool>(false);
+    auto through = std::make_shared<bool>(false);
+    add_common(cmd, *c, false, true);
+    cmd->add_option("--rollback", *rollback, "plan the rollback of APP instead");
+    cmd->add_flag("--through", *through, "as activate --through");
+    cmd->add_flag("--allow-bad", *allow_bad, "as activate --allow-bad");
+    cmd->add_flag("--allow-below-floor", *below_floor, "as activate --allow-below-floor");
+    cmd->add_option("APP=VERSION", *spec, "the installed release to plan activating");
+    cmd->callback([&exit_code, c, spec, rollback, allow_bad, below_floor, through] {
+      std::string name, version;
+      if (!rollback->empty() == !spec->empty()) {
+        std::fprintf(stderr, "upgradectl: plan takes APP=VERSION or --rollback APP\n");
+        exit_code = kExitUsage;
+        return;
+      }
+      if (rollback->empty()) {
+        const std::string& arg = spec->front();
+        const auto eq = arg.find('=');
+        if (spec->size() > 1) {
+          std::fprintf(stderr,
+                       "upgradectl: plan takes one APP=VERSION: activating several apps in one "
+                       "transaction is not there yet\n");
+          exit_code = kExitUsage;
+          return;
+        }
+        if (eq == std::string::npos) {
+          std::fprintf(stderr,
+                       "upgradectl: plan takes APP=VERSION of an installed release (an artifact "
+                       "file: stage it first with install --stage-only)\n");
+          exit_code = kExitUsage;
+          return;
+        }
+        name = arg.substr(0, eq);
+        version = arg.substr(eq + 1);
+      } else {
+        name = *rollback;
+      }
+      exit_code = on_bus([&](const BusVerbs& v) {
+        return v.plan(*c, name, version, !rollback->empty(), *through, *allow_bad, *below_floor);
+      });
+    });
+  }
+  {
     auto* cmd = app.add_subcommand("activate", "Make an installed release the running one");
     auto c = std::make_shared<Common>();
     auto name = std::make_shared<std::string>();

@@ -79,6 +79,8 @@ struct BusVerbs {
   int (*gc)(const Common&, const std::string& app, std::optional<unsigned> keep,
             std::optional<std::uint64_t> max_bytes);
   int (*finalize)(const Common&, const std::string& app, bool no_backup, bool yes);
+  int (*plan)(const Common&, const std::string& app, const std::string& version, bool rollback,
+              bool through, bool allow_bad, bool allow_below_floor);
 };
 
 /// upgradectl-artifact.so.

@@ -1094,4 +1094,24 @@ Manager::GetHistory(const std::string& app, const Options& options) {
   return out;
 }
 
+std::string Manager::Plan(const std::string& app, const std::string& version,
+                          const Options& options) {
+  check_app(app);
+  check_options(
+      options,
+      {{"allow_bad", "b"}, {"allow_below_floor", "b"}, {"through_path", "b"}, {"rollback", "b"}});
+  const bool rollback = option<bool>(options, "rollback", false);
+  if (rollback ? !version.empty() : version.empty())
+    throw invalid(rollback ? "a rollback's plan takes no version" : "no version given");
+  if (!rollback) check_version(version);
+  activation::ActivationOptions how;
+  how.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+  how.hooks.runner = &m_hooks;  // the daemon runs hooks: releases with hooks are not refused
+  how.allow_bad = option<bool>(options, "allow_bad", false);
+  how.allow_below_floor = option<bool>(options, "allow_below_floor", false);
+  how.through_path = option<bool>(options, "through_path", false);
+  activation::Activator activator(m_store, m_units);
+  return activation::plan_to_json(value_or_throw(activator.plan(app, version, rollback, how)));
+}
+
 }  // namespace upgraded::daemon

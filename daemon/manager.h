@@ -89,6 +89,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
                             std::string, std::map<std::string, uint64_t>>>
   GetHistory(const std::string& app, const Options& options) override;
+  std::string Plan(const std::string& app, const std::string& version,
+                   const Options& options) override;
   std::string Version() override;
   std::string HelperSandbox() override;
 

@@ -20,7 +20,7 @@ _upgradectl_versions() {  # APP [--user]
 _upgradectl() {
   local cur prev words cword
   _init_completion || return
-  local verbs="status list install activate rollback remove pin unpin floor finalize
+  local verbs="status list install plan activate rollback remove pin unpin floor finalize
     finalization-status gc jobs cancel history keygen pack verify unpack inspect"
   if [ "$cword" -eq 1 ]; then
     COMPREPLY=($(compgen -W "$verbs --help --version" -- "$cur"))
@@ -35,6 +35,7 @@ _upgradectl() {
     list) opts="--user --json --offline --root" ;;
     install) opts="--user --stage-only --wait --no-block --quiet --offline --root --force --wait-lock" ;;
     activate) opts="--user --through --allow-bad --allow-below-floor --no-block --quiet" ;;
+    plan) opts="--user --json --rollback --through --allow-bad --allow-below-floor" ;;
     rollback) opts="--user --allow-below-floor --no-block --quiet" ;;
     remove | pin | unpin | floor) opts="--user --no-block --quiet" ;;
     gc) opts="--user --keep --max-bytes --no-block --quiet" ;;
@@ -68,7 +69,7 @@ _upgradectl() {
   local i n=0 app=""
   for ((i = 2; i < cword; i++)); do
     [[ ${words[i]} == -* ]] && continue
-    case ${words[i - 1]} in --root | --keys | --revoked | --key | --private | --public | \
+    case ${words[i - 1]} in --root | --keys | --revoked | --key | --private | --public | --rollback | \
       --manifest | --output | -o | --payload | --keep | --max-bytes | --limit | -n | --threshold | \
       --created | --level | --chunk-size | --app | --version) continue ;; esac
     n=$((n + 1))
@@ -82,6 +83,18 @@ _upgradectl() {
         COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur"))
       elif [ $n -eq 1 ]; then
         COMPREPLY=($(compgen -W "$(_upgradectl_versions "$app" $user)" -- "$cur"))
+      fi
+      ;;
+    plan)
+      # APP=VERSION: the apps, then that app's releases after the "=".
+      if [[ $prev == --rollback ]]; then
+        COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur"))
+      elif [[ $cur == *=* ]]; then
+        local a=${cur%%=*}
+        COMPREPLY=($(compgen -P "$a=" -W "$(_upgradectl_versions "$a" $user)" -- "${cur#*=}"))
+      elif [ $n -eq 0 ]; then
+        COMPREPLY=($(compgen -S = -W "$(_upgradectl_apps $user)" -- "$cur"))
+        compopt -o nospace
       fi
       ;;
     install | verify | inspect | unpack) _filedir '@(upd)' ;;

@@ -15,6 +15,10 @@ namespace {
 using std::chrono::milliseconds;
 using Clock = std::chrono::steady_clock;
 
+std::string now_rfc3339() {
+  return artifact::format_rfc3339(static_cast<std::int64_t>(::time(nullptr)));
+}
+
 std::uint64_t monotonic_usec() {
   timespec ts{};
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -60,19 +64,40 @@ std::string describe_unhealthy(const std::string& unit, const units::UnitStatus&
 
 }  // namespace
 
+bool gated_per_unit(const artifact::Manifest& m) {
+  return m.strategy == artifact::Strategy::kOneByOne && !m.units.empty();
+}
+
+std::optional<std::size_t> units_touched(const store::PendingActivation& p,
+                                         const artifact::Manifest& m) {
+  if (!p.units_touched || !gated_per_unit(m) || *p.units_touched > m.units.size()) return {};
+  return *p.units_touched;
+}
+
 Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                                          const ActivationOptions& options,
                                          const ProgressFn& progress,
                                          std::map<std::string, std::uint64_t>& downtime,
                                          const Gate& gate) {
-  const bool one_by_one = m.strategy == artifact::Strategy::kOneByOne;
+  const bool one_by_one = gated_per_unit(m);
   const std::size_t total = m.units.size();
   const std::string of_total = "/" + std::to_string(total) + ")";
-  // The units this call restarted so far, with their restart counters: each gate checks them
-  // all, so that an earlier unit failing while a later one soaks fails the gate too.
+  // The units on the release so far, with their restart counters: each gate checks them all,
+  // so that an earlier unit failing while a later one soaks fails the gate too. Resumed, the
+  // units that passed their gates before the crash are checked (not restarted) first.
   std::vector<std::pair<std::string, std::uint32_t>> restarted;
   std::size_t i = std::min(gate.first, total);
-  while (i < total) {
+  for (std::size_t j = 0; j < i; ++j) {
+    auto st = m_units.status(m.units[j]);
+    if (!st) return st.error();
+    if (st->active_state != "active")
+      return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(m.units[j], *st));
+    restarted.emplace_back(m.units[j], st->n_restarts);
+  }
+  // No units: the gate is the soak alone (and the health hook after it).
+  bool empty_wave = total == 0;
+  while (i < total || empty_wave) {
+    empty_wave = false;
     // A wave: every unit (all-at-once) or the next one (one-by-one), then its gate.
     const std::size_t end = one_by_one ? i + 1 : total;
     const auto deadline = Clock::now() + std::chrono::seconds(m.health.deadline_s);
@@ -93,6 +118,7 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
       auto r = gate.start_only ? m_units.start(unit, std::min(left, options.job_timeout))
                                : m_units.restart(unit, std::min(left, options.job_timeout));
       if (!r) return r.error().with_context("health gate");
+      if (gate.trace) gate.trace->push_back((gate.start_only ? "start:" : "restart:") + unit);
       auto st = m_units.status(unit);
       if (!st) return st.error();
       if (st->active_state != "active")
@@ -122,6 +148,7 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                                              std::to_string(st->n_restarts - restarts) +
                                              " time(s) within min_ready_s");
     }
+    if (gate.trace) gate.trace->push_back("gate:" + (one_by_one ? m.units[i - 1] : std::string()));
     if (gate.after_unit && one_by_one) UPGRADED_TRY(gate.after_unit(m.units[i - 1], i));
   }
   return {};
@@ -142,9 +169,10 @@ Activator::Gate Activator::journaled_gate(const store::AppLock& lock,
 std::vector<std::string> Activator::touched_units(const store::AppLock& lock,
                                                   const artifact::Manifest& failed) const {
   auto pending = m_store.pending_activation(lock.app());
-  if (!pending || !*pending || !(*pending)->units_touched) return failed.units;
-  const std::size_t n = std::min<std::size_t>(*(*pending)->units_touched, failed.units.size());
-  return {failed.units.begin(), failed.units.begin() + static_cast<std::ptrdiff_t>(n)};
+  if (!pending || !*pending) return failed.units;
+  auto n = units_touched(**pending, failed);
+  if (!n) return failed.units;
+  return {failed.units.begin(), failed.units.begin() + static_cast<std::ptrdiff_t>(*n)};
 }
 
 bool has_activation_hooks(const artifact::Manifest& m) {
@@ -164,7 +192,8 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
   if (rec->second.status == store::ReleaseStatus::kBad && !allow_bad)
     return refuse(app + " " + version + " is marked bad (it failed before)");
   if (st.current == version) return {};
-  if (m.strategy == artifact::Strategy::kRolling)
+  // Going back to a release that earlier builds activated (all at once) stays possible.
+  if (m.strategy == artifact::Strategy::kRolling && !is_rollback)
     return refuse(app + " " + version +
                   " asks for the rolling strategy, which this upgraded does not have yet "
                   "(one-by-one restarts its units singly, each gated)");
@@ -206,6 +235,24 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
                     std::to_string(df.reads_min) + " first");
   }
   return {};
+}
+
+bool is_upgrade_path_refusal(const Error& refusal) {
+  return refusal.code() == ErrorCode::kPolicyRefused &&
+         refusal.message().find("(upgrade_from: ") != std::string::npos;
+}
+
+Error with_upgrade_path(const Error& refusal, const std::vector<std::string>& path) {
+  std::string msg = refusal.message();
+  if (path.size() > 2) {
+    msg += "; staged path: ";
+    for (std::size_t i = 0; i < path.size(); ++i)
+      msg += (i ? " \u2192 " : "") + path[i];
+    msg += " (activate with through_path / upgradectl activate --through)";
+  } else {
+    msg += "; no installed release leads there: install one it upgrades from first";
+  }
+  return Error(refusal.code(), msg);
 }
 
 std::vector<std::string> find_upgrade_path(
@@ -284,19 +331,8 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
                            options.hooks.runner != nullptr});
       !ok) {
     // An upgrade path refusal names the way that works, if the installed releases have one.
-    if (!is_rollback && ok.error().message().find("(upgrade_from: ") != std::string::npos) {
-      auto path = upgrade_path(app, version);
-      std::string msg = ok.error().message();
-      if (path.size() > 2) {
-        msg += "; staged path: ";
-        for (std::size_t i = 0; i < path.size(); ++i)
-          msg += (i ? " \u2192 " : "") + path[i];
-        msg += " (activate with through_path / upgradectl activate --through)";
-      } else {
-        msg += "; no installed release leads there: install one it upgrades from first";
-      }
-      return Error(ok.error().code(), msg);
-    }
+    if (!is_rollback && is_upgrade_path_refusal(ok.error()))
+      return with_upgrade_path(ok.error(), upgrade_path(app, version));
     return ok.error();
   }
   if (st->current == version) return report;
@@ -317,7 +353,9 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
   // From here on a crash is finished by resume() when the daemon starts again.
   const std::string previous = st->previous.value_or("");
-  store::PendingActivation pending{h.op, report.from, version, previous, "", "restart", {}};
+  // Its start time once: the record is rewritten before each unit one by one.
+  store::PendingActivation pending{h.op,          report.from, version, previous,
+                                   now_rfc3339(), "restart",   {}};
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   if (progress) progress("switching", 20);
   if (auto r = m_store.switch_to(lock, version); !r) {
@@ -325,10 +363,13 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     return r.error();
   }
   crash_point("activation.after_switch");
-  auto gate =
-      restart_and_gate(*m, options, progress, report.downtime_usec, journaled_gate(lock, pending));
+  report.steps.push_back("switch:" + version);
+  Gate units = journaled_gate(lock, pending);
+  units.trace = &report.steps;
+  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, units);
   if (gate) {
     (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
+    report.steps.push_back("mark-good:" + version);
     (void)m_store.end_activation(lock);  // before the history: a crash between the two must not
                                          // restart healthy units again
     h.result = "done";
@@ -488,6 +529,7 @@ Result<units::HookOutcome> Activator::run_hook(
   if (!outcome && release_failed) return outcome.error();
   if (!outcome) return outcome.error().with_context("the " + phase + " hook");
   crash_point(("hook." + phase + ".after").c_str());
+  if (report) report->steps.push_back("hook:" + phase + (unit.empty() ? "" : ":" + unit));
   if (report) report->hook_start_usec[phase] = outcome->start_usec;
   if (outcome->passed()) return outcome;
   if (outcome->how == units::HookOutcome::How::kCanceled)
@@ -538,8 +580,8 @@ Result<ActivationReport> Activator::run_hooked(
   const std::string previous = st.previous.value_or("");
   // With a migrate, one record covers the stop, the switch and the migrate (a crash in any of
   // them is undone alike); "starting" follows once the migrate passed.
-  store::PendingActivation pending{h.op,     report.from, version,
-                                   previous, "",          migrate ? "migrate" : "starting"};
+  store::PendingActivation pending{h.op,     report.from,   version,
+                                   previous, now_rfc3339(), migrate ? "migrate" : "starting"};
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   auto roll_back = [&](const Error& failure) {
     return fail_after_switch(lock, std::move(report), previous, std::move(h), failure, is_rollback,
@@ -561,6 +603,7 @@ Result<ActivationReport> Activator::run_hooked(
         const std::uint64_t asked = monotonic_usec();
         if (auto r = m_units.stop(*it, options.job_timeout); !r)
           return r.error().with_context("stopping the units");
+        report.steps.push_back("stop:" + *it);
         auto su = m_units.status(*it);
         stopped_at[*it] = su && su->active_exit_usec >= asked ? su->active_exit_usec : asked;
       }
@@ -568,6 +611,7 @@ Result<ActivationReport> Activator::run_hooked(
     if (progress) progress("switching", 30);
     UPGRADED_TRY(m_store.switch_to(lock, version));
     crash_point("activation.after_switch");
+    report.steps.push_back("switch:" + version);
     if (progress && migrate) progress("migrate hook", 35);
     return {};
   };
@@ -587,6 +631,7 @@ Result<ActivationReport> Activator::run_hooked(
   // Stopped for a migrate, every unit counts as touched: only otherwise is the count journaled.
   Gate units = migrate ? Gate{} : journaled_gate(lock, pending);
   units.start_only = migrate;
+  units.trace = &report.steps;
   auto gate = restart_and_gate(
       m, options, progress, report.downtime_usec,
       hooked_gate(lock, m, report.from, report, options, progress, std::move(units)));
@@ -613,7 +658,7 @@ Result<void> Activator::finish_hooked(const store::AppLock& lock, const artifact
                                       ActivationReport& report, const ActivationOptions& options,
                                       const ProgressFn& progress) {
   const std::string& version = m.version;
-  if (m.strategy != artifact::Strategy::kOneByOne) {
+  if (!gated_per_unit(m)) {
     if (progress && m.hooks.count("health")) progress("health hook", 86);
     if (auto r = run_hook(lock, m, "health", from, version, options.hooks, &report); !r)
       return r.error().code() == ErrorCode::kCanceled ? r.error()
@@ -631,6 +676,7 @@ Result<void> Activator::finish_hooked(const store::AppLock& lock, const artifact
   }
   (void)previous;
   (void)m_store.set_status(lock, version, store::ReleaseStatus::kGood);
+  report.steps.push_back("mark-good:" + version);
   (void)m_store.end_activation(lock);
   return {};
 }
@@ -639,7 +685,7 @@ Activator::Gate Activator::hooked_gate(const store::AppLock& lock, const artifac
                                        const std::string& from, ActivationReport& report,
                                        const ActivationOptions& options, const ProgressFn& progress,
                                        Gate gate) {
-  if (m.strategy != artifact::Strategy::kOneByOne || !m.hooks.count("health")) return gate;
+  if (!gated_per_unit(m) || !m.hooks.count("health")) return gate;
   gate.after_unit = [this, &lock, &m, &from, &report, &options, &progress](
                         const std::string& unit, std::size_t index) -> Result<void> {
     if (progress)
@@ -731,10 +777,13 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
     (void)m_store.append_history(lock, h);
     return interrupted;
   }
-  // One by one, the units before the one being restarted passed their gates: it goes on from
-  // that one (restarted again) and keeps journaling.
-  Gate units = journaled_gate(lock, p);
-  if (p.units_touched && *st->current == p.to) units.first = *p.units_touched - 1;
+  // One by one (no migrate: only then is the count journaled), the units before the one being
+  // restarted passed their gates: it goes on from that one (restarted again), checks the others
+  // and keeps journaling. Without a count every unit is restarted, and counts as touched.
+  const auto touched = *st->current == p.to ? units_touched(p, *m) : std::nullopt;
+  Gate units = touched ? journaled_gate(lock, p) : Gate{};
+  units.trace = &report.steps;
+  if (touched) units.first = *touched - 1;
   if (hooked) units = hooked_gate(lock, *m, p.from, report, options, progress, std::move(units));
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, units);
   if (gate && hooked) gate = finish_hooked(lock, *m, p.from, p.previous, report, options, progress);
@@ -825,18 +874,27 @@ Result<FinalizeReport> Activator::finalize(const store::AppLock& lock,
 // An activation that a crash interrupted is finished first, so that the units match `current`
 // before anything else changes. A failed health gate there is recorded by resume() and does not
 // stop what was asked for now.
-Result<void> Activator::finish_pending(const store::AppLock& lock, const ActivationOptions& options,
-                                       const ProgressFn& progress) {
+Result<std::string> Activator::finish_pending(const store::AppLock& lock,
+                                              const ActivationOptions& options,
+                                              const ProgressFn& progress) {
   auto pending = m_store.pending_activation(lock.app());
   if (!pending) return pending.error();
-  if (!*pending) return {};
+  if (!*pending) return std::string();
   // Finishing it restarts units: past the point of no return for the caller too.
   if (options.commit && !options.commit())
     return Error(ErrorCode::kCanceled, "canceled before " + lock.app() + " was touched");
   auto resumed = resume(lock, options, progress);
   if (!resumed && resumed.error().code() != ErrorCode::kFailed) return resumed.error();
-  return {};
+  return (*pending)->to;
 }
+
+namespace {
+// What it did first, as a plan's "recover" step names it.
+Result<ActivationReport> after_recovery(Result<ActivationReport> r, const std::string& recovered) {
+  if (r && !recovered.empty()) r->steps.insert(r->steps.begin(), "recover:" + recovered);
+  return r;
+}
+}  // namespace
 
 std::vector<std::string> Activator::upgrade_path(const std::string& app,
                                                  const std::string& target) const {
@@ -851,10 +909,13 @@ std::vector<std::string> Activator::upgrade_path(const std::string& app,
 Result<ActivationReport> Activator::activate(const store::AppLock& lock, const std::string& version,
                                              const ActivationOptions& options,
                                              const ProgressFn& progress) {
-  UPGRADED_TRY(finish_pending(lock, options, progress));
-  if (!options.through_path) return run(lock, version, false, options, progress);
+  auto recovered = finish_pending(lock, options, progress);
+  if (!recovered) return recovered.error();
+  if (!options.through_path)
+    return after_recovery(run(lock, version, false, options, progress), *recovered);
   auto path = upgrade_path(lock.app(), version);
-  if (path.size() <= 2) return run(lock, version, false, options, progress);
+  if (path.size() <= 2)
+    return after_recovery(run(lock, version, false, options, progress), *recovered);
   // Each step a full gated activation; a failed step rolls back to the step before it (the
   // last good one) and ends the walk.
   ActivationReport whole;
@@ -874,14 +935,37 @@ Result<ActivationReport> Activator::activate(const store::AppLock& lock, const s
                                          "): " + r.error().message());
     for (const auto& [unit, usec] : r->downtime_usec)
       whole.downtime_usec[unit + "@" + path[i]] = usec;
+    whole.steps.insert(whole.steps.end(), r->steps.begin(), r->steps.end());
   }
-  return whole;
+  return after_recovery(std::move(whole), *recovered);
+}
+
+Result<Plan> Activator::plan(const std::string& app, const std::string& version, bool is_rollback,
+                             const ActivationOptions& options) const {
+  auto st = m_store.state(app);
+  if (!st) return st.error();
+  PlanContext ctx;
+  ctx.manifest = [this, &app](const std::string& v) { return m_store.manifest(app, v); };
+  auto history = m_store.history(app);
+  if (!history) return history.error();
+  ctx.history = std::move(*history);
+  auto pending = m_store.pending_activation(app);
+  if (!pending) return pending.error();
+  ctx.pending = *pending;
+  ctx.allow_bad = options.allow_bad;
+  ctx.allow_below_floor = options.allow_below_floor;
+  ctx.through_path = options.through_path;
+  ctx.hooks_runnable = options.hooks.runner != nullptr;
+  ctx.job_timeout_s = static_cast<std::uint32_t>(
+      std::chrono::duration_cast<std::chrono::seconds>(options.job_timeout).count());
+  return plan_activation(*st, version, is_rollback, ctx);
 }
 
 Result<ActivationReport> Activator::rollback(const store::AppLock& lock,
                                              const ActivationOptions& options,
                                              const ProgressFn& progress) {
-  UPGRADED_TRY(finish_pending(lock, options, progress));
+  auto recovered = finish_pending(lock, options, progress);
+  if (!recovered) return recovered.error();
   auto st = m_store.state(lock.app());
   if (!st) return st.error();
   if (!st->previous) return Error(ErrorCode::kNotFound, lock.app() + " has no rollback target");
@@ -890,7 +974,7 @@ Result<ActivationReport> Activator::rollback(const store::AppLock& lock,
                  "the rollback target of " + lock.app() + " is now " + *st->previous + ", not " +
                      options.expected_target +
                      " (an interrupted activation was finished first); nothing was rolled back");
-  return run(lock, *st->previous, true, options, progress);
+  return after_recovery(run(lock, *st->previous, true, options, progress), *recovered);
 }
 
 }  // namespace upgraded::activation

@@ -204,6 +204,66 @@ class OnlineVerbs(unittest.TestCase):
         self.assertIn("root", r.stderr)
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
 
+    def test_plan_shows_the_steps_and_predicted_downtime_and_changes_nothing(self):
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0", min_ready_s=0))
+        self.ctl("install", "-q", "--stage-only", self.pack("2.0.0", min_ready_s=0))
+
+        def tree():
+            out = {}
+            for top, dirs, files in os.walk(self.root):
+                for name in dirs + files:
+                    path = os.path.join(top, name)
+                    st = os.lstat(path)
+                    out[path] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+            return out
+
+        before, invocation = tree(), subprocess.run(
+            ["systemctl", "--user", "show", "-P", "InvocationID", self.unit],
+            capture_output=True, text=True, check=True).stdout
+        r = self.ctl("plan", "hello=2.0.0")
+        self.assertIn("Plan: activate hello 1.0.0 \u2192 2.0.0 (strategy all-at-once)", r.stdout)
+        self.assertRegex(r.stdout, r"2 +restart hello\.service +hello\.service +\d+ s")
+        self.assertIn("hello.service: no history", r.stdout)
+        self.assertIn("If a step fails: 2.0.0 is marked bad; 1.0.0 comes back", r.stdout)
+        # As nobody too: planning needs no authorization.
+        plan = json.loads(self.ctl("plan", "hello=2.0.0", "--json", as_nobody=True).stdout)
+        self.assertEqual(tree(), before, "a plan changes nothing")
+        self.assertEqual(subprocess.run(
+            ["systemctl", "--user", "show", "-P", "InvocationID", self.unit],
+            capture_output=True, text=True, check=True).stdout, invocation)
+        self.assertEqual((plan["format"], plan["from"], plan["to"], plan["changes"]),
+                         (1, "1.0.0", "2.0.0", True))
+        self.assertEqual([s["kind"] for s in plan["steps"]],
+                         ["switch", "restart", "gate", "mark-good"])
+        # With history: a prediction per unit and in total.
+        for version in ("2.0.0", "1.0.0", "2.0.0", "1.0.0"):
+            self.ctl("activate", "-q", self.app, version)
+        plan = json.loads(self.ctl("plan", "hello=2.0.0", "--json").stdout)
+        windows = [h["downtime_usec"][self.unit] for h in
+                   json.loads(self.ctl("history", self.app, "--json").stdout)
+                   if self.unit in h["downtime_usec"]]
+        self.assertEqual(plan["downtime"][0]["samples"], len(windows))
+        self.assertEqual(plan["predicted_total_usec"], plan["downtime"][0]["median_usec"])
+        self.assertIn("windows)", self.ctl("plan", "hello=2.0.0").stdout)
+        # Refusals are the plan, with the activation's exit code; usage errors are 2.
+        r = self.ctl("plan", "hello=9.9.9", check=8)
+        self.assertIn("no release 9.9.9 of hello", r.stderr)
+        r = self.ctl("plan", "hello=1.0.0")
+        self.assertIn("already current", r.stdout)
+        self.ctl("activate", "-q", self.app, "2.0.0")
+        self.ctl("install", "-q", "--stage-only", self.pack("3.0.0", fail=True))
+        self.ctl("activate", "-q", self.app, "3.0.0", check=1)
+        r = self.ctl("plan", "hello=3.0.0", check=3)
+        self.assertIn("marked bad", r.stderr)
+        self.assertEqual(json.loads(self.ctl("plan", "hello=3.0.0", "--json", check=3).stdout)
+                         ["refusal"]["error"], "PolicyRefused")
+        self.assertIn("rollback", self.ctl("plan", "--rollback", self.app).stdout)
+        self.ctl("plan", "hello", check=2)
+        self.ctl("plan", "hello=1.0.0", "other=1.0.0", check=2)
+        self.ctl("plan", "hel/lo=1.0.0", check=2)
+        self.ctl("plan", "nope=1.0.0", check=8)
+
     def test_the_version_floor_keeps_older_releases_out(self):
         self.start_daemon()
         self.ctl("install", "-q", self.pack("1.0.0"))

@@ -131,6 +131,13 @@ class Activation : public ::testing::Test {
   std::string out;
 };
 
+std::vector<std::string> plan_keys(const activation::Plan& plan) {
+  std::vector<std::string> keys;
+  for (const auto& s : plan.steps)
+    keys.push_back(s.key());
+  return keys;
+}
+
 }  // namespace
 
 TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually) {
@@ -145,10 +152,20 @@ TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually)
   EXPECT_EQ(units->status("hello.service")->active_state, "active");
 
   release(*lock, "2.0.0");
+  // The plan changes nothing, and is what the activation then does.
+  const auto before_plan = snapshot(t / "state");
+  auto plan = act.plan("hello", "2.0.0", false);
+  ASSERT_TRUE(plan.ok()) << plan.error().message();
+  EXPECT_EQ(snapshot(t / "state"), before_plan);
+  ASSERT_EQ(plan->downtime.size(), 1u);
+  EXPECT_EQ(plan->downtime[0].samples, 0u) << "the first activation had no window";
   std::vector<std::string> steps;
   auto v2 = act.activate(*lock, "2.0.0", {},
                          [&](const std::string& step, int) { steps.push_back(step); });
   ASSERT_TRUE(v2.ok()) << v2.error().message();
+  EXPECT_EQ(plan_keys(*plan), v2->steps);
+  EXPECT_EQ(v2->steps, (std::vector<std::string>{"switch:2.0.0", "restart:hello.service",
+                                                 "gate:", "mark-good:2.0.0"}));
   EXPECT_EQ(serving("2.0.0"), "2.0.0");
   EXPECT_EQ(v2->from, "1.0.0");
   ASSERT_EQ(v2->downtime_usec.count("hello.service"), 1u);
@@ -239,10 +256,14 @@ TEST_F(Activation, OneByOneGatesEachUnitBeforeTheNextAndRollsBackOnlyTheUnitsItM
   release(*lock, "1.0.0", false, extra);
   ASSERT_TRUE(act.activate(*lock, "1.0.0").ok());
   release(*lock, "2.0.0", false, extra);
+  auto plan = act.plan("hello", "2.0.0", false);
+  ASSERT_TRUE(plan.ok()) << plan.error().message();
   std::vector<std::string> steps;
   auto v2 = act.activate(*lock, "2.0.0", {},
                          [&](const std::string& step, int) { steps.push_back(step); });
   ASSERT_TRUE(v2.ok()) << v2.error().message();
+  EXPECT_EQ(plan_keys(*plan), v2->steps);
+  EXPECT_EQ(v2->steps.size(), 8u);  // switch, 3 x (restart, gate), mark-good
   for (std::string name : {"a", "b", "c"})
     EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
   std::vector<units::UnitStatus> s;

@@ -241,6 +241,27 @@ class Lifecycle(DaemonTest):
         self.assertGreater(int(history[1][6][self.unit]), 0)
         self.assertEqual(len(self.manager.GetHistory(self.app, {"limit": dbus.UInt32(1)})), 1)
 
+        # Plan: read-only, its refusals in the document; what it cannot plan is an error.
+        plan = json.loads(str(self.manager.Plan(self.app, "3.0.0", {})))
+        self.assertEqual(plan["refusal"]["error"], "PolicyRefused")
+        self.assertFalse(plan["changes"])
+        plan = json.loads(str(self.manager.Plan(self.app, "3.0.0", {"allow_bad": True})))
+        self.assertIsNone(plan["refusal"])
+        self.assertEqual(plan["steps"][0], {
+            "kind": "switch", "target": "3.0.0", "release": "3.0.0", "unit": "",
+            "timeout_s": 0, "min_ready_s": 0, "units_down": [], "reversible": True})
+        self.assertEqual(json.loads(str(self.manager.Plan(self.app, "", {"rollback": True})))
+                         ["to"], "2.0.0")
+        for args, error in [
+                (("nope", "1.0.0", {}), "NotFound"),
+                ((self.app, "", {}), "InvalidArgument"),
+                ((self.app, "1.0.0", {"rollback": True}), "InvalidArgument"),
+                ((self.app, "1.0.0", {"rollback": "yes"}), "InvalidArgument"),
+                ((self.app, "1.0.0", {"stategy": "one-by-one"}), "InvalidArgument"),
+                ((self.app, "../1.0.0", {}), "InvalidArgument"),
+                (("a/b", "1.0.0", {}), "InvalidArgument")]:
+            self.assertDBusError("org.upgraded1.Error." + error, self.manager.Plan, *args)
+
     def test_activating_a_bad_release_needs_allow_bad(self):
         self.run_job(self.install(self.pack("1.0.0")))
         result, _ = self.wait_job(self.install(self.pack("2.0.0", fail=True)))

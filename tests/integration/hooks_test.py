@@ -676,6 +676,74 @@ class Hooks(unittest.TestCase):
         last = self.history()[-1]
         self.assertEqual((last["op"], last["result"]), ("recover", "done"))
 
+        # Killed again between units, and meanwhile a unit that had passed its gate died: the
+        # resumed gate checks it, fails, and restores every unit moved.
+        self.stop_daemon()
+        self.start_daemon(env={"UPGRADED_CRASH_AT": "activation.before_unit#3"})
+        self.ctl("install", "--stage-only", "-q", pack("5.0.0"))
+        self.ctl("activate", self.app, "5.0.0", check=None)
+        self.daemon.wait(timeout=60)
+        self.log.close()
+        self.daemon = None
+        subprocess.run(["systemctl", "--user", "stop", self.unit], check=True)
+        self.start_daemon()
+        settled()
+        self.assertEqual(self.current(), "releases/4.0.0")
+        for u in names:
+            self.assertEqual(wait_for_content(outs[u], "4.0.0"), "4.0.0", u)
+            self.assertEqual(subprocess.run(["systemctl", "--user", "is-active", u],
+                                            capture_output=True, text=True).stdout.strip(),
+                             "active", u)
+        last = self.history()[-1]
+        self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
+        self.assertIn("health gate: hello.service is inactive", last["message"])
+
+    def test_one_by_one_after_a_migrate_a_resumed_failure_restores_every_unit(self):
+        # A migrate stops every unit: one by one after it, a failure (even one resumed after a
+        # crash) must start them all again on the old release, not only those it reached.
+        names = [self.unit, "hello-b.service", "hello-c.service"]
+        outs = {self.unit: self.out}
+        for name in names[1:]:
+            outs[name] = os.path.join(self.dir, name + ".out")
+            with open(os.path.join(UNITS_DIR, name), "w") as f:
+                f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/hello/current/bin/hello\n"
+                        "Environment=OUT=%s\n" % (self.root, outs[name]))
+            self.addCleanup(os.unlink, os.path.join(UNITS_DIR, name))
+            self.addCleanup(subprocess.run, ["systemctl", "--user", "stop", name], check=False)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+
+        def pack(version):
+            return self.pack(version, hooks=["pre_upgrade", "migrate", "health", "post_upgrade"],
+                             units=names, strategy="one-by-one")
+
+        self.start_daemon()
+        self.ctl("install", "-q", pack("1.0.0"))
+        self.ctl("install", "--stage-only", "-q", pack("2.0.0"))
+        self.stop_daemon()
+        # Killed before the first unit's health hook: hello-b and hello-c are still stopped.
+        self.start_daemon(env={"UPGRADED_CRASH_AT": "hook.health.before"})
+        self.ctl("activate", self.app, "2.0.0", check=None)
+        self.daemon.wait(timeout=60)
+        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
+        self.log.close()
+        self.daemon = None
+        open(os.path.join(self.data, "fail-health-hello-b.service"), "w").close()
+        self.hook_log()
+        self.start_daemon()
+        for _ in range(600):
+            if not json.loads(self.ctl("jobs", "--json").stdout):
+                break
+            time.sleep(0.05)
+        self.assertEqual(self.current(), "releases/1.0.0")
+        for u in names:
+            self.assertEqual(wait_for_content(outs[u], "1.0.0"), "1.0.0", u)
+            self.assertEqual(subprocess.run(["systemctl", "--user", "is-active", u],
+                                            capture_output=True, text=True).stdout.strip(),
+                             "active", u)
+        last = self.history()[-1]
+        self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
+        self.assertNotIn("never restarted", last["message"])
+
     def test_auto_finalize_after_the_soak_across_a_restart(self):
         self.conf(data_dirs='["/var/lib/hello-data"]', auto_finalize_after_s=3 * TIME_FACTOR)
         self.start_daemon()

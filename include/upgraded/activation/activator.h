@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "upgraded/activation/plan.h"
 #include "upgraded/store/store.h"
 #include "upgraded/units/hook_runner.h"
 #include "upgraded/units/unit_control.h"
@@ -63,6 +64,10 @@ struct ActivationReport {
   std::map<std::string, std::uint64_t> downtime_usec;
   /// Per hook run: from the start call to its process running (systemd's timestamp).
   std::map<std::string, std::uint64_t> hook_start_usec;
+  /// The steps it took, in order, as PlanStep::key() names them (plan.h): "hook:pre_upgrade",
+  /// "switch:2.0.0", "restart:a.service", "gate:a.service", "mark-good:2.0.0"... The automatic
+  /// rollback's steps are not in it.
+  std::vector<std::string> steps;
 };
 
 struct FinalizeOptions {
@@ -79,8 +84,9 @@ struct FinalizeReport {
   std::string backup;        ///< the backup's name (empty: no backup)
 };
 
-/// Progress steps, for job objects: "checking", "switching", "restarting <unit>",
-/// "health gate", "rolling back".
+/// Progress steps, for job objects: "checking", "switching", "restarting <unit> (k/n)",
+/// "health gate" (one by one: "health gate: <unit> (k/n)", "health hook: <unit>"), the hooks,
+/// "rolling back".
 using ProgressFn = std::function<void(const std::string& step, int percent)>;
 
 /// What a check may let through, and whether it is a rollback.
@@ -104,6 +110,22 @@ bool has_activation_hooks(const artifact::Manifest& m);
 /// current release passes once it is not bad.
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
                               const ActivationChecks& checks);
+
+/// Whether `m`'s units are gated one at a time (strategy one-by-one, with units).
+bool gated_per_unit(const artifact::Manifest& m);
+
+/// How many of `m`'s units the interrupted activation `p` had touched, one by one; nothing when
+/// the record has no count, or one that does not fit `m` (not one-by-one, more than its
+/// units): then every unit counts as touched.
+std::optional<std::size_t> units_touched(const store::PendingActivation& p,
+                                         const artifact::Manifest& m);
+
+/// Whether check_activation refused because the release's upgrade_from does not admit the
+/// current one.
+bool is_upgrade_path_refusal(const Error& refusal);
+/// That refusal, naming the chain of installed releases that leads there (find_upgrade_path:
+/// `path`, empty when there is none) or saying there is none.
+Error with_upgrade_path(const Error& refusal, const std::vector<std::string>& path);
 
 /// The shortest chain of installed releases, not marked bad, each newer than the one before,
 /// from the current release to `target` (both included), every step passing check_activation
@@ -139,6 +161,12 @@ class Activator {
                                     const ActivationOptions& options = {},
                                     const ProgressFn& progress = {});
 
+  /// The plan of activate(`version`), or of rollback() when `is_rollback` (`version` unused),
+  /// from the app's state, manifests, history and activation record (plan.h). Reads only: no
+  /// lock, nothing changed.
+  Result<Plan> plan(const std::string& app, const std::string& version, bool is_rollback,
+                    const ActivationOptions& options = {}) const;
+
   /// Activates the rollback target (state.previous) without re-extraction. The same health
   /// gate applies; a failing rollback is reported, not bounced back again.
   Result<ActivationReport> rollback(const store::AppLock& lock,
@@ -161,8 +189,9 @@ class Activator {
                                   const ProgressFn& progress = {});
 
  private:
-  Result<void> finish_pending(const store::AppLock& lock, const ActivationOptions& options,
-                              const ProgressFn& progress);
+  /// The release an interrupted activation was finishing (empty: none was pending).
+  Result<std::string> finish_pending(const store::AppLock& lock, const ActivationOptions& options,
+                                     const ProgressFn& progress);
   /// find_upgrade_path over the store's releases.
   std::vector<std::string> upgrade_path(const std::string& app, const std::string& target) const;
   Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
@@ -197,6 +226,8 @@ class Activator {
     std::function<Result<void>(std::uint32_t touched)> before_unit;
     /// One-by-one: the rest of a unit's gate once it has soaked (the health hook).
     std::function<Result<void>(const std::string& unit, std::size_t index)> after_unit;
+    /// Where the steps taken are traced (ActivationReport::steps); null: nowhere.
+    std::vector<std::string>* trace = nullptr;
   };
   /// The units of `m` in order, per its strategy: all-at-once restarts them all, then gates
   /// them together; one-by-one restarts one, gates it (active, min_ready_s without a restart,

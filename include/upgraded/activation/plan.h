@@ -1,0 +1,109 @@
+#pragma once
+
+// The procedure of an activation, as data (docs/plan.md): every step the activator would take,
+// in order, with the hooks' timeouts, the units each step takes down, the gates, the refusal it
+// would hit, and the downtime to expect from the app's history. What `upgradectl plan` prints
+// and the daemon's Plan returns; it changes nothing. The activator traces the steps it runs
+// under the same keys (ActivationReport::steps), so that a plan can be held against what an
+// execution then did.
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "upgraded/artifact/manifest.h"
+#include "upgraded/result.h"
+#include "upgraded/store/state.h"
+#include "upgraded/store/store.h"
+
+namespace upgraded::activation {
+
+struct PlanStep {
+  /// "recover" (an interrupted activation finished first), "hook", "stop", "switch",
+  /// "restart", "start", "gate", "mark-good".
+  std::string kind;
+  /// The unit (stop, restart, start; gate one by one), the hook's phase, the release switched
+  /// to or marked good; empty for the gate of all the units at once.
+  std::string target;
+  /// The release this step belongs to (a walk through an upgrade path has several).
+  std::string release;
+  /// One-by-one health hook: the unit whose gate it ends.
+  std::string unit;
+  /// Hooks: their timeout. stop/restart/start: systemd's job timeout. gate: deadline_s.
+  std::uint32_t timeout_s = 0;
+  /// gate: how long the units must stay active.
+  std::uint32_t min_ready_s = 0;
+  /// The units that are not running while this step runs.
+  std::vector<std::string> units_down;
+  /// Activation steps are all undone by the automatic rollback; finalize (never part of an
+  /// activation's plan) is the irreversible one.
+  bool reversible = true;
+
+  /// "kind:target" (plus ":unit"): the key ActivationReport::steps uses.
+  std::string key() const;
+};
+
+/// A unit's expected downtime, from its measured windows in the app's history.
+struct DowntimePrediction {
+  std::string unit;
+  std::size_t samples = 0;  ///< 0: no history (no prediction)
+  std::uint64_t median_usec = 0;
+  std::uint64_t p95_usec = 0;
+};
+
+struct Plan {
+  std::string app;
+  std::string op;  ///< "activate" or "rollback"
+  std::string from;
+  std::string to;
+  std::string strategy;           ///< the target's: all-at-once, one-by-one, rolling
+  std::vector<std::string> path;  ///< through: the releases walked, from first (current) to last
+  /// The refusal activating would hit (nothing would change); steps are then empty.
+  std::optional<Error> refusal;
+  bool already_current = false;  ///< nothing to do: the release is current
+  /// An interrupted activation of this release is finished first (its own steps depend on where
+  /// it stopped: docs/hooks.md, "Crash safety").
+  std::string recover_first;
+  std::vector<PlanStep> steps;
+  /// Per unit the plan restarts, stops or starts, in the target's order.
+  std::vector<DowntimePrediction> downtime;
+  /// Sum of the medians (the units go down one after another, never together); set only when
+  /// every unit has history.
+  std::optional<std::uint64_t> predicted_total_usec;
+  /// What the automatic rollback would do if a step failed.
+  std::string on_failure;
+  /// After it the app is pre-finalized at this data format (finalize, the irreversible step,
+  /// is a separate operation).
+  std::optional<std::uint64_t> pre_finalized_format;
+};
+
+/// What planning needs to know beyond the app's state.
+struct PlanContext {
+  /// The manifest of an installed release.
+  std::function<Result<artifact::Manifest>(const std::string& version)> manifest;
+  std::vector<store::HistoryEntry> history;  ///< oldest first
+  std::optional<store::PendingActivation> pending;
+  bool allow_bad = false;
+  bool allow_below_floor = false;
+  bool through_path = false;
+  bool hooks_runnable = true;
+  std::uint32_t job_timeout_s = 90;
+};
+
+/// The plan of activating `version` of the app (`version` empty with `is_rollback`: the
+/// rollback target). Errors only for what cannot be read (a manifest, kNotFound for an app
+/// without state); a refusal is part of the plan.
+Result<Plan> plan_activation(const store::AppState& st, const std::string& version,
+                             bool is_rollback, const PlanContext& ctx);
+
+/// Up to the last `window` windows of `unit` in `history` (newest last): median and p95
+/// (nearest rank).
+DowntimePrediction predict_downtime(const std::vector<store::HistoryEntry>& history,
+                                    const std::string& unit, std::size_t window = 20);
+
+/// The plan as JSON (docs/plan.md, format 1).
+std::string plan_to_json(const Plan& plan);
+
+}  // namespace upgraded::activation

@@ -1,0 +1,289 @@
+#include "upgraded/activation/plan.h"
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "upgraded/activation/activator.h"
+#include "upgraded/policy/version.h"
+
+namespace upgraded::activation {
+namespace {
+
+using nlohmann::json;
+
+PlanStep step(std::string kind, std::string target, const std::string& release) {
+  PlanStep s;
+  s.kind = std::move(kind);
+  s.target = std::move(target);
+  s.release = release;
+  return s;
+}
+
+// The steps of one activation of `m` from the state `st` (current: the release it leaves), as
+// Activator::run and run_hooked take them.
+void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifest& m,
+                  const std::optional<artifact::Manifest>& old, bool is_rollback,
+                  const PlanContext& ctx) {
+  const std::string& version = m.version;
+  const std::string from = st.current.value_or("");
+  const bool one_by_one = m.strategy == artifact::Strategy::kOneByOne;
+  const bool hooked = has_activation_hooks(m);
+  auto hook = [&](const std::string& phase, const std::string& unit = {},
+                  std::vector<std::string> down = {}) {
+    auto h = m.hooks.find(phase);
+    if (h == m.hooks.end()) return;
+    PlanStep s = step("hook", phase, version);
+    s.unit = unit;
+    s.timeout_s = h->second.timeout_s;
+    s.units_down = std::move(down);
+    plan.steps.push_back(std::move(s));
+  };
+  if (hooked) hook("pre_upgrade");
+  const bool downgrade =
+      is_rollback || (!from.empty() && policy::compare_versions(version, from) < 0);
+  const bool migrate = hooked && !downgrade && m.hooks.count("migrate");
+  std::vector<std::string> stopped;
+  if (migrate && old)
+    for (auto it = old->units.rbegin(); it != old->units.rend(); ++it) {
+      PlanStep s = step("stop", *it, version);
+      s.timeout_s = ctx.job_timeout_s;
+      stopped.push_back(*it);
+      s.units_down = stopped;
+      plan.steps.push_back(std::move(s));
+    }
+  {
+    PlanStep s = step("switch", version, version);
+    s.units_down = stopped;
+    plan.steps.push_back(std::move(s));
+  }
+  if (migrate) hook("migrate", {}, stopped);
+  auto gate = [&](const std::string& unit) {
+    PlanStep s = step("gate", unit, version);
+    s.timeout_s = m.health.deadline_s;
+    s.min_ready_s = m.health.min_ready_s;
+    plan.steps.push_back(std::move(s));
+  };
+  for (const auto& unit : m.units) {
+    PlanStep s = step(migrate ? "start" : "restart", unit, version);
+    s.timeout_s = ctx.job_timeout_s;
+    if (migrate) {
+      // Stopped for the migrate: down until its own start, like every unit after it; the old
+      // release's units that this one does not have stay down.
+      s.units_down.assign(std::find(m.units.begin(), m.units.end(), unit), m.units.end());
+      for (const auto& u : stopped)
+        if (std::find(m.units.begin(), m.units.end(), u) == m.units.end())
+          s.units_down.push_back(u);
+    } else {
+      s.units_down = {unit};
+    }
+    plan.steps.push_back(std::move(s));
+    if (one_by_one) {
+      gate(unit);
+      if (hooked) hook("health", unit);
+    }
+  }
+  if (!one_by_one) {
+    gate("");
+    if (hooked) hook("health");
+  }
+  if (hooked) hook("post_upgrade");
+  plan.steps.push_back(step("mark-good", version, version));
+}
+
+// As the D-Bus error the activation would fail with (org.upgraded1.Error.<name>).
+std::string refusal_name(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kPolicyRefused:
+      return "PolicyRefused";
+    case ErrorCode::kNotFound:
+      return "NotFound";
+    default:
+      return "Failed";
+  }
+}
+
+}  // namespace
+
+std::string PlanStep::key() const {
+  return kind + ":" + target + (unit.empty() ? "" : ":" + unit);
+}
+
+DowntimePrediction predict_downtime(const std::vector<store::HistoryEntry>& history,
+                                    const std::string& unit, std::size_t window) {
+  DowntimePrediction p;
+  p.unit = unit;
+  std::vector<std::uint64_t> windows;
+  for (auto it = history.rbegin(); it != history.rend() && windows.size() < window; ++it)
+    if (auto w = it->downtime_usec.find(unit); w != it->downtime_usec.end())
+      windows.push_back(w->second);
+  p.samples = windows.size();
+  if (windows.empty()) return p;
+  std::sort(windows.begin(), windows.end());
+  const std::size_t n = windows.size();
+  p.median_usec = n % 2 ? windows[n / 2] : (windows[n / 2 - 1] + windows[n / 2]) / 2;
+  // Nearest rank: the smallest value with at least 95 % of the samples at or below it.
+  p.p95_usec = windows[(95 * n + 99) / 100 - 1];
+  return p;
+}
+
+Result<Plan> plan_activation(const store::AppState& st, const std::string& version,
+                             bool is_rollback, const PlanContext& ctx) {
+  Plan plan;
+  plan.app = st.app;
+  plan.op = is_rollback ? "rollback" : "activate";
+  plan.from = st.current.value_or("");
+  if (ctx.pending) plan.recover_first = ctx.pending->to;
+  plan.to = version;
+  if (is_rollback) {
+    if (!st.previous) {
+      plan.refusal = Error(ErrorCode::kNotFound, st.app + " has no rollback target");
+      return plan;
+    }
+    plan.to = *st.previous;
+  }
+  const std::string& target = plan.to;
+  if (!st.releases.count(target)) {
+    plan.refusal = Error(ErrorCode::kNotFound, "no release " + target + " of " + st.app);
+    return plan;
+  }
+  auto m = ctx.manifest(target);
+  if (!m) return m.error();
+  plan.strategy = std::string(artifact::to_string(m->strategy));
+  auto installed_path = [&]() -> Result<std::vector<std::string>> {
+    std::map<std::string, artifact::Manifest> manifests;
+    for (const auto& [v, rec] : st.releases) {
+      auto mv = ctx.manifest(v);
+      if (!mv) return mv.error();
+      manifests.emplace(v, std::move(*mv));
+    }
+    return find_upgrade_path(st, manifests, target);
+  };
+  std::vector<std::string> path;
+  std::optional<artifact::Manifest> old_last;  // a walk: the manifest of its last release
+  if (ctx.through_path && !is_rollback) {
+    auto p = installed_path();
+    if (!p) return p.error();
+    if (p->size() > 2) path = std::move(*p);
+  }
+  if (path.empty()) {
+    auto ok = check_activation(
+        st, *m,
+        ActivationChecks{ctx.allow_bad, is_rollback, ctx.allow_below_floor, ctx.hooks_runnable});
+    if (!ok) {
+      std::vector<std::string> way;
+      if (!is_rollback && is_upgrade_path_refusal(ok.error())) {
+        auto p = installed_path();
+        if (!p) return p.error();
+        way = std::move(*p);
+      }
+      plan.refusal = is_rollback ? ok.error() : with_upgrade_path(ok.error(), way);
+      return plan;
+    }
+    if (st.current == target) {
+      plan.already_current = true;
+      return plan;
+    }
+    std::optional<artifact::Manifest> old;
+    if (st.current) {
+      auto om = ctx.manifest(*st.current);
+      if (!om) return om.error();
+      old = std::move(*om);
+    }
+    append_steps(plan, st, *m, old, is_rollback, ctx);
+  } else {
+    // A walk: each step a whole activation from the one before (Activator::activate).
+    plan.path = path;
+    std::optional<artifact::Manifest>& old = old_last;
+    if (auto om = ctx.manifest(path.front()); om)
+      old = std::move(*om);
+    else
+      return om.error();
+    for (std::size_t i = 1; i < path.size(); ++i) {
+      auto mi = ctx.manifest(path[i]);
+      if (!mi) return mi.error();
+      store::AppState at = st;
+      at.previous = at.current;
+      at.current = path[i - 1];
+      append_steps(plan, at, *mi, old, false, ctx);
+      old = std::move(*mi);
+    }
+  }
+  if (!plan.recover_first.empty()) {
+    PlanStep r = step("recover", plan.recover_first, plan.recover_first);
+    plan.steps.insert(plan.steps.begin(), std::move(r));
+  }
+  // The units it takes down, in the order it first does.
+  std::vector<std::string> units;
+  for (const auto& s : plan.steps)
+    if ((s.kind == "stop" || s.kind == "restart" || s.kind == "start") &&
+        std::find(units.begin(), units.end(), s.target) == units.end())
+      units.push_back(s.target);
+  std::uint64_t total = 0;
+  bool complete = true;
+  for (const auto& unit : units) {
+    plan.downtime.push_back(predict_downtime(ctx.history, unit));
+    complete = complete && plan.downtime.back().samples > 0;
+    total += plan.downtime.back().median_usec;
+  }
+  if (complete && !units.empty()) plan.predicted_total_usec = total;
+  const bool migrate = std::any_of(plan.steps.begin(), plan.steps.end(),
+                                   [](const PlanStep& s) { return s.kind == "stop"; });
+  if (plan.from.empty())
+    plan.on_failure = target + " is marked bad; there is no release to go back to";
+  else if (is_rollback)
+    plan.on_failure = target + " is marked bad; a failed rollback is reported, not bounced back";
+  else if (!path.empty())
+    plan.on_failure = "the failing step rolls back to the release before it, and the walk stops";
+  else if (m->strategy == artifact::Strategy::kOneByOne && !migrate)
+    plan.on_failure = target + " is marked bad; " + plan.from +
+                      " comes back on the units moved so far (the failing one included); the "
+                      "units after it are never touched";
+  else
+    plan.on_failure =
+        target + " is marked bad; " + plan.from + " comes back: switched back, its units restarted";
+  const artifact::Manifest& last = path.empty() ? *m : *old_last;
+  if (st.finalized_data_format && last.data_format.writes > *st.finalized_data_format)
+    plan.pre_finalized_format = last.data_format.writes;
+  return plan;
+}
+
+std::string plan_to_json(const Plan& plan) {
+  json steps = json::array();
+  for (const auto& s : plan.steps)
+    steps.push_back({{"kind", s.kind},
+                     {"target", s.target},
+                     {"release", s.release},
+                     {"unit", s.unit},
+                     {"timeout_s", s.timeout_s},
+                     {"min_ready_s", s.min_ready_s},
+                     {"units_down", s.units_down},
+                     {"reversible", s.reversible}});
+  json downtime = json::array();
+  for (const auto& d : plan.downtime)
+    downtime.push_back({{"unit", d.unit},
+                        {"samples", d.samples},
+                        {"median_usec", d.samples ? json(d.median_usec) : json()},
+                        {"p95_usec", d.samples ? json(d.p95_usec) : json()}});
+  json doc = {{"format", 1},
+              {"app", plan.app},
+              {"op", plan.op},
+              {"from", plan.from},
+              {"to", plan.to},
+              {"strategy", plan.strategy},
+              {"path", plan.path},
+              {"changes", !plan.refusal && !plan.already_current},
+              {"refusal", plan.refusal ? json{{"error", refusal_name(plan.refusal->code())},
+                                              {"message", plan.refusal->message()}}
+                                       : json()},
+              {"recover_first", plan.recover_first},
+              {"steps", steps},
+              {"downtime", downtime},
+              {"predicted_total_usec",
+               plan.predicted_total_usec ? json(*plan.predicted_total_usec) : json()},
+              {"on_failure", plan.on_failure},
+              {"pre_finalized_format",
+               plan.pre_finalized_format ? json(*plan.pre_finalized_format) : json()}};
+  return doc.dump();
+}
+
+}  // namespace upgraded::activation

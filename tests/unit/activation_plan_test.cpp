@@ -1,0 +1,245 @@
+// Plans (activation/plan.h): the steps of each kind of activation, refusals, downtime
+// predictions from history, and the JSON document. That a plan equals what an execution then
+// does is checked against a real systemd (tests/integration/activation_test.cpp).
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "upgraded/activation/activator.h"
+#include "upgraded/activation/plan.h"
+
+using namespace upgraded;
+using activation::Plan;
+using activation::plan_activation;
+using activation::PlanContext;
+using store::AppState;
+using store::ReleaseStatus;
+
+namespace {
+
+artifact::Manifest manifest(const std::string& version, std::vector<std::string> units,
+                            artifact::Strategy strategy = artifact::Strategy::kAllAtOnce,
+                            std::vector<std::string> hooks = {}) {
+  artifact::Manifest m;
+  m.app = "db";
+  m.version = version;
+  m.units = std::move(units);
+  m.strategy = strategy;
+  m.health = {2, 30};
+  for (const auto& h : hooks)
+    m.hooks[h] = artifact::Hook{"hooks/" + h, 45};
+  return m;
+}
+
+struct Fixture {
+  AppState st;
+  std::map<std::string, artifact::Manifest> manifests;
+  PlanContext ctx;
+
+  Fixture(const std::vector<artifact::Manifest>& ms, const std::string& current) {
+    st.app = "db";
+    for (const auto& m : ms) {
+      st.releases[m.version] = store::ReleaseRecord{ReleaseStatus::kGood, false, "", 0, {}};
+      manifests[m.version] = m;
+    }
+    if (!current.empty()) st.current = current;
+    ctx.manifest = [this](const std::string& v) -> Result<artifact::Manifest> {
+      auto it = manifests.find(v);
+      if (it == manifests.end()) return Error(ErrorCode::kNotFound, "no manifest " + v);
+      return it->second;
+    };
+    ctx.job_timeout_s = 90;
+  }
+
+  Plan plan(const std::string& version, bool rollback = false) {
+    auto p = plan_activation(st, version, rollback, ctx);
+    EXPECT_TRUE(p.ok()) << p.error().message();
+    return p.ok() ? *p : Plan{};
+  }
+};
+
+std::vector<std::string> keys(const Plan& p) {
+  std::vector<std::string> out;
+  for (const auto& s : p.steps)
+    out.push_back(s.key());
+  return out;
+}
+
+}  // namespace
+
+TEST(Plan, AllAtOnceRestartsEveryUnitThenGatesThemTogether) {
+  Fixture f(
+      {manifest("1.0", {"a.service", "b.service"}), manifest("2.0", {"a.service", "b.service"})},
+      "1.0");
+  auto p = f.plan("2.0");
+  EXPECT_EQ(keys(p), (std::vector<std::string>{"switch:2.0", "restart:a.service",
+                                               "restart:b.service", "gate:", "mark-good:2.0"}));
+  EXPECT_EQ(p.strategy, "all-at-once");
+  EXPECT_EQ(p.from, "1.0");
+  EXPECT_EQ(p.to, "2.0");
+  EXPECT_EQ(p.steps[1].units_down, (std::vector<std::string>{"a.service"}));
+  EXPECT_EQ(p.steps[1].timeout_s, 90u);
+  EXPECT_EQ(p.steps[3].timeout_s, 30u);
+  EXPECT_EQ(p.steps[3].min_ready_s, 2u);
+  EXPECT_FALSE(p.refusal);
+  EXPECT_NE(p.on_failure.find("1.0 comes back"), std::string::npos) << p.on_failure;
+  for (const auto& s : p.steps)
+    EXPECT_TRUE(s.reversible) << s.key();
+}
+
+TEST(Plan, OneByOneGatesEachUnitAndRunsTheHealthHookAfterEach) {
+  const auto obo = artifact::Strategy::kOneByOne;
+  Fixture f(
+      {manifest("1.0", {"a.service", "b.service"}, obo),
+       manifest("2.0", {"a.service", "b.service"}, obo, {"pre_upgrade", "health", "post_upgrade"})},
+      "1.0");
+  auto p = f.plan("2.0");
+  EXPECT_EQ(keys(p), (std::vector<std::string>{
+                         "hook:pre_upgrade", "switch:2.0", "restart:a.service", "gate:a.service",
+                         "hook:health:a.service", "restart:b.service", "gate:b.service",
+                         "hook:health:b.service", "hook:post_upgrade", "mark-good:2.0"}));
+  EXPECT_EQ(p.steps[0].timeout_s, 45u);
+  EXPECT_NE(p.on_failure.find("units after it are never touched"), std::string::npos);
+}
+
+TEST(Plan, AMigrateStopsTheOldUnitsInReverseAndStartsTheNewOnes) {
+  Fixture f({manifest("1.0", {"a.service", "b.service"}),
+             manifest("2.0", {"a.service", "b.service"}, artifact::Strategy::kAllAtOnce,
+                      {"pre_upgrade", "migrate", "health", "post_upgrade"})},
+            "1.0");
+  auto p = f.plan("2.0");
+  EXPECT_EQ(keys(p), (std::vector<std::string>{
+                         "hook:pre_upgrade", "stop:b.service", "stop:a.service", "switch:2.0",
+                         "hook:migrate", "start:a.service", "start:b.service",
+                         "gate:", "hook:health", "hook:post_upgrade", "mark-good:2.0"}));
+  // Down from the stops until each one's start.
+  EXPECT_EQ(p.steps[4].units_down, (std::vector<std::string>{"b.service", "a.service"}));
+  EXPECT_EQ(p.steps[5].units_down, (std::vector<std::string>{"a.service", "b.service"}));
+  EXPECT_EQ(p.steps[6].units_down, (std::vector<std::string>{"b.service"}));
+  // Going back never migrates.
+  f.st.current = "2.0";
+  f.st.previous = "1.0";
+  auto back = f.plan("", /*rollback=*/true);
+  EXPECT_EQ(back.to, "1.0");
+  EXPECT_EQ(keys(back), (std::vector<std::string>{"switch:1.0", "restart:a.service",
+                                                  "restart:b.service", "gate:", "mark-good:1.0"}));
+  EXPECT_NE(back.on_failure.find("not bounced back"), std::string::npos);
+}
+
+TEST(Plan, RefusalsAreThePlanAndChangeNothing) {
+  Fixture f({manifest("1.0", {"a.service"}), manifest("2.0", {"a.service"})}, "1.0");
+  f.st.releases["2.0"].status = ReleaseStatus::kBad;
+  auto bad = f.plan("2.0");
+  ASSERT_TRUE(bad.refusal);
+  EXPECT_EQ(bad.refusal->code(), ErrorCode::kPolicyRefused);
+  EXPECT_TRUE(bad.steps.empty());
+  f.ctx.allow_bad = true;
+  EXPECT_FALSE(f.plan("2.0").refusal);
+  auto missing = f.plan("9.0");
+  ASSERT_TRUE(missing.refusal);
+  EXPECT_EQ(missing.refusal->code(), ErrorCode::kNotFound);
+  auto current = f.plan("1.0");
+  EXPECT_TRUE(current.already_current);
+  EXPECT_TRUE(current.steps.empty());
+  auto json = nlohmann::json::parse(activation::plan_to_json(current));
+  EXPECT_EQ(json["changes"], false);
+  Fixture none({manifest("1.0", {"a.service"})}, "1.0");
+  auto no_target = none.plan("", /*rollback=*/true);
+  ASSERT_TRUE(no_target.refusal);
+  EXPECT_EQ(no_target.refusal->code(), ErrorCode::kNotFound);
+  // The rolling strategy is refused, as activating would be.
+  Fixture rolling({manifest("1.0", {"a.service"}),
+                   manifest("2.0", {"a.service"}, artifact::Strategy::kRolling)},
+                  "1.0");
+  auto r = rolling.plan("2.0");
+  ASSERT_TRUE(r.refusal);
+  EXPECT_NE(r.refusal->message().find("rolling strategy"), std::string::npos);
+}
+
+TEST(Plan, AnUpgradePathRefusalNamesTheWayAndThroughWalksIt) {
+  auto m2 = manifest("2.0", {"a.service"});
+  auto m3 = manifest("3.0", {"a.service"});
+  m3.upgrade_from = {"2.*"};
+  Fixture f({manifest("1.0", {"a.service"}), m2, m3}, "1.0");
+  auto refused = f.plan("3.0");
+  ASSERT_TRUE(refused.refusal);
+  EXPECT_NE(refused.refusal->message().find("staged path: 1.0 \u2192 2.0 \u2192 3.0"),
+            std::string::npos)
+      << refused.refusal->message();
+  f.ctx.through_path = true;
+  auto walk = f.plan("3.0");
+  ASSERT_FALSE(walk.refusal) << walk.refusal->message();
+  EXPECT_EQ(walk.path, (std::vector<std::string>{"1.0", "2.0", "3.0"}));
+  EXPECT_EQ(keys(walk), (std::vector<std::string>{"switch:2.0", "restart:a.service",
+                                                  "gate:", "mark-good:2.0", "switch:3.0",
+                                                  "restart:a.service", "gate:", "mark-good:3.0"}));
+  EXPECT_EQ(walk.steps[4].release, "3.0");
+}
+
+TEST(Plan, PredictsEachUnitsDowntimeFromItsLastTwentyWindows) {
+  Fixture f(
+      {manifest("1.0", {"a.service", "b.service"}), manifest("2.0", {"a.service", "b.service"})},
+      "1.0");
+  auto p = f.plan("2.0");
+  ASSERT_EQ(p.downtime.size(), 2u);
+  EXPECT_EQ(p.downtime[0].samples, 0u) << "no history: no prediction";
+  EXPECT_FALSE(p.predicted_total_usec);
+  // 25 windows of a: 1000..25000 µs; only the last 20 (6000..25000) count.
+  for (int i = 1; i <= 25; ++i) {
+    store::HistoryEntry h;
+    h.op = "activate";
+    h.downtime_usec["a.service"] = static_cast<std::uint64_t>(i) * 1000;
+    if (i > 22) h.downtime_usec["b.service"] = 7000;
+    f.ctx.history.push_back(h);
+  }
+  p = f.plan("2.0");
+  ASSERT_EQ(p.downtime.size(), 2u);
+  EXPECT_EQ(p.downtime[0].samples, 20u);
+  EXPECT_EQ(p.downtime[0].median_usec, 15500u);  // (15000 + 16000) / 2
+  EXPECT_EQ(p.downtime[0].p95_usec, 24000u);     // nearest rank: the 19th of 20
+  EXPECT_EQ(p.downtime[1].samples, 3u);
+  EXPECT_EQ(p.downtime[1].median_usec, 7000u);
+  ASSERT_TRUE(p.predicted_total_usec);
+  EXPECT_EQ(*p.predicted_total_usec, 22500u);
+  auto json = nlohmann::json::parse(activation::plan_to_json(p));
+  EXPECT_EQ(json["format"], 1);
+  EXPECT_EQ(json["predicted_total_usec"], 22500);
+  EXPECT_EQ(json["downtime"][0]["p95_usec"], 24000);
+  EXPECT_EQ(json["steps"].size(), 5u);
+  EXPECT_EQ(json["steps"][1]["units_down"][0], "a.service");
+}
+
+TEST(Plan, AnInterruptedActivationIsRecoveredFirstAndADataFormatChangeIsNamed) {
+  auto m2 = manifest("2.0", {"a.service"});
+  m2.data_format = {2, 1};
+  auto m1 = manifest("1.0", {"a.service"});
+  m1.data_format = {1, 1};
+  Fixture f({m1, m2}, "1.0");
+  f.st.finalized_data_format = 1;
+  f.ctx.pending = store::PendingActivation{"activate", "0.9", "1.0", "", "", "restart", {}};
+  auto p = f.plan("2.0");
+  ASSERT_FALSE(p.steps.empty());
+  EXPECT_EQ(p.steps.front().key(), "recover:1.0");
+  EXPECT_EQ(p.recover_first, "1.0");
+  EXPECT_EQ(p.pre_finalized_format, 2u);
+}
+
+TEST(UnitsTouched, CountsOnlyWhatFitsAOneByOneRelease) {
+  store::PendingActivation p{"activate", "1.0", "2.0", "", "", "restart", 2};
+  auto obo =
+      manifest("2.0", {"a.service", "b.service", "c.service"}, artifact::Strategy::kOneByOne);
+  EXPECT_EQ(activation::units_touched(p, obo), 2u);
+  p.units_touched = 3;
+  EXPECT_EQ(activation::units_touched(p, obo), 3u);
+  p.units_touched = 10;
+  EXPECT_EQ(activation::units_touched(p, obo), std::nullopt) << "more than its units: all";
+  p.units_touched = 2;
+  EXPECT_EQ(activation::units_touched(p, manifest("2.0", {"a.service", "b.service"})), std::nullopt)
+      << "all-at-once: all";
+  EXPECT_EQ(activation::units_touched(p, manifest("2.0", {}, artifact::Strategy::kOneByOne)),
+            std::nullopt);
+  p.units_touched.reset();
+  EXPECT_EQ(activation::units_touched(p, obo), std::nullopt);
+}
