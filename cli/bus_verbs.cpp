@@ -432,11 +432,15 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
     json out = json::array();
     Table t({"TIME", "OP", "FROM", "TO", "RESULT", "DOWNTIME", "MESSAGE"});
     for (const auto& h : entries) {
+      // Each unit's own window (one by one they differ; all at once too, restarted in turn).
       json downtime = json::object();
-      std::uint64_t worst = 0;
+      std::string windows;
       for (const auto& [unit, usec] : std::get<6>(h)) {
         downtime[unit] = usec;
-        worst = std::max<std::uint64_t>(worst, usec);
+        char ms[32];
+        std::snprintf(ms, sizeof ms, "%.1f ms", static_cast<double>(usec) / 1000);
+        windows += (windows.empty() ? "" : ", ") +
+                   (std::get<6>(h).size() == 1 ? std::string(ms) : unit + " " + ms);
       }
       out.push_back({{"time", std::get<0>(h)},
                      {"op", std::get<1>(h)},
@@ -445,11 +449,8 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
                      {"result", std::get<4>(h)},
                      {"message", std::get<5>(h)},
                      {"downtime_usec", downtime}});
-      char dt[32] = "";
-      if (!std::get<6>(h).empty())
-        std::snprintf(dt, sizeof dt, "%.1f ms", static_cast<double>(worst) / 1000);
       t.add({std::get<0>(h), std::get<1>(h), std::get<2>(h), std::get<3>(h),
-             colored_status(std::get<4>(h)), dt, std::get<5>(h)});
+             colored_status(std::get<4>(h)), windows, std::get<5>(h)});
     }
     print_rows(c.json, out, t, "No history for " + app + ".");
     return kExitOk;
@@ -671,6 +672,12 @@ int run_plan(const Common& c, const std::string& app, const std::string& version
     } else if (!refusal.is_null()) {
       std::printf("Plan: %s %s: refused, nothing would change\n",
                   plan.at("op").get<std::string>().c_str(), app.c_str());
+    } else if (!plan.at("recover_first").get<std::string>().empty()) {
+      std::printf(
+          "Plan: %s %s: an interrupted activation of %s is finished first; what follows "
+          "depends on how it ends: plan again once it has\n",
+          plan.at("op").get<std::string>().c_str(), app.c_str(),
+          plan.at("recover_first").get<std::string>().c_str());
     } else if (!plan.at("changes").get<bool>()) {
       std::printf("%s %s is already current: nothing to do.\n", app.c_str(),
                   plan.at("to").get<std::string>().c_str());
@@ -714,8 +721,7 @@ int run_plan(const Common& c, const std::string& app, const std::string& version
       }
       const json& total = plan.at("predicted_total_usec");
       if (!total.is_null())
-        std::printf("  total: %s (one unit down at a time)\n",
-                    milliseconds(total.get<std::uint64_t>()).c_str());
+        std::printf("  total: %s\n", milliseconds(total.get<std::uint64_t>()).c_str());
       else if (!plan.at("downtime").empty())
         std::printf("  total: unknown (a unit has no history)\n");
       std::printf("If a step fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
@@ -733,6 +739,7 @@ int run_plan(const Common& c, const std::string& app, const std::string& version
     const std::string error = refusal.at("error").get<std::string>();
     return error == "NotFound"        ? kExitNotFound
            : error == "PolicyRefused" ? kExitPolicyRefused
+           : error == "Busy"          ? kExitBusy
                                       : kExitFailed;
   } catch (const json::exception& e) {
     std::fprintf(stderr, "upgradectl: the daemon's plan cannot be read: %s\n", e.what());

@@ -131,6 +131,11 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
         exit_code = kExitUsage;
         return;
       }
+      if (!rollback->empty() && (*through || *allow_bad)) {
+        std::fprintf(stderr, "upgradectl: --through and --allow-bad are not rollback's options\n");
+        exit_code = kExitUsage;
+        return;
+      }
       if (rollback->empty()) {
         const std::string& arg = spec->front();
         const auto eq = arg.find('=');

@@ -1094,24 +1094,64 @@ Manager::GetHistory(const std::string& app, const Options& options) {
   return out;
 }
 
-std::string Manager::Plan(const std::string& app, const std::string& version,
-                          const Options& options) {
-  check_app(app);
-  check_options(
-      options,
-      {{"allow_bad", "b"}, {"allow_below_floor", "b"}, {"through_path", "b"}, {"rollback", "b"}});
-  const bool rollback = option<bool>(options, "rollback", false);
-  if (rollback ? !version.empty() : version.empty())
-    throw invalid(rollback ? "a rollback's plan takes no version" : "no version given");
-  if (!rollback) check_version(version);
-  activation::ActivationOptions how;
-  how.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
-  how.hooks.runner = &m_hooks;  // the daemon runs hooks: releases with hooks are not refused
-  how.allow_bad = option<bool>(options, "allow_bad", false);
-  how.allow_below_floor = option<bool>(options, "allow_below_floor", false);
-  how.through_path = option<bool>(options, "through_path", false);
-  activation::Activator activator(m_store, m_units);
-  return activation::plan_to_json(value_or_throw(activator.plan(app, version, rollback, how)));
+void Manager::Plan(sdbus::Result<std::string>&& result, std::string app, std::string version,
+                   Options options) {
+  auto reply = std::make_shared<sdbus::Result<std::string>>(std::move(result));
+  try {
+    check_app(app);
+    check_options(
+        options,
+        {{"allow_bad", "b"}, {"allow_below_floor", "b"}, {"through_path", "b"}, {"rollback", "b"}});
+    const bool rollback = option<bool>(options, "rollback", false);
+    // Rollback takes only allow_below_floor.
+    if (rollback) check_options(options, {{"rollback", "b"}, {"allow_below_floor", "b"}});
+    if (rollback ? !version.empty() : version.empty())
+      throw invalid(rollback ? "a rollback's plan takes no version" : "no version given");
+    if (!rollback) check_version(version);
+    // Anyone may ask: off the loop (a walk reads every manifest), and only two at a time.
+    if (m_planning >= 2)
+      throw sdbus::Error(bus_error::kBusy, "too many plans are being computed; try again");
+    activation::ActivationOptions how;
+    how.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+    how.hooks.runner = &m_hooks;  // the daemon runs hooks: releases with hooks are not refused
+    how.allow_bad = option<bool>(options, "allow_bad", false);
+    how.allow_below_floor = option<bool>(options, "allow_below_floor", false);
+    how.through_path = option<bool>(options, "through_path", false);
+    std::optional<std::uint32_t> job;
+    if (auto it = m_busy.find(app); it != m_busy.end()) job = it->second;
+    ++m_planning;
+    m_loop.run_task([this, reply, app, version, rollback, how, job]() {
+      std::string text;
+      std::optional<sdbus::Error> error;
+      try {
+        activation::Activator activator(m_store, m_units);
+        auto plan = activator.plan(app, version, rollback, how);
+        if (!plan) {
+          error = bus_error::from(plan.error());
+        } else {
+          if (job) {
+            // What Activate would answer now; the steps are those it would take once the job
+            // is over.
+            plan->refusal =
+                Error(ErrorCode::kBusy, app + " has a job running (job " + std::to_string(*job) +
+                                            "); plan again once it has ended");
+          }
+          text = activation::plan_to_json(*plan);
+        }
+      } catch (const std::exception& e) {  // only sdbus::Error may leave a handler
+        error = sdbus::Error(bus_error::kFailed, std::string("planning failed: ") + e.what());
+      }
+      return std::function<void()>([this, reply, text = std::move(text), error] {
+        --m_planning;
+        if (error)
+          reply->returnError(*error);
+        else
+          reply->returnResults(text);
+      });
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
 }
 
 }  // namespace upgraded::daemon

@@ -89,8 +89,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
                             std::string, std::map<std::string, uint64_t>>>
   GetHistory(const std::string& app, const Options& options) override;
-  std::string Plan(const std::string& app, const std::string& version,
-                   const Options& options) override;
+  void Plan(sdbus::Result<std::string>&& result, std::string app, std::string version,
+            Options options) override;
   std::string Version() override;
   std::string HelperSandbox() override;
 
@@ -155,6 +155,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::uint32_t m_next_helper_id = 0;
   std::map<std::uint32_t, Running> m_jobs;
   std::map<std::string, std::uint32_t> m_busy;  // app -> job
+  int m_planning = 0;                           // Plan calls being computed (at most 2)
   struct Ended {
     std::string result, message, error;
   };

@@ -363,6 +363,7 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     return r.error();
   }
   crash_point("activation.after_switch");
+  report.switched_usec = monotonic_usec();
   report.steps.push_back("switch:" + version);
   Gate units = journaled_gate(lock, pending);
   units.trace = &report.steps;
@@ -434,9 +435,18 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
             old_manifest->units.end())
           back = m_units.stop(*it, options.job_timeout);
       if (touched.size() < failed->units.size()) {
+        // Left alone only when it provably still runs the old release: active since before
+        // the switch, as this process saw it. After a crash (or a reboot) the daemon cannot
+        // tell what systemd started meanwhile, so every unit is restored.
+        auto still_old = [&](const std::string& unit) {
+          if (report.switched_usec == 0) return false;
+          auto st = m_units.status(unit);
+          return st && st->active_state == "active" && st->active_enter_usec != 0 &&
+                 st->active_enter_usec < report.switched_usec;
+        };
         std::vector<std::string> restore;
         for (const auto& unit : old_manifest->units)
-          (was_touched(unit) ? restore : untouched).push_back(unit);
+          (was_touched(unit) || !still_old(unit) ? restore : untouched).push_back(unit);
         old_manifest->units = std::move(restore);
       }
     }
@@ -611,6 +621,7 @@ Result<ActivationReport> Activator::run_hooked(
     if (progress) progress("switching", 30);
     UPGRADED_TRY(m_store.switch_to(lock, version));
     crash_point("activation.after_switch");
+    report.switched_usec = monotonic_usec();
     report.steps.push_back("switch:" + version);
     if (progress && migrate) progress("migrate hook", 35);
     return {};

@@ -1,6 +1,7 @@
 #include "upgraded/activation/plan.h"
 
 #include <algorithm>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "upgraded/activation/activator.h"
@@ -26,7 +27,7 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
                   const PlanContext& ctx) {
   const std::string& version = m.version;
   const std::string from = st.current.value_or("");
-  const bool one_by_one = m.strategy == artifact::Strategy::kOneByOne;
+  const bool one_by_one = gated_per_unit(m);
   const bool hooked = has_activation_hooks(m);
   auto hook = [&](const std::string& phase, const std::string& unit = {},
                   std::vector<std::string> down = {}) {
@@ -97,6 +98,8 @@ std::string refusal_name(ErrorCode code) {
       return "PolicyRefused";
     case ErrorCode::kNotFound:
       return "NotFound";
+    case ErrorCode::kBusy:
+      return "Busy";
     default:
       return "Failed";
   }
@@ -132,8 +135,17 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
   plan.app = st.app;
   plan.op = is_rollback ? "rollback" : "activate";
   plan.from = st.current.value_or("");
-  if (ctx.pending) plan.recover_first = ctx.pending->to;
   plan.to = version;
+  if (ctx.pending) {
+    // Finished first, whatever was asked (Activator::finish_pending), and how it ends (on
+    // either release, hooks rerun or not) decides everything after it: only that is certain.
+    plan.recover_first = ctx.pending->to;
+    plan.steps.push_back(step("recover", plan.recover_first, plan.recover_first));
+    plan.on_failure = "an interrupted " + ctx.pending->op + " of " + ctx.pending->to +
+                      " is finished first (docs/hooks.md, \"Crash safety\"); plan again once it is";
+    if (is_rollback && st.previous) plan.to = *st.previous;
+    return plan;
+  }
   if (is_rollback) {
     if (!st.previous) {
       plan.refusal = Error(ErrorCode::kNotFound, st.app + " has no rollback target");
@@ -151,11 +163,9 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
   plan.strategy = std::string(artifact::to_string(m->strategy));
   auto installed_path = [&]() -> Result<std::vector<std::string>> {
     std::map<std::string, artifact::Manifest> manifests;
-    for (const auto& [v, rec] : st.releases) {
-      auto mv = ctx.manifest(v);
-      if (!mv) return mv.error();
-      manifests.emplace(v, std::move(*mv));
-    }
+    // As the activator does: a release whose manifest cannot be read is no step of a path.
+    for (const auto& [v, rec] : st.releases)
+      if (auto mv = ctx.manifest(v)) manifests.emplace(v, std::move(*mv));
     return find_upgrade_path(st, manifests, target);
   };
   std::vector<std::string> path;
@@ -208,24 +218,38 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
       old = std::move(*mi);
     }
   }
-  if (!plan.recover_first.empty()) {
-    PlanStep r = step("recover", plan.recover_first, plan.recover_first);
-    plan.steps.insert(plan.steps.begin(), std::move(r));
-  }
   // The units it takes down, in the order it first does.
   std::vector<std::string> units;
   for (const auto& s : plan.steps)
     if ((s.kind == "stop" || s.kind == "restart" || s.kind == "start") &&
         std::find(units.begin(), units.end(), s.target) == units.end())
       units.push_back(s.target);
-  std::uint64_t total = 0;
-  bool complete = true;
-  for (const auto& unit : units) {
+  std::map<std::string, const DowntimePrediction*> by_unit;
+  for (const auto& unit : units)
     plan.downtime.push_back(predict_downtime(ctx.history, unit));
-    complete = complete && plan.downtime.back().samples > 0;
-    total += plan.downtime.back().median_usec;
+  for (const auto& d : plan.downtime)
+    by_unit[d.unit] = &d;
+  // Per activation (a walk has several): restarted one after another, its units' windows add
+  // up; stopped together for a migrate, they overlap, and the longest is the app's window (a
+  // migrate's windows run from the stop to the start, the migrate included).
+  std::uint64_t total = 0;
+  bool complete = !units.empty();
+  for (std::size_t i = 0; i < plan.steps.size();) {
+    const std::string& release = plan.steps[i].release;
+    bool migrated = false;
+    std::uint64_t sum = 0, longest = 0;
+    for (; i < plan.steps.size() && plan.steps[i].release == release; ++i) {
+      const auto& s = plan.steps[i];
+      migrated = migrated || s.kind == "stop";
+      if (s.kind != "restart" && s.kind != "start") continue;
+      const DowntimePrediction& d = *by_unit.at(s.target);
+      complete = complete && d.samples > 0;
+      sum += d.median_usec;
+      longest = std::max(longest, d.median_usec);
+    }
+    total += migrated ? longest : sum;
   }
-  if (complete && !units.empty()) plan.predicted_total_usec = total;
+  if (complete) plan.predicted_total_usec = total;
   const bool migrate = std::any_of(plan.steps.begin(), plan.steps.end(),
                                    [](const PlanStep& s) { return s.kind == "stop"; });
   if (plan.from.empty())
@@ -283,7 +307,8 @@ std::string plan_to_json(const Plan& plan) {
               {"on_failure", plan.on_failure},
               {"pre_finalized_format",
                plan.pre_finalized_format ? json(*plan.pre_finalized_format) : json()}};
-  return doc.dump();
+  // Messages may carry text from hooks (a backup's name): never throw on invalid UTF-8.
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 }  // namespace upgraded::activation

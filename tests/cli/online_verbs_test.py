@@ -260,6 +260,7 @@ class OnlineVerbs(unittest.TestCase):
                          ["refusal"]["error"], "PolicyRefused")
         self.assertIn("rollback", self.ctl("plan", "--rollback", self.app).stdout)
         self.ctl("plan", "hello", check=2)
+        self.ctl("plan", "--rollback", self.app, "--allow-bad", check=2)
         self.ctl("plan", "hello=1.0.0", "other=1.0.0", check=2)
         self.ctl("plan", "hel/lo=1.0.0", check=2)
         self.ctl("plan", "nope=1.0.0", check=8)

@@ -314,6 +314,21 @@ TEST_F(Activation, OneByOneGatesEachUnitBeforeTheNextAndRollsBackOnlyTheUnitsItM
   ASSERT_TRUE(history.ok());
   EXPECT_EQ(history->back().result, "rolled-back");
   EXPECT_NE(history->back().message.find("never restarted: hello-c.service"), std::string::npos);
+
+  // hello-c restarted by systemd (here: by hand) after the switch started from the new
+  // release: it is not left alone then.
+  release(*lock, "3.1.0", true, extra, "b");
+  auto v31 = act.activate(*lock, "3.1.0", {}, [&](const std::string& step, int) {
+    if (step == "restarting hello-b.service (2/3)") {
+      ASSERT_EQ(std::system("systemctl --user restart hello-c.service"), 0);
+    }
+  });
+  ASSERT_FALSE(v31.ok());
+  EXPECT_EQ(v31.error().message().find("never restarted"), std::string::npos)
+      << v31.error().message();
+  for (std::string name : {"a", "b", "c"})
+    EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
+  EXPECT_EQ(st->state("hello")->current, "2.0.0");
 }
 
 TEST_F(Activation, RefusesTheRollingStrategyItDoesNotHaveWithNothingChanged) {

@@ -258,6 +258,8 @@ class Lifecycle(DaemonTest):
                 ((self.app, "1.0.0", {"rollback": True}), "InvalidArgument"),
                 ((self.app, "1.0.0", {"rollback": "yes"}), "InvalidArgument"),
                 ((self.app, "1.0.0", {"stategy": "one-by-one"}), "InvalidArgument"),
+                ((self.app, "", {"rollback": True, "allow_bad": True}), "InvalidArgument"),
+                ((self.app, "", {"rollback": True, "through_path": True}), "InvalidArgument"),
                 ((self.app, "../1.0.0", {}), "InvalidArgument"),
                 (("a/b", "1.0.0", {}), "InvalidArgument")]:
             self.assertDBusError("org.upgraded1.Error." + error, self.manager.Plan, *args)
@@ -382,6 +384,19 @@ class Cancel(DaemonTest):
         self.assertEqual(result, "canceled", message)
         self.assertEqual(tree_digest(self.app_root()), before)
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
+
+    def test_a_plan_while_the_app_has_a_job_says_busy(self):
+        self.run_job(self.install(self.pack("1.0.0")))
+        self.run_job(self.install(self.pack("2.0.0"), activate=False))
+        self.restart_daemon({"UPGRADED_PAUSE_AT": "activation.before_commit:1500"})
+        job = self.manager.Activate(self.app, "2.0.0", {})
+        plan = json.loads(str(self.manager.Plan(self.app, "2.0.0", {})))
+        self.assertEqual(plan["refusal"]["error"], "Busy")
+        self.assertIn("has a job running", plan["refusal"]["message"])
+        self.assertEqual(self.wait_job(job)[0], "done")
+        plan = json.loads(str(self.manager.Plan(self.app, "2.0.0", {})))
+        self.assertIsNone(plan["refusal"])
+        self.assertFalse(plan["changes"], "2.0.0 is current now")
 
     def test_cancel_before_the_switch_and_too_late_after_it(self):
         self.run_job(self.install(self.pack("1.0.0")))

@@ -628,6 +628,10 @@ class Hooks(unittest.TestCase):
                           "health@hello-c.service", "post_upgrade"])
         for u in names:
             self.assertEqual(wait_for_content(outs[u], "2.0.0"), "2.0.0", u)
+        # history: each unit's own window.
+        self.assertRegex(self.ctl("history", self.app).stdout,
+                         r"hello-b\.service \d+\.\d ms, hello-c\.service \d+\.\d ms, "
+                         r"hello\.service \d+\.\d ms")
 
         # The health hook fails for the second unit: the first two go back, the third was never
         # restarted.

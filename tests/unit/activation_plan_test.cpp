@@ -218,12 +218,51 @@ TEST(Plan, AnInterruptedActivationIsRecoveredFirstAndADataFormatChangeIsNamed) {
   m1.data_format = {1, 1};
   Fixture f({m1, m2}, "1.0");
   f.st.finalized_data_format = 1;
-  f.ctx.pending = store::PendingActivation{"activate", "0.9", "1.0", "", "", "restart", {}};
   auto p = f.plan("2.0");
-  ASSERT_FALSE(p.steps.empty());
-  EXPECT_EQ(p.steps.front().key(), "recover:1.0");
-  EXPECT_EQ(p.recover_first, "1.0");
   EXPECT_EQ(p.pre_finalized_format, 2u);
+  // Its outcome decides what follows: the plan is the recovery alone, and it changes things
+  // even for a release that is current or refused.
+  f.ctx.pending = store::PendingActivation{"activate", "0.9", "1.0", "", "", "restart", {}};
+  for (const std::string v : {"2.0", "1.0", "9.9"}) {
+    p = f.plan(v);
+    EXPECT_EQ(keys(p), (std::vector<std::string>{"recover:1.0"})) << v;
+    EXPECT_EQ(p.recover_first, "1.0");
+    EXPECT_FALSE(p.refusal) << v;
+    EXPECT_FALSE(p.already_current) << v;
+    EXPECT_NE(p.on_failure.find("plan again once it is"), std::string::npos);
+    EXPECT_EQ(nlohmann::json::parse(activation::plan_to_json(p))["changes"], true);
+  }
+}
+
+TEST(Plan, OneByOneWithoutUnitsGatesAndRunsTheHealthHookOnce) {
+  Fixture f({manifest("1.0", {}), manifest("2.0", {}, artifact::Strategy::kOneByOne, {"health"})},
+            "1.0");
+  EXPECT_EQ(keys(f.plan("2.0")),
+            (std::vector<std::string>{"switch:2.0", "gate:", "hook:health", "mark-good:2.0"}));
+}
+
+TEST(Plan, PredictsTheTotalPerActivationOfAWalkAndTheLongestWindowOfAMigrate) {
+  auto m3 = manifest("3.0", {"a.service", "b.service"});
+  m3.upgrade_from = {"2.*"};
+  Fixture f({manifest("1.0", {"a.service", "b.service"}),
+             manifest("2.0", {"a.service", "b.service"}), m3},
+            "1.0");
+  store::HistoryEntry h;
+  h.downtime_usec = {{"a.service", 1000}, {"b.service", 3000}};
+  f.ctx.history = {h};
+  f.ctx.through_path = true;
+  auto walk = f.plan("3.0");
+  ASSERT_EQ(walk.path.size(), 3u);
+  ASSERT_TRUE(walk.predicted_total_usec);
+  EXPECT_EQ(*walk.predicted_total_usec, 8000u) << "two activations of 1 + 3 ms";
+  Fixture g(
+      {manifest("1.0", {"a.service", "b.service"}),
+       manifest("2.0", {"a.service", "b.service"}, artifact::Strategy::kAllAtOnce, {"migrate"})},
+      "1.0");
+  g.ctx.history = {h};
+  auto migrate = g.plan("2.0");
+  ASSERT_TRUE(migrate.predicted_total_usec);
+  EXPECT_EQ(*migrate.predicted_total_usec, 3000u) << "stopped together: the longest";
 }
 
 TEST(UnitsTouched, CountsOnlyWhatFitsAOneByOneRelease) {

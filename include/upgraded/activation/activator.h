@@ -64,6 +64,10 @@ struct ActivationReport {
   std::map<std::string, std::uint64_t> downtime_usec;
   /// Per hook run: from the start call to its process running (systemd's timestamp).
   std::map<std::string, std::uint64_t> hook_start_usec;
+  /// CLOCK_MONOTONIC µs `current` was switched in this process (0: not here, e.g. before a
+  /// crash): one by one, a unit not reached that became active after it was started by
+  /// systemd on the new release, and a rollback restores it too.
+  std::uint64_t switched_usec = 0;
   /// The steps it took, in order, as PlanStep::key() names them (plan.h): "hook:pre_upgrade",
   /// "switch:2.0.0", "restart:a.service", "gate:a.service", "mark-good:2.0.0"... The automatic
   /// rollback's steps are not in it.

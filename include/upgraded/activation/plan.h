@@ -63,14 +63,15 @@ struct Plan {
   /// The refusal activating would hit (nothing would change); steps are then empty.
   std::optional<Error> refusal;
   bool already_current = false;  ///< nothing to do: the release is current
-  /// An interrupted activation of this release is finished first (its own steps depend on where
-  /// it stopped: docs/hooks.md, "Crash safety").
+  /// An interrupted activation of this release is finished first; how it ends decides what
+  /// follows, so the plan is then that one "recover" step (plan again once it is done).
   std::string recover_first;
   std::vector<PlanStep> steps;
   /// Per unit the plan restarts, stops or starts, in the target's order.
   std::vector<DowntimePrediction> downtime;
-  /// Sum of the medians (the units go down one after another, never together); set only when
-  /// every unit has history.
+  /// Per activation (a walk has several), the sum of its units' medians (restarted one after
+  /// another), or with a migrate the longest (stopped together); summed over the walk. Set
+  /// only when every unit has history.
   std::optional<std::uint64_t> predicted_total_usec;
   /// What the automatic rollback would do if a step failed.
   std::string on_failure;
