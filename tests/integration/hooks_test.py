@@ -185,6 +185,29 @@ class Hooks(unittest.TestCase):
                             "--no-legend", "upgraded-hook-*"], capture_output=True, text=True)
         return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
+    def three_units(self):
+        """The sample service's unit and two more (hello-b, hello-c) running the same release,
+        each writing the release it runs to a file of its own: (unit names, {unit: file})."""
+        names = [self.unit, "hello-b.service", "hello-c.service"]
+        outs = {self.unit: self.out}
+        for name in names[1:]:
+            outs[name] = os.path.join(self.dir, name + ".out")
+            with open(os.path.join(UNITS_DIR, name), "w") as f:
+                f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/hello/current/bin/hello\n"
+                        "Environment=OUT=%s\n" % (self.root, outs[name]))
+            self.addCleanup(os.unlink, os.path.join(UNITS_DIR, name))
+            self.addCleanup(subprocess.run, ["systemctl", "--user", "stop", name], check=False)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        return names, outs
+
+    def assert_serving(self, outs, version):
+        """Every unit active and running `version`."""
+        for unit, out in outs.items():
+            self.assertEqual(wait_for_content(out, version), version, unit)
+            self.assertEqual(subprocess.run(["systemctl", "--user", "is-active", unit],
+                                            capture_output=True, text=True).stdout.strip(),
+                             "active", unit)
+
     # --- order, environment, data formats, finalize -------------------------------------------
 
     def test_order_environment_rollback_and_finalize(self):
@@ -589,16 +612,7 @@ class Hooks(unittest.TestCase):
         self.assertIn("interrupted while rolling back to 1.0.0", last["message"])
 
     def test_one_by_one_gates_each_unit_with_the_health_hook_and_resumes_after_a_kill(self):
-        names = [self.unit, "hello-b.service", "hello-c.service"]
-        outs = {self.unit: self.out}
-        for name in names[1:]:
-            outs[name] = os.path.join(self.dir, name + ".out")
-            with open(os.path.join(UNITS_DIR, name), "w") as f:
-                f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/hello/current/bin/hello\n"
-                        "Environment=OUT=%s\n" % (self.root, outs[name]))
-            self.addCleanup(os.unlink, os.path.join(UNITS_DIR, name))
-            self.addCleanup(subprocess.run, ["systemctl", "--user", "stop", name], check=False)
-        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        names, outs = self.three_units()
 
         def pack(version):
             return self.pack(version, hooks=["pre_upgrade", "health", "post_upgrade"],
@@ -693,11 +707,7 @@ class Hooks(unittest.TestCase):
         self.start_daemon()
         settled()
         self.assertEqual(self.current(), "releases/4.0.0")
-        for u in names:
-            self.assertEqual(wait_for_content(outs[u], "4.0.0"), "4.0.0", u)
-            self.assertEqual(subprocess.run(["systemctl", "--user", "is-active", u],
-                                            capture_output=True, text=True).stdout.strip(),
-                             "active", u)
+        self.assert_serving(outs, "4.0.0")
         last = self.history()[-1]
         self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
         self.assertIn("health gate: hello.service is inactive", last["message"])
@@ -705,16 +715,7 @@ class Hooks(unittest.TestCase):
     def test_one_by_one_after_a_migrate_a_resumed_failure_restores_every_unit(self):
         # A migrate stops every unit: one by one after it, a failure (even one resumed after a
         # crash) must start them all again on the old release, not only those it reached.
-        names = [self.unit, "hello-b.service", "hello-c.service"]
-        outs = {self.unit: self.out}
-        for name in names[1:]:
-            outs[name] = os.path.join(self.dir, name + ".out")
-            with open(os.path.join(UNITS_DIR, name), "w") as f:
-                f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/hello/current/bin/hello\n"
-                        "Environment=OUT=%s\n" % (self.root, outs[name]))
-            self.addCleanup(os.unlink, os.path.join(UNITS_DIR, name))
-            self.addCleanup(subprocess.run, ["systemctl", "--user", "stop", name], check=False)
-        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        names, outs = self.three_units()
 
         def pack(version):
             return self.pack(version, hooks=["pre_upgrade", "migrate", "health", "post_upgrade"],
@@ -739,11 +740,7 @@ class Hooks(unittest.TestCase):
                 break
             time.sleep(0.05)
         self.assertEqual(self.current(), "releases/1.0.0")
-        for u in names:
-            self.assertEqual(wait_for_content(outs[u], "1.0.0"), "1.0.0", u)
-            self.assertEqual(subprocess.run(["systemctl", "--user", "is-active", u],
-                                            capture_output=True, text=True).stdout.strip(),
-                             "active", u)
+        self.assert_serving(outs, "1.0.0")
         last = self.history()[-1]
         self.assertEqual((last["op"], last["result"]), ("recover", "rolled-back"))
         self.assertNotIn("never restarted", last["message"])
