@@ -408,6 +408,11 @@ void Manager::Rollback(PathResult&& result, std::string app, Options options) {
     std::vector<std::string> actions{"org.upgraded1.rollback"};
     if (below_floor) actions.push_back("org.upgraded1.floor");
     authorized(reply, actions, [this, reply, app, below_floor](uid_t caller) {
+      // A running job may be changing the rollback target: Busy, not an answer from a state
+      // in flux.
+      if (auto it = m_busy.find(app); it != m_busy.end())
+        throw sdbus::Error(bus_error::kBusy,
+                           app + " is busy with job " + std::to_string(it->second));
       auto st = value_or_throw(m_store.state(app));
       if (!st.previous)
         throw sdbus::Error(bus_error::kNotFound, app + " has no release to roll back to");
