@@ -424,6 +424,12 @@ int run_jobs(const Common& c) {
   }
 }
 
+std::string milliseconds(std::uint64_t usec) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f ms", static_cast<double>(usec) / 1000);
+  return buf;
+}
+
 int run_history(const Common& c, const std::string& app, unsigned limit) {
   try {
     auto bus = connect(c.user);
@@ -437,10 +443,9 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
       std::string windows;
       for (const auto& [unit, usec] : std::get<6>(h)) {
         downtime[unit] = usec;
-        char ms[32];
-        std::snprintf(ms, sizeof ms, "%.1f ms", static_cast<double>(usec) / 1000);
-        windows += (windows.empty() ? "" : ", ") +
-                   (std::get<6>(h).size() == 1 ? std::string(ms) : unit + " " + ms);
+        const std::string ms = milliseconds(usec);
+        windows +=
+            (windows.empty() ? "" : ", ") + (std::get<6>(h).size() == 1 ? ms : unit + " " + ms);
       }
       out.push_back({{"time", std::get<0>(h)},
                      {"op", std::get<1>(h)},
@@ -641,12 +646,6 @@ std::string describe_step(const json& s) {
                            : "health gate of " + target) +
            ", " + std::to_string(ready) + " s active";
   return kind + " " + target;  // stop, restart, start
-}
-
-std::string milliseconds(std::uint64_t usec) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f ms", static_cast<double>(usec) / 1000);
-  return buf;
 }
 
 int run_plan(const Common& c, const std::string& app, const std::string& version, bool rollback,
