@@ -107,6 +107,23 @@ class Hooks(unittest.TestCase):
         self.log.close()
         self.daemon = None
 
+    def activate_until_killed(self, version):
+        """Activates `version` with a daemon started to kill itself at a crash point; returns
+        once it has died of its SIGKILL."""
+        self.ctl("activate", self.app, version, check=None)
+        self.daemon.wait(timeout=60)
+        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
+        self.log.close()
+        self.daemon = None
+
+    def settled(self):
+        """Waits (bounded) until the daemon has no job left."""
+        for _ in range(600):
+            if not json.loads(self.ctl("jobs", "--json").stdout):
+                return
+            time.sleep(0.05)
+        self.fail("the daemon's jobs did not end")
+
     def ctl(self, *args, check=0):
         r = subprocess.run([UPGRADECTL, *args, "--user"], capture_output=True, text=True)
         if check is not None:
@@ -441,10 +458,7 @@ class Hooks(unittest.TestCase):
         job = self.ctl("activate", self.app, "2.0.0", "--no-block").stdout.strip()
         self.wait_for(os.path.join(self.data, "running-pre_upgrade"))
         self.ctl("cancel", job.rsplit("/", 1)[1])
-        for _ in range(300):
-            if not json.loads(self.ctl("jobs", "--json").stdout):
-                break
-            time.sleep(0.05)
+        self.settled()
         self.assertEqual(self.hook_units(), [])
         self.assertEqual((self.current(), self.state(), self.invocation(), self.history()),
                          ("releases/1.0.0", state, inv, history))
@@ -590,17 +604,10 @@ class Hooks(unittest.TestCase):
         self.ctl("install", "--stage-only", "-q", self.pack("2.0.0"))
         open(os.path.join(self.data, "fail-post_upgrade-2.0.0"), "w").close()
         self.hook_log()
-        self.ctl("activate", self.app, "2.0.0", check=None)
-        self.daemon.wait(timeout=60)
-        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
-        self.log.close()
-        self.daemon = None
+        self.activate_until_killed("2.0.0")
         self.assertEqual(self.current(), "releases/2.0.0")
         self.start_daemon()
-        for _ in range(600):
-            if not json.loads(self.ctl("jobs", "--json").stdout):
-                break
-            time.sleep(0.05)
+        self.settled()
         # Finished as an automatic rollback: no hook of either release ran again.
         self.assertEqual(self.current(), "releases/1.0.0")
         self.assertEqual(self.serving("1.0.0"), "1.0.0")
@@ -622,13 +629,6 @@ class Hooks(unittest.TestCase):
             return [subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID", u],
                                    capture_output=True, text=True, check=True).stdout.strip()
                     for u in names]
-
-        def settled():
-            for _ in range(600):
-                if not json.loads(self.ctl("jobs", "--json").stdout):
-                    return
-                time.sleep(0.05)
-            self.fail("the daemon's jobs did not end")
 
         self.start_daemon()
         self.ctl("install", "-q", pack("1.0.0"))
@@ -671,15 +671,11 @@ class Hooks(unittest.TestCase):
         self.stop_daemon()
         self.start_daemon(env={"UPGRADED_CRASH_AT": "activation.before_unit#3"})
         self.ctl("install", "--stage-only", "-q", pack("4.0.0"))
-        self.ctl("activate", self.app, "4.0.0", check=None)
-        self.daemon.wait(timeout=60)
-        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
-        self.log.close()
-        self.daemon = None
+        self.activate_until_killed("4.0.0")
         moved = invocations()
         self.assertEqual(moved[2], after[2])
         self.start_daemon()
-        settled()
+        self.settled()
         self.assertEqual(invocations()[:2], moved[:2], "the units already moved were restarted")
         self.assertNotEqual(invocations()[2], moved[2])
         self.assertEqual(self.current(), "releases/4.0.0")
@@ -699,13 +695,10 @@ class Hooks(unittest.TestCase):
         self.stop_daemon()
         self.start_daemon(env={"UPGRADED_CRASH_AT": "activation.before_unit#3"})
         self.ctl("install", "--stage-only", "-q", pack("5.0.0"))
-        self.ctl("activate", self.app, "5.0.0", check=None)
-        self.daemon.wait(timeout=60)
-        self.log.close()
-        self.daemon = None
+        self.activate_until_killed("5.0.0")
         subprocess.run(["systemctl", "--user", "stop", self.unit], check=True)
         self.start_daemon()
-        settled()
+        self.settled()
         self.assertEqual(self.current(), "releases/4.0.0")
         self.assert_serving(outs, "4.0.0")
         last = self.history()[-1]
@@ -727,18 +720,11 @@ class Hooks(unittest.TestCase):
         self.stop_daemon()
         # Killed before the first unit's health hook: hello-b and hello-c are still stopped.
         self.start_daemon(env={"UPGRADED_CRASH_AT": "hook.health.before"})
-        self.ctl("activate", self.app, "2.0.0", check=None)
-        self.daemon.wait(timeout=60)
-        self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
-        self.log.close()
-        self.daemon = None
+        self.activate_until_killed("2.0.0")
         open(os.path.join(self.data, "fail-health-hello-b.service"), "w").close()
         self.hook_log()
         self.start_daemon()
-        for _ in range(600):
-            if not json.loads(self.ctl("jobs", "--json").stdout):
-                break
-            time.sleep(0.05)
+        self.settled()
         self.assertEqual(self.current(), "releases/1.0.0")
         self.assert_serving(outs, "1.0.0")
         last = self.history()[-1]
@@ -776,10 +762,7 @@ class Hooks(unittest.TestCase):
         self.assertEqual(self.hook_log(), [])
         self.start_daemon()
         self.assertEqual(self.serving("2.0.0"), "2.0.0")
-        for _ in range(300):
-            if not json.loads(self.ctl("jobs", "--json").stdout):
-                break
-            time.sleep(0.05)
+        self.settled()
         self.assertEqual([line.split()[0] for line in self.hook_log()],
                          ["pre_upgrade", "migrate", "health", "post_upgrade"])
         self.assertEqual(self.state()["releases"]["2.0.0"]["status"], "good")
