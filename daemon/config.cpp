@@ -5,6 +5,7 @@
 
 #include <toml++/toml.h>
 #include <algorithm>
+#include <cctype>
 
 #include "upgraded/policy/names.h"
 
@@ -166,6 +167,33 @@ Result<void> apply(Config& c, const std::string& file, const toml::table& doc) {
                              " must be a user or group name ([A-Za-z_][A-Za-z0-9_.-]*, at most 32 "
                              "characters)");
             (key == "user" ? policy.user : policy.group) = *s;
+          } else if (key == "instances") {
+            // Appended to a template's "name@" before its suffix: the characters of a unit
+            // name but '@', each instance once.
+            const toml::array* a = v.as_array();
+            if (!a || a->empty() || a->size() > 256)
+              return bad(file, v, where + " must be an array of 1 to 256 instance names");
+            policy.instances.clear();
+            for (auto&& item : *a) {
+              auto s = item.value_exact<std::string>();
+              bool ok = s && !s->empty() && s->size() <= 64;
+              for (char ch : ok ? *s : std::string())
+                ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) ||
+                            std::string_view(":_.\\-").find(ch) != std::string_view::npos);
+              if (!ok)
+                return bad(file, item,
+                           where +
+                               " entries must be instance names of 1 to 64 characters from "
+                               "[A-Za-z0-9:_.\\-]");
+              if (std::find(policy.instances.begin(), policy.instances.end(), *s) !=
+                  policy.instances.end())
+                return bad(file, item, where + " lists '" + *s + "' twice");
+              policy.instances.push_back(*s);
+            }
+          } else if (key == "max_unavailable") {
+            auto n = unsigned_value(file, where, v, 1, 256);
+            if (!n) return n.error();
+            policy.max_unavailable = static_cast<std::uint32_t>(*n);
           } else if (key == "auto_finalize_after_s") {
             auto n = unsigned_value(file, where, v, 1, 10ULL * 366 * 86400);
             if (!n) return n.error();

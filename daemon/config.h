@@ -27,6 +27,10 @@ struct AppPolicy {
   std::string group;  ///< their group (empty: the user's)
   /// Finalize on its own once the current release has been good this long (0: never).
   std::uint64_t auto_finalize_after_s = 0;
+  /// The instances of its template units ("1", "2"...); empty: those running.
+  std::vector<std::string> instances;
+  /// Strategy rolling: instances of one template restarted and gated together.
+  std::uint32_t max_unavailable = 1;
 };
 
 struct Config {

@@ -662,9 +662,18 @@ void Manager::auto_finalize() {
 
 // --- jobs -------------------------------------------------------------------------------------
 
-activation::ActivationOptions Manager::activation_options(Job& job) const {
+activation::ActivationOptions Manager::policy_options(const std::string& app) const {
   activation::ActivationOptions o;
   o.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+  if (auto it = m_config.app_policies.find(app); it != m_config.app_policies.end()) {
+    o.instances = it->second.instances;
+    o.max_unavailable = it->second.max_unavailable;
+  }
+  return o;
+}
+
+activation::ActivationOptions Manager::activation_options(Job& job) const {
+  activation::ActivationOptions o = policy_options(job.app);
   o.commit = [this, &job] { return commit(job); };
   o.hooks = hook_context(job);
   return o;
@@ -1116,8 +1125,7 @@ void Manager::Plan(sdbus::Result<std::string>&& result, std::string app, std::st
     // Anyone may ask: off the loop (a walk reads every manifest), and only two at a time.
     if (m_planning >= 2)
       throw sdbus::Error(bus_error::kBusy, "too many plans are being computed; try again");
-    activation::ActivationOptions how;
-    how.job_timeout = std::chrono::seconds(m_config.job_timeout_s);
+    activation::ActivationOptions how = policy_options(app);
     how.hooks.runner = &m_hooks;  // the daemon runs hooks: releases with hooks are not refused
     how.allow_bad = option<bool>(options, "allow_bad", false);
     how.allow_below_floor = option<bool>(options, "allow_below_floor", false);

@@ -128,6 +128,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void finish(std::uint32_t id, const Result<void>& result);
   void cancel(const std::shared_ptr<Job>& job, const std::string& sender,
               JobObject::CancelReply reply);
+  /// What the host policy says about activating `app`: job timeout, instances, max_unavailable.
+  activation::ActivationOptions policy_options(const std::string& app) const;
   activation::ActivationOptions activation_options(Job& job) const;
   activation::HookContext hook_context(Job& job) const;
   /// A finalize job's work (Finalize, and auto-finalize with `automatic`).

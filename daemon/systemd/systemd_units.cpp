@@ -9,6 +9,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
+
 #include "upgraded/artifact/manifest.h"
 #include "upgraded/fs/unique_fd.h"
 
@@ -330,6 +332,45 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
   } catch (const sdbus::Error& e) {
     return from_dbus(e, "reading the status of " + unit);
   }
+}
+
+Result<std::vector<std::string>> SystemdUnits::running_instances(const std::string& template_unit) {
+  UPGRADED_TRY(policy::validate_unit_name(template_unit));
+  const auto at = template_unit.find('@');
+  const auto dot = template_unit.rfind('.');
+  if (at == std::string::npos || dot != at + 1)
+    return Error(ErrorCode::kInvalidArgument, template_unit + " is not a template unit");
+  // A backslash escapes in systemd's glob patterns: "?" matches it (and anything), and the
+  // prefix is compared exactly below.
+  std::string pattern = template_unit.substr(0, at + 1);
+  std::replace(pattern.begin(), pattern.end(), '\\', '?');
+  pattern += "*" + template_unit.substr(dot);
+  using Listed =
+      sdbus::Struct<std::string, std::string, std::string, std::string, std::string, std::string,
+                    sdbus::ObjectPath, std::uint32_t, std::string, sdbus::ObjectPath>;
+  std::vector<Listed> listed;
+  {
+    std::lock_guard lock(m_calls_mutex);
+    try {
+      auto manager = sdbus::createProxy(*m_calls, kService, kManagerPath);
+      manager->callMethod("ListUnitsByPatterns")
+          .onInterface("org.freedesktop.systemd1.Manager")
+          .withArguments(std::vector<std::string>{"active", "activating", "reloading"},
+                         std::vector<std::string>{pattern})
+          .storeResultsTo(listed);
+    } catch (const sdbus::Error& e) {
+      return from_dbus(e, "listing the instances of " + template_unit);
+    }
+  }
+  std::vector<std::string> out;
+  const std::string_view prefix(template_unit.data(), at + 1), suffix(template_unit.data() + dot);
+  for (const auto& u : listed) {
+    const std::string& name = u.get<0>();
+    if (name.size() > prefix.size() + suffix.size() && name.starts_with(prefix) &&
+        name.ends_with(suffix) && policy::validate_unit_name(name))
+      out.push_back(name);
+  }
+  return out;
 }
 
 Result<void> SystemdUnits::reset_failed(const std::string& unit) {

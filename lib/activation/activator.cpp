@@ -2,11 +2,14 @@
 
 #include <time.h>
 
+#include <string.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <thread>
 
 #include "upgraded/crash_point.h"
+#include "upgraded/policy/names.h"
 #include "upgraded/policy/version.h"
 
 namespace upgraded::activation {
@@ -65,7 +68,110 @@ std::string describe_unhealthy(const std::string& unit, const units::UnitStatus&
 }  // namespace
 
 bool gated_per_unit(const artifact::Manifest& m) {
-  return m.strategy == artifact::Strategy::kOneByOne && !m.units.empty();
+  return m.strategy != artifact::Strategy::kAllAtOnce && !m.units.empty();
+}
+
+namespace {
+// "tablet@" and ".service" of "tablet@.service" or "tablet@2.service"; nothing for a unit
+// that is neither a template nor an instance.
+std::optional<std::pair<std::string_view, std::string_view>> template_parts(std::string_view u) {
+  const auto at = u.find('@');
+  const auto dot = u.rfind('.');
+  if (at == std::string_view::npos || dot == std::string_view::npos || dot < at) return {};
+  return std::pair(u.substr(0, at + 1), u.substr(dot));
+}
+}  // namespace
+
+bool is_template_unit(std::string_view unit) {
+  auto parts = template_parts(unit);
+  return parts && parts->first.size() + parts->second.size() == unit.size();
+}
+
+bool is_instance_of(std::string_view unit, std::string_view templ) {
+  auto t = template_parts(templ);
+  auto u = template_parts(unit);
+  return t && u && is_template_unit(templ) && !is_template_unit(unit) && *t == *u;
+}
+
+Result<artifact::Manifest> expand_templates(
+    artifact::Manifest m, const std::vector<std::string>& instances,
+    const std::function<Result<std::vector<std::string>>(const std::string&)>& running,
+    bool require) {
+  std::vector<std::string> out;
+  auto add = [&out](const std::string& unit) -> Result<void> {
+    if (std::find(out.begin(), out.end(), unit) != out.end()) return {};
+    if (out.size() == kMaxExpandedUnits)
+      return refuse("more than " + std::to_string(kMaxExpandedUnits) +
+                    " units once templates are expanded into their instances");
+    out.push_back(unit);
+    return {};
+  };
+  for (const auto& unit : m.units) {
+    if (!is_template_unit(unit)) {
+      UPGRADED_TRY(add(unit));
+      continue;
+    }
+    auto [prefix, suffix] = *template_parts(unit);
+    std::vector<std::string> names;
+    if (!instances.empty()) {
+      for (const auto& i : instances) {
+        std::string name = std::string(prefix) + i + std::string(suffix);
+        if (i.empty() || i.find('@') != std::string::npos || !policy::validate_unit_name(name))
+          return refuse("instance " + policy::quote(i) + " of " + unit +
+                        " does not make a valid unit name");
+        names.push_back(std::move(name));
+      }
+    } else if (running) {
+      auto r = running(unit);
+      if (!r) return r.error();
+      for (auto& name : *r)
+        if (is_instance_of(name, unit) && policy::validate_unit_name(name)) names.push_back(name);
+      std::sort(names.begin(), names.end(), [](const std::string& a, const std::string& b) {
+        return ::strverscmp(a.c_str(), b.c_str()) < 0;
+      });
+    }
+    if (names.empty() && require)
+      return refuse(unit +
+                    " is a template and no instance of it is running; name its instances "
+                    "in the host policy ([apps." +
+                    m.app + "] instances, docs/configuration.md)");
+    for (const auto& name : names)
+      UPGRADED_TRY(add(name));
+  }
+  m.units = std::move(out);
+  return m;
+}
+
+bool units_fit(const std::vector<std::string>& units, const artifact::Manifest& m) {
+  if (units.size() > kMaxExpandedUnits) return false;
+  for (std::size_t i = 0; i < units.size(); ++i) {
+    if (std::find(units.begin(), units.begin() + static_cast<std::ptrdiff_t>(i), units[i]) !=
+        units.begin() + static_cast<std::ptrdiff_t>(i))
+      return false;
+    const bool listed = std::any_of(m.units.begin(), m.units.end(), [&](const std::string& u) {
+      return u == units[i] || is_instance_of(units[i], u);
+    });
+    if (!listed || is_template_unit(units[i])) return false;
+  }
+  return true;
+}
+
+std::vector<std::size_t> waves(const artifact::Manifest& m, std::uint32_t max_unavailable) {
+  const std::size_t n = m.units.size();
+  if (!gated_per_unit(m)) return {n};
+  std::vector<std::size_t> ends;
+  const std::size_t width = std::max<std::uint32_t>(max_unavailable, 1);
+  for (std::size_t i = 0; i < n;) {
+    std::size_t end = i + 1;
+    if (m.strategy == artifact::Strategy::kRolling)
+      if (auto t = template_parts(m.units[i]); t && !is_template_unit(m.units[i]))
+        while (end < n && end - i < width && template_parts(m.units[end]) == t &&
+               !is_template_unit(m.units[end]))
+          ++end;
+    ends.push_back(end);
+    i = end;
+  }
+  return ends;
 }
 
 std::optional<std::size_t> units_touched(const store::PendingActivation& p,
@@ -79,9 +185,10 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                                          const ProgressFn& progress,
                                          std::map<std::string, std::uint64_t>& downtime,
                                          const Gate& gate) {
-  const bool one_by_one = gated_per_unit(m);
+  const bool in_waves = gated_per_unit(m);
   const std::size_t total = m.units.size();
   const std::string of_total = "/" + std::to_string(total) + ")";
+  const std::vector<std::size_t> ends = waves(m, options.max_unavailable);
   // The units on the release so far, with their restart counters: each gate checks them all,
   // so that an earlier unit failing while a later one soaks fails the gate too. Resumed, the
   // units that passed their gates before the crash are checked (not restarted) first.
@@ -98,17 +205,19 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
   bool empty_wave = total == 0;
   while (i < total || empty_wave) {
     empty_wave = false;
-    // A wave: every unit (all-at-once) or the next one (one-by-one), then its gate.
-    const std::size_t end = one_by_one ? i + 1 : total;
+    // A wave: every unit (all-at-once), the next one (one-by-one) or the next instances of a
+    // template (rolling), then its gate.
+    const std::size_t begin = i;
+    const std::size_t end = total == 0 ? 0 : *std::upper_bound(ends.begin(), ends.end(), i);
     const auto deadline = Clock::now() + std::chrono::seconds(m.health.deadline_s);
+    if (in_waves && gate.before_unit)
+      UPGRADED_TRY(gate.before_unit(static_cast<std::uint32_t>(end)));
     for (; i < end; ++i) {
       const std::string& unit = m.units[i];
       if (progress)
         progress((gate.start_only ? "starting " : "restarting ") + unit + " (" +
                      std::to_string(i + 1) + of_total,
                  40 + static_cast<int>(40 * i / total));
-      if (one_by_one && gate.before_unit)
-        UPGRADED_TRY(gate.before_unit(static_cast<std::uint32_t>(i + 1)));
       auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
       if (left <= milliseconds(0))
         return Error(ErrorCode::kFailed,
@@ -128,10 +237,13 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
       restarted.emplace_back(unit, st->n_restarts);
     }
     if (!gate.soak) continue;
+    std::string wave;
+    for (std::size_t k = begin; in_waves && k < end; ++k)
+      wave += (k == begin ? "" : ", ") + m.units[k];
     if (progress)
-      progress(one_by_one ? "health gate: " + m.units[i - 1] + " (" + std::to_string(i) + of_total
-                          : "health gate",
-               one_by_one ? 40 + static_cast<int>(40 * i / total) : 85);
+      progress(
+          in_waves ? "health gate: " + wave + " (" + std::to_string(end) + of_total : "health gate",
+          in_waves ? 40 + static_cast<int>(40 * end / total) : 85);
     auto soak_until = Clock::now() + std::chrono::seconds(m.health.min_ready_s);
     if (soak_until > deadline)
       return Error(ErrorCode::kFailed, "health gate: min_ready_s does not fit in deadline_s");
@@ -148,8 +260,15 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                                              std::to_string(st->n_restarts - restarts) +
                                              " time(s) within min_ready_s");
     }
-    if (gate.trace) gate.trace->push_back("gate:" + (one_by_one ? m.units[i - 1] : std::string()));
-    if (gate.after_unit && one_by_one) UPGRADED_TRY(gate.after_unit(m.units[i - 1], i));
+    if (!in_waves) {
+      if (gate.trace) gate.trace->push_back("gate:");
+      continue;
+    }
+    // Each unit of the wave: its gate passed, then the rest of it (its health hook).
+    for (std::size_t k = begin; k < end; ++k) {
+      if (gate.trace) gate.trace->push_back("gate:" + m.units[k]);
+      if (gate.after_unit) UPGRADED_TRY(gate.after_unit(m.units[k], k + 1));
+    }
   }
   return {};
 }
@@ -164,6 +283,36 @@ Activator::Gate Activator::journaled_gate(const store::AppLock& lock,
     return {};
   };
   return gate;
+}
+
+Result<artifact::Manifest> Activator::expanded(const artifact::Manifest& m,
+                                               const ActivationOptions& options, bool require,
+                                               const std::vector<std::string>& known) const {
+  if (std::none_of(m.units.begin(), m.units.end(),
+                   [](const std::string& u) { return is_template_unit(u); }))
+    return m;
+  return expand_templates(
+      m, options.instances,
+      [this, &known](const std::string& templ) -> Result<std::vector<std::string>> {
+        auto r = m_units.running_instances(templ);
+        if (!r) return r.error();
+        for (const auto& u : known)
+          if (is_instance_of(u, templ) && std::find(r->begin(), r->end(), u) == r->end())
+            r->push_back(u);
+        return r;
+      },
+      require);
+}
+
+Result<artifact::Manifest> Activator::journaled_or_expanded(
+    const artifact::Manifest& m, const store::PendingActivation* p,
+    const ActivationOptions& options) const {
+  if (p && p->to == m.version && !p->units.empty() && units_fit(p->units, m)) {
+    artifact::Manifest x = m;
+    x.units = p->units;
+    return x;
+  }
+  return expanded(m, options, false, p ? p->units : std::vector<std::string>());
 }
 
 std::vector<std::string> Activator::touched_units(const store::AppLock& lock,
@@ -192,11 +341,6 @@ Result<void> check_activation(const store::AppState& st, const artifact::Manifes
   if (rec->second.status == store::ReleaseStatus::kBad && !allow_bad)
     return refuse(app + " " + version + " is marked bad (it failed before)");
   if (st.current == version) return {};
-  // Going back to a release that earlier builds activated (all at once) stays possible.
-  if (m.strategy == artifact::Strategy::kRolling && !is_rollback)
-    return refuse(app + " " + version +
-                  " asks for the rolling strategy, which this upgraded does not have yet "
-                  "(one-by-one restarts its units singly, each gated)");
   if (st.floor && policy::compare_versions(version, *st.floor) < 0 && !checks.allow_below_floor)
     return refuse(app + " " + version + " is below the version floor " + *st.floor +
                   " (downgrade protection; allow_below_floor overrides it)");
@@ -336,9 +480,15 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     return ok.error();
   }
   if (st->current == version) return report;
+  // Templates become their instances before anything changes: one without any is refused.
+  if (auto x = expanded(*m, options, true); x)
+    *m = std::move(*x);
+  else
+    return x.error();
   std::optional<artifact::Manifest> old_manifest;
   if (st->current) {
     auto om = m_store.manifest(app, *st->current);
+    if (om) om = expanded(*om, options, false);
     if (!om) return om.error();
     old_manifest = std::move(*om);
   }
@@ -353,9 +503,9 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
     return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
   // From here on a crash is finished by resume() when the daemon starts again.
   const std::string previous = st->previous.value_or("");
-  // Its start time once: the record is rewritten before each unit one by one.
+  // Its start time once: the record is rewritten before each wave.
   store::PendingActivation pending{h.op,          report.from, version, previous,
-                                   now_rfc3339(), "restart",   {}};
+                                   now_rfc3339(), "restart",   {},      m->units};
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   if (progress) progress("switching", 20);
   if (auto r = m_store.switch_to(lock, version); !r) {
@@ -412,20 +562,30 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
   if (progress) progress("rolling back", 90);
   // Journaled first: a crash from here on finishes the rollback (switch back, old units, no
   // hook), whatever step the record said before.
+  std::optional<store::PendingActivation> record;
   if (auto pending = m_store.pending_activation(lock.app()); pending && *pending) {
-    store::PendingActivation p = **pending;
-    p.step = "rolling_back";
-    (void)m_store.begin_activation(lock, p);
+    record = **pending;
+    record->step = "rolling_back";
+    (void)m_store.begin_activation(lock, *record);
   }
   if (mark_bad) (void)m_store.set_status(lock, report.to, store::ReleaseStatus::kBad);
   crash_point("activation.rolling_back");
   std::map<std::string, std::uint64_t> back_downtime;
+  // The failed release's units as its activation journaled them; the old release's instances
+  // include those (restored even if they stopped running).
+  auto failed = m_store.manifest(lock.app(), report.to);
+  if (failed) failed = journaled_or_expanded(*failed, record ? &*record : nullptr, options);
   auto old_manifest = m_store.manifest(lock.app(), report.from);
+  if (old_manifest)
+    old_manifest = expanded(*old_manifest, options, false,
+                            failed   ? failed->units
+                            : record ? record->units
+                                     : std::vector<std::string>());
   Result<void> back = old_manifest ? Result<void>() : Result<void>(old_manifest.error());
-  // One by one, the units not reached yet still run the old release: they are left alone.
+  // In waves, the units not reached yet still run the old release: they are left alone.
   std::vector<std::string> untouched;
   if (back) {
-    if (auto failed = m_store.manifest(lock.app(), report.to)) {
+    if (failed) {
       const auto touched = touched_units(lock, *failed);
       auto was_touched = [&touched](const std::string& unit) {
         return std::find(touched.begin(), touched.end(), unit) != touched.end();
@@ -491,7 +651,7 @@ Result<units::HookOutcome> Activator::run_hook(
   auto st = m_store.state(app);
   if (!st) return st.error();
   units::HookRun run;
-  // One by one, a health hook per unit: the unit's index keeps the names apart.
+  // In waves, a health hook per unit: the unit's index keeps the names apart.
   run.unit = "upgraded-hook-" + app + "-" + phase + "-" + std::to_string(ctx.job_id) +
              (unit_index ? "-" + std::to_string(unit_index) : "") + ".service";
   run.app = app;
@@ -591,7 +751,8 @@ Result<ActivationReport> Activator::run_hooked(
   // With a migrate, one record covers the stop, the switch and the migrate (a crash in any of
   // them is undone alike); "starting" follows once the migrate passed.
   store::PendingActivation pending{h.op,     report.from,   version,
-                                   previous, now_rfc3339(), migrate ? "migrate" : "starting"};
+                                   previous, now_rfc3339(), migrate ? "migrate" : "starting",
+                                   {},       m.units};
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   auto roll_back = [&](const Error& failure) {
     return fail_after_switch(lock, std::move(report), previous, std::move(h), failure, is_rollback,
@@ -758,6 +919,7 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
     return report;
   }
   auto m = m_store.manifest(app, *st->current);
+  if (m) m = journaled_or_expanded(*m, &p, options);
   if (!m) return m.error();
   if (p.step == "rolling_back" && !p.from.empty() && st->releases.count(p.from)) {
     // Interrupted while rolling back: finish it, hooks and the bad mark as they were.
@@ -788,13 +950,17 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
     (void)m_store.append_history(lock, h);
     return interrupted;
   }
-  // One by one (no migrate: only then is the count journaled), the units before the one being
-  // restarted passed their gates: it goes on from that one (restarted again), checks the others
-  // and keeps journaling. Without a count every unit is restarted, and counts as touched.
+  // In waves (no migrate: only then is the count journaled), the units before the wave being
+  // restarted passed their gates: it goes on from that wave (restarted again), checks the
+  // others and keeps journaling. Without a count every unit is restarted, and counts as touched.
   const auto touched = *st->current == p.to ? units_touched(p, *m) : std::nullopt;
   Gate units = touched ? journaled_gate(lock, p) : Gate{};
   units.trace = &report.steps;
-  if (touched) units.first = *touched - 1;
+  if (touched) {
+    const auto ends = waves(*m, options.max_unavailable);
+    auto wave = std::upper_bound(ends.begin(), ends.end(), *touched - 1);
+    units.first = wave == ends.begin() ? 0 : *(wave - 1);
+  }
   if (hooked) units = hooked_gate(lock, *m, p.from, report, options, progress, std::move(units));
   auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, units);
   if (gate && hooked) gate = finish_hooked(lock, *m, p.from, p.previous, report, options, progress);
@@ -907,14 +1073,22 @@ Result<ActivationReport> after_recovery(Result<ActivationReport> r, const std::s
 }
 }  // namespace
 
+std::vector<std::string> find_installed_upgrade_path(
+    const store::AppState& st,
+    const std::function<Result<artifact::Manifest>(const std::string&)>& manifest,
+    const std::string& target) {
+  std::map<std::string, artifact::Manifest> manifests;
+  for (const auto& [v, rec] : st.releases)
+    if (auto m = manifest(v)) manifests.emplace(v, std::move(*m));
+  return find_upgrade_path(st, manifests, target);
+}
+
 std::vector<std::string> Activator::upgrade_path(const std::string& app,
                                                  const std::string& target) const {
   auto st = m_store.state(app);
   if (!st) return {};
-  std::map<std::string, artifact::Manifest> manifests;
-  for (const auto& [v, rec] : st->releases)
-    if (auto m = m_store.manifest(app, v)) manifests.emplace(v, std::move(*m));
-  return find_upgrade_path(*st, manifests, target);
+  return find_installed_upgrade_path(
+      *st, [this, &app](const std::string& v) { return m_store.manifest(app, v); }, target);
 }
 
 Result<ActivationReport> Activator::activate(const store::AppLock& lock, const std::string& version,
@@ -969,6 +1143,10 @@ Result<Plan> Activator::plan(const std::string& app, const std::string& version,
   ctx.hooks_runnable = options.hooks.runner != nullptr;
   ctx.job_timeout_s = static_cast<std::uint32_t>(
       std::chrono::duration_cast<std::chrono::seconds>(options.job_timeout).count());
+  ctx.expand = [this, &options](const artifact::Manifest& m, bool require) {
+    return expanded(m, options, require);
+  };
+  ctx.max_unavailable = options.max_unavailable;
   return plan_activation(*st, version, is_rollback, ctx);
 }
 

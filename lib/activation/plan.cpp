@@ -27,7 +27,7 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
                   const PlanContext& ctx) {
   const std::string& version = m.version;
   const std::string from = st.current.value_or("");
-  const bool one_by_one = gated_per_unit(m);
+  const bool in_waves = gated_per_unit(m);
   const bool hooked = has_activation_hooks(m);
   auto hook = [&](const std::string& phase, const std::string& unit = {},
                   std::vector<std::string> down = {}) {
@@ -64,26 +64,32 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
     s.min_ready_s = m.health.min_ready_s;
     plan.steps.push_back(std::move(s));
   };
-  for (const auto& unit : m.units) {
-    PlanStep s = step(migrate ? "start" : "restart", unit, version);
-    s.timeout_s = ctx.job_timeout_s;
-    if (migrate) {
-      // Stopped for the migrate: down until its own start, like every unit after it; the old
-      // release's units that this one does not have stay down.
-      s.units_down.assign(std::find(m.units.begin(), m.units.end(), unit), m.units.end());
-      for (const auto& u : stopped)
-        if (std::find(m.units.begin(), m.units.end(), u) == m.units.end())
-          s.units_down.push_back(u);
-    } else {
-      s.units_down = {unit};
+  std::size_t begin = 0;
+  for (const std::size_t end : waves(m, ctx.max_unavailable)) {
+    for (std::size_t k = begin; k < end; ++k) {
+      const std::string& unit = m.units[k];
+      PlanStep s = step(migrate ? "start" : "restart", unit, version);
+      s.timeout_s = ctx.job_timeout_s;
+      if (migrate) {
+        // Stopped for the migrate: down until its own start, like every unit after it; the
+        // old release's units that this one does not have stay down.
+        s.units_down.assign(m.units.begin() + static_cast<std::ptrdiff_t>(k), m.units.end());
+        for (const auto& u : stopped)
+          if (std::find(m.units.begin(), m.units.end(), u) == m.units.end())
+            s.units_down.push_back(u);
+      } else {
+        s.units_down = {unit};
+      }
+      plan.steps.push_back(std::move(s));
     }
-    plan.steps.push_back(std::move(s));
-    if (one_by_one) {
-      gate(unit);
-      if (hooked) hook("health", unit);
+    // In waves, each unit of the wave gated, then its health hook.
+    for (std::size_t k = begin; in_waves && k < end; ++k) {
+      gate(m.units[k]);
+      if (hooked) hook("health", m.units[k]);
     }
+    begin = end;
   }
-  if (!one_by_one) {
+  if (!in_waves) {
     gate("");
     if (hooked) hook("health");
   }
@@ -109,6 +115,13 @@ std::string refusal_name(ErrorCode code) {
 
 std::string PlanStep::key() const {
   return kind + ":" + target + (unit.empty() ? "" : ":" + unit);
+}
+
+std::vector<std::string> Plan::keys() const {
+  std::vector<std::string> out;
+  for (const auto& s : steps)
+    out.push_back(s.key());
+  return out;
 }
 
 DowntimePrediction predict_downtime(const std::vector<store::HistoryEntry>& history,
@@ -161,19 +174,23 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
   auto m = ctx.manifest(target);
   if (!m) return m.error();
   plan.strategy = std::string(artifact::to_string(m->strategy));
-  auto installed_path = [&]() -> Result<std::vector<std::string>> {
-    std::map<std::string, artifact::Manifest> manifests;
-    // As the activator does: a release whose manifest cannot be read is no step of a path.
-    for (const auto& [v, rec] : st.releases)
-      if (auto mv = ctx.manifest(v)) manifests.emplace(v, std::move(*mv));
-    return find_upgrade_path(st, manifests, target);
+  auto installed_path = [&] { return find_installed_upgrade_path(st, ctx.manifest, target); };
+  // Templates expanded into their instances (`require`: refused without any, as the activator
+  // refuses the release it activates).
+  auto expand = [&](artifact::Manifest mv, bool require) -> Result<artifact::Manifest> {
+    return ctx.expand ? ctx.expand(mv, require) : Result<artifact::Manifest>(std::move(mv));
+  };
+  auto refused = [&plan](const Error& e) -> Result<Plan> {
+    if (e.code() != ErrorCode::kPolicyRefused) return e;
+    plan.refusal = e;
+    plan.steps.clear();
+    return plan;
   };
   std::vector<std::string> path;
   std::optional<artifact::Manifest> old_last;  // a walk: the manifest of its last release
   if (ctx.through_path && !is_rollback) {
     auto p = installed_path();
-    if (!p) return p.error();
-    if (p->size() > 2) path = std::move(*p);
+    if (p.size() > 2) path = std::move(p);
   }
   if (path.empty()) {
     auto ok = check_activation(
@@ -181,11 +198,7 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
         ActivationChecks{ctx.allow_bad, is_rollback, ctx.allow_below_floor, ctx.hooks_runnable});
     if (!ok) {
       std::vector<std::string> way;
-      if (!is_rollback && is_upgrade_path_refusal(ok.error())) {
-        auto p = installed_path();
-        if (!p) return p.error();
-        way = std::move(*p);
-      }
+      if (!is_rollback && is_upgrade_path_refusal(ok.error())) way = installed_path();
       plan.refusal = is_rollback ? ok.error() : with_upgrade_path(ok.error(), way);
       return plan;
     }
@@ -193,24 +206,29 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
       plan.already_current = true;
       return plan;
     }
+    auto xm = expand(*m, true);
+    if (!xm) return refused(xm.error());
     std::optional<artifact::Manifest> old;
     if (st.current) {
       auto om = ctx.manifest(*st.current);
+      if (om) om = expand(std::move(*om), false);
       if (!om) return om.error();
       old = std::move(*om);
     }
-    append_steps(plan, st, *m, old, is_rollback, ctx);
+    append_steps(plan, st, *xm, old, is_rollback, ctx);
   } else {
     // A walk: each step a whole activation from the one before (Activator::activate).
     plan.path = path;
     std::optional<artifact::Manifest>& old = old_last;
-    if (auto om = ctx.manifest(path.front()); om)
-      old = std::move(*om);
-    else
-      return om.error();
+    auto om = ctx.manifest(path.front());
+    if (om) om = expand(std::move(*om), false);
+    if (!om) return om.error();
+    old = std::move(*om);
     for (std::size_t i = 1; i < path.size(); ++i) {
       auto mi = ctx.manifest(path[i]);
       if (!mi) return mi.error();
+      mi = expand(std::move(*mi), true);
+      if (!mi) return refused(mi.error());
       store::AppState at = st;
       at.previous = at.current;
       at.current = path[i - 1];
@@ -258,9 +276,9 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
     plan.on_failure = target + " is marked bad; a failed rollback is reported, not bounced back";
   else if (!path.empty())
     plan.on_failure = "the failing step rolls back to the release before it, and the walk stops";
-  else if (m->strategy == artifact::Strategy::kOneByOne && !migrate)
+  else if (m->strategy != artifact::Strategy::kAllAtOnce && !migrate)
     plan.on_failure = target + " is marked bad; " + plan.from +
-                      " comes back on the units moved so far (the failing one included); the "
+                      " comes back on the units moved so far (the failing wave included); the "
                       "units after it are never touched";
   else
     plan.on_failure =

@@ -1002,7 +1002,8 @@ Result<std::vector<HistoryEntry>> Store::history(const std::string& app, std::si
 
 namespace {
 constexpr const char* kActivation = "activation.json";
-}
+constexpr std::uint64_t kMaxActivationUnits = 256;  // activation::kMaxExpandedUnits
+}  // namespace
 
 Result<void> Store::begin_activation(const AppLock& lock, const PendingActivation& p) const {
   auto appfd = fs::open_directory(app_root(lock.app()));
@@ -1011,6 +1012,7 @@ Result<void> Store::begin_activation(const AppLock& lock, const PendingActivatio
               {"to", p.to},     {"previous", p.previous},
               {"step", p.step}, {"started", p.started.empty() ? now_rfc3339() : p.started}};
   if (p.units_touched) doc["units_touched"] = *p.units_touched;
+  if (!p.units.empty()) doc["units"] = p.units;
   return fs::write_file_atomic(appfd->get(), kActivation, doc.dump() + "\n", 0644);
 }
 
@@ -1028,7 +1030,8 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
   UPGRADED_TRY(policy::validate_app_name(app));
   auto appfd = fs::open_directory(app_root(app));
   if (!appfd) return appfd.error();
-  auto text = fs::read_file(appfd->get(), kActivation, 1 << 16);
+  // 256 units of at most 255 bytes, and the rest.
+  auto text = fs::read_file(appfd->get(), kActivation, 1 << 17);
   if (!text) {
     if (text.error().code() == ErrorCode::kNotFound) return std::optional<PendingActivation>();
     return text.error();
@@ -1057,10 +1060,17 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
     return bad;
   PendingActivation p{*op, *from, *to, *previous, *started, step, {}};
   if (doc->contains("units_touched")) {
-    // A manifest names at most 64 units.
-    auto n = artifact::json_uint(*doc, "units_touched", kActivation, 64);
+    // At most 256 units once templates are expanded.
+    auto n = artifact::json_uint(*doc, "units_touched", kActivation, kMaxActivationUnits);
     if (!n || *n == 0) return bad;
     p.units_touched = static_cast<std::uint32_t>(*n);
+  }
+  if (auto it = doc->find("units"); it != doc->end()) {
+    if (!it->is_array() || it->empty() || it->size() > kMaxActivationUnits) return bad;
+    for (const auto& u : *it) {
+      if (!u.is_string() || !policy::validate_unit_name(u.get<std::string>())) return bad;
+      p.units.push_back(u.get<std::string>());
+    }
   }
   return std::optional<PendingActivation>(std::move(p));
 }

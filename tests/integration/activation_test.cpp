@@ -50,8 +50,37 @@ class Activation : public ::testing::Test {
   void TearDown() override {
     if (units)
       for (const char* u :
-           {"hello.service", "hello-a.service", "hello-b.service", "hello-c.service"})
+           {"hello.service", "hello-a.service", "hello-b.service", "hello-c.service",
+            "hello@1.service", "hello@2.service", "hello@3.service", "hello@a.service",
+            "hello@b.service", "hello@c.service"})
         (void)units->stop(u, 10s);
+  }
+
+  // A template unit: hello@<name>.service writes the release it runs to t/<name>.out.
+  void template_unit() {
+    const char* units_dir = std::getenv("UPGRADED_TESTBED_UNITS");
+    test::write_file(std::string(units_dir) + "/hello@.service",
+                     "[Service]\nExecStart=" + st->app_root("hello") +
+                         "/current/bin/hello\nEnvironment=OUT=" + std::string(t.path()) +
+                         "/%i.out NAME=%i\n");
+    ASSERT_TRUE(units->reload().ok());
+  }
+
+  // A release of hello@.service with strategy rolling.
+  static std::string rolling_manifest(int min_ready_s) {
+    return R"({"units": ["hello@.service"], "strategy": "rolling", "health": {"min_ready_s": )" +
+           std::to_string(min_ready_s) + R"(, "deadline_s": 30}})";
+  }
+
+  std::vector<units::UnitStatus> instance_status(const std::vector<std::string>& names) {
+    std::vector<units::UnitStatus> found;
+    for (const auto& name : names) {
+      auto u = units->status("hello@" + name + ".service");
+      EXPECT_TRUE(u.ok());
+      EXPECT_EQ(u->active_state, "active") << name;
+      found.push_back(*u);
+    }
+    return found;
   }
 
   // Three units of one release, each writing the version it runs to t/<name>.out.
@@ -131,13 +160,6 @@ class Activation : public ::testing::Test {
   std::string out;
 };
 
-std::vector<std::string> plan_keys(const activation::Plan& plan) {
-  std::vector<std::string> keys;
-  for (const auto& s : plan.steps)
-    keys.push_back(s.key());
-  return keys;
-}
-
 }  // namespace
 
 TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually) {
@@ -163,7 +185,7 @@ TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually)
   auto v2 = act.activate(*lock, "2.0.0", {},
                          [&](const std::string& step, int) { steps.push_back(step); });
   ASSERT_TRUE(v2.ok()) << v2.error().message();
-  EXPECT_EQ(plan_keys(*plan), v2->steps);
+  EXPECT_EQ(plan->keys(), v2->steps);
   EXPECT_EQ(v2->steps, (std::vector<std::string>{"switch:2.0.0", "restart:hello.service",
                                                  "gate:", "mark-good:2.0.0"}));
   EXPECT_EQ(serving("2.0.0"), "2.0.0");
@@ -262,7 +284,7 @@ TEST_F(Activation, OneByOneGatesEachUnitBeforeTheNextAndRollsBackOnlyTheUnitsItM
   auto v2 = act.activate(*lock, "2.0.0", {},
                          [&](const std::string& step, int) { steps.push_back(step); });
   ASSERT_TRUE(v2.ok()) << v2.error().message();
-  EXPECT_EQ(plan_keys(*plan), v2->steps);
+  EXPECT_EQ(plan->keys(), v2->steps);
   EXPECT_EQ(v2->steps.size(), 8u);  // switch, 3 x (restart, gate), mark-good
   for (std::string name : {"a", "b", "c"})
     EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
@@ -331,17 +353,160 @@ TEST_F(Activation, OneByOneGatesEachUnitBeforeTheNextAndRollsBackOnlyTheUnitsItM
   EXPECT_EQ(st->state("hello")->current, "2.0.0");
 }
 
-TEST_F(Activation, RefusesTheRollingStrategyItDoesNotHaveWithNothingChanged) {
+// Rolling over the instances of a template unit: hello@<name>.service writes the release it runs
+// to t/<name>.out (fail_unit names the instance that fails).
+TEST_F(Activation, RollingMovesTheInstancesOfATemplateInWavesAndRollsBackOnlyThoseItMoved) {
+  template_unit();
   activation::Activator act(*st, *units);
   auto lock = st->lock("hello");
-  release(*lock, "1.0.0");
-  ASSERT_TRUE(act.activate(*lock, "1.0.0").ok());
-  const std::string before = invocation_id("hello.service");
-  release(*lock, "2.0.0", false, R"({"units": ["hello.service"], "strategy": "rolling"})");
-  auto r = act.activate(*lock, "2.0.0");
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.error().code(), ErrorCode::kPolicyRefused);
-  EXPECT_NE(r.error().message().find("rolling strategy"), std::string::npos);
-  EXPECT_EQ(st->state("hello")->current, "1.0.0");
-  EXPECT_EQ(invocation_id("hello.service"), before);
+  ASSERT_TRUE(lock.ok());
+  const std::string extra = rolling_manifest(1);
+  activation::ActivationOptions o;
+  o.instances = {"1", "2", "3"};
+  release(*lock, "1.0.0", false, extra);
+  ASSERT_TRUE(act.activate(*lock, "1.0.0", o).ok());
+  for (std::string name : {"1", "2", "3"})
+    EXPECT_EQ(serving_as(name, "1.0.0"), "1.0.0") << name;
+
+  // One at a time: each instance left active only once the one before had soaked.
+  release(*lock, "2.0.0", false, extra);
+  auto plan = act.plan("hello", "2.0.0", false, o);
+  ASSERT_TRUE(plan.ok()) << plan.error().message();
+  std::vector<std::string> steps;
+  auto v2 =
+      act.activate(*lock, "2.0.0", o, [&](const std::string& step, int) { steps.push_back(step); });
+  ASSERT_TRUE(v2.ok()) << v2.error().message();
+  EXPECT_EQ(plan->keys(), v2->steps);
+  EXPECT_EQ(v2->steps, (std::vector<std::string>{"switch:2.0.0", "restart:hello@1.service",
+                                                 "gate:hello@1.service", "restart:hello@2.service",
+                                                 "gate:hello@2.service", "restart:hello@3.service",
+                                                 "gate:hello@3.service", "mark-good:2.0.0"}));
+  EXPECT_NE(std::find(steps.begin(), steps.end(), "restarting hello@2.service (2/3)"), steps.end());
+  auto s = instance_status({"1", "2", "3"});
+  for (std::size_t k = 0; k + 1 < s.size(); ++k)
+    EXPECT_GE(s[k + 1].active_exit_usec, s[k].active_enter_usec + 1000000) << "instance " << k + 2;
+  for (std::string name : {"1", "2", "3"})
+    EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
+  EXPECT_EQ(v2->downtime_usec.size(), 3u);
+
+  // Two at a time: instances 1 and 2 restarted together, 3 after both soaked.
+  o.max_unavailable = 2;
+  release(*lock, "2.1.0", false, extra);
+  plan = act.plan("hello", "2.1.0", false, o);
+  auto v21 = act.activate(*lock, "2.1.0", o);
+  ASSERT_TRUE(v21.ok()) << v21.error().message();
+  EXPECT_EQ(plan->keys(), v21->steps);
+  EXPECT_EQ(v21->steps, (std::vector<std::string>{"switch:2.1.0", "restart:hello@1.service",
+                                                  "restart:hello@2.service", "gate:hello@1.service",
+                                                  "gate:hello@2.service", "restart:hello@3.service",
+                                                  "gate:hello@3.service", "mark-good:2.1.0"}));
+  s = instance_status({"1", "2", "3"});
+  EXPECT_LT(s[1].active_exit_usec, s[0].active_enter_usec + 1000000) << "1 and 2: one wave";
+  EXPECT_GE(s[2].active_exit_usec, s[1].active_enter_usec + 1000000) << "3 after the wave";
+
+  // 3.0.0 fails in instance 2, one at a time: 1 and 2 back on 2.1.0, 3 never restarted.
+  o.max_unavailable = 1;
+  const std::string third = invocation_id("hello@3.service");
+  const std::string first = invocation_id("hello@1.service");
+  release(*lock, "3.0.0", true, extra, "2");
+  auto v3 = act.activate(*lock, "3.0.0", o);
+  ASSERT_FALSE(v3.ok());
+  EXPECT_NE(v3.error().message().find("health gate: hello@2.service exited with status 3"),
+            std::string::npos)
+      << v3.error().message();
+  EXPECT_NE(v3.error().message().find("rolled back to 2.1.0 (never restarted: hello@3.service)"),
+            std::string::npos)
+      << v3.error().message();
+  EXPECT_EQ(invocation_id("hello@3.service"), third) << "instance 3 was touched";
+  EXPECT_NE(invocation_id("hello@1.service"), first) << "instance 1 was not moved";
+  for (std::string name : {"1", "2", "3"}) {
+    EXPECT_EQ(serving_as(name, "2.1.0"), "2.1.0") << name;
+    EXPECT_EQ(units->status("hello@" + name + ".service")->active_state, "active") << name;
+  }
+  EXPECT_EQ(st->state("hello")->current, "2.1.0");
+  EXPECT_EQ(st->state("hello")->releases["3.0.0"].status, store::ReleaseStatus::kBad);
+
+  // Two at a time, failing in instance 3: the whole of the second wave and the first go back.
+  o.max_unavailable = 2;
+  release(*lock, "3.1.0", true, extra, "3");
+  auto v31 = act.activate(*lock, "3.1.0", o);
+  ASSERT_FALSE(v31.ok());
+  EXPECT_NE(v31.error().message().find("hello@3.service"), std::string::npos);
+  EXPECT_EQ(v31.error().message().find("never restarted"), std::string::npos);
+  for (std::string name : {"1", "2", "3"})
+    EXPECT_EQ(serving_as(name, "2.1.0"), "2.1.0") << name;
+}
+
+TEST_F(Activation, RollingWithoutAPolicyTakesTheRunningInstancesAndRefusesWhenNoneRuns) {
+  template_unit();
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  ASSERT_TRUE(lock.ok());
+  const std::string extra = rolling_manifest(0);
+  release(*lock, "1.0.0", false, extra);
+  auto none = act.activate(*lock, "1.0.0");
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(none.error().message().find("no instance of it is running"), std::string::npos)
+      << none.error().message();
+  EXPECT_FALSE(st->state("hello")->current) << "nothing changed";
+  activation::ActivationOptions o;
+  o.instances = {"a", "b", "c"};
+  ASSERT_TRUE(act.activate(*lock, "1.0.0", o).ok());
+  ASSERT_TRUE(units->stop("hello@b.service", 10s).ok());
+  release(*lock, "2.0.0", false, extra);
+  auto v2 = act.activate(*lock, "2.0.0");
+  ASSERT_TRUE(v2.ok()) << v2.error().message();
+  EXPECT_EQ(v2->steps, (std::vector<std::string>{"switch:2.0.0", "restart:hello@a.service",
+                                                 "gate:hello@a.service", "restart:hello@c.service",
+                                                 "gate:hello@c.service", "mark-good:2.0.0"}));
+  EXPECT_EQ(units->status("hello@b.service")->active_state, "inactive") << "a stopped instance";
+  EXPECT_EQ(serving_as("a", "2.0.0"), "2.0.0");
+  EXPECT_EQ(serving_as("c", "2.0.0"), "2.0.0");
+  // None running: refused, nothing changed.
+  for (const char* i : {"a", "c"})
+    ASSERT_TRUE(units->stop(std::string("hello@") + i + ".service", 10s).ok());
+  release(*lock, "3.0.0", false, extra);
+  auto v3 = act.activate(*lock, "3.0.0");
+  ASSERT_FALSE(v3.ok());
+  EXPECT_EQ(v3.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_EQ(st->state("hello")->current, "2.0.0");
+  auto plan = act.plan("hello", "3.0.0", false);
+  ASSERT_TRUE(plan.ok());
+  ASSERT_TRUE(plan->refusal);
+  EXPECT_EQ(plan->refusal->message(), v3.error().message());
+}
+
+// A crash mid-rolling: the record's units are what recovery covers, whatever the policy says
+// by then; the wave being restarted is restarted again, the ones before it only checked.
+TEST_F(Activation, ARollingResumedAfterACrashCoversTheUnitsItJournaled) {
+  template_unit();
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  ASSERT_TRUE(lock.ok());
+  const std::string extra = rolling_manifest(0);
+  activation::ActivationOptions o;
+  o.instances = {"1", "2", "3"};
+  release(*lock, "1.0.0", false, extra);
+  ASSERT_TRUE(act.activate(*lock, "1.0.0", o).ok());
+  release(*lock, "2.0.0", false, extra);
+  // As the activator leaves it when killed before instance 2's restart.
+  store::PendingActivation p{
+      "activate", "1.0.0",   "2.0.0", "",
+      "",         "restart", 2,       {"hello@1.service", "hello@2.service", "hello@3.service"}};
+  ASSERT_TRUE(st->begin_activation(*lock, p).ok());
+  ASSERT_TRUE(st->switch_to(*lock, "2.0.0").ok());
+  ASSERT_TRUE(units->restart("hello@1.service", 10s).ok());
+  const std::string first = invocation_id("hello@1.service");
+  o.instances = {"1", "2"};  // the policy changed meanwhile
+  auto r = act.resume(*lock, o);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(r->steps,
+            (std::vector<std::string>{"restart:hello@2.service", "gate:hello@2.service",
+                                      "restart:hello@3.service", "gate:hello@3.service"}));
+  EXPECT_EQ(invocation_id("hello@1.service"), first) << "it had passed its gate";
+  for (std::string name : {"1", "2", "3"})
+    EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
+  EXPECT_FALSE(*st->pending_activation("hello"));
+  EXPECT_EQ(st->state("hello")->releases["2.0.0"].status, store::ReleaseStatus::kGood);
 }

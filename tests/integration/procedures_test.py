@@ -29,13 +29,14 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../examp
 class Runbook(unittest.TestCase):
     example = None  # examples/<example>, also the app's name
     data = None     # the app's data directory, as on a host
+    policy = ""     # more of the app's host policy ([apps.<example>])
 
     def setUp(self):
         self.dir, self.root, self.key = instance_dir(UPGRADECTL, TESTBED)
         self.datadir = self.root + self.data
         os.makedirs(self.datadir)
         with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
-            f.write('[apps.%s]\ndata_dirs = ["%s"]\n' % (self.example, self.data))
+            f.write('[apps.%s]\ndata_dirs = ["%s"]\n%s' % (self.example, self.data, self.policy))
         self.units = []
         for path in sorted(glob.glob(os.path.join(EXAMPLES, self.example, "units/*"))):
             with open(path) as f:
@@ -62,7 +63,9 @@ class Runbook(unittest.TestCase):
         self.assertEqual(self.daemon.wait(timeout=60), 0)
         self.log.close()
         for unit in self.units:
-            subprocess.run(["systemctl", "--user", "stop", unit], check=False)
+            # A template's instances: every one that is loaded.
+            subprocess.run(["systemctl", "--user", "stop", unit.replace("@.", "@*.")],
+                           check=False)
             subprocess.run(["systemctl", "--user", "reset-failed", unit], check=False,
                            stderr=subprocess.DEVNULL)
             os.unlink(os.path.join(UNITS_DIR, unit))
@@ -184,6 +187,7 @@ class OpenMLDB(Runbook):
     """seeds/openmldb-upgrade.md: components in order, pre-upgrade (leaders off the tablet)
     before, post-upgrade (leaders back) after, showopstatus as the check."""
     example, data = "openmldb", "/var/lib/openmldb"
+    policy = 'instances = ["1", "2", "3"]\n'  # the tablets on this host
 
     def ops(self):
         return [line.split(" ", 1)[1] for line in self.read("ops.log").splitlines()]
@@ -193,33 +197,46 @@ class OpenMLDB(Runbook):
         os.unlink(os.path.join(self.datadir, "ops.log"))
         self.ctl("install", "-q", self.release("0.8.5"))
         # pre-upgrade before any component restarted, post-upgrade after all of them; the
-        # components one by one in the runbook's order, each checked by showopstatus (after
+        # components in the runbook's order, the host's three tablets (the policy's instances
+        # of openmldb-tablet@.service) one at a time, each checked by showopstatus (after
         # min_ready_s) before the next one is touched.
         ops = self.ops()
-        components = ["nameserver", "tablet", "taskmanager", "apiserver"]
-        self.assertEqual(ops, ["pre-upgrade: leader partitions moved off the tablet"] +
+        components = ["nameserver", "tablet@1", "tablet@2", "tablet@3", "taskmanager",
+                      "apiserver"]
+        self.assertEqual(ops, ["pre-upgrade: leader partitions moved off the tablets"] +
                          [line for c in components
                           for line in ("%s 0.8.5 started" % c,
                                        "showopstatus %s: no failed operations" % c)] +
-                         ["post-upgrade: leader partitions back on the tablet"])
-        self.assertEqual(self.read("leaders"), "tablet")
-        # A failed operation found by showopstatus after the nameserver: the upgrade is rolled
-        # back, and the components after it were never restarted.
+                         ["post-upgrade: leader partitions back on the tablets"])
+        self.assertEqual(self.read("leaders"), "tablets")
+        plan = json.loads(self.ctl("plan", "--rollback", self.example, "--json").stdout)
+        self.assertEqual([s["target"] for s in plan["steps"] if s["kind"] == "restart"],
+                         ["openmldb-" + c + ".service" for c in components])
+        # A failed operation found by showopstatus after the second tablet: the upgrade is
+        # rolled back on the components moved so far, the others were never restarted.
         self.ctl("rollback", "-q", self.example)
-        with open(os.path.join(self.datadir, "failed-op"), "w") as f:
-            f.write("op 42 (kReAddReplica)")
-        tablet = subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID",
-                                 "openmldb-tablet.service"], capture_output=True, text=True,
-                                check=True).stdout
+        tablet3 = self.invocation("openmldb-tablet@3.service")
+        tablet1 = self.invocation("openmldb-tablet@1.service")
+        os.unlink(os.path.join(self.datadir, "ops.log"))
+        with open(os.path.join(self.datadir, "fail-after"), "w") as f:
+            f.write("tablet@2")
         r = self.ctl("activate", self.example, "0.8.5", check=1)
-        self.assertIn("health gate of openmldb-nameserver.service", r.stderr)
+        self.assertIn("health gate of openmldb-tablet@2.service", r.stderr)
         self.assertIn("kFailed: op 42 (kReAddReplica)", r.stderr)
-        self.assertIn("rolled back to 0.8.4 (never restarted: openmldb-tablet.service, "
+        self.assertIn("rolled back to 0.8.4 (never restarted: openmldb-tablet@3.service, "
                       "openmldb-taskmanager.service, openmldb-apiserver.service)", r.stderr)
-        self.assertEqual(self.wait_read("nameserver.status", "0.8.4"), "0.8.4")
-        self.assertEqual(subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID",
-                                         "openmldb-tablet.service"], capture_output=True,
-                                        text=True, check=True).stdout, tablet)
+        for c in ("nameserver", "tablet@1", "tablet@2", "tablet@3"):
+            self.assertEqual(self.wait_read(c + ".status", "0.8.4"), "0.8.4", c)
+        self.assertEqual(self.invocation("openmldb-tablet@3.service"), tablet3)
+        self.assertNotEqual(self.invocation("openmldb-tablet@1.service"), tablet1)
+        self.assertEqual([line for line in self.ops() if "started" in line],
+                         ["nameserver 0.8.5 started", "tablet@1 0.8.5 started",
+                          "tablet@2 0.8.5 started", "nameserver 0.8.4 started",
+                          "tablet@1 0.8.4 started", "tablet@2 0.8.4 started"])
+
+    def invocation(self, unit):
+        return subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID", unit],
+                              capture_output=True, text=True, check=True).stdout
 
 
 class Keystone(Runbook):

@@ -60,13 +60,6 @@ struct Fixture {
   }
 };
 
-std::vector<std::string> keys(const Plan& p) {
-  std::vector<std::string> out;
-  for (const auto& s : p.steps)
-    out.push_back(s.key());
-  return out;
-}
-
 }  // namespace
 
 TEST(Plan, AllAtOnceRestartsEveryUnitThenGatesThemTogether) {
@@ -74,8 +67,8 @@ TEST(Plan, AllAtOnceRestartsEveryUnitThenGatesThemTogether) {
       {manifest("1.0", {"a.service", "b.service"}), manifest("2.0", {"a.service", "b.service"})},
       "1.0");
   auto p = f.plan("2.0");
-  EXPECT_EQ(keys(p), (std::vector<std::string>{"switch:2.0", "restart:a.service",
-                                               "restart:b.service", "gate:", "mark-good:2.0"}));
+  EXPECT_EQ(p.keys(), (std::vector<std::string>{"switch:2.0", "restart:a.service",
+                                                "restart:b.service", "gate:", "mark-good:2.0"}));
   EXPECT_EQ(p.strategy, "all-at-once");
   EXPECT_EQ(p.from, "1.0");
   EXPECT_EQ(p.to, "2.0");
@@ -96,10 +89,10 @@ TEST(Plan, OneByOneGatesEachUnitAndRunsTheHealthHookAfterEach) {
        manifest("2.0", {"a.service", "b.service"}, obo, {"pre_upgrade", "health", "post_upgrade"})},
       "1.0");
   auto p = f.plan("2.0");
-  EXPECT_EQ(keys(p), (std::vector<std::string>{
-                         "hook:pre_upgrade", "switch:2.0", "restart:a.service", "gate:a.service",
-                         "hook:health:a.service", "restart:b.service", "gate:b.service",
-                         "hook:health:b.service", "hook:post_upgrade", "mark-good:2.0"}));
+  EXPECT_EQ(p.keys(), (std::vector<std::string>{
+                          "hook:pre_upgrade", "switch:2.0", "restart:a.service", "gate:a.service",
+                          "hook:health:a.service", "restart:b.service", "gate:b.service",
+                          "hook:health:b.service", "hook:post_upgrade", "mark-good:2.0"}));
   EXPECT_EQ(p.steps[0].timeout_s, 45u);
   EXPECT_NE(p.on_failure.find("units after it are never touched"), std::string::npos);
 }
@@ -110,10 +103,10 @@ TEST(Plan, AMigrateStopsTheOldUnitsInReverseAndStartsTheNewOnes) {
                       {"pre_upgrade", "migrate", "health", "post_upgrade"})},
             "1.0");
   auto p = f.plan("2.0");
-  EXPECT_EQ(keys(p), (std::vector<std::string>{
-                         "hook:pre_upgrade", "stop:b.service", "stop:a.service", "switch:2.0",
-                         "hook:migrate", "start:a.service", "start:b.service",
-                         "gate:", "hook:health", "hook:post_upgrade", "mark-good:2.0"}));
+  EXPECT_EQ(p.keys(), (std::vector<std::string>{
+                          "hook:pre_upgrade", "stop:b.service", "stop:a.service", "switch:2.0",
+                          "hook:migrate", "start:a.service", "start:b.service",
+                          "gate:", "hook:health", "hook:post_upgrade", "mark-good:2.0"}));
   // Down from the stops until each one's start.
   EXPECT_EQ(p.steps[4].units_down, (std::vector<std::string>{"b.service", "a.service"}));
   EXPECT_EQ(p.steps[5].units_down, (std::vector<std::string>{"a.service", "b.service"}));
@@ -123,8 +116,8 @@ TEST(Plan, AMigrateStopsTheOldUnitsInReverseAndStartsTheNewOnes) {
   f.st.previous = "1.0";
   auto back = f.plan("", /*rollback=*/true);
   EXPECT_EQ(back.to, "1.0");
-  EXPECT_EQ(keys(back), (std::vector<std::string>{"switch:1.0", "restart:a.service",
-                                                  "restart:b.service", "gate:", "mark-good:1.0"}));
+  EXPECT_EQ(back.keys(), (std::vector<std::string>{"switch:1.0", "restart:a.service",
+                                                   "restart:b.service", "gate:", "mark-good:1.0"}));
   EXPECT_NE(back.on_failure.find("not bounced back"), std::string::npos);
 }
 
@@ -149,13 +142,6 @@ TEST(Plan, RefusalsAreThePlanAndChangeNothing) {
   auto no_target = none.plan("", /*rollback=*/true);
   ASSERT_TRUE(no_target.refusal);
   EXPECT_EQ(no_target.refusal->code(), ErrorCode::kNotFound);
-  // The rolling strategy is refused, as activating would be.
-  Fixture rolling({manifest("1.0", {"a.service"}),
-                   manifest("2.0", {"a.service"}, artifact::Strategy::kRolling)},
-                  "1.0");
-  auto r = rolling.plan("2.0");
-  ASSERT_TRUE(r.refusal);
-  EXPECT_NE(r.refusal->message().find("rolling strategy"), std::string::npos);
 }
 
 TEST(Plan, AnUpgradePathRefusalNamesTheWayAndThroughWalksIt) {
@@ -172,9 +158,9 @@ TEST(Plan, AnUpgradePathRefusalNamesTheWayAndThroughWalksIt) {
   auto walk = f.plan("3.0");
   ASSERT_FALSE(walk.refusal) << walk.refusal->message();
   EXPECT_EQ(walk.path, (std::vector<std::string>{"1.0", "2.0", "3.0"}));
-  EXPECT_EQ(keys(walk), (std::vector<std::string>{"switch:2.0", "restart:a.service",
-                                                  "gate:", "mark-good:2.0", "switch:3.0",
-                                                  "restart:a.service", "gate:", "mark-good:3.0"}));
+  EXPECT_EQ(walk.keys(), (std::vector<std::string>{"switch:2.0", "restart:a.service",
+                                                   "gate:", "mark-good:2.0", "switch:3.0",
+                                                   "restart:a.service", "gate:", "mark-good:3.0"}));
   EXPECT_EQ(walk.steps[4].release, "3.0");
 }
 
@@ -225,7 +211,7 @@ TEST(Plan, AnInterruptedActivationIsRecoveredFirstAndADataFormatChangeIsNamed) {
   f.ctx.pending = store::PendingActivation{"activate", "0.9", "1.0", "", "", "restart", {}};
   for (const std::string v : {"2.0", "1.0", "9.9"}) {
     p = f.plan(v);
-    EXPECT_EQ(keys(p), (std::vector<std::string>{"recover:1.0"})) << v;
+    EXPECT_EQ(p.keys(), (std::vector<std::string>{"recover:1.0"})) << v;
     EXPECT_EQ(p.recover_first, "1.0");
     EXPECT_FALSE(p.refusal) << v;
     EXPECT_FALSE(p.already_current) << v;
@@ -237,7 +223,7 @@ TEST(Plan, AnInterruptedActivationIsRecoveredFirstAndADataFormatChangeIsNamed) {
 TEST(Plan, OneByOneWithoutUnitsGatesAndRunsTheHealthHookOnce) {
   Fixture f({manifest("1.0", {}), manifest("2.0", {}, artifact::Strategy::kOneByOne, {"health"})},
             "1.0");
-  EXPECT_EQ(keys(f.plan("2.0")),
+  EXPECT_EQ(f.plan("2.0").keys(),
             (std::vector<std::string>{"switch:2.0", "gate:", "hook:health", "mark-good:2.0"}));
 }
 
@@ -281,4 +267,141 @@ TEST(UnitsTouched, CountsOnlyWhatFitsAOneByOneRelease) {
             std::nullopt);
   p.units_touched.reset();
   EXPECT_EQ(activation::units_touched(p, obo), std::nullopt);
+}
+
+// Template units and waves (activator.h): what a rolling activation restarts, in which order
+// and groups, before anything is asked of systemd.
+TEST(Templates, AreTemplatesAndInstancesByName) {
+  EXPECT_TRUE(activation::is_template_unit("tablet@.service"));
+  EXPECT_FALSE(activation::is_template_unit("tablet@1.service"));
+  EXPECT_FALSE(activation::is_template_unit("tablet.service"));
+  EXPECT_TRUE(activation::is_instance_of("tablet@1.service", "tablet@.service"));
+  EXPECT_TRUE(activation::is_instance_of("tablet@a-b.c.service", "tablet@.service"));
+  EXPECT_FALSE(activation::is_instance_of("tablet@1.socket", "tablet@.service"));
+  EXPECT_FALSE(activation::is_instance_of("tabletx@1.service", "tablet@.service"));
+  EXPECT_FALSE(activation::is_instance_of("tablet@.service", "tablet@.service"));
+  EXPECT_FALSE(activation::is_instance_of("tablet@1.service", "tablet@1.service"));
+}
+
+TEST(Templates, ExpandIntoThePolicysInstancesOrThoseRunningInVersionOrder) {
+  auto m = manifest("2.0", {"ns.service", "tablet@.service", "api.service"},
+                    artifact::Strategy::kRolling);
+  auto x = activation::expand_templates(m, {"3", "1", "2"}, {});
+  ASSERT_TRUE(x.ok()) << x.error().message();
+  EXPECT_EQ(x->units,
+            (std::vector<std::string>{"ns.service", "tablet@3.service", "tablet@1.service",
+                                      "tablet@2.service", "api.service"}))
+      << "the policy's order";
+  std::vector<std::string> asked;
+  auto running = [&asked](const std::string& t) -> Result<std::vector<std::string>> {
+    asked.push_back(t);
+    return std::vector<std::string>{"tablet@10.service", "tablet@2.service", "other@1.service",
+                                    "tablet@.service",   "tablet@9.socket",  "ns.service"};
+  };
+  x = activation::expand_templates(m, {}, running);
+  ASSERT_TRUE(x.ok()) << x.error().message();
+  EXPECT_EQ(asked, (std::vector<std::string>{"tablet@.service"}));
+  EXPECT_EQ(x->units, (std::vector<std::string>{"ns.service", "tablet@2.service",
+                                                "tablet@10.service", "api.service"}))
+      << "only its instances, 2 before 10, and ns.service once";
+  // None running: refused unless leniently (a release being left, a recovery).
+  auto none = [](const std::string&) -> Result<std::vector<std::string>> {
+    return std::vector<std::string>{};
+  };
+  x = activation::expand_templates(m, {}, none);
+  ASSERT_FALSE(x.ok());
+  EXPECT_EQ(x.error().code(), ErrorCode::kPolicyRefused);
+  EXPECT_NE(x.error().message().find("tablet@.service is a template and no instance of it is "
+                                     "running; name its instances in the host policy ([apps.db] "
+                                     "instances"),
+            std::string::npos)
+      << x.error().message();
+  x = activation::expand_templates(m, {}, none, false);
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(x->units, (std::vector<std::string>{"ns.service", "api.service"}));
+  auto failing = [](const std::string&) -> Result<std::vector<std::string>> {
+    return Error(ErrorCode::kFailed, "systemd is gone");
+  };
+  x = activation::expand_templates(m, {}, failing);
+  ASSERT_FALSE(x.ok());
+  EXPECT_EQ(x.error().message(), "systemd is gone");
+  for (const std::string& bad : std::vector<std::string>{"", "a@b", "a/b", std::string(250, 'x')}) {
+    x = activation::expand_templates(m, {bad}, {});
+    ASSERT_FALSE(x.ok()) << bad;
+    EXPECT_EQ(x.error().code(), ErrorCode::kPolicyRefused) << bad;
+  }
+  std::vector<std::string> many;
+  for (int i = 0; i < 255; ++i)
+    many.push_back(std::to_string(i));
+  EXPECT_FALSE(activation::expand_templates(m, many, {}).ok()) << "257 units";
+  many.pop_back();
+  EXPECT_TRUE(activation::expand_templates(m, many, {}).ok()) << "256 units";
+  // Without templates the manifest comes back as it is, and nothing is asked.
+  asked.clear();
+  auto plain = manifest("2.0", {"a.service"});
+  x = activation::expand_templates(plain, {}, running);
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(x->units, plain.units);
+  EXPECT_TRUE(asked.empty());
+}
+
+TEST(Templates, JournaledUnitsFitOnlyTheReleaseTheyCameFrom) {
+  auto m = manifest("2.0", {"ns.service", "tablet@.service"}, artifact::Strategy::kRolling);
+  EXPECT_TRUE(activation::units_fit({"ns.service", "tablet@1.service", "tablet@7.service"}, m));
+  EXPECT_TRUE(activation::units_fit({"tablet@1.service"}, m));
+  EXPECT_FALSE(activation::units_fit({"ns.service", "sshd.service"}, m));
+  EXPECT_FALSE(activation::units_fit({"tablet@.service"}, m)) << "a template is never restarted";
+  EXPECT_FALSE(activation::units_fit({"tablet@1.service", "tablet@1.service"}, m));
+  EXPECT_FALSE(activation::units_fit({"tablet@1.socket"}, m));
+}
+
+TEST(Templates, RollingGroupsConsecutiveInstancesInWavesOfMaxUnavailable) {
+  auto units = std::vector<std::string>{"ns.service",       "tablet@1.service", "tablet@2.service",
+                                        "tablet@3.service", "api.service",      "web@a.service",
+                                        "web@b.service"};
+  EXPECT_EQ(activation::waves(manifest("2.0", units, artifact::Strategy::kRolling), 2),
+            (std::vector<std::size_t>{1, 3, 4, 5, 7}));
+  EXPECT_EQ(activation::waves(manifest("2.0", units, artifact::Strategy::kRolling), 1),
+            (std::vector<std::size_t>{1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(activation::waves(manifest("2.0", units, artifact::Strategy::kRolling), 3),
+            (std::vector<std::size_t>{1, 4, 5, 7}));
+  EXPECT_EQ(activation::waves(manifest("2.0", units, artifact::Strategy::kOneByOne), 3),
+            (std::vector<std::size_t>{1, 2, 3, 4, 5, 6, 7}))
+      << "one-by-one ignores max_unavailable";
+  EXPECT_EQ(activation::waves(manifest("2.0", units), 3), (std::vector<std::size_t>{7}));
+  EXPECT_EQ(activation::waves(manifest("2.0", {}, artifact::Strategy::kRolling), 3),
+            (std::vector<std::size_t>{0}));
+}
+
+TEST(Plan, RollingRestartsAndGatesEachWaveOfInstancesAndTheHealthHookPerInstance) {
+  const auto rolling = artifact::Strategy::kRolling;
+  const std::vector<std::string> units{"ns.service", "tablet@.service"};
+  Fixture f({manifest("1.0", units, rolling), manifest("2.0", units, rolling, {"health"})}, "1.0");
+  f.ctx.max_unavailable = 2;
+  f.ctx.expand = [](const artifact::Manifest& m, bool require) {
+    return activation::expand_templates(m, {"1", "2", "3"}, {}, require);
+  };
+  auto p = f.plan("2.0");
+  EXPECT_EQ(p.keys(),
+            (std::vector<std::string>{
+                "switch:2.0", "restart:ns.service", "gate:ns.service", "hook:health:ns.service",
+                "restart:tablet@1.service", "restart:tablet@2.service", "gate:tablet@1.service",
+                "hook:health:tablet@1.service", "gate:tablet@2.service",
+                "hook:health:tablet@2.service", "restart:tablet@3.service", "gate:tablet@3.service",
+                "hook:health:tablet@3.service", "mark-good:2.0"}));
+  EXPECT_EQ(p.strategy, "rolling");
+  EXPECT_NE(p.on_failure.find("the failing wave included"), std::string::npos) << p.on_failure;
+  // No instance: the plan is the refusal, as the activation would be.
+  f.ctx.expand = [](const artifact::Manifest& m, bool require) {
+    return activation::expand_templates(
+        m, {},
+        [](const std::string&) -> Result<std::vector<std::string>> {
+          return std::vector<std::string>{};
+        },
+        require);
+  };
+  p = f.plan("2.0");
+  ASSERT_TRUE(p.refusal);
+  EXPECT_EQ(p.refusal->code(), ErrorCode::kPolicyRefused);
+  EXPECT_TRUE(p.steps.empty());
 }

@@ -62,7 +62,8 @@ TEST_F(DaemonConfig, DropInsOverrideKeyByKeyInLexicalOrder) {
 TEST_F(DaemonConfig, AppPolicyForHooksAndFinalization) {
   conf("upgraded.conf",
        "[apps.db]\ndata_dirs = [\"/var/lib/db\", \"/var/log/db\"]\nuser = \"db\"\n"
-       "group = \"db-data\"\nauto_finalize_after_s = 604800\n");
+       "group = \"db-data\"\nauto_finalize_after_s = 604800\n"
+       "instances = [\"1\", \"eu-west:2\", \"a\\\\x2db\"]\nmax_unavailable = 2\n");
   conf("upgraded.conf.d/10.conf", "[apps.db]\ndata_dirs = [\"/srv/db\"]\n");
   auto c = daemon::load_config(t.path());
   ASSERT_TRUE(c.ok()) << c.error().message();
@@ -71,6 +72,10 @@ TEST_F(DaemonConfig, AppPolicyForHooksAndFinalization) {
   EXPECT_EQ(p.user, "db");
   EXPECT_EQ(p.group, "db-data");
   EXPECT_EQ(p.auto_finalize_after_s, 604800u);
+  EXPECT_EQ(p.instances, (std::vector<std::string>{"1", "eu-west:2", "a\\x2db"}));
+  EXPECT_EQ(p.max_unavailable, 2u);
+  EXPECT_EQ(c->app_policies.count("web"), 0u);
+  EXPECT_EQ(daemon::AppPolicy{}.max_unavailable, 1u) << "the default";
   EXPECT_FALSE(c->app_roots.count("db"));
 }
 
@@ -108,6 +113,18 @@ TEST_F(DaemonConfig, RefusesUnknownKeysWrongTypesAndBadValuesNamingFileAndLine) 
       {"[apps.db]\nauto_finalize_after_s = 0\n", "auto_finalize_after_s must be an integer from 1"},
       {"[apps.db]\nauto_finalize_after_s = -5\n", "auto_finalize_after_s"},
       {"[apps.db]\nhooks_user = \"db\"\n", "unknown key 'hooks_user' in [apps.db]"},
+      {"[apps.db]\ninstances = \"1\"\n", "instances must be an array of 1 to 256"},
+      {"[apps.db]\ninstances = []\n", "instances must be an array of 1 to 256"},
+      {"[apps.db]\ninstances = [1]\n", "instances entries must be instance names"},
+      {"[apps.db]\ninstances = [\"\"]\n", "instances entries must be instance names"},
+      {"[apps.db]\ninstances = [\"a@b\"]\n", "instances entries must be instance names"},
+      {"[apps.db]\ninstances = [\"a/b\"]\n", "instances entries must be instance names"},
+      {"[apps.db]\ninstances = [\"" + std::string(65, 'x') + "\"]\n",
+       "instances entries must be instance names of 1 to 64"},
+      {"[apps.db]\ninstances = [\"1\", \"2\", \"1\"]\n", "apps.db.instances lists '1' twice"},
+      {"[apps.db]\nmax_unavailable = 0\n", "max_unavailable must be an integer from 1 to 256"},
+      {"[apps.db]\nmax_unavailable = 257\n", "max_unavailable must be an integer from 1 to 256"},
+      {"[apps.db]\nmax_unavailable = \"2\"\n", "max_unavailable must be an integer"},
       {"threshold = 1\n", "must be a section"},
   };
   for (const auto& c : cases) {

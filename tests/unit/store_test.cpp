@@ -148,8 +148,8 @@ TEST_F(AStore, RefusesAFloorAboveTheCurrentRelease) {
   EXPECT_TRUE(store->raise_floor(*lock, "1.1.0").ok());
 }
 
-// The activation record keeps how far a one-by-one got; a record it cannot trust is an error,
-// never a guess (recovery would restore the wrong units).
+// The activation record keeps how far a one-by-one or rolling got and the units it covers; a
+// record it cannot trust is an error, never a guess (recovery would restore the wrong units).
 TEST_F(AStore, JournalsHowManyUnitsAOneByOneTouchedAndRefusesARecordItCannotTrust) {
   ASSERT_TRUE(stage("1.0.0").ok());
   auto lock = store->lock("hello");
@@ -164,12 +164,34 @@ TEST_F(AStore, JournalsHowManyUnitsAOneByOneTouchedAndRefusesARecordItCannotTrus
   read = store->pending_activation("hello");
   ASSERT_TRUE(read.ok() && *read);
   EXPECT_EQ((*read)->units_touched, std::nullopt) << "absent: every unit";
+  // The units it covers, templates expanded: kept as they are.
+  p.units_touched = 2;
+  p.units = {"tablet@1.service", "tablet@2.service", "api.service"};
+  ASSERT_TRUE(store->begin_activation(*lock, p).ok());
+  read = store->pending_activation("hello");
+  ASSERT_TRUE(read.ok() && *read);
+  EXPECT_EQ((*read)->units, p.units);
+  EXPECT_EQ((*read)->units_touched, 2u);
   const std::string record = app_root() + "/activation.json";
-  for (const char* bad : {"0", "65", "-1", "1.5", "\"2\"", "null", "18446744073709551616"}) {
+  for (const char* bad : {"0", "257", "-1", "1.5", "\"2\"", "null", "18446744073709551616"}) {
     write_file(record,
                std::string(R"({"op":"activate","from":"","to":"1.0.0","previous":"",)") +
                    R"("started":"2026-01-01T00:00:00Z","step":"starting","units_touched":)" + bad +
                    "}\n");
+    auto r = store->pending_activation("hello");
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.error().message().find("activation.json is corrupt"), std::string::npos) << bad;
+  }
+  std::string too_many = "[";
+  for (int i = 0; i < 257; ++i)
+    too_many += (i ? ",\"t@" : "\"t@") + std::to_string(i) + ".service\"";
+  too_many += "]";
+  for (const std::string& bad :
+       {std::string("[]"), std::string("\"a.service\""), std::string("[\"a.service\",2]"),
+        std::string("[\"../x\"]"), std::string("[\"a.servic\"]"), std::string("{}"), too_many}) {
+    write_file(record, std::string(R"({"op":"activate","from":"","to":"1.0.0","previous":"",)") +
+                           R"("started":"2026-01-01T00:00:00Z","step":"starting","units":)" + bad +
+                           "}\n");
     auto r = store->pending_activation("hello");
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_NE(r.error().message().find("activation.json is corrupt"), std::string::npos) << bad;

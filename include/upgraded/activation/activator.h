@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "upgraded/activation/plan.h"
@@ -53,6 +54,11 @@ struct ActivationOptions {
   /// walk the chain of installed releases that leads there (find_upgrade_path), each step a
   /// full gated activation, stopping at the first failure.
   bool through_path = false;
+  /// Template units ("tablet@.service"): their instances, from host policy ([apps.<app>]
+  /// instances: "1", "2"...). Empty: the instances running now (UnitControl::running_instances).
+  std::vector<std::string> instances;
+  /// Strategy rolling: how many instances of one template are restarted and gated together.
+  std::uint32_t max_unavailable = 1;
   HookContext hooks;
 };
 
@@ -89,8 +95,8 @@ struct FinalizeReport {
 };
 
 /// Progress steps, for job objects: "checking", "switching", "restarting <unit> (k/n)",
-/// "health gate" (one by one: "health gate: <unit> (k/n)", "health hook: <unit>"), the hooks,
-/// "rolling back".
+/// "health gate" (in waves: "health gate: <unit>[, <unit>...] (k/n)", "health hook: <unit>"),
+/// the hooks, "rolling back".
 using ProgressFn = std::function<void(const std::string& step, int percent)>;
 
 /// What a check may let through, and whether it is a rollback.
@@ -115,8 +121,39 @@ bool has_activation_hooks(const artifact::Manifest& m);
 Result<void> check_activation(const store::AppState& st, const artifact::Manifest& m,
                               const ActivationChecks& checks);
 
-/// Whether `m`'s units are gated one at a time (strategy one-by-one, with units).
+/// Whether `m`'s units are gated in waves, each unit's health hook run in its wave (strategies
+/// one-by-one and rolling, with units); otherwise all of them together.
 bool gated_per_unit(const artifact::Manifest& m);
+
+/// The most units one activation handles once templates are expanded.
+inline constexpr std::size_t kMaxExpandedUnits = 256;
+
+/// Whether `unit` is a template unit ("tablet@.service").
+bool is_template_unit(std::string_view unit);
+
+/// Whether `unit` is an instance of the template `templ` ("tablet@2.service" of
+/// "tablet@.service").
+bool is_instance_of(std::string_view unit, std::string_view templ);
+
+/// `m` with each template in its units replaced by instances of it, in place: those of
+/// `instances` (host policy: "1", "2"...) in their order, or if there are none, the units that
+/// `running(template)` names (instances of it, in strverscmp order). A unit is listed once.
+/// kPolicyRefused, nothing changed, when an instance name is not a valid unit, when more than
+/// kMaxExpandedUnits result, or (`require`) when a template has no instance.
+Result<artifact::Manifest> expand_templates(
+    artifact::Manifest m, const std::vector<std::string>& instances,
+    const std::function<Result<std::vector<std::string>>(const std::string&)>& running,
+    bool require = true);
+
+/// Whether the journaled `units` of an activation fit the release `m` (unexpanded): each is
+/// one of its units or an instance of one of its templates, none twice, at most
+/// kMaxExpandedUnits.
+bool units_fit(const std::vector<std::string>& units, const artifact::Manifest& m);
+
+/// The waves in which the units of `m` (expanded) are restarted and gated, as the index one past
+/// each wave's last unit: all-at-once one wave; one-by-one one unit each; rolling one unit
+/// each, except consecutive instances of one template, `max_unavailable` at a time.
+std::vector<std::size_t> waves(const artifact::Manifest& m, std::uint32_t max_unavailable);
 
 /// How many of `m`'s units the interrupted activation `p` had touched, one by one; nothing when
 /// the record has no count, or one that does not fit `m` (not one-by-one, more than its
@@ -138,6 +175,13 @@ Error with_upgrade_path(const Error& refusal, const std::vector<std::string>& pa
 /// current release).
 std::vector<std::string> find_upgrade_path(
     const store::AppState& st, const std::map<std::string, artifact::Manifest>& manifests,
+    const std::string& target);
+
+/// find_upgrade_path over the installed releases whose manifests `manifest` reads; a release
+/// whose manifest cannot be read is no step of a path.
+std::vector<std::string> find_installed_upgrade_path(
+    const store::AppState& st,
+    const std::function<Result<artifact::Manifest>(const std::string&)>& manifest,
     const std::string& target);
 
 /// The checks of finalizing the app's current release (`m` its manifest): it is marked good,
@@ -198,6 +242,17 @@ class Activator {
                                      const ProgressFn& progress);
   /// find_upgrade_path over the store's releases.
   std::vector<std::string> upgrade_path(const std::string& app, const std::string& target) const;
+  /// `m` with its templates expanded (expand_templates): the policy's instances, or those
+  /// running now plus the instances in `known` (a failed release's, which its rollback
+  /// restores even when they no longer run).
+  Result<artifact::Manifest> expanded(const artifact::Manifest& m, const ActivationOptions& options,
+                                      bool require,
+                                      const std::vector<std::string>& known = {}) const;
+  /// The units an activation of `to` covers: from its record when they fit its manifest
+  /// (the instances it journaled), else expanded now (leniently: recovery restarts what runs).
+  Result<artifact::Manifest> journaled_or_expanded(const artifact::Manifest& m,
+                                                   const store::PendingActivation* p,
+                                                   const ActivationOptions& options) const;
   Result<ActivationReport> run(const store::AppLock& lock, const std::string& version,
                                bool is_rollback, const ActivationOptions& options,
                                const ProgressFn& progress);

@@ -24,12 +24,12 @@ struct PlanStep {
   /// "recover" (an interrupted activation finished first), "hook", "stop", "switch",
   /// "restart", "start", "gate", "mark-good".
   std::string kind;
-  /// The unit (stop, restart, start; gate one by one), the hook's phase, the release switched
+  /// The unit (stop, restart, start; gate in waves), the hook's phase, the release switched
   /// to or marked good; empty for the gate of all the units at once.
   std::string target;
   /// The release this step belongs to (a walk through an upgrade path has several).
   std::string release;
-  /// One-by-one health hook: the unit whose gate it ends.
+  /// Health hook in waves (one-by-one, rolling): the unit whose gate it ends.
   std::string unit;
   /// Hooks: their timeout. stop/restart/start: systemd's job timeout. gate: deadline_s.
   std::uint32_t timeout_s = 0;
@@ -78,6 +78,9 @@ struct Plan {
   /// After it the app is pre-finalized at this data format (finalize, the irreversible step,
   /// is a separate operation).
   std::optional<std::uint64_t> pre_finalized_format;
+
+  /// Its steps' keys, in order: what ActivationReport::steps holds once it has run.
+  std::vector<std::string> keys() const;
 };
 
 /// What planning needs to know beyond the app's state.
@@ -91,6 +94,11 @@ struct PlanContext {
   bool through_path = false;
   bool hooks_runnable = true;
   std::uint32_t job_timeout_s = 90;
+  /// Expands a manifest's templates into their instances (Activator::expanded; `require`:
+  /// refused, kPolicyRefused, when a template has none). Null: units taken as listed.
+  std::function<Result<artifact::Manifest>(const artifact::Manifest&, bool require)> expand;
+  /// Strategy rolling: instances of one template restarted and gated together (waves()).
+  std::uint32_t max_unavailable = 1;
 };
 
 /// The plan of activating `version` of the app (`version` empty with `is_rollback`: the

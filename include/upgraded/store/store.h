@@ -105,11 +105,15 @@ struct PendingActivation {
   /// starting, health gate), "post_upgrade" (the post_upgrade hook running), "rolling_back" (an
   /// automatic rollback under way).
   std::string step = "restart";
-  /// Strategy one-by-one, before each unit is restarted: how many of the release's units (in
-  /// its order) have been touched, the one about to be restarted included. A rollback restores
+  /// Strategies one-by-one and rolling, before each wave is restarted: how many of the units
+  /// (in order) have been touched, the wave about to be restarted included. A rollback restores
   /// those and leaves the others running; a resume goes on from the last one. Absent: all of
   /// them (all-at-once, or units stopped for a migrate).
   std::optional<std::uint32_t> units_touched;
+  /// The units the activation covers, in order, its templates expanded into the instances it
+  /// found ("tablet@1.service"...): recovery restarts and rolls back these, whatever runs or
+  /// the policy says by then. Empty in records of earlier builds.
+  std::vector<std::string> units;
 };
 
 /// One release as a listing shows it.

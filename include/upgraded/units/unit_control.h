@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "upgraded/result.h"
 
@@ -54,6 +55,11 @@ class UnitControl {
   /// systemctl reset-failed: clears the failed state and the start-rate counter, so that a
   /// deliberate restart (an upgrade, a rollback) is not refused with "start-limit-hit".
   virtual Result<void> reset_failed(const std::string& unit) = 0;
+
+  /// The running instances of the template `template_unit` ("tablet@.service"): the loaded
+  /// units "tablet@<instance>.service" that are active, activating or reloading, in no
+  /// particular order.
+  virtual Result<std::vector<std::string>> running_instances(const std::string& template_unit) = 0;
 
   /// systemctl daemon-reload: re-read unit files.
   virtual Result<void> reload() = 0;
