@@ -334,7 +334,8 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
   }
 }
 
-Result<std::vector<std::string>> SystemdUnits::running_instances(const std::string& template_unit) {
+Result<std::vector<std::string>> SystemdUnits::running_instances(const std::string& template_unit,
+                                                                 bool with_failed) {
   UPGRADED_TRY(policy::validate_unit_name(template_unit));
   const auto at = template_unit.find('@');
   const auto dot = template_unit.rfind('.');
@@ -355,8 +356,10 @@ Result<std::vector<std::string>> SystemdUnits::running_instances(const std::stri
       auto manager = sdbus::createProxy(*m_calls, kService, kManagerPath);
       manager->callMethod("ListUnitsByPatterns")
           .onInterface("org.freedesktop.systemd1.Manager")
-          .withArguments(std::vector<std::string>{"active", "activating", "reloading"},
-                         std::vector<std::string>{pattern})
+          .withArguments(
+              with_failed ? std::vector<std::string>{"active", "activating", "reloading", "failed"}
+                          : std::vector<std::string>{"active", "activating", "reloading"},
+              std::vector<std::string>{pattern})
           .storeResultsTo(listed);
     } catch (const sdbus::Error& e) {
       return from_dbus(e, "listing the instances of " + template_unit);

@@ -38,8 +38,10 @@ class SystemdUnits final : public units::UnitControl, public units::HookRunner {
   Result<void> restart(const std::string& unit, std::chrono::milliseconds timeout) override;
   Result<units::UnitStatus> status(const std::string& unit) override;
   Result<void> reset_failed(const std::string& unit) override;
-  /// ListUnitsByPatterns: the loaded instances that are active, activating or reloading.
-  Result<std::vector<std::string>> running_instances(const std::string& template_unit) override;
+  /// ListUnitsByPatterns: the loaded instances that are active, activating or reloading (or
+  /// failed).
+  Result<std::vector<std::string>> running_instances(const std::string& template_unit,
+                                                     bool with_failed) override;
   Result<void> reload() override;
 
   /// A hook as a transient service (Type=oneshot) started with StartTransientUnit, its

@@ -96,7 +96,7 @@ bool is_instance_of(std::string_view unit, std::string_view templ) {
 Result<artifact::Manifest> expand_templates(
     artifact::Manifest m, const std::vector<std::string>& instances,
     const std::function<Result<std::vector<std::string>>(const std::string&)>& running,
-    bool require) {
+    bool require, const std::vector<std::string>& known) {
   std::vector<std::string> out;
   auto add = [&out](const std::string& unit) -> Result<void> {
     if (std::find(out.begin(), out.end(), unit) != out.end()) return {};
@@ -130,6 +130,10 @@ Result<artifact::Manifest> expand_templates(
         return ::strverscmp(a.c_str(), b.c_str()) < 0;
       });
     }
+    for (const auto& u : known)
+      if (is_instance_of(u, unit) && policy::validate_unit_name(u) &&
+          std::find(names.begin(), names.end(), u) == names.end())
+        names.push_back(u);
     if (names.empty() && require)
       return refuse(unit +
                     " is a template and no instance of it is running; name its instances "
@@ -287,21 +291,17 @@ Activator::Gate Activator::journaled_gate(const store::AppLock& lock,
 
 Result<artifact::Manifest> Activator::expanded(const artifact::Manifest& m,
                                                const ActivationOptions& options, bool require,
-                                               const std::vector<std::string>& known) const {
+                                               const std::vector<std::string>& known,
+                                               bool with_failed) const {
   if (std::none_of(m.units.begin(), m.units.end(),
                    [](const std::string& u) { return is_template_unit(u); }))
     return m;
   return expand_templates(
       m, options.instances,
-      [this, &known](const std::string& templ) -> Result<std::vector<std::string>> {
-        auto r = m_units.running_instances(templ);
-        if (!r) return r.error();
-        for (const auto& u : known)
-          if (is_instance_of(u, templ) && std::find(r->begin(), r->end(), u) == r->end())
-            r->push_back(u);
-        return r;
+      [this, with_failed](const std::string& templ) {
+        return m_units.running_instances(templ, with_failed);
       },
-      require);
+      require, known);
 }
 
 Result<artifact::Manifest> Activator::journaled_or_expanded(
@@ -312,7 +312,12 @@ Result<artifact::Manifest> Activator::journaled_or_expanded(
     x.units = p->units;
     return x;
   }
-  return expanded(m, options, false, p ? p->units : std::vector<std::string>());
+  std::vector<std::string> known;
+  if (p) {
+    known = p->units;
+    known.insert(known.end(), p->from_units.begin(), p->from_units.end());
+  }
+  return expanded(m, options, false, known, true);
 }
 
 std::vector<std::string> Activator::touched_units(const store::AppLock& lock,
@@ -481,14 +486,14 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   }
   if (st->current == version) return report;
   // Templates become their instances before anything changes: one without any is refused.
-  if (auto x = expanded(*m, options, true); x)
+  if (auto x = expanded(*m, options, true, {}, is_rollback); x)
     *m = std::move(*x);
   else
     return x.error();
   std::optional<artifact::Manifest> old_manifest;
   if (st->current) {
     auto om = m_store.manifest(app, *st->current);
-    if (om) om = expanded(*om, options, false);
+    if (om) om = expanded(*om, options, false, {}, true);
     if (!om) return om.error();
     old_manifest = std::move(*om);
   }
@@ -498,6 +503,7 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
 
   store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
                         {}};
+  h.transaction = options.transaction;
   pause_point("activation.before_commit");
   if (options.commit && !options.commit())
     return Error(ErrorCode::kCanceled, "canceled before " + app + " was touched");
@@ -506,6 +512,8 @@ Result<ActivationReport> Activator::run(const store::AppLock& lock, const std::s
   // Its start time once: the record is rewritten before each wave.
   store::PendingActivation pending{h.op,          report.from, version, previous,
                                    now_rfc3339(), "restart",   {},      m->units};
+  if (old_manifest) pending.from_units = old_manifest->units;
+  pending.max_unavailable = options.max_unavailable;
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   if (progress) progress("switching", 20);
   if (auto r = m_store.switch_to(lock, version); !r) {
@@ -576,11 +584,14 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
   auto failed = m_store.manifest(lock.app(), report.to);
   if (failed) failed = journaled_or_expanded(*failed, record ? &*record : nullptr, options);
   auto old_manifest = m_store.manifest(lock.app(), report.from);
-  if (old_manifest)
-    old_manifest = expanded(*old_manifest, options, false,
-                            failed   ? failed->units
-                            : record ? record->units
-                                     : std::vector<std::string>());
+  if (old_manifest) {
+    std::vector<std::string> known = failed ? failed->units : std::vector<std::string>();
+    if (record) {
+      known.insert(known.end(), record->units.begin(), record->units.end());
+      known.insert(known.end(), record->from_units.begin(), record->from_units.end());
+    }
+    old_manifest = expanded(*old_manifest, options, false, known, true);
+  }
   Result<void> back = old_manifest ? Result<void>() : Result<void>(old_manifest.error());
   // In waves, the units not reached yet still run the old release: they are left alone.
   std::vector<std::string> untouched;
@@ -727,6 +738,7 @@ Result<ActivationReport> Activator::run_hooked(
   const HookContext& ctx = options.hooks;
   store::HistoryEntry h{"", is_rollback ? "rollback" : "activate", report.from, version, "", "",
                         {}};
+  h.transaction = options.transaction;
   auto fail_untouched = [&](const Error& e) -> Result<ActivationReport> {
     if (e.code() == ErrorCode::kCanceled)
       return Error(ErrorCode::kCanceled, e.message() + "; nothing was changed");
@@ -753,6 +765,8 @@ Result<ActivationReport> Activator::run_hooked(
   store::PendingActivation pending{h.op,     report.from,   version,
                                    previous, now_rfc3339(), migrate ? "migrate" : "starting",
                                    {},       m.units};
+  if (old_manifest) pending.from_units = old_manifest->units;
+  pending.max_unavailable = options.max_unavailable;
   UPGRADED_TRY(m_store.begin_activation(lock, pending));
   auto roll_back = [&](const Error& failure) {
     return fail_after_switch(lock, std::move(report), previous, std::move(h), failure, is_rollback,
@@ -913,6 +927,7 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   report.from = p.from;
   report.to = st->current.value_or("");
   store::HistoryEntry h{"", "recover", p.from, report.to, "", "", {}};
+  h.transaction = options.transaction;
   h.message = "finishing an interrupted " + p.op + " of " + p.to;
   if (!st->current) {
     (void)m_store.end_activation(lock);
@@ -956,14 +971,17 @@ Result<ActivationReport> Activator::resume(const store::AppLock& lock,
   const auto touched = *st->current == p.to ? units_touched(p, *m) : std::nullopt;
   Gate units = touched ? journaled_gate(lock, p) : Gate{};
   units.trace = &report.steps;
+  // The waves as the activation journaled them: the policy may have changed since.
+  ActivationOptions resumed = options;
+  if (p.max_unavailable) resumed.max_unavailable = *p.max_unavailable;
   if (touched) {
-    const auto ends = waves(*m, options.max_unavailable);
+    const auto ends = waves(*m, resumed.max_unavailable);
     auto wave = std::upper_bound(ends.begin(), ends.end(), *touched - 1);
     units.first = wave == ends.begin() ? 0 : *(wave - 1);
   }
-  if (hooked) units = hooked_gate(lock, *m, p.from, report, options, progress, std::move(units));
-  auto gate = restart_and_gate(*m, options, progress, report.downtime_usec, units);
-  if (gate && hooked) gate = finish_hooked(lock, *m, p.from, p.previous, report, options, progress);
+  if (hooked) units = hooked_gate(lock, *m, p.from, report, resumed, progress, std::move(units));
+  auto gate = restart_and_gate(*m, resumed, progress, report.downtime_usec, units);
+  if (gate && hooked) gate = finish_hooked(lock, *m, p.from, p.previous, report, resumed, progress);
   if (gate) {
     if (*st->current == p.to) (void)m_store.set_status(lock, p.to, store::ReleaseStatus::kGood);
     (void)m_store.end_activation(lock);
@@ -1101,6 +1119,13 @@ Result<ActivationReport> Activator::activate(const store::AppLock& lock, const s
   auto path = upgrade_path(lock.app(), version);
   if (path.size() <= 2)
     return after_recovery(run(lock, version, false, options, progress), *recovered);
+  // A step whose templates have no instance would be refused midway: refused before the walk
+  // starts, as its plan is.
+  for (std::size_t i = 1; i < path.size(); ++i) {
+    auto m = m_store.manifest(lock.app(), path[i]);
+    if (m) m = expanded(*m, options, true);
+    if (!m) return m.error();
+  }
   // Each step a full gated activation; a failed step rolls back to the step before it (the
   // last good one) and ends the walk.
   ActivationReport whole;

@@ -929,6 +929,7 @@ json history_to_json(const HistoryEntry& e) {
       {"result", e.result}, {"message", e.message}, {"downtime_usec", downtime}};
   if (!e.backup.empty()) doc["backup"] = e.backup;
   if (!e.hook_start_usec.empty()) doc["hook_start_usec"] = e.hook_start_usec;
+  if (!e.transaction.empty()) doc["transaction"] = e.transaction;
   return doc;
 }
 
@@ -946,6 +947,7 @@ std::optional<HistoryEntry> history_from_json(const std::string& line) {
   e.result = str("result");
   e.message = str("message");
   e.backup = str("backup");
+  e.transaction = str("transaction");
   if (doc.contains("downtime_usec") && doc["downtime_usec"].is_object())
     for (const auto& [unit, v] : doc["downtime_usec"].items())
       if (v.is_number_unsigned()) e.downtime_usec[unit] = v.get<std::uint64_t>();
@@ -1013,6 +1015,8 @@ Result<void> Store::begin_activation(const AppLock& lock, const PendingActivatio
               {"step", p.step}, {"started", p.started.empty() ? now_rfc3339() : p.started}};
   if (p.units_touched) doc["units_touched"] = *p.units_touched;
   if (!p.units.empty()) doc["units"] = p.units;
+  if (!p.from_units.empty()) doc["from_units"] = p.from_units;
+  if (p.max_unavailable && *p.max_unavailable != 1) doc["max_unavailable"] = *p.max_unavailable;
   return fs::write_file_atomic(appfd->get(), kActivation, doc.dump() + "\n", 0644);
 }
 
@@ -1030,8 +1034,8 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
   UPGRADED_TRY(policy::validate_app_name(app));
   auto appfd = fs::open_directory(app_root(app));
   if (!appfd) return appfd.error();
-  // 256 units of at most 255 bytes, and the rest.
-  auto text = fs::read_file(appfd->get(), kActivation, 1 << 17);
+  // Twice 256 units of at most 255 bytes, each byte escaped at worst, and the rest.
+  auto text = fs::read_file(appfd->get(), kActivation, 1 << 19);
   if (!text) {
     if (text.error().code() == ErrorCode::kNotFound) return std::optional<PendingActivation>();
     return text.error();
@@ -1065,14 +1069,116 @@ Result<std::optional<PendingActivation>> Store::pending_activation(const std::st
     if (!n || *n == 0) return bad;
     p.units_touched = static_cast<std::uint32_t>(*n);
   }
-  if (auto it = doc->find("units"); it != doc->end()) {
-    if (!it->is_array() || it->empty() || it->size() > kMaxActivationUnits) return bad;
-    for (const auto& u : *it) {
-      if (!u.is_string() || !policy::validate_unit_name(u.get<std::string>())) return bad;
-      p.units.push_back(u.get<std::string>());
+  for (auto [key, list] : {std::pair("units", &p.units), std::pair("from_units", &p.from_units)})
+    if (auto it = doc->find(key); it != doc->end()) {
+      if (!it->is_array() || it->empty() || it->size() > kMaxActivationUnits) return bad;
+      for (const auto& u : *it) {
+        if (!u.is_string() || !policy::validate_unit_name(u.get<std::string>())) return bad;
+        list->push_back(u.get<std::string>());
+      }
     }
+  if (doc->contains("max_unavailable")) {
+    auto n = artifact::json_uint(*doc, "max_unavailable", kActivation, kMaxActivationUnits);
+    if (!n || *n == 0) return bad;
+    p.max_unavailable = static_cast<std::uint32_t>(*n);
   }
   return std::optional<PendingActivation>(std::move(p));
+}
+
+namespace {
+constexpr const char* kSets = "sets";
+constexpr std::size_t kMaxSetMembers = 64;
+
+bool valid_set_id(const std::string& id) {
+  if (!id.starts_with("set-") || id.size() > 64) return false;
+  return std::all_of(id.begin() + 4, id.end(),
+                     [](char c) { return (c >= '0' && c <= '9') || c == '-'; });
+}
+}  // namespace
+
+Result<void> Store::begin_set(const PendingSet& set) const {
+  if (!valid_set_id(set.id) || set.members.empty() || set.members.size() > kMaxSetMembers ||
+      set.completed > set.members.size())
+    return Error(ErrorCode::kInvalidArgument, "not a valid set record");
+  auto root = fs::open_directory(m_options.root);
+  if (!root) return root.error();
+  if (::mkdirat(root->get(), kSets, 0755) != 0 && errno != EEXIST)
+    return system_error(errno, "creating " + m_options.root + "/" + kSets);
+  auto dir = fs::open_beneath(root->get(), kSets, O_RDONLY | O_DIRECTORY);
+  if (!dir) return dir.error();
+  json members = json::array();
+  for (const auto& m : set.members)
+    members.push_back({{"app", m.app}, {"from", m.from}, {"to", m.to}});
+  json doc = {{"id", set.id},
+              {"members", members},
+              {"completed", set.completed},
+              {"undoing", set.undoing},
+              {"started", set.started.empty() ? now_rfc3339() : set.started}};
+  UPGRADED_TRY(fs::write_file_atomic(dir->get(), set.id + ".json", doc.dump() + "\n", 0644));
+  // The directory's own entry, the first time.
+  return fs::sync_fd(root->get(), "the store root");
+}
+
+Result<void> Store::end_set(const std::string& id) const {
+  if (!valid_set_id(id)) return Error(ErrorCode::kInvalidArgument, "not a set id");
+  auto dir = fs::open_directory(m_options.root + "/" + kSets);
+  if (!dir) return dir.error().code() == ErrorCode::kNotFound ? Result<void>() : dir.error();
+  if (::unlinkat(dir->get(), (id + ".json").c_str(), 0) != 0) {
+    if (errno == ENOENT) return {};
+    return system_error(errno, "removing the record of " + id);
+  }
+  return fs::sync_fd(dir->get(), "the sets directory");
+}
+
+Result<std::vector<PendingSet>> Store::pending_sets() const {
+  std::vector<PendingSet> out;
+  auto root = fs::open_directory(m_options.root);
+  if (!root) return root.error();
+  auto names = list_dir(root->get(), kSets);
+  if (!names) return names.error();
+  std::sort(names->begin(), names->end());
+  auto dir = fs::open_beneath(root->get(), kSets, O_RDONLY | O_DIRECTORY);
+  if (!dir)
+    return dir.error().code() == ErrorCode::kNotFound
+               ? out
+               : Result<std::vector<PendingSet>>(dir.error());
+  for (const auto& name : *names) {
+    // Temporary files of an interrupted write are not records.
+    if (!name.ends_with(".json") || !valid_set_id(name.substr(0, name.size() - 5))) continue;
+    auto bad = Error(ErrorCode::kFailed, "sets/" + name + " is corrupt");
+    auto text = fs::read_file(dir->get(), name, 1 << 16);
+    if (!text) return text.error();
+    auto doc = artifact::parse_strict_json(*text, name);
+    if (!doc || !doc->is_object()) return bad;
+    PendingSet p;
+    auto id = artifact::json_string(*doc, "id", name);
+    auto started = artifact::json_string(*doc, "started", name);
+    auto completed = artifact::json_uint(*doc, "completed", name, kMaxSetMembers);
+    auto undoing = doc->find("undoing");
+    auto members = doc->find("members");
+    if (!id || *id + ".json" != name || !started || !completed || undoing == doc->end() ||
+        !undoing->is_boolean() || members == doc->end() || !members->is_array() ||
+        members->empty() || members->size() > kMaxSetMembers || *completed > members->size())
+      return bad;
+    p.id = *id;
+    p.started = *started;
+    p.completed = static_cast<std::uint32_t>(*completed);
+    p.undoing = undoing->get<bool>();
+    for (const auto& m : *members) {
+      if (!m.is_object()) return bad;
+      auto app = artifact::json_string(m, "app", name);
+      auto from = artifact::json_string(m, "from", name);
+      auto to = artifact::json_string(m, "to", name);
+      if (!app || !from || !to || !policy::validate_app_name(*app) ||
+          (!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to))
+        return bad;
+      for (const auto& earlier : p.members)
+        if (earlier.app == *app) return bad;
+      p.members.push_back({*app, *from, *to});
+    }
+    out.push_back(std::move(p));
+  }
+  return out;
 }
 
 }  // namespace upgraded::store

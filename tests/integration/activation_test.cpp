@@ -463,6 +463,18 @@ TEST_F(Activation, RollingWithoutAPolicyTakesTheRunningInstancesAndRefusesWhenNo
   EXPECT_EQ(units->status("hello@b.service")->active_state, "inactive") << "a stopped instance";
   EXPECT_EQ(serving_as("a", "2.0.0"), "2.0.0");
   EXPECT_EQ(serving_as("c", "2.0.0"), "2.0.0");
+  // An instance that failed is restored by a rollback too (an upgrade leaves it alone).
+  ASSERT_EQ(std::system("systemctl --user kill -s KILL hello@c.service"), 0);
+  for (int i = 0; i < 100 && units->status("hello@c.service")->active_state != "failed"; ++i)
+    std::this_thread::sleep_for(30ms);
+  ASSERT_EQ(units->status("hello@c.service")->active_state, "failed");
+  auto back = act.rollback(*lock);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(back->steps,
+            (std::vector<std::string>{"switch:1.0.0", "restart:hello@a.service",
+                                      "gate:hello@a.service", "restart:hello@c.service",
+                                      "gate:hello@c.service", "mark-good:1.0.0"}));
+  EXPECT_EQ(serving_as("c", "1.0.0"), "1.0.0");
   // None running: refused, nothing changed.
   for (const char* i : {"a", "c"})
     ASSERT_TRUE(units->stop(std::string("hello@") + i + ".service", 10s).ok());
@@ -470,7 +482,7 @@ TEST_F(Activation, RollingWithoutAPolicyTakesTheRunningInstancesAndRefusesWhenNo
   auto v3 = act.activate(*lock, "3.0.0");
   ASSERT_FALSE(v3.ok());
   EXPECT_EQ(v3.error().code(), ErrorCode::kPolicyRefused);
-  EXPECT_EQ(st->state("hello")->current, "2.0.0");
+  EXPECT_EQ(st->state("hello")->current, "1.0.0");
   auto plan = act.plan("hello", "3.0.0", false);
   ASSERT_TRUE(plan.ok());
   ASSERT_TRUE(plan->refusal);
@@ -509,4 +521,23 @@ TEST_F(Activation, ARollingResumedAfterACrashCoversTheUnitsItJournaled) {
     EXPECT_EQ(serving_as(name, "2.0.0"), "2.0.0") << name;
   EXPECT_FALSE(*st->pending_activation("hello"));
   EXPECT_EQ(st->state("hello")->releases["2.0.0"].status, store::ReleaseStatus::kGood);
+
+  // Killed in a wave of three (max_unavailable 3), after its first restart, and restarted with
+  // max_unavailable 1: the whole wave is restarted again, not only its last instance.
+  release(*lock, "3.0.0", false, extra);
+  p = {"activate", "2.0.0",   "3.0.0", "",
+       "",         "restart", 3,       {"hello@1.service", "hello@2.service", "hello@3.service"}};
+  p.max_unavailable = 3;
+  ASSERT_TRUE(st->begin_activation(*lock, p).ok());
+  ASSERT_TRUE(st->switch_to(*lock, "3.0.0").ok());
+  ASSERT_TRUE(units->restart("hello@1.service", 10s).ok());
+  o.instances = {"1", "2", "3"};
+  r = act.resume(*lock, o);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(r->steps,
+            (std::vector<std::string>{"restart:hello@1.service", "restart:hello@2.service",
+                                      "restart:hello@3.service", "gate:hello@1.service",
+                                      "gate:hello@2.service", "gate:hello@3.service"}));
+  for (std::string name : {"1", "2", "3"})
+    EXPECT_EQ(serving_as(name, "3.0.0"), "3.0.0") << name;
 }

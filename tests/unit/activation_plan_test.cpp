@@ -325,6 +325,17 @@ TEST(Templates, ExpandIntoThePolicysInstancesOrThoseRunningInVersionOrder) {
   x = activation::expand_templates(m, {}, failing);
   ASSERT_FALSE(x.ok());
   EXPECT_EQ(x.error().message(), "systemd is gone");
+  // Journaled instances join those the policy or systemd name, after them.
+  x = activation::expand_templates(
+      m, {"1", "2"}, {}, true,
+      {"tablet@5.service", "tablet@1.service", "other@1.service", "tablet@.service"});
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(x->units,
+            (std::vector<std::string>{"ns.service", "tablet@1.service", "tablet@2.service",
+                                      "tablet@5.service", "api.service"}));
+  x = activation::expand_templates(m, {}, none, true, {"tablet@3.service"});
+  ASSERT_TRUE(x.ok()) << "a journaled instance is one";
+  EXPECT_EQ(x->units, (std::vector<std::string>{"ns.service", "tablet@3.service", "api.service"}));
   for (const std::string& bad : std::vector<std::string>{"", "a@b", "a/b", std::string(250, 'x')}) {
     x = activation::expand_templates(m, {bad}, {});
     ASSERT_FALSE(x.ok()) << bad;

@@ -167,10 +167,14 @@ TEST_F(AStore, JournalsHowManyUnitsAOneByOneTouchedAndRefusesARecordItCannotTrus
   // The units it covers, templates expanded: kept as they are.
   p.units_touched = 2;
   p.units = {"tablet@1.service", "tablet@2.service", "api.service"};
+  p.from_units = {"tablet@1.service", "tablet@4.service"};
+  p.max_unavailable = 2;
   ASSERT_TRUE(store->begin_activation(*lock, p).ok());
   read = store->pending_activation("hello");
   ASSERT_TRUE(read.ok() && *read);
   EXPECT_EQ((*read)->units, p.units);
+  EXPECT_EQ((*read)->from_units, p.from_units);
+  EXPECT_EQ((*read)->max_unavailable, 2u);
   EXPECT_EQ((*read)->units_touched, 2u);
   const std::string record = app_root() + "/activation.json";
   for (const char* bad : {"0", "257", "-1", "1.5", "\"2\"", "null", "18446744073709551616"}) {
@@ -192,6 +196,14 @@ TEST_F(AStore, JournalsHowManyUnitsAOneByOneTouchedAndRefusesARecordItCannotTrus
     write_file(record, std::string(R"({"op":"activate","from":"","to":"1.0.0","previous":"",)") +
                            R"("started":"2026-01-01T00:00:00Z","step":"starting","units":)" + bad +
                            "}\n");
+    auto r = store->pending_activation("hello");
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.error().message().find("activation.json is corrupt"), std::string::npos) << bad;
+  }
+  for (const char* bad : {R"("from_units":[])", R"("from_units":["x"])", R"("max_unavailable":0)",
+                          R"("max_unavailable":257)", R"("max_unavailable":"2")"}) {
+    write_file(record, std::string(R"({"op":"activate","from":"","to":"1.0.0","previous":"",)") +
+                           R"("started":"2026-01-01T00:00:00Z","step":"starting",)" + bad + "}\n");
     auto r = store->pending_activation("hello");
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_NE(r.error().message().find("activation.json is corrupt"), std::string::npos) << bad;

@@ -59,6 +59,8 @@ struct ActivationOptions {
   std::vector<std::string> instances;
   /// Strategy rolling: how many instances of one template are restarted and gated together.
   std::uint32_t max_unavailable = 1;
+  /// The set (multi-app activation, set.h) this is part of: its history entries name it.
+  std::string transaction;
   HookContext hooks;
 };
 
@@ -137,13 +139,15 @@ bool is_instance_of(std::string_view unit, std::string_view templ);
 
 /// `m` with each template in its units replaced by instances of it, in place: those of
 /// `instances` (host policy: "1", "2"...) in their order, or if there are none, the units that
-/// `running(template)` names (instances of it, in strverscmp order). A unit is listed once.
+/// `running(template)` names (instances of it, in strverscmp order); then the instances of it
+/// in `known` not listed yet (those an interrupted or failed activation covered, which a
+/// rollback restores whatever the policy or systemd says now). A unit is listed once.
 /// kPolicyRefused, nothing changed, when an instance name is not a valid unit, when more than
 /// kMaxExpandedUnits result, or (`require`) when a template has no instance.
 Result<artifact::Manifest> expand_templates(
     artifact::Manifest m, const std::vector<std::string>& instances,
     const std::function<Result<std::vector<std::string>>(const std::string&)>& running,
-    bool require = true);
+    bool require = true, const std::vector<std::string>& known = {});
 
 /// Whether the journaled `units` of an activation fit the release `m` (unexpanded): each is
 /// one of its units or an instance of one of its templates, none twice, at most
@@ -243,11 +247,11 @@ class Activator {
   /// find_upgrade_path over the store's releases.
   std::vector<std::string> upgrade_path(const std::string& app, const std::string& target) const;
   /// `m` with its templates expanded (expand_templates): the policy's instances, or those
-  /// running now plus the instances in `known` (a failed release's, which its rollback
-  /// restores even when they no longer run).
+  /// running now (`with_failed`: failed ones too, for a rollback or a release being left),
+  /// plus the instances in `known` (journaled ones, restored even when they no longer run).
   Result<artifact::Manifest> expanded(const artifact::Manifest& m, const ActivationOptions& options,
-                                      bool require,
-                                      const std::vector<std::string>& known = {}) const;
+                                      bool require, const std::vector<std::string>& known = {},
+                                      bool with_failed = false) const;
   /// The units an activation of `to` covers: from its record when they fit its manifest
   /// (the instances it journaled), else expanded now (leniently: recovery restarts what runs).
   Result<artifact::Manifest> journaled_or_expanded(const artifact::Manifest& m,

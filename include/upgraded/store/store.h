@@ -81,6 +81,8 @@ struct HistoryEntry {
   /// Per hook that ran: microseconds from its start call to its process running (not sent
   /// over D-Bus; in history.jsonl for bench/downtime --hooks and root-cause analysis).
   std::map<std::string, std::uint64_t> hook_start_usec;
+  /// The set (multi-app activation) this entry was part of (PendingSet::id); empty: none.
+  std::string transaction;
 };
 
 /// Extracts the payload of the artifact being staged into the empty directory `dest_dirfd` and
@@ -114,6 +116,30 @@ struct PendingActivation {
   /// found ("tablet@1.service"...): recovery restarts and rolls back these, whatever runs or
   /// the policy says by then. Empty in records of earlier builds.
   std::vector<std::string> units;
+  /// The same for `from`'s units: what a rollback restores (after a migrate stopped them all,
+  /// none may be running any more).
+  std::vector<std::string> from_units;
+  /// Strategy rolling: instances per wave as the activation started (recovery keeps its waves
+  /// whatever the policy says by then). Absent: 1.
+  std::optional<std::uint32_t> max_unavailable;
+};
+
+/// A multi-app activation (a set) that started and has not finished
+/// (`<root>/sets/<id>.json`): its apps, in activation order, each with the release it left and
+/// the one it goes to. Written while the set holds every member's lock. After a crash the
+/// daemon finishes it if every member had completed, and undoes it otherwise.
+struct PendingSet {
+  struct Member {
+    std::string app;
+    std::string from;  ///< current before (may be empty)
+    std::string to;
+    bool operator==(const Member&) const = default;
+  };
+  std::string id;               ///< "set-<unix seconds>-<n>"
+  std::vector<Member> members;  ///< 1 to 64, distinct apps, in activation order
+  std::uint32_t completed = 0;  ///< how many members, in order, have been activated
+  bool undoing = false;         ///< a member failed: the completed ones are being rolled back
+  std::string started;          ///< RFC 3339 UTC (empty: now)
 };
 
 /// One release as a listing shows it.
@@ -224,6 +250,14 @@ class Store {
   Result<void> end_activation(const AppLock& lock) const;
   /// The unfinished activation of an app, if any.
   Result<std::optional<PendingActivation>> pending_activation(const std::string& app) const;
+
+  /// Records (durably, replacing any earlier record of the same id) a set's progress; the
+  /// caller holds every member's lock.
+  Result<void> begin_set(const PendingSet& set) const;
+  /// Removes a set's record once its outcome is committed.
+  Result<void> end_set(const std::string& id) const;
+  /// The unfinished sets, oldest id first. A record that cannot be trusted is an error.
+  Result<std::vector<PendingSet>> pending_sets() const;
 
   /// Points `current` at `version`, durably (state.json, then the symlink, one directory fsync).
   /// The old current becomes the rollback target (previous).

@@ -57,9 +57,10 @@ class UnitControl {
   virtual Result<void> reset_failed(const std::string& unit) = 0;
 
   /// The running instances of the template `template_unit` ("tablet@.service"): the loaded
-  /// units "tablet@<instance>.service" that are active, activating or reloading, in no
-  /// particular order.
-  virtual Result<std::vector<std::string>> running_instances(const std::string& template_unit) = 0;
+  /// units "tablet@<instance>.service" that are active, activating or reloading (`with_failed`:
+  /// or failed), in no particular order.
+  virtual Result<std::vector<std::string>> running_instances(const std::string& template_unit,
+                                                             bool with_failed) = 0;
 
   /// systemctl daemon-reload: re-read unit files.
   virtual Result<void> reload() = 0;
