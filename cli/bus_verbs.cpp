@@ -453,9 +453,13 @@ int run_history(const Common& c, const std::string& app, unsigned limit) {
                      {"to", std::get<3>(h)},
                      {"result", std::get<4>(h)},
                      {"message", std::get<5>(h)},
-                     {"downtime_usec", downtime}});
+                     {"downtime_usec", downtime},
+                     {"transaction", std::get<7>(h)}});
+      // Part of a set: its id before the message, the same in each member's history.
+      const std::string& tx = std::get<7>(h);
       t.add({std::get<0>(h), std::get<1>(h), std::get<2>(h), std::get<3>(h),
-             colored_status(std::get<4>(h)), windows, std::get<5>(h)});
+             colored_status(std::get<4>(h)), windows,
+             tx.empty() ? std::get<5>(h) : "(" + tx + ") " + std::get<5>(h)});
     }
     print_rows(c.json, out, t, "No history for " + app + ".");
     return kExitOk;
@@ -580,6 +584,17 @@ int run_activate(const Common& c, const std::string& app, const std::string& ver
   return run_job(
       c, [&](Client& cl) { return cl.start("Activate", app, version, o); },
       "activate " + app + " " + version);
+}
+
+int run_activate_set(const Common& c, const std::vector<std::pair<std::string, std::string>>& set) {
+  std::vector<sdbus::Struct<std::string, std::string>> members;
+  std::string what = "activate";
+  for (const auto& [app, version] : set) {
+    members.emplace_back(app, version);
+    what += " " + app + "=" + version;
+  }
+  return run_job(
+      c, [&](Client& cl) { return cl.start("ActivateSet", members, Options{}); }, what);
 }
 
 int run_rollback(const Common& c, const std::string& app, bool below_floor) {
@@ -764,6 +779,7 @@ constexpr BusVerbs kVerbs{
     guarded<run_gc>,
     guarded<run_finalize>,
     guarded<run_plan>,
+    guarded<run_activate_set>,
 };
 
 }  // namespace

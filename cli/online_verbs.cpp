@@ -164,10 +164,12 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     });
   }
   {
-    auto* cmd = app.add_subcommand("activate", "Make an installed release the running one");
+    auto* cmd = app.add_subcommand(
+        "activate",
+        "Make an installed release the running one (APP VERSION), or several, in order, as one "
+        "job (APP=VERSION...)");
     auto c = std::make_shared<Common>();
-    auto name = std::make_shared<std::string>();
-    auto version = std::make_shared<std::string>();
+    auto args = std::make_shared<std::vector<std::string>>();
     auto allow_bad = std::make_shared<bool>(false);
     auto below_floor = std::make_shared<bool>(false);
     auto through = std::make_shared<bool>(false);
@@ -178,12 +180,41 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_flag("--allow-bad", *allow_bad, "also activate a release marked bad");
     cmd->add_flag("--allow-below-floor", *below_floor,
                   "also activate a kept release below the version floor");
-    cmd->add_option("APP", *name, "app")->required();
-    cmd->add_option("VERSION", *version, "release")->required();
-    cmd->callback([&exit_code, c, name, version, allow_bad, below_floor, through] {
-      exit_code = on_bus([&](const BusVerbs& v) {
-        return v.activate(*c, *name, *version, *through, *allow_bad, *below_floor);
-      });
+    cmd->add_option("APP VERSION | APP=VERSION...", *args,
+                    "an app and its release; or several APP=VERSION, activated in this order "
+                    "(a failure rolls back the ones before it, last first)")
+        ->required();
+    cmd->callback([&exit_code, c, args, allow_bad, below_floor, through] {
+      std::vector<std::pair<std::string, std::string>> set;
+      for (const auto& a : *args) {
+        auto eq = a.find('=');
+        if (eq != std::string::npos) set.emplace_back(a.substr(0, eq), a.substr(eq + 1));
+      }
+      if (set.empty() && args->size() == 2) {
+        exit_code = on_bus([&](const BusVerbs& v) {
+          return v.activate(*c, (*args)[0], (*args)[1], *through, *allow_bad, *below_floor);
+        });
+        return;
+      }
+      if (set.size() != args->size()) {
+        std::fprintf(stderr, "upgradectl: activate takes APP VERSION, or APP=VERSION...\n");
+        exit_code = kExitUsage;
+        return;
+      }
+      if (set.size() == 1) {
+        exit_code = on_bus([&](const BusVerbs& v) {
+          return v.activate(*c, set[0].first, set[0].second, *through, *allow_bad, *below_floor);
+        });
+        return;
+      }
+      if (*through || *allow_bad || *below_floor) {
+        std::fprintf(stderr,
+                     "upgradectl: --through, --allow-bad and --allow-below-floor apply to one "
+                     "app; activate several without them\n");
+        exit_code = kExitUsage;
+        return;
+      }
+      exit_code = on_bus([&](const BusVerbs& v) { return v.activate_set(*c, set); });
     });
   }
   {

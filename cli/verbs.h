@@ -81,6 +81,8 @@ struct BusVerbs {
   int (*finalize)(const Common&, const std::string& app, bool no_backup, bool yes);
   int (*plan)(const Common&, const std::string& app, const std::string& version, bool rollback,
               bool through, bool allow_bad, bool allow_below_floor);
+  /// ActivateSet: (app, version) pairs, activated in this order as one job.
+  int (*activate_set)(const Common&, const std::vector<std::pair<std::string, std::string>>& set);
 };
 
 /// upgradectl-artifact.so.

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "org.upgraded1.Job.adaptor.h"
 #include "upgraded/fs/unique_fd.h"
@@ -21,8 +22,9 @@ class Job {
   Job(std::uint32_t id, std::string type, std::string app, std::string version, uid_t owner);
 
   const std::uint32_t id;
-  const std::string type;  ///< install, activate, rollback, remove, recover
-  const std::string app;
+  const std::string type;         ///< install, activate, rollback, remove, recover
+  const std::string app;          ///< a set's: its apps, comma-separated
+  std::vector<std::string> apps;  ///< the apps it holds (set before it starts)
   const std::string version;
   const uid_t owner;  ///< who started it (may cancel it)
   std::string path() const { return "/org/upgraded1/job/" + std::to_string(id); }

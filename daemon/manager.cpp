@@ -13,6 +13,7 @@
 #include "sandbox/extract_child.h"
 #include "sandbox/landlock.h"
 #include "trust_root.h"
+#include "upgraded/activation/set.h"
 #include "upgraded/artifact/container.h"
 #include "upgraded/artifact/verifier.h"
 #include "upgraded/crash_point.h"
@@ -399,6 +400,50 @@ void Manager::Activate(PathResult&& result, std::string app, std::string version
   }
 }
 
+void Manager::ActivateSet(PathResult&& result,
+                          std::vector<sdbus::Struct<std::string, std::string>> members,
+                          Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_options(options, std::initializer_list<std::pair<const char*, const char*>>{});
+    if (members.empty() || members.size() > activation::kMaxSetMembers)
+      throw invalid("a set has 1 to " + std::to_string(activation::kMaxSetMembers) + " apps");
+    std::vector<std::string> apps, versions;
+    for (const auto& m : members) {
+      check_app(m.get<0>());
+      check_version(m.get<1>());
+      if (std::find(apps.begin(), apps.end(), m.get<0>()) != apps.end())
+        throw invalid(m.get<0>() + " is in the set twice");
+      apps.push_back(m.get<0>());
+      versions.push_back(m.get<1>());
+    }
+    authorized(reply, "org.upgraded1.activate", [this, reply, apps, versions](uid_t caller) {
+      std::string label;
+      for (std::size_t k = 0; k < apps.size(); ++k) {
+        auto st = value_or_throw(m_store.state(apps[k]));
+        if (!st.releases.count(versions[k]))
+          throw sdbus::Error(bus_error::kNotFound,
+                             "no release " + versions[k] + " of " + apps[k] + " is installed");
+        label += (k ? "," : "") + versions[k];
+      }
+      SetWork work = [this, versions](Job& job, const std::vector<store::AppLock>& locks,
+                                      const ProgressFn& progress) -> Result<void> {
+        std::vector<activation::SetMember> set;
+        for (std::size_t k = 0; k < locks.size(); ++k)
+          set.push_back({&locks[k], versions[k], activation_options(job, locks[k].app())});
+        auto done = activation::activate_set(m_store, m_units, set, progress);
+        if (!done) return done.error();
+        for (const auto& lock : locks)
+          collect_garbage(lock, job);
+        return {};
+      };
+      reply->returnResults(start_set_job("activate-set", apps, label, caller, std::move(work)));
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
 void Manager::Rollback(PathResult&& result, std::string app, Options options) {
   auto reply = std::make_shared<PathResult>(std::move(result));
   try {
@@ -673,18 +718,26 @@ activation::ActivationOptions Manager::policy_options(const std::string& app) co
 }
 
 activation::ActivationOptions Manager::activation_options(Job& job) const {
-  activation::ActivationOptions o = policy_options(job.app);
+  return activation_options(job, job.app);
+}
+
+activation::ActivationOptions Manager::activation_options(Job& job, const std::string& app) const {
+  activation::ActivationOptions o = policy_options(app);
   o.commit = [this, &job] { return commit(job); };
-  o.hooks = hook_context(job);
+  o.hooks = hook_context(job, app);
   return o;
 }
 
 activation::HookContext Manager::hook_context(Job& job) const {
+  return hook_context(job, job.app);
+}
+
+activation::HookContext Manager::hook_context(Job& job, const std::string& app) const {
   activation::HookContext c;
   c.runner = &m_hooks;
   c.job_id = job.id;
   c.cancel_fd = job.cancel_fd();
-  if (auto it = m_config.app_policies.find(job.app); it != m_config.app_policies.end()) {
+  if (auto it = m_config.app_policies.find(app); it != m_config.app_policies.end()) {
     for (const auto& d : it->second.data_dirs)
       c.data_dirs.push_back(m_config.path(d));
     c.user = it->second.user;
@@ -761,15 +814,53 @@ void Manager::collect_garbage(const store::AppLock& lock, Job& job) const {
             std::to_string(gc->freed_bytes) + " bytes");
 }
 
+std::vector<store::AppLock> Manager::claim(const std::vector<std::string>& apps) const {
+  for (const auto& app : apps)
+    if (auto it = m_busy.find(app); it != m_busy.end())
+      throw sdbus::Error(bus_error::kBusy, app + " is busy with job " + std::to_string(it->second));
+  // The store's locks also keep out other processes (upgradectl --offline); taken in name
+  // order, without waiting, so that no two claims wait for each other.
+  std::vector<std::string> order = apps;
+  std::sort(order.begin(), order.end());
+  std::map<std::string, store::AppLock> held;
+  for (const auto& app : order) {
+    auto lock = m_store.lock(app);
+    if (!lock) throw bus_error::from(lock.error());
+    held.emplace(app, std::move(*lock));
+  }
+  std::vector<store::AppLock> locks;
+  for (const auto& app : apps)
+    locks.push_back(std::move(held.at(app)));
+  return locks;
+}
+
 sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string& app,
                                      const std::string& version, uid_t owner, Work work) {
-  if (auto it = m_busy.find(app); it != m_busy.end())
-    throw sdbus::Error(bus_error::kBusy, app + " is busy with job " + std::to_string(it->second));
-  // The store's lock also keeps out other processes (upgradectl --offline).
-  auto lock = m_store.lock(app);
-  if (!lock) throw bus_error::from(lock.error());
-  auto shared_lock = std::make_shared<store::AppLock>(std::move(*lock));
+  auto locks = std::make_shared<std::vector<store::AppLock>>(claim({app}));
+  return launch(type, {app}, version, owner,
+                [locks, work = std::move(work)](Job& job, const ProgressFn& progress) {
+                  return work(job, locks->front(), progress);
+                });
+}
+
+sdbus::ObjectPath Manager::start_set_job(const std::string& type,
+                                         const std::vector<std::string>& apps,
+                                         const std::string& versions, uid_t owner, SetWork work) {
+  auto locks = std::make_shared<std::vector<store::AppLock>>(claim(apps));
+  return launch(type, apps, versions, owner,
+                [locks, work = std::move(work)](Job& job, const ProgressFn& progress) {
+                  return work(job, *locks, progress);
+                });
+}
+
+sdbus::ObjectPath Manager::launch(const std::string& type, const std::vector<std::string>& apps,
+                                  const std::string& version, uid_t owner,
+                                  std::function<Result<void>(Job&, const ProgressFn&)> work) {
+  std::string app;
+  for (const auto& a : apps)
+    app += (app.empty() ? "" : ",") + a;
   auto job = std::make_shared<Job>(m_next_id++, type, app, version, owner);
+  job->apps = apps;
   // A recovery has nothing to cancel: the units must be brought in line with `current`.
   if (type == "recover") (void)job->try_commit();
   Running running;
@@ -780,19 +871,20 @@ sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string&
              JobObject::CancelReply reply) { cancel(j, sender, std::move(reply)); });
   const std::uint32_t id = job->id;
   sdbus::ObjectPath path = job->path();
-  m_busy[app] = id;
+  for (const auto& a : apps)
+    m_busy[a] = id;
   m_jobs[id] = std::move(running);
   log(Level::kInfo, LogContext{app, version, std::to_string(id), message_id::kJobStarted},
       type + " " + app + (version.empty() ? "" : " " + version) + ": job " + std::to_string(id) +
           " started");
   // The reply goes out first (the caller returns), then JobNew, then the work: never signal
   // before the method has returned.
-  m_loop.post([this, id, path, job, shared_lock, work = std::move(work)]() mutable {
+  m_loop.post([this, id, path, job, work = std::move(work)]() mutable {
     auto it = m_jobs.find(id);
     if (it == m_jobs.end()) return;
     emitJobNew(id, path);
     try {
-      it->second.thread = std::thread([this, job, shared_lock, work = std::move(work)] {
+      it->second.thread = std::thread([this, job, work = std::move(work)] {
         ProgressFn progress = [this, id = job->id](const std::string& step, int percent) {
           m_loop.post([this, id, step, percent] {
             if (auto j = m_jobs.find(id); j != m_jobs.end())
@@ -802,7 +894,7 @@ sdbus::ObjectPath Manager::start_job(const std::string& type, const std::string&
         };
         Result<void> r = Error(ErrorCode::kFailed, "the job did not run");
         try {
-          r = work(*job, *shared_lock, progress);
+          r = work(*job, progress);
         } catch (const std::exception& e) {
           r = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
         }
@@ -822,7 +914,8 @@ void Manager::finish(std::uint32_t id, const Result<void>& r) {
   m_jobs.erase(it);
   if (running.thread.joinable()) running.thread.join();  // it posted this as its last act
   const Job& job = *running.job;
-  m_busy.erase(job.app);
+  for (const auto& a : job.apps)
+    m_busy.erase(a);
   std::string result = r                                          ? "done"
                        : r.error().code() == ErrorCode::kCanceled ? "canceled"
                                                                   : "failed";
@@ -881,7 +974,35 @@ void Manager::recover_interrupted() {
     log(Level::kError, "listing apps for recovery failed: " + apps.error().message());
     return;
   }
+  // Sets first: each member's interrupted activation is finished by its set's recovery, in
+  // the set's order, before the set is finished or undone (docs/dbus-api.md, ActivateSet).
+  std::set<std::string> in_sets;
+  auto sets = m_store.pending_sets();
+  if (!sets) log(Level::kError, "reading the interrupted sets failed: " + sets.error().message());
+  for (const auto& set : sets ? *sets : std::vector<store::PendingSet>()) {
+    std::vector<std::string> members;
+    for (const auto& m : set.members) {
+      members.push_back(m.app);
+      in_sets.insert(m.app);
+    }
+    log(Level::kWarning, set.id + " (" + std::to_string(members.size()) +
+                             " apps) was interrupted; " +
+                             (set.completed == set.members.size() ? "finishing it" : "undoing it"));
+    try {
+      start_set_job("recover", members, "", 0,
+                    [this, set](Job& job, const std::vector<store::AppLock>& locks,
+                                const ProgressFn& progress) -> Result<void> {
+                      std::vector<activation::SetMember> ms;
+                      for (const auto& lock : locks)
+                        ms.push_back({&lock, "", activation_options(job, lock.app())});
+                      return activation::recover_set(m_store, m_units, set, ms, progress);
+                    });
+    } catch (const sdbus::Error& e) {
+      log(Level::kError, set.id + ": cannot start its recovery: " + e.getMessage());
+    }
+  }
   for (const auto& app : *apps) {
+    if (in_sets.count(app)) continue;
     auto pending = m_store.pending_activation(app);
     if (!pending) {
       log(Level::kError, LogContext{app, "", "", nullptr},
@@ -1091,7 +1212,7 @@ Manager::ListJobs() {
 }
 
 std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
-                          std::string, std::map<std::string, uint64_t>>>
+                          std::string, std::map<std::string, uint64_t>, std::string>>
 Manager::GetHistory(const std::string& app, const Options& options) {
   check_app(app);
   check_options(options, {{"limit", "u"}});
@@ -1099,12 +1220,13 @@ Manager::GetHistory(const std::string& app, const Options& options) {
   if (limit == 0 || limit > 10000) throw invalid("limit must be from 1 to 10000");
   (void)value_or_throw(m_store.state(app));  // NotFound for an unknown app
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
-                            std::string, std::map<std::string, uint64_t>>>
+                            std::string, std::map<std::string, uint64_t>, std::string>>
       out;
   for (auto& h : value_or_throw(m_store.history(app, limit)))
     out.emplace_back(
         h.time, h.op, h.from, h.to, h.result, h.message,
-        std::map<std::string, uint64_t>(h.downtime_usec.begin(), h.downtime_usec.end()));
+        std::map<std::string, uint64_t>(h.downtime_usec.begin(), h.downtime_usec.end()),
+        h.transaction);
   return out;
 }
 

@@ -58,10 +58,15 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// Work run on the job's thread. It gets the app's lock for its whole life.
   using Work =
       std::function<Result<void>(Job& job, const store::AppLock& lock, const ProgressFn& progress)>;
+  /// The same for a job holding several apps: their locks, in the set's order.
+  using SetWork = std::function<Result<void>(Job& job, const std::vector<store::AppLock>& locks,
+                                             const ProgressFn& progress)>;
 
   void Install(PathResult&& result, sdbus::UnixFd artifact, Options options) override;
   void Activate(PathResult&& result, std::string app, std::string version,
                 Options options) override;
+  void ActivateSet(PathResult&& result, std::vector<sdbus::Struct<std::string, std::string>> sets,
+                   Options options) override;
   void Rollback(PathResult&& result, std::string app, Options options) override;
   void Remove(PathResult&& result, std::string app, std::string version, Options options) override;
   void SetPinned(PathResult&& result, std::string app, std::string version, bool pinned,
@@ -87,7 +92,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
                             sdbus::ObjectPath>>
   ListJobs() override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string,
-                            std::string, std::map<std::string, uint64_t>>>
+                            std::string, std::map<std::string, uint64_t>, std::string>>
   GetHistory(const std::string& app, const Options& options) override;
   void Plan(sdbus::Result<std::string>&& result, std::string app, std::string version,
             Options options) override;
@@ -125,13 +130,26 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// Claims the app (in this daemon and in the store), creates the job's object and thread.
   sdbus::ObjectPath start_job(const std::string& type, const std::string& app,
                               const std::string& version, uid_t owner, Work work);
+  /// The same for a job that holds several apps (a set): `versions` is what its Version says.
+  sdbus::ObjectPath start_set_job(const std::string& type, const std::vector<std::string>& apps,
+                                  const std::string& versions, uid_t owner, SetWork work);
+  /// The apps' locks, in the order given (taken in name order, none waited for); Busy if any
+  /// has a job here or a lock holder elsewhere.
+  std::vector<store::AppLock> claim(const std::vector<std::string>& apps) const;
+  /// Creates the job's object and thread for apps already claimed.
+  sdbus::ObjectPath launch(const std::string& type, const std::vector<std::string>& apps,
+                           const std::string& version, uid_t owner,
+                           std::function<Result<void>(Job&, const ProgressFn&)> work);
   void finish(std::uint32_t id, const Result<void>& result);
   void cancel(const std::shared_ptr<Job>& job, const std::string& sender,
               JobObject::CancelReply reply);
   /// What the host policy says about activating `app`: job timeout, instances, max_unavailable.
   activation::ActivationOptions policy_options(const std::string& app) const;
   activation::ActivationOptions activation_options(Job& job) const;
+  /// For one app of a set.
+  activation::ActivationOptions activation_options(Job& job, const std::string& app) const;
   activation::HookContext hook_context(Job& job) const;
+  activation::HookContext hook_context(Job& job, const std::string& app) const;
   /// A finalize job's work (Finalize, and auto-finalize with `automatic`).
   Work finalize_work(bool no_backup, bool automatic);
   void collect_garbage(const store::AppLock& lock, Job& job) const;

@@ -79,7 +79,11 @@ _upgradectl() {
     status | list | rollback | gc | history | floor | finalize | finalization-status)
       [ $n -eq 0 ] && COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur")) ;;
     activate | remove | pin | unpin)
-      if [ $n -eq 0 ]; then
+      if [[ $verb == activate && $cur == *=* ]]; then
+        # APP=VERSION... (a set): that app's releases after the "=".
+        local a=${cur%%=*}
+        COMPREPLY=($(compgen -P "$a=" -W "$(_upgradectl_versions "$a" $user)" -- "${cur#*=}"))
+      elif [ $n -eq 0 ]; then
         COMPREPLY=($(compgen -W "$(_upgradectl_apps $user)" -- "$cur"))
       elif [ $n -eq 1 ]; then
         COMPREPLY=($(compgen -W "$(_upgradectl_versions "$app" $user)" -- "$cur"))

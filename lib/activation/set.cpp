@@ -20,9 +20,9 @@ ProgressFn member_progress(const ProgressFn& progress, const std::string& app, s
 
 // Rolls back, last first, the members before `end` that moved (`current` is still the release
 // the set brought). Returns what it did, for the error: ", web back on 1.4.0, ...".
-std::string undo(const store::Store& store, units::UnitControl& units,
-                 const store::PendingSet& set, const std::vector<SetMember>& members,
-                 std::size_t end, const ProgressFn& progress) {
+std::string undo(const store::Store& store, units::UnitControl& units, const store::PendingSet& set,
+                 const std::vector<SetMember>& members, std::size_t end,
+                 const ProgressFn& progress) {
   std::string done;
   for (std::size_t j = end; j-- > 0;) {
     const auto& m = set.members[j];
@@ -94,15 +94,14 @@ Result<SetReport> activate_set(const store::Store& store, units::UnitControl& un
       (void)store.begin_set(set);
       std::string undone = undo(store, units, set, members, k, progress);
       (void)store.end_set(set.id);
-      return Error(r.error().code(), m.app + " " + m.to + ": " + r.error().message() + "; set " +
-                                         set.id + " undone" +
-                                         (undone.empty() ? " (nothing before it had moved)"
-                                                         : undone));
+      return Error(r.error().code(),
+                   m.app + " " + m.to + ": " + r.error().message() + "; set " + set.id + " undone" +
+                       (undone.empty() ? " (nothing before it had moved)" : undone));
     }
     report.reports.push_back(std::move(*r));
     set.completed = static_cast<std::uint32_t>(k + 1);
-    // The last member's completion is the set's: the record goes.
-    if (k + 1 < members.size()) UPGRADED_TRY(store.begin_set(set));
+    UPGRADED_TRY(store.begin_set(set));
+    crash_point("set.after_app");
   }
   UPGRADED_TRY(store.end_set(set.id));
   if (progress) progress("done", 100);

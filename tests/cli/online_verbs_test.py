@@ -11,14 +11,14 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
-from sample_service import TIME_FACTOR, Instance, pack_sample, wait_for_content  # noqa: E402
+from sample_service import (TIME_FACTOR, DaemonRunner, Instance, pack_sample,  # noqa: E402
+                            wait_for_content)
 
 UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
 TESTBED = os.environ["UPGRADED_TESTBED"]
@@ -46,7 +46,8 @@ def upgradectl_for_nobody():
     return copy
 
 
-class OnlineVerbs(unittest.TestCase):
+class OnlineVerbs(DaemonRunner, unittest.TestCase):
+    upgraded, upgradectl = UPGRADED, UPGRADECTL
     app = "hello"
 
     def setUp(self):
@@ -62,25 +63,6 @@ class OnlineVerbs(unittest.TestCase):
                        stderr=subprocess.DEVNULL)
         os.unlink(os.path.join(UNITS_DIR, self.unit))
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def start_daemon(self, env=None):
-        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
-        self.daemon = subprocess.Popen([UPGRADED, "--user", "--root", self.root],
-                                       env=dict(os.environ, **(env or {})),
-                                       stdout=self.log, stderr=self.log)
-        for _ in range(200):
-            if self.ctl("jobs", check=None).returncode == 0:
-                return
-            time.sleep(0.05)
-        self.fail("upgraded did not come up")
-
-    def stop_daemon(self):
-        if self.daemon and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            self.assertEqual(self.daemon.wait(timeout=60), 0)
-        if self.daemon:
-            self.log.close()
-        self.daemon = None
 
     def ctl(self, *args, user=True, check=0, as_nobody=False):
         cmd = [UPGRADECTL, *args] + (["--user"] if user else [])

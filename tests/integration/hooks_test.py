@@ -19,7 +19,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
-from sample_service import TIME_FACTOR, Instance, wait_for_content  # noqa: E402
+from sample_service import TIME_FACTOR, DaemonRunner, Instance, wait_for_content  # noqa: E402,E501
 
 UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
 TESTBED = os.environ["UPGRADED_TESTBED"]
@@ -56,7 +56,8 @@ exit 0
 """
 
 
-class Hooks(unittest.TestCase):
+class Hooks(DaemonRunner, unittest.TestCase):
+    upgraded, upgradectl = UPGRADED, UPGRADECTL
     app = "hello"
 
     def setUp(self):
@@ -82,25 +83,6 @@ class Hooks(unittest.TestCase):
             for k, v in keys.items():
                 f.write("%s = %s\n" % (k, v))
 
-    def start_daemon(self, env=None):
-        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
-        self.daemon = subprocess.Popen([UPGRADED, "--user", "--root", self.root],
-                                       env=dict(os.environ, **(env or {})),
-                                       stdout=self.log, stderr=self.log)
-        for _ in range(200):
-            if self.ctl("jobs", check=None).returncode == 0:
-                return
-            time.sleep(0.05)
-        self.fail("upgraded did not come up")
-
-    def stop_daemon(self):
-        if self.daemon and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            self.assertEqual(self.daemon.wait(timeout=60), 0)
-        if self.daemon:
-            self.log.close()
-        self.daemon = None
-
     def kill_daemon(self):
         self.daemon.send_signal(signal.SIGKILL)
         self.daemon.wait(timeout=30)
@@ -115,21 +97,6 @@ class Hooks(unittest.TestCase):
         self.assertEqual(self.daemon.returncode, -signal.SIGKILL)
         self.log.close()
         self.daemon = None
-
-    def settled(self):
-        """Waits (bounded) until the daemon has no job left."""
-        for _ in range(600):
-            if not json.loads(self.ctl("jobs", "--json").stdout):
-                return
-            time.sleep(0.05)
-        self.fail("the daemon's jobs did not end")
-
-    def ctl(self, *args, check=0):
-        r = subprocess.run([UPGRADECTL, *args, "--user"], capture_output=True, text=True)
-        if check is not None:
-            self.assertEqual(r.returncode, check, "%s\nstdout: %s\nstderr: %s" %
-                             (" ".join(args), r.stdout, r.stderr))
-        return r
 
     def pack(self, version, writes=1, reads_min=1, hooks=ALL_HOOKS, timeouts=None,
              upgrade_from=None, units=None, strategy=None):

@@ -4,6 +4,7 @@ and stays up (or, with fail, exits 3 after 0.3 s: a release that fails its healt
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -90,3 +91,47 @@ class Instance:
             f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
                     "Environment=OUT=%s\n" % (self.root, app, self.out))
         subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+
+
+class DaemonRunner:
+    """For a unittest.TestCase that runs its own daemon, `upgraded --user --root self.root`,
+    logging to self.dir/daemon.log; the test module sets `upgraded` and `upgradectl` (paths)."""
+    upgraded = upgradectl = None
+    daemon = None
+
+    def start_daemon(self, env=None):
+        """Starts the daemon (with `env` added to the environment) and waits until it answers."""
+        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
+        self.daemon = subprocess.Popen([self.upgraded, "--user", "--root", self.root],
+                                       env=dict(os.environ, **(env or {})),
+                                       stdout=self.log, stderr=self.log)
+        for _ in range(200):
+            if self.ctl("jobs", check=None).returncode == 0:
+                return
+            time.sleep(0.05)
+        self.fail("upgraded did not come up")
+
+    def stop_daemon(self):
+        """SIGTERM, and the daemon must exit 0."""
+        if self.daemon and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.assertEqual(self.daemon.wait(timeout=60), 0)
+        if self.daemon:
+            self.log.close()
+        self.daemon = None
+
+    def ctl(self, *args, check=0):
+        """upgradectl ARGS --user; its exit code must be `check` (None: anything)."""
+        r = subprocess.run([self.upgradectl, *args, "--user"], capture_output=True, text=True)
+        if check is not None:
+            self.assertEqual(r.returncode, check, "%s\nstdout: %s\nstderr: %s" %
+                             (" ".join(args), r.stdout, r.stderr))
+        return r
+
+    def settled(self):
+        """Waits (bounded) until the daemon has no job left."""
+        for _ in range(600):
+            if not json.loads(self.ctl("jobs", "--json").stdout):
+                return
+            time.sleep(0.05)
+        self.fail("the daemon's jobs did not end")

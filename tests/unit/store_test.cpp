@@ -211,6 +211,66 @@ TEST_F(AStore, JournalsHowManyUnitsAOneByOneTouchedAndRefusesARecordItCannotTrus
   ASSERT_TRUE(store->end_activation(*lock).ok());
 }
 
+// A set's record: written, read back, replaced, removed; a record it cannot trust is an error.
+TEST_F(AStore, JournalsASetAndRefusesASetRecordItCannotTrust) {
+  PendingSet set{"set-1764450000-42",
+                 {{"web", "1.0.0", "2.0.0"}, {"db", "", "1.0.0"}},
+                 1,
+                 false,
+                 "2026-11-29T20:00:00Z"};
+  auto none = store->pending_sets();
+  ASSERT_TRUE(none.ok()) << none.error().message();
+  EXPECT_TRUE(none->empty());
+  ASSERT_TRUE(store->begin_set(set).ok());
+  auto read = store->pending_sets();
+  ASSERT_TRUE(read.ok()) << read.error().message();
+  ASSERT_EQ(read->size(), 1u);
+  EXPECT_EQ((*read)[0].id, set.id);
+  EXPECT_EQ((*read)[0].members, set.members);
+  EXPECT_EQ((*read)[0].completed, 1u);
+  EXPECT_FALSE((*read)[0].undoing);
+  EXPECT_EQ((*read)[0].started, set.started);
+  set.undoing = true;
+  ASSERT_TRUE(store->begin_set(set).ok());
+  EXPECT_TRUE((*store->pending_sets())[0].undoing) << "replaced";
+  ASSERT_TRUE(store->end_set(set.id).ok());
+  EXPECT_TRUE(store->pending_sets()->empty());
+  EXPECT_TRUE(store->end_set(set.id).ok()) << "removing twice is no error";
+  // What begin_set refuses to write.
+  for (auto bad : {PendingSet{"set-1", {}, 0, false, ""},
+                   PendingSet{"x-1", {{"web", "", "1.0.0"}}, 0, false, ""},
+                   PendingSet{"set-1/../2", {{"web", "", "1.0.0"}}, 0, false, ""},
+                   PendingSet{"set-1", {{"web", "", "1.0.0"}}, 2, false, ""}})
+    EXPECT_FALSE(store->begin_set(bad).ok()) << bad.id;
+  const std::string record = t / "state/sets/set-7.json";
+  const std::string ok_member = R"({"app":"web","from":"1.0.0","to":"2.0.0"})";
+  for (const std::string& bad : std::vector<std::string>{
+           "not json",
+           R"({"id":"set-8","members":[)" + ok_member +
+               R"(],"completed":0,"undoing":false,"started":"x"})",
+           R"({"id":"set-7","members":[],"completed":0,"undoing":false,"started":"x"})",
+           R"({"id":"set-7","members":[)" + ok_member +
+               R"(],"completed":2,"undoing":false,"started":"x"})",
+           R"({"id":"set-7","members":[)" + ok_member + "," + ok_member +
+               R"(],"completed":0,"undoing":false,"started":"x"})",
+           R"({"id":"set-7","members":[{"app":"../x","from":"","to":"1.0.0"}],"completed":0,)"
+           R"("undoing":false,"started":"x"})",
+           R"({"id":"set-7","members":[{"app":"web","from":"","to":"not a version!"}],)"
+           R"("completed":0,"undoing":false,"started":"x"})",
+           R"({"id":"set-7","members":[)" + ok_member +
+               R"(],"completed":0,"undoing":"no","started":"x"})"}) {
+    write_file(record, bad);
+    auto r = store->pending_sets();
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.error().message().find("sets/set-7.json is corrupt"), std::string::npos)
+        << r.error().message();
+  }
+  // A temporary file of an interrupted write is not a record.
+  ::unlink(record.c_str());
+  write_file(t / "state/sets/.set-7.json.tmp", "partial");
+  EXPECT_TRUE(store->pending_sets()->empty());
+}
+
 TEST_F(AStore, ChangesNothingForABadArtifact) {
   write_file(t / "bad.upd", read_file(fixture().artifact("1.0.0")).substr(0, 3000));
   UniqueFd fd(::open((t / "bad.upd").c_str(), O_RDONLY | O_CLOEXEC));

@@ -1,0 +1,153 @@
+#!/usr/bin/python3
+"""Sets: several apps activated in order as one job (D-Bus ActivateSet, `upgradectl activate
+APP=VERSION...`), end to end on the real-systemd testbed: a failing member rolls back the ones
+before it, last first; a daemon killed at any step finishes or undoes the whole set when it
+starts again.
+
+    tests/testbed/with-systemd-user tests/integration/sets_test.py UPGRADED UPGRADECTL
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../support"))
+from sample_service import DaemonRunner, instance_dir, pack_sample, wait_for_content  # noqa: E402,E501
+
+UPGRADED, UPGRADECTL = sys.argv[1], sys.argv[2]
+TESTBED = os.environ["UPGRADED_TESTBED"]
+UNITS_DIR = os.environ["UPGRADED_TESTBED_UNITS"]
+APPS = ["web", "api", "db"]  # the order of every set here
+
+
+class Sets(DaemonRunner, unittest.TestCase):
+    upgraded, upgradectl = UPGRADED, UPGRADECTL
+
+    def setUp(self):
+        self.dir, self.root, self.key = instance_dir(UPGRADECTL, TESTBED)
+        self.daemon = None
+        for app in APPS:
+            os.makedirs(os.path.join(self.dir, app))
+            with open(os.path.join(UNITS_DIR, app + ".service"), "w") as f:
+                f.write("[Service]\nExecStart=%s/var/lib/upgraded/apps/%s/current/bin/hello\n"
+                        "Environment=OUT=%s\n" % (self.root, app, self.out(app)))
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
+        self.start_daemon()
+        # Every app on 1.0.0; 2.0.0 staged (db's 2.0.1 fails its health gate).
+        for app in APPS:
+            self.ctl("install", "-q", self.pack(app, "1.0.0"))
+            self.ctl("install", "--stage-only", "-q", self.pack(app, "2.0.0"))
+        self.ctl("install", "--stage-only", "-q", self.pack("db", "2.0.1", fail=True))
+        self.assert_on("1.0.0")
+
+    def tearDown(self):
+        self.stop_daemon()
+        for app in APPS:
+            subprocess.run(["systemctl", "--user", "stop", app + ".service"], check=False)
+            subprocess.run(["systemctl", "--user", "reset-failed", app + ".service"],
+                           check=False, stderr=subprocess.DEVNULL)
+            os.unlink(os.path.join(UNITS_DIR, app + ".service"))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def out(self, app):
+        return os.path.join(self.dir, app, "serving")
+
+    def pack(self, app, version, fail=False):
+        return pack_sample(UPGRADECTL, self.key, os.path.join(self.dir, app), app,
+                           app + ".service", version, fail=fail, min_ready_s=1 if fail else 0)
+
+    def current(self, app):
+        return os.readlink(os.path.join(self.root, "var/lib/upgraded/apps", app,
+                                        "current")).split("/")[-1]
+
+    def show(self, app, prop):
+        return subprocess.run(["systemctl", "--user", "show", "-P", prop, app + ".service"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def history(self, app):
+        return json.loads(self.ctl("history", app, "--json").stdout)
+
+    def assert_on(self, version, apps=APPS):
+        for app in apps:
+            self.assertEqual(self.current(app), version, app)
+            self.assertEqual(wait_for_content(self.out(app), version), version, app)
+            self.assertEqual(self.show(app, "ActiveState"), "active", app)
+
+    def test_a_failing_member_rolls_back_the_ones_before_it_last_first(self):
+        r = self.ctl("activate", "web=2.0.0", "api=2.0.0", "db=2.0.1", check=1)
+        self.assertIn("db 2.0.1: health gate: db.service", r.stderr)
+        self.assertIn("undone, api back on 1.0.0, web back on 1.0.0", r.stderr)
+        self.assert_on("1.0.0")
+        # Back on 1.0.0 in reverse order: db (its own rollback), then api, then web.
+        entered = [int(self.show(app, "ActiveEnterTimestampMonotonic")) for app in APPS]
+        self.assertLess(entered[2], entered[1])
+        self.assertLess(entered[1], entered[0])
+        # One transaction in every member's history.
+        web, api, db = (self.history(app) for app in APPS)
+        tx = db[-1]["transaction"]
+        self.assertRegex(tx, r"^set-\d+-\d+$")
+        self.assertEqual([(h["op"], h["to"], h["result"], h["transaction"]) for h in web[-2:]],
+                         [("activate", "2.0.0", "done", tx), ("rollback", "1.0.0", "done", tx)])
+        self.assertEqual([(h["op"], h["to"], h["result"], h["transaction"]) for h in api[-2:]],
+                         [("activate", "2.0.0", "done", tx), ("rollback", "1.0.0", "done", tx)])
+        self.assertEqual((db[-1]["op"], db[-1]["result"]), ("activate", "rolled-back"))
+        self.assertEqual(glob.glob(os.path.join(self.root, "var/lib/upgraded/sets/*")), [])
+
+        # A member that would be refused: nothing in the set changes.
+        before = [self.show(app, "InvocationID") for app in APPS]
+        r = self.ctl("activate", "web=2.0.0", "db=2.0.1", check=3)
+        self.assertIn("db 2.0.1: ", r.stderr)
+        self.assertIn("marked bad", r.stderr)
+        self.assertIn("nothing in the set was changed", r.stderr)
+        self.ctl("activate", "web=2.0.0", "api=9.9.9", check=8)  # not installed
+        self.assertEqual([self.show(app, "InvocationID") for app in APPS], before)
+        self.assert_on("1.0.0")
+        self.assertEqual(self.ctl("activate", "web=2.0.0", "web=2.0.0", check=2).returncode, 2)
+        self.ctl("activate", "web=2.0.0", "api", check=2)
+
+        # A set that passes: every member on its release, one transaction.
+        self.ctl("activate", "-q", "db=2.0.0", "api=2.0.0", "web=2.0.0")
+        self.assert_on("2.0.0")
+        tx = self.history("db")[-1]["transaction"]
+        self.assertEqual([self.history(app)[-1]["transaction"] for app in APPS], [tx] * 3)
+
+    def killed_at(self, point, spec):
+        """Activates the set `spec` with a daemon that kills itself at `point`, then starts a
+        daemon again and waits for its recovery."""
+        self.stop_daemon()
+        self.start_daemon(env={"UPGRADED_CRASH_AT": point})
+        self.ctl("activate", *spec, check=None)
+        self.daemon.wait(timeout=60)
+        self.assertEqual(self.daemon.returncode, -signal.SIGKILL, point)
+        self.log.close()
+        self.daemon = None
+        self.start_daemon()
+        self.settled()
+        self.assertEqual(glob.glob(os.path.join(self.root, "var/lib/upgraded/sets/*")), [],
+                         point)
+
+    def test_a_daemon_killed_at_any_step_of_a_set_undoes_or_finishes_all_of_it(self):
+        spec = ["web=2.0.0", "api=2.0.0", "db=2.0.0"]
+        # Between two members (web done), inside the second member's activation (switched),
+        # and while undoing after the third failed: every member back on 1.0.0.
+        for point, last in [("set.before_app#2", spec[2]), ("activation.after_switch#2", spec[2]),
+                            ("set.undoing", "db=2.0.1")]:
+            api = self.show("api", "InvocationID")
+            self.killed_at(point, spec[:2] + [last])
+            self.assert_on("1.0.0")
+            if point == "set.before_app#2":
+                self.assertEqual(self.show("api", "InvocationID"), api, "api was touched")
+            self.assertEqual((self.history("web")[-1]["op"], self.history("web")[-1]["result"]),
+                             ("rollback", "done"), point)
+        # Killed once the last member had completed, before the record went: finished.
+        self.killed_at("set.after_app#3", spec)
+        self.assert_on("2.0.0")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
