@@ -663,6 +663,86 @@ std::string describe_step(const json& s) {
   return kind + " " + target;  // stop, restart, start
 }
 
+// A plan's refusal as the activation itself would exit (0: none), said on stderr unless the
+// output is JSON.
+int refusal_exit(const json& refusal, bool json_out) {
+  if (refusal.is_null()) return kExitOk;
+  const std::string message = refusal.at("message").get<std::string>();
+  if (!json_out) std::fprintf(stderr, "upgradectl: %s\n", message.c_str());
+  const std::string error = refusal.at("error").get<std::string>();
+  return error == "NotFound"        ? kExitNotFound
+         : error == "PolicyRefused" ? kExitPolicyRefused
+         : error == "Busy"          ? kExitBusy
+                                    : kExitFailed;
+}
+
+// A plan document (docs/plan.md) as text, for `app`.
+void print_plan(const json& plan, const std::string& app) {
+  const json& refusal = plan.at("refusal");
+  if (!refusal.is_null()) {
+    std::printf("Plan: %s %s: refused, nothing would change\n",
+                plan.at("op").get<std::string>().c_str(), app.c_str());
+  } else if (!plan.at("recover_first").get<std::string>().empty()) {
+    std::printf(
+        "Plan: %s %s: an interrupted activation of %s is finished first; what follows "
+        "depends on how it ends: plan again once it has\n",
+        plan.at("op").get<std::string>().c_str(), app.c_str(),
+        plan.at("recover_first").get<std::string>().c_str());
+  } else if (!plan.at("changes").get<bool>()) {
+    std::printf("%s %s is already current: nothing to do.\n", app.c_str(),
+                plan.at("to").get<std::string>().c_str());
+  } else {
+    const std::string from = plan.at("from").get<std::string>();
+    std::printf("Plan: %s %s %s \u2192 %s (strategy %s)\n",
+                plan.at("op").get<std::string>().c_str(), app.c_str(),
+                from.empty() ? "(nothing)" : from.c_str(), plan.at("to").get<std::string>().c_str(),
+                plan.at("strategy").get<std::string>().c_str());
+    const bool walk = !plan.at("path").empty();
+    Table t = walk ? Table({"#", "RELEASE", "STEP", "UNITS DOWN", "TIMEOUT"})
+                   : Table({"#", "STEP", "UNITS DOWN", "TIMEOUT"});
+    int n = 0;
+    for (const auto& s : plan.at("steps")) {
+      std::string down;
+      for (const auto& u : s.at("units_down"))
+        down += (down.empty() ? "" : ", ") + u.get<std::string>();
+      const auto timeout = s.at("timeout_s").get<std::uint32_t>();
+      const std::string number = std::to_string(++n);
+      const std::string step = describe_step(s);
+      const std::string limit = timeout ? std::to_string(timeout) + " s" : "-";
+      const std::string release = s.at("release").get<std::string>();
+      if (walk)
+        t.add({number, release, step, down.empty() ? "-" : down, limit});
+      else
+        t.add({number, step, down.empty() ? "-" : down, limit});
+    }
+    t.print();
+    std::printf("Predicted downtime (median / p95 of each unit's last windows in the history):\n");
+    for (const auto& d : plan.at("downtime")) {
+      const auto samples = d.at("samples").get<std::uint64_t>();
+      const std::string unit = d.at("unit").get<std::string>();
+      if (samples == 0)
+        std::printf("  %s: no history\n", unit.c_str());
+      else
+        std::printf("  %s: %s / %s (%llu windows)\n", unit.c_str(),
+                    milliseconds(d.at("median_usec").get<std::uint64_t>()).c_str(),
+                    milliseconds(d.at("p95_usec").get<std::uint64_t>()).c_str(),
+                    static_cast<unsigned long long>(samples));
+    }
+    const json& total = plan.at("predicted_total_usec");
+    if (!total.is_null())
+      std::printf("  total: %s\n", milliseconds(total.get<std::uint64_t>()).c_str());
+    else if (!plan.at("downtime").empty())
+      std::printf("  total: unknown (a unit has no history)\n");
+    std::printf("If a step fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
+    const json& format = plan.at("pre_finalized_format");
+    if (!format.is_null())
+      std::printf(
+          "Afterwards %s is pre-finalized (data format %llu): rollback stays possible until "
+          "finalize, the irreversible step, which this plan does not include.\n",
+          app.c_str(), static_cast<unsigned long long>(format.get<std::uint64_t>()));
+  }
+}
+
 int run_plan(const Common& c, const std::string& app, const std::string& version, bool rollback,
              bool through, bool allow_bad, bool below_floor) {
   std::string text;
@@ -681,80 +761,46 @@ int run_plan(const Common& c, const std::string& app, const std::string& version
   try {
     const json plan = json::parse(text);
     const json& refusal = plan.at("refusal");
+    if (c.json)
+      std::printf("%s\n", plan.dump().c_str());
+    else
+      print_plan(plan, app);
+    return refusal_exit(refusal, c.json);
+  } catch (const json::exception& e) {
+    std::fprintf(stderr, "upgradectl: the daemon's plan cannot be read: %s\n", e.what());
+    return kExitFailed;
+  }
+}
+
+int run_plan_set(const Common& c, const std::vector<std::pair<std::string, std::string>>& set) {
+  std::string text;
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    std::vector<sdbus::Struct<std::string, std::string>> members;
+    for (const auto& [app, version] : set)
+      members.emplace_back(app, version);
+    text = client.PlanSet(members, Options{});
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+  try {
+    const json plan = json::parse(text);
     if (c.json) {
       std::printf("%s\n", plan.dump().c_str());
-    } else if (!refusal.is_null()) {
-      std::printf("Plan: %s %s: refused, nothing would change\n",
-                  plan.at("op").get<std::string>().c_str(), app.c_str());
-    } else if (!plan.at("recover_first").get<std::string>().empty()) {
-      std::printf(
-          "Plan: %s %s: an interrupted activation of %s is finished first; what follows "
-          "depends on how it ends: plan again once it has\n",
-          plan.at("op").get<std::string>().c_str(), app.c_str(),
-          plan.at("recover_first").get<std::string>().c_str());
-    } else if (!plan.at("changes").get<bool>()) {
-      std::printf("%s %s is already current: nothing to do.\n", app.c_str(),
-                  plan.at("to").get<std::string>().c_str());
     } else {
-      const std::string from = plan.at("from").get<std::string>();
-      std::printf(
-          "Plan: %s %s %s \u2192 %s (strategy %s)\n", plan.at("op").get<std::string>().c_str(),
-          app.c_str(), from.empty() ? "(nothing)" : from.c_str(),
-          plan.at("to").get<std::string>().c_str(), plan.at("strategy").get<std::string>().c_str());
-      const bool walk = !plan.at("path").empty();
-      Table t = walk ? Table({"#", "RELEASE", "STEP", "UNITS DOWN", "TIMEOUT"})
-                     : Table({"#", "STEP", "UNITS DOWN", "TIMEOUT"});
-      int n = 0;
-      for (const auto& s : plan.at("steps")) {
-        std::string down;
-        for (const auto& u : s.at("units_down"))
-          down += (down.empty() ? "" : ", ") + u.get<std::string>();
-        const auto timeout = s.at("timeout_s").get<std::uint32_t>();
-        const std::string number = std::to_string(++n);
-        const std::string step = describe_step(s);
-        const std::string limit = timeout ? std::to_string(timeout) + " s" : "-";
-        const std::string release = s.at("release").get<std::string>();
-        if (walk)
-          t.add({number, release, step, down.empty() ? "-" : down, limit});
-        else
-          t.add({number, step, down.empty() ? "-" : down, limit});
-      }
-      t.print();
-      std::printf(
-          "Predicted downtime (median / p95 of each unit's last windows in the history):\n");
-      for (const auto& d : plan.at("downtime")) {
-        const auto samples = d.at("samples").get<std::uint64_t>();
-        const std::string unit = d.at("unit").get<std::string>();
-        if (samples == 0)
-          std::printf("  %s: no history\n", unit.c_str());
-        else
-          std::printf("  %s: %s / %s (%llu windows)\n", unit.c_str(),
-                      milliseconds(d.at("median_usec").get<std::uint64_t>()).c_str(),
-                      milliseconds(d.at("p95_usec").get<std::uint64_t>()).c_str(),
-                      static_cast<unsigned long long>(samples));
+      const json& members = plan.at("members");
+      for (std::size_t k = 0; k < members.size(); ++k) {
+        std::printf("%s%zu/%zu: ", k ? "\n" : "", k + 1, members.size());
+        print_plan(members[k], members[k].at("app").get<std::string>());
       }
       const json& total = plan.at("predicted_total_usec");
-      if (!total.is_null())
-        std::printf("  total: %s\n", milliseconds(total.get<std::uint64_t>()).c_str());
-      else if (!plan.at("downtime").empty())
-        std::printf("  total: unknown (a unit has no history)\n");
-      std::printf("If a step fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
-      const json& format = plan.at("pre_finalized_format");
-      if (!format.is_null())
-        std::printf(
-            "Afterwards %s is pre-finalized (data format %llu): rollback stays possible until "
-            "finalize, the irreversible step, which this plan does not include.\n",
-            app.c_str(), static_cast<unsigned long long>(format.get<std::uint64_t>()));
+      std::printf("\nSet of %zu apps, in this order. Predicted downtime: %s.\n", members.size(),
+                  total.is_null() ? "unknown (an app has no history, or nothing changes)"
+                                  : milliseconds(total.get<std::uint64_t>()).c_str());
+      std::printf("If an app fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
     }
-    if (refusal.is_null()) return kExitOk;
-    const std::string message = refusal.at("message").get<std::string>();
-    if (!c.json) std::fprintf(stderr, "upgradectl: %s\n", message.c_str());
-    // As the activation itself would exit.
-    const std::string error = refusal.at("error").get<std::string>();
-    return error == "NotFound"        ? kExitNotFound
-           : error == "PolicyRefused" ? kExitPolicyRefused
-           : error == "Busy"          ? kExitBusy
-                                      : kExitFailed;
+    return refusal_exit(plan.at("refusal"), c.json);
   } catch (const json::exception& e) {
     std::fprintf(stderr, "upgradectl: the daemon's plan cannot be read: %s\n", e.what());
     return kExitFailed;
@@ -780,6 +826,7 @@ constexpr BusVerbs kVerbs{
     guarded<run_finalize>,
     guarded<run_plan>,
     guarded<run_activate_set>,
+    guarded<run_plan_set>,
 };
 
 }  // namespace

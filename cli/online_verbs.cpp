@@ -140,10 +140,24 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
         const std::string& arg = spec->front();
         const auto eq = arg.find('=');
         if (spec->size() > 1) {
-          std::fprintf(stderr,
-                       "upgradectl: plan takes one APP=VERSION: activating several apps in one "
-                       "transaction is not there yet\n");
-          exit_code = kExitUsage;
+          std::vector<std::pair<std::string, std::string>> set;
+          for (const auto& a : *spec) {
+            auto at = a.find('=');
+            if (at == std::string::npos || at == 0 || at + 1 == a.size()) {
+              std::fprintf(stderr, "upgradectl: a set's plan takes APP=VERSION...\n");
+              exit_code = kExitUsage;
+              return;
+            }
+            set.emplace_back(a.substr(0, at), a.substr(at + 1));
+          }
+          if (*through || *allow_bad || *below_floor) {
+            std::fprintf(stderr,
+                         "upgradectl: --through, --allow-bad and --allow-below-floor apply to "
+                         "one app\n");
+            exit_code = kExitUsage;
+            return;
+          }
+          exit_code = on_bus([&](const BusVerbs& v) { return v.plan_set(*c, set); });
           return;
         }
         if (eq == std::string::npos) {

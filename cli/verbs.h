@@ -83,6 +83,8 @@ struct BusVerbs {
               bool through, bool allow_bad, bool allow_below_floor);
   /// ActivateSet: (app, version) pairs, activated in this order as one job.
   int (*activate_set)(const Common&, const std::vector<std::pair<std::string, std::string>>& set);
+  /// PlanSet: the plan of activate_set.
+  int (*plan_set)(const Common&, const std::vector<std::pair<std::string, std::string>>& set);
 };
 
 /// upgradectl-artifact.so.

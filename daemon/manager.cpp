@@ -977,14 +977,15 @@ void Manager::recover_interrupted() {
   // Sets first: each member's interrupted activation is finished by its set's recovery, in
   // the set's order, before the set is finished or undone (docs/dbus-api.md, ActivateSet).
   std::set<std::string> in_sets;
-  auto sets = m_store.pending_sets();
+  std::vector<Error> corrupt;
+  auto sets = m_store.pending_sets(&corrupt);
   if (!sets) log(Level::kError, "reading the interrupted sets failed: " + sets.error().message());
+  for (const auto& e : corrupt)
+    log(Level::kError, e.message() + ": left alone; its apps are recovered one by one");
   for (const auto& set : sets ? *sets : std::vector<store::PendingSet>()) {
     std::vector<std::string> members;
-    for (const auto& m : set.members) {
+    for (const auto& m : set.members)
       members.push_back(m.app);
-      in_sets.insert(m.app);
-    }
     log(Level::kWarning, set.id + " (" + std::to_string(members.size()) +
                              " apps) was interrupted; " +
                              (set.completed == set.members.size() ? "finishing it" : "undoing it"));
@@ -997,7 +998,9 @@ void Manager::recover_interrupted() {
                         ms.push_back({&lock, "", activation_options(job, lock.app())});
                       return activation::recover_set(m_store, m_units, set, ms, progress);
                     });
+      in_sets.insert(members.begin(), members.end());
     } catch (const sdbus::Error& e) {
+      // Its apps are then recovered one by one below; the record stays for the next start.
       log(Level::kError, set.id + ": cannot start its recovery: " + e.getMessage());
     }
   }
@@ -1244,49 +1247,98 @@ void Manager::Plan(sdbus::Result<std::string>&& result, std::string app, std::st
     if (rollback ? !version.empty() : version.empty())
       throw invalid(rollback ? "a rollback's plan takes no version" : "no version given");
     if (!rollback) check_version(version);
-    // Anyone may ask: off the loop (a walk reads every manifest), and only two at a time.
-    if (m_planning >= 2)
-      throw sdbus::Error(bus_error::kBusy, "too many plans are being computed; try again");
     activation::ActivationOptions how = policy_options(app);
     how.hooks.runner = &m_hooks;  // the daemon runs hooks: releases with hooks are not refused
     how.allow_bad = option<bool>(options, "allow_bad", false);
     how.allow_below_floor = option<bool>(options, "allow_below_floor", false);
     how.through_path = option<bool>(options, "through_path", false);
-    std::optional<std::uint32_t> job;
-    if (auto it = m_busy.find(app); it != m_busy.end()) job = it->second;
-    ++m_planning;
-    m_loop.run_task([this, reply, app, version, rollback, how, job]() {
-      std::string text;
-      std::optional<sdbus::Error> error;
-      try {
-        activation::Activator activator(m_store, m_units);
-        auto plan = activator.plan(app, version, rollback, how);
-        if (!plan) {
-          error = bus_error::from(plan.error());
-        } else {
-          if (job) {
-            // What Activate would answer now; the steps are those it would take once the job
-            // is over.
-            plan->refusal =
-                Error(ErrorCode::kBusy, app + " has a job running (job " + std::to_string(*job) +
-                                            "); plan again once it has ended");
-          }
-          text = activation::plan_to_json(*plan);
-        }
-      } catch (const std::exception& e) {  // only sdbus::Error may leave a handler
-        error = sdbus::Error(bus_error::kFailed, std::string("planning failed: ") + e.what());
-      }
-      return std::function<void()>([this, reply, text = std::move(text), error] {
-        --m_planning;
-        if (error)
-          reply->returnError(*error);
-        else
-          reply->returnResults(text);
-      });
+    auto job = busy_refusal(app);
+    plan_off_loop(reply, [this, app, version, rollback, how, job]() -> Result<std::string> {
+      activation::Activator activator(m_store, m_units);
+      auto plan = activator.plan(app, version, rollback, how);
+      if (!plan) return plan.error();
+      if (job) plan->refusal = *job;
+      return activation::plan_to_json(*plan);
     });
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
+}
+
+void Manager::PlanSet(sdbus::Result<std::string>&& result,
+                      std::vector<sdbus::Struct<std::string, std::string>> members,
+                      Options options) {
+  auto reply = std::make_shared<sdbus::Result<std::string>>(std::move(result));
+  try {
+    check_options(options, std::initializer_list<std::pair<const char*, const char*>>{});
+    if (members.empty() || members.size() > activation::kMaxSetMembers)
+      throw invalid("a set has 1 to " + std::to_string(activation::kMaxSetMembers) + " apps");
+    struct Member {
+      std::string app, version;
+      activation::ActivationOptions how;
+      std::optional<Error> busy;
+    };
+    std::vector<Member> set;
+    for (const auto& m : members) {
+      check_app(m.get<0>());
+      check_version(m.get<1>());
+      for (const auto& earlier : set)
+        if (earlier.app == m.get<0>()) throw invalid(m.get<0>() + " is in the set twice");
+      Member member{m.get<0>(), m.get<1>(), policy_options(m.get<0>()), busy_refusal(m.get<0>())};
+      member.how.hooks.runner = &m_hooks;
+      set.push_back(std::move(member));
+    }
+    plan_off_loop(reply, [this, set]() -> Result<std::string> {
+      std::vector<activation::Plan> plans;
+      for (const auto& m : set) {
+        activation::Activator activator(m_store, m_units);
+        auto plan = activator.plan(m.app, m.version, false, m.how);
+        if (!plan) return plan.error().with_context(m.app);
+        if (m.busy) plan->refusal = *m.busy;
+        plans.push_back(std::move(*plan));
+      }
+      return activation::set_plan_to_json(plans);
+    });
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+std::optional<Error> Manager::busy_refusal(const std::string& app) const {
+  // What Activate would answer now; a plan's steps are those it would take once the job is
+  // over.
+  auto it = m_busy.find(app);
+  if (it == m_busy.end()) return std::nullopt;
+  return Error(ErrorCode::kBusy, app + " has a job running (job " + std::to_string(it->second) +
+                                     "); plan again once it has ended");
+}
+
+void Manager::plan_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
+                            std::function<Result<std::string>()> compute) {
+  // Anyone may ask: off the loop (a walk reads every manifest), and only two at a time.
+  if (m_planning >= 2)
+    throw sdbus::Error(bus_error::kBusy, "too many plans are being computed; try again");
+  ++m_planning;
+  m_loop.run_task([this, reply, compute = std::move(compute)]() {
+    std::string text;
+    std::optional<sdbus::Error> error;
+    try {
+      auto r = compute();
+      if (r)
+        text = std::move(*r);
+      else
+        error = bus_error::from(r.error());
+    } catch (const std::exception& e) {  // only sdbus::Error may leave a handler
+      error = sdbus::Error(bus_error::kFailed, std::string("planning failed: ") + e.what());
+    }
+    return std::function<void()>([this, reply, text = std::move(text), error] {
+      --m_planning;
+      if (error)
+        reply->returnError(*error);
+      else
+        reply->returnResults(text);
+    });
+  });
 }
 
 }  // namespace upgraded::daemon

@@ -96,6 +96,9 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   GetHistory(const std::string& app, const Options& options) override;
   void Plan(sdbus::Result<std::string>&& result, std::string app, std::string version,
             Options options) override;
+  void PlanSet(sdbus::Result<std::string>&& result,
+               std::vector<sdbus::Struct<std::string, std::string>> members,
+               Options options) override;
   std::string Version() override;
   std::string HelperSandbox() override;
 
@@ -145,6 +148,12 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
               JobObject::CancelReply reply);
   /// What the host policy says about activating `app`: job timeout, instances, max_unavailable.
   activation::ActivationOptions policy_options(const std::string& app) const;
+  /// A plan's refusal while `app` has a job (Busy), if it has one.
+  std::optional<Error> busy_refusal(const std::string& app) const;
+  /// Runs `compute` off the event loop (at most two at once, Busy beyond) and answers `reply`
+  /// with its text, or its error.
+  void plan_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
+                     std::function<Result<std::string>()> compute);
   activation::ActivationOptions activation_options(Job& job) const;
   /// For one app of a set.
   activation::ActivationOptions activation_options(Job& job, const std::string& app) const;

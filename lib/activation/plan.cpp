@@ -289,7 +289,53 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
   return plan;
 }
 
+namespace {
+json plan_document(const Plan& plan);
+}  // namespace
+
 std::string plan_to_json(const Plan& plan) {
+  // Messages may carry text from hooks (a backup's name): never throw on invalid UTF-8.
+  return plan_document(plan).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string set_plan_to_json(const std::vector<Plan>& plans) {
+  json members = json::array();
+  json refusal;
+  bool changes = false, complete = !plans.empty();
+  std::uint64_t total = 0;
+  for (const auto& p : plans) {
+    members.push_back(plan_document(p));
+    if (p.refusal && refusal.is_null())
+      refusal = {{"error", refusal_name(p.refusal->code())},
+                 {"message", p.app + " " + p.to + ": " + p.refusal->message() +
+                                 "; nothing in the set would change"}};
+    // As activate_set refuses it: its checks wait for that recovery.
+    if (!p.recover_first.empty() && refusal.is_null())
+      refusal = {{"error", "Busy"},
+                 {"message", p.app + ": an interrupted activation of " + p.recover_first +
+                                 " is pending (the daemon finishes it at start); nothing in "
+                                 "the set would change"}};
+    const bool member_changes = !p.refusal && !p.already_current;
+    changes = changes || member_changes;
+    if (!member_changes) continue;
+    complete = complete && p.predicted_total_usec.has_value() && p.recover_first.empty();
+    total += p.predicted_total_usec.value_or(0);
+  }
+  std::string on_failure =
+      "the app that fails is rolled back by its own activation; then the apps before it that "
+      "moved are rolled back, last first";
+  json doc = {{"format", 1},
+              {"op", "activate-set"},
+              {"members", members},
+              {"changes", changes && refusal.is_null()},
+              {"refusal", refusal},
+              {"predicted_total_usec", complete && changes ? json(total) : json()},
+              {"on_failure", on_failure}};
+  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+namespace {
+json plan_document(const Plan& plan) {
   json steps = json::array();
   for (const auto& s : plan.steps)
     steps.push_back({{"kind", s.kind},
@@ -325,8 +371,8 @@ std::string plan_to_json(const Plan& plan) {
               {"on_failure", plan.on_failure},
               {"pre_finalized_format",
                plan.pre_finalized_format ? json(*plan.pre_finalized_format) : json()}};
-  // Messages may carry text from hooks (a backup's name): never throw on invalid UTF-8.
-  return doc.dump(-1, ' ', false, json::error_handler_t::replace);
+  return doc;
 }
+}  // namespace
 
 }  // namespace upgraded::activation

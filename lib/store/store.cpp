@@ -1089,6 +1089,8 @@ namespace {
 constexpr const char* kSets = "sets";
 constexpr std::size_t kMaxSetMembers = 64;
 
+Result<PendingSet> read_set(int dirfd, const std::string& name);
+
 bool valid_set_id(const std::string& id) {
   if (!id.starts_with("set-") || id.size() > 64) return false;
   return std::all_of(id.begin() + 4, id.end(),
@@ -1121,7 +1123,9 @@ Result<void> Store::begin_set(const PendingSet& set) const {
 
 Result<void> Store::end_set(const std::string& id) const {
   if (!valid_set_id(id)) return Error(ErrorCode::kInvalidArgument, "not a set id");
-  auto dir = fs::open_directory(m_options.root + "/" + kSets);
+  auto root = fs::open_directory(m_options.root);
+  if (!root) return root.error();
+  auto dir = fs::open_beneath(root->get(), kSets, O_RDONLY | O_DIRECTORY);
   if (!dir) return dir.error().code() == ErrorCode::kNotFound ? Result<void>() : dir.error();
   if (::unlinkat(dir->get(), (id + ".json").c_str(), 0) != 0) {
     if (errno == ENOENT) return {};
@@ -1130,55 +1134,73 @@ Result<void> Store::end_set(const std::string& id) const {
   return fs::sync_fd(dir->get(), "the sets directory");
 }
 
-Result<std::vector<PendingSet>> Store::pending_sets() const {
+Result<std::vector<PendingSet>> Store::pending_sets(std::vector<Error>* corrupt) const {
   std::vector<PendingSet> out;
   auto root = fs::open_directory(m_options.root);
   if (!root) return root.error();
-  auto names = list_dir(root->get(), kSets);
+  auto dir = fs::open_beneath(root->get(), kSets, O_RDONLY | O_DIRECTORY);
+  if (!dir) {
+    if (dir.error().code() == ErrorCode::kNotFound) return out;
+    return dir.error();
+  }
+  auto names = fs::list_names(dir->get(), ".");
   if (!names) return names.error();
   std::sort(names->begin(), names->end());
-  auto dir = fs::open_beneath(root->get(), kSets, O_RDONLY | O_DIRECTORY);
-  if (!dir)
-    return dir.error().code() == ErrorCode::kNotFound
-               ? out
-               : Result<std::vector<PendingSet>>(dir.error());
   for (const auto& name : *names) {
     // Temporary files of an interrupted write are not records.
     if (!name.ends_with(".json") || !valid_set_id(name.substr(0, name.size() - 5))) continue;
-    auto bad = Error(ErrorCode::kFailed, "sets/" + name + " is corrupt");
-    auto text = fs::read_file(dir->get(), name, 1 << 16);
-    if (!text) return text.error();
-    auto doc = artifact::parse_strict_json(*text, name);
-    if (!doc || !doc->is_object()) return bad;
-    PendingSet p;
-    auto id = artifact::json_string(*doc, "id", name);
-    auto started = artifact::json_string(*doc, "started", name);
-    auto completed = artifact::json_uint(*doc, "completed", name, kMaxSetMembers);
-    auto undoing = doc->find("undoing");
-    auto members = doc->find("members");
-    if (!id || *id + ".json" != name || !started || !completed || undoing == doc->end() ||
-        !undoing->is_boolean() || members == doc->end() || !members->is_array() ||
-        members->empty() || members->size() > kMaxSetMembers || *completed > members->size())
-      return bad;
-    p.id = *id;
-    p.started = *started;
-    p.completed = static_cast<std::uint32_t>(*completed);
-    p.undoing = undoing->get<bool>();
-    for (const auto& m : *members) {
-      if (!m.is_object()) return bad;
-      auto app = artifact::json_string(m, "app", name);
-      auto from = artifact::json_string(m, "from", name);
-      auto to = artifact::json_string(m, "to", name);
-      if (!app || !from || !to || !policy::validate_app_name(*app) ||
-          (!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to))
-        return bad;
-      for (const auto& earlier : p.members)
-        if (earlier.app == *app) return bad;
-      p.members.push_back({*app, *from, *to});
-    }
-    out.push_back(std::move(p));
+    auto set = read_set(dir->get(), name);
+    if (set)
+      out.push_back(std::move(*set));
+    else if (corrupt)
+      corrupt->push_back(set.error());
   }
   return out;
 }
+
+namespace {
+Result<PendingSet> read_set(int dirfd, const std::string& name) {
+  auto bad = Error(ErrorCode::kFailed, "sets/" + name + " is corrupt");
+  auto fd = fs::open_beneath(dirfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  if (!fd) return bad;
+  struct stat st {};
+  if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode)) return bad;
+  auto text = fs::read_fd(fd->get(), st, name, 1 << 16);
+  if (!text) return bad;
+  auto doc = artifact::parse_strict_json(*text, name);
+  if (!doc || !doc->is_object()) return bad;
+  for (const auto& [key, value] : doc->items())
+    if (key != "id" && key != "members" && key != "completed" && key != "undoing" &&
+        key != "started")
+      return bad;
+  PendingSet p;
+  auto id = artifact::json_string(*doc, "id", name);
+  auto started = artifact::json_string(*doc, "started", name);
+  auto completed = artifact::json_uint(*doc, "completed", name, kMaxSetMembers);
+  auto undoing = doc->find("undoing");
+  auto members = doc->find("members");
+  if (!id || *id + ".json" != name || !started || !completed || undoing == doc->end() ||
+      !undoing->is_boolean() || members == doc->end() || !members->is_array() || members->empty() ||
+      members->size() > kMaxSetMembers || *completed > members->size())
+    return bad;
+  p.id = *id;
+  p.started = *started;
+  p.completed = static_cast<std::uint32_t>(*completed);
+  p.undoing = undoing->get<bool>();
+  for (const auto& m : *members) {
+    if (!m.is_object() || m.size() != 3) return bad;
+    auto app = artifact::json_string(m, "app", name);
+    auto from = artifact::json_string(m, "from", name);
+    auto to = artifact::json_string(m, "to", name);
+    if (!app || !from || !to || !policy::validate_app_name(*app) ||
+        (!from->empty() && !policy::validate_version(*from)) || !policy::validate_version(*to))
+      return bad;
+    for (const auto& earlier : p.members)
+      if (earlier.app == *app) return bad;
+    p.members.push_back({*app, *from, *to});
+  }
+  return p;
+}
+}  // namespace
 
 }  // namespace upgraded::store

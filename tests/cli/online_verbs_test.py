@@ -243,7 +243,11 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         self.assertIn("rollback", self.ctl("plan", "--rollback", self.app).stdout)
         self.ctl("plan", "hello", check=2)
         self.ctl("plan", "--rollback", self.app, "--allow-bad", check=2)
-        self.ctl("plan", "hello=1.0.0", "other=1.0.0", check=2)
+        # Several: a set's plan (tests/integration/sets_test.py), each app checked.
+        self.assertIn("no app 'other'",
+                      self.ctl("plan", "hello=1.0.0", "other=1.0.0", check=8).stderr)
+        self.ctl("plan", "hello=1.0.0", "other", check=2)
+        self.ctl("plan", "hello=1.0.0", "other=1.0.0", "--through", check=2)
         self.ctl("plan", "hel/lo=1.0.0", check=2)
         self.ctl("plan", "nope=1.0.0", check=8)
 

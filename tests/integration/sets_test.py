@@ -78,7 +78,32 @@ class Sets(DaemonRunner, unittest.TestCase):
             self.assertEqual(wait_for_content(self.out(app), version), version, app)
             self.assertEqual(self.show(app, "ActiveState"), "active", app)
 
+    def store_files(self):
+        """Every state, record and history file of the store, with its contents."""
+        out = {}
+        for path in glob.glob(os.path.join(self.root, "var/lib/upgraded/**"), recursive=True):
+            if os.path.isfile(path) and "/releases/" not in path:
+                with open(path, "rb") as f:
+                    out[path] = f.read()
+        return out
+
     def test_a_failing_member_rolls_back_the_ones_before_it_last_first(self):
+        # The plan first: every member's steps in order, and nothing changed.
+        before = self.store_files()
+        plan = json.loads(self.ctl("plan", "web=2.0.0", "api=2.0.0", "db=2.0.1",
+                                   "--json").stdout)
+        self.assertEqual([(m["app"], m["from"], m["to"]) for m in plan["members"]],
+                         [(app, "1.0.0", "2.0.0" if app != "db" else "2.0.1") for app in APPS])
+        self.assertEqual([[s["kind"] for s in m["steps"]] for m in plan["members"]],
+                         [["switch", "restart", "gate", "mark-good"]] * 3)
+        self.assertTrue(plan["changes"])
+        self.assertIsNone(plan["refusal"])
+        self.assertIn("last first", plan["on_failure"])
+        text = self.ctl("plan", "web=2.0.0", "api=2.0.0", "db=2.0.1").stdout
+        self.assertIn("3/3: Plan: activate db 1.0.0 \u2192 2.0.1", text)
+        self.assertIn("Set of 3 apps, in this order.", text)
+        self.assertEqual(self.store_files(), before)
+
         r = self.ctl("activate", "web=2.0.0", "api=2.0.0", "db=2.0.1", check=1)
         self.assertIn("db 2.0.1: health gate: db.service", r.stderr)
         self.assertIn("undone, api back on 1.0.0, web back on 1.0.0", r.stderr)
@@ -100,6 +125,7 @@ class Sets(DaemonRunner, unittest.TestCase):
 
         # A member that would be refused: nothing in the set changes.
         before = [self.show(app, "InvocationID") for app in APPS]
+        self.assertEqual(self.ctl("plan", "web=2.0.0", "db=2.0.1", check=3).returncode, 3)
         r = self.ctl("activate", "web=2.0.0", "db=2.0.1", check=3)
         self.assertIn("db 2.0.1: ", r.stderr)
         self.assertIn("marked bad", r.stderr)
@@ -147,6 +173,20 @@ class Sets(DaemonRunner, unittest.TestCase):
         # Killed once the last member had completed, before the record went: finished.
         self.killed_at("set.after_app#3", spec)
         self.assert_on("2.0.0")
+        # A record left behind is not a licence to undo what was done since: web, activated
+        # again on its own after it, stays.
+        self.ctl("rollback", "-q", "web")
+        self.ctl("activate", "-q", "web", "2.0.0")
+        self.stop_daemon()
+        os.makedirs(os.path.join(self.root, "var/lib/upgraded/sets"), exist_ok=True)
+        with open(os.path.join(self.root, "var/lib/upgraded/sets/set-1-1.json"), "w") as f:
+            json.dump({"id": "set-1-1", "members": [{"app": "web", "from": "1.0.0",
+                                                     "to": "2.0.0"}],
+                       "completed": 0, "undoing": False, "started": "2026-11-29T00:00:00Z"}, f)
+        self.start_daemon()
+        self.settled()
+        self.assert_on("2.0.0", ["web"])
+        self.assertEqual(glob.glob(os.path.join(self.root, "var/lib/upgraded/sets/*")), [])
 
 
 if __name__ == "__main__":

@@ -115,4 +115,9 @@ DowntimePrediction predict_downtime(const std::vector<store::HistoryEntry>& hist
 /// The plan as JSON (docs/plan.md, format 1).
 std::string plan_to_json(const Plan& plan);
 
+/// The plan of a set (ActivateSet: `plans` are its members', in order) as JSON (docs/plan.md,
+/// "Sets"): each member's plan document, the set's refusal (the first member's, naming the
+/// app: nothing in the set would change), the total predicted downtime, what a failure does.
+std::string set_plan_to_json(const std::vector<Plan>& plans);
+
 }  // namespace upgraded::activation

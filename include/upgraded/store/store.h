@@ -256,8 +256,9 @@ class Store {
   Result<void> begin_set(const PendingSet& set) const;
   /// Removes a set's record once its outcome is committed.
   Result<void> end_set(const std::string& id) const;
-  /// The unfinished sets, oldest id first. A record that cannot be trusted is an error.
-  Result<std::vector<PendingSet>> pending_sets() const;
+  /// The unfinished sets, oldest id first. A record that cannot be trusted is left out, its
+  /// error added to `corrupt` (if given): one bad record never hides the others.
+  Result<std::vector<PendingSet>> pending_sets(std::vector<Error>* corrupt = nullptr) const;
 
   /// Points `current` at `version`, durably (state.json, then the symlink, one directory fsync).
   /// The old current becomes the rollback target (previous).
