@@ -30,13 +30,15 @@ class Runbook(unittest.TestCase):
     example = None  # examples/<example>, also the app's name
     data = None     # the app's data directory, as on a host
     policy = ""     # more of the app's host policy ([apps.<example>])
+    apps = None     # the apps, when the example is several (default: [example])
 
     def setUp(self):
         self.dir, self.root, self.key = instance_dir(UPGRADECTL, TESTBED)
         self.datadir = self.root + self.data
         os.makedirs(self.datadir)
         with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
-            f.write('[apps.%s]\ndata_dirs = ["%s"]\n%s' % (self.example, self.data, self.policy))
+            for app in self.apps or [self.example]:
+                f.write('[apps.%s]\ndata_dirs = ["%s"]\n%s' % (app, self.data, self.policy))
         self.units = []
         for path in sorted(glob.glob(os.path.join(EXAMPLES, self.example, "units/*"))):
             with open(path) as f:
@@ -78,10 +80,11 @@ class Runbook(unittest.TestCase):
                              (" ".join(args), r.stdout, r.stderr))
         return r
 
-    def release(self, version):
-        out = os.path.join(self.dir, version + ".upd")
+    def release(self, version, app=None):
+        out = os.path.join(self.dir, "%s-%s.upd" % (app or self.example, version))
         subprocess.run([os.path.join(EXAMPLES, "build-release"), self.example, version, self.key,
-                        out], check=True, env=dict(os.environ, UPGRADECTL=UPGRADECTL))
+                        out] + ([app] if app else []), check=True,
+                       env=dict(os.environ, UPGRADECTL=UPGRADECTL))
         return out
 
     def read(self, name):
@@ -241,6 +244,54 @@ class OpenMLDB(Runbook):
     def invocation(self, unit):
         return subprocess.run(["systemctl", "--user", "show", "-P", "InvocationID", unit],
                               capture_output=True, text=True, check=True).stdout
+
+
+class OpenStack(Runbook):
+    """seeds/rdo-upgrading.md, option 2: service by service, keystone, glance, cinder, nova, each
+    taken down, its database synced, started and checked before the next is touched; as one set,
+    undone as a whole if a service fails."""
+    example, data = "openstack", "/var/lib/openstack"
+    apps = ["keystone", "glance", "cinder", "nova"]
+
+    def ops(self):
+        lines = [line.split(" ", 1)[1] for line in self.read("ops.log").splitlines()]
+        os.unlink(os.path.join(self.datadir, "ops.log"))
+        return lines
+
+    def test_service_by_service_as_one_set(self):
+        for app in self.apps:
+            self.ctl("install", "-q", self.release("26.0.0", app))
+            self.ctl("install", "--stage-only", "-q", self.release("27.0.0", app))
+        self.ops()
+        spec = [app + "=27.0.0" for app in self.apps]
+        plan = json.loads(self.ctl("plan", *spec, "--json").stdout)
+        self.assertEqual([[s["kind"] + ":" + s["target"] for s in m["steps"]]
+                          for m in plan["members"]],
+                         [["stop:%s.service" % a, "switch:27.0.0", "hook:migrate",
+                           "start:%s.service" % a, "gate:", "hook:health", "mark-good:27.0.0"]
+                          for a in self.apps])
+        # A service whose db sync fails: it goes back by itself, the ones before it are
+        # rolled back last first, and every service serves 26.0.0 again.
+        open(os.path.join(self.datadir, "fail-db-sync-nova"), "w").close()
+        r = self.ctl("activate", *spec, check=1)
+        self.assertIn("nova 27.0.0: the migrate hook", r.stderr)
+        self.assertIn("undone, cinder back on 26.0.0, glance back on 26.0.0, keystone back on "
+                      "26.0.0", r.stderr)
+        for app in self.apps:
+            self.assertEqual(self.wait_read(app + ".serving", "26.0.0"), "26.0.0", app)
+        self.ops()
+        # Then the upgrade, service by service: each synced, started and checked before the
+        # next one is taken down.
+        os.unlink(os.path.join(self.datadir, "fail-db-sync-nova"))
+        for app in self.apps:
+            self.ctl("install", "--stage-only", "-q", self.release("27.0.1", app))
+        self.ctl("activate", "-q", *[app + "=27.0.1" for app in self.apps])
+        self.assertEqual(self.ops(), [line for app in self.apps for line in (
+            "%s db sync to schema 27" % app, "%s 27.0.1 started" % app,
+            "%s 27.0.1 checked" % app)])
+        tx = {json.loads(self.ctl("history", app, "--json").stdout)[-1]["transaction"]
+              for app in self.apps}
+        self.assertEqual(len(tx), 1)
 
 
 class Keystone(Runbook):
