@@ -1150,18 +1150,24 @@ Result<ActivationReport> Activator::activate(const store::AppLock& lock, const s
   return after_recovery(std::move(whole), *recovered);
 }
 
-Result<Plan> Activator::plan(const std::string& app, const std::string& version, bool is_rollback,
-                             const ActivationOptions& options) const {
-  auto st = m_store.state(app);
-  if (!st) return st.error();
+Result<PlanContext> Activator::plan_context(const std::string& app,
+                                            const ActivationOptions& options,
+                                            bool installed) const {
   PlanContext ctx;
-  ctx.manifest = [this, &app](const std::string& v) { return m_store.manifest(app, v); };
-  auto history = m_store.history(app);
-  if (!history) return history.error();
-  ctx.history = std::move(*history);
-  auto pending = m_store.pending_activation(app);
-  if (!pending) return pending.error();
-  ctx.pending = *pending;
+  if (installed) {
+    ctx.manifest = [this, app](const std::string& v) { return m_store.manifest(app, v); };
+    auto history = m_store.history(app);
+    if (!history) return history.error();
+    ctx.history = std::move(*history);
+    auto pending = m_store.pending_activation(app);
+    if (!pending) return pending.error();
+    ctx.pending = *pending;
+  } else {
+    // A new app: no history, nothing pending, no release of its own to read.
+    ctx.manifest = [app](const std::string& v) -> Result<artifact::Manifest> {
+      return Error(ErrorCode::kNotFound, "no release " + v + " of " + app);
+    };
+  }
   ctx.allow_bad = options.allow_bad;
   ctx.allow_below_floor = options.allow_below_floor;
   ctx.through_path = options.through_path;
@@ -1172,7 +1178,31 @@ Result<Plan> Activator::plan(const std::string& app, const std::string& version,
     return expanded(m, options, require);
   };
   ctx.max_unavailable = options.max_unavailable;
-  return plan_activation(*st, version, is_rollback, ctx);
+  return ctx;
+}
+
+Result<Plan> Activator::plan(const std::string& app, const std::string& version, bool is_rollback,
+                             const ActivationOptions& options) const {
+  auto st = m_store.state(app);
+  if (!st) return st.error();
+  auto ctx = plan_context(app, options, true);
+  if (!ctx) return ctx.error();
+  return plan_activation(*st, version, is_rollback, *ctx);
+}
+
+Result<Plan> Activator::plan_install(const artifact::Manifest& m, const InstallSpace& space,
+                                     const ActivationOptions& options) const {
+  store::AppState st;
+  st.app = m.app;
+  auto known = m_store.state(m.app);
+  const bool installed = known.ok();
+  if (installed)
+    st = std::move(*known);
+  else if (known.error().code() != ErrorCode::kNotFound)
+    return known.error();
+  auto ctx = plan_context(m.app, options, installed);
+  if (!ctx) return ctx.error();
+  return activation::plan_install(std::move(st), m, space, std::move(*ctx));
 }
 
 Result<ActivationReport> Activator::rollback(const store::AppLock& lock,

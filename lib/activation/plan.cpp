@@ -106,6 +106,10 @@ std::string refusal_name(ErrorCode code) {
       return "NotFound";
     case ErrorCode::kBusy:
       return "Busy";
+    case ErrorCode::kExists:
+      return "Exists";
+    case ErrorCode::kNoSpace:
+      return "NoSpace";
     default:
       return "Failed";
   }
@@ -289,6 +293,65 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
   return plan;
 }
 
+std::string InstallSpace::verdict() const {
+  const std::uint64_t room = free_bytes > reserve_bytes ? free_bytes - reserve_bytes : 0;
+  if (payload_bytes > room) return "insufficient";
+  return estimate_bytes > room ? "tight" : "enough";
+}
+
+std::optional<Error> install_refusal(const store::AppState& st, const artifact::Manifest& m,
+                                     const InstallSpace& space) {
+  const std::string& version = m.version;
+  // As the daemon's Install refuses it, before anything is extracted.
+  if (auto same = st.installed_as(version))
+    return Error(ErrorCode::kExists,
+                 m.app + " " + version + " is already installed" +
+                     (*same == version ? "" : " (as " + *same + ", an equal version)"));
+  if (st.floor && policy::compare_versions(version, *st.floor) < 0)
+    return Error(ErrorCode::kPolicyRefused, m.app + " " + version +
+                                                " is older than the version floor " + *st.floor +
+                                                " (downgrade protection)");
+  if (space.verdict() == "insufficient")
+    return Error(ErrorCode::kNoSpace, "not enough free space for " + m.app + " " + version +
+                                          ": its payload alone is " +
+                                          std::to_string(space.payload_bytes) + " bytes, " +
+                                          std::to_string(space.free_bytes) + " are free and " +
+                                          std::to_string(space.reserve_bytes) + " must stay free");
+  return std::nullopt;
+}
+
+Result<Plan> plan_install(store::AppState st, const artifact::Manifest& m,
+                          const InstallSpace& space, PlanContext ctx) {
+  const std::string& version = m.version;
+  const std::optional<Error> refusal = install_refusal(st, m, space);
+  Result<Plan> plan = Plan{};
+  if (refusal) {
+    plan->app = st.app;
+    plan->from = st.current.value_or("");
+    plan->to = version;
+    plan->strategy = std::string(artifact::to_string(m.strategy));
+    plan->refusal = refusal;
+  } else {
+    store::ReleaseRecord staged;
+    staged.data_format = m.data_format;
+    st.releases[version] = staged;
+    auto installed = std::move(ctx.manifest);
+    ctx.manifest = [&m, installed](const std::string& v) -> Result<artifact::Manifest> {
+      if (v == m.version) return m;
+      return installed(v);
+    };
+    plan = plan_activation(st, version, false, ctx);
+    if (!plan) return plan;
+    if (!plan->refusal) {
+      PlanStep s = step("stage", version, version);
+      plan->steps.insert(plan->steps.begin(), std::move(s));
+    }
+  }
+  plan->op = "install";
+  plan->install = space;
+  return plan;
+}
+
 namespace {
 json plan_document(const Plan& plan);
 }  // namespace
@@ -298,7 +361,7 @@ std::string plan_to_json(const Plan& plan) {
   return plan_document(plan).dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-std::string set_plan_to_json(const std::vector<Plan>& plans) {
+std::string set_plan_to_json(const std::vector<Plan>& plans, bool staged_first) {
   json members = json::array();
   json refusal;
   bool changes = false, complete = !plans.empty();
@@ -324,8 +387,13 @@ std::string set_plan_to_json(const std::vector<Plan>& plans) {
   std::string on_failure =
       "the app that fails is rolled back by its own activation; then the apps before it that "
       "moved are rolled back, last first";
+  if (staged_first)
+    on_failure =
+        "an artifact that cannot be staged takes back the ones staged before it, and "
+        "nothing running was touched; once all are staged, " +
+        on_failure;
   json doc = {{"format", 1},
-              {"op", "activate-set"},
+              {"op", staged_first ? "install-set" : "activate-set"},
               {"members", members},
               {"changes", changes && refusal.is_null()},
               {"refusal", refusal},
@@ -371,6 +439,12 @@ json plan_document(const Plan& plan) {
               {"on_failure", plan.on_failure},
               {"pre_finalized_format",
                plan.pre_finalized_format ? json(*plan.pre_finalized_format) : json()}};
+  if (plan.install)
+    doc["install"] = {{"payload_bytes", plan.install->payload_bytes},
+                      {"estimate_bytes", plan.install->estimate_bytes},
+                      {"free_bytes", plan.install->free_bytes},
+                      {"reserve_bytes", plan.install->reserve_bytes},
+                      {"space", plan.install->verdict()}};
   return doc;
 }
 }  // namespace

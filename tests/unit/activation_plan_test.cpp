@@ -416,3 +416,86 @@ TEST(Plan, RollingRestartsAndGatesEachWaveOfInstancesAndTheHealthHookPerInstance
   EXPECT_EQ(p.refusal->code(), ErrorCode::kPolicyRefused);
   EXPECT_TRUE(p.steps.empty());
 }
+
+TEST(InstallPlan, StagesFirstThenActivatesTheNewReleaseAsIfStaged) {
+  Fixture f({manifest("1.0", {"a.service"})}, "1.0");
+  auto m = manifest("2.0", {"a.service", "b.service"});
+  m.upgrade_from = {"1.*"};
+  m.payload.size = 1000;
+  activation::InstallSpace space{1000, 5000, 1 << 20, 4096};
+  auto p = activation::plan_install(f.st, m, space, f.ctx);
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  EXPECT_EQ(p->op, "install");
+  EXPECT_EQ(p->keys(), (std::vector<std::string>{"stage:2.0", "switch:2.0", "restart:a.service",
+                                                 "restart:b.service", "gate:", "mark-good:2.0"}));
+  EXPECT_FALSE(p->refusal);
+  ASSERT_TRUE(p->install);
+  EXPECT_EQ(p->install->verdict(), "enough");
+  auto doc = nlohmann::json::parse(activation::plan_to_json(*p));
+  EXPECT_EQ(doc["install"]["payload_bytes"], 1000);
+  EXPECT_EQ(doc["install"]["estimate_bytes"], 5000);
+  EXPECT_EQ(doc["install"]["space"], "enough");
+  EXPECT_EQ(doc["steps"][0]["kind"], "stage");
+  // The state it was given is not changed (the release is only taken as staged).
+  EXPECT_EQ(f.st.releases.count("2.0"), 0u);
+
+  // A new app: no current release, nothing to go back to.
+  AppState fresh;
+  fresh.app = "db";
+  auto first = activation::plan_install(fresh, m, space, f.ctx);
+  ASSERT_TRUE(first.ok()) << first.error().message();
+  EXPECT_EQ(first->from, "");
+  EXPECT_EQ(first->keys().front(), "stage:2.0");
+  EXPECT_NE(first->on_failure.find("no release to go back to"), std::string::npos);
+
+  // The activation's own refusals stay: not admitted from the current release.
+  m.upgrade_from = {"0.*"};
+  auto refused = activation::plan_install(f.st, m, space, f.ctx);
+  ASSERT_TRUE(refused.ok());
+  ASSERT_TRUE(refused->refusal);
+  EXPECT_EQ(refused->refusal->code(), ErrorCode::kPolicyRefused);
+  EXPECT_TRUE(refused->steps.empty());
+}
+
+TEST(InstallPlan, RefusesWhatInstallRefusesBeforeExtracting) {
+  Fixture f({manifest("1.0", {"a.service"})}, "1.0");
+  activation::InstallSpace space{1000, 1000, 1 << 20, 4096};
+  auto refusal = [&](const artifact::Manifest& m, const activation::InstallSpace& s) {
+    auto p = activation::plan_install(f.st, m, s, f.ctx);
+    EXPECT_TRUE(p.ok());
+    EXPECT_TRUE(p->steps.empty());
+    EXPECT_TRUE(p->install);
+    return p->refusal ? p->refusal->code() : ErrorCode::kFailed;
+  };
+  EXPECT_EQ(refusal(manifest("1.0", {"a.service"}), space), ErrorCode::kExists);
+  EXPECT_EQ(refusal(manifest("1.00", {"a.service"}), space), ErrorCode::kExists);
+  f.st.floor = "1.0";
+  EXPECT_EQ(refusal(manifest("0.9", {"a.service"}), space), ErrorCode::kPolicyRefused);
+  // Not even the payload fits above the reserve: NoSpace; the payload fits but the estimate
+  // (the current tree) does not: tight, not refused.
+  auto m = manifest("2.0", {"a.service"});
+  EXPECT_EQ(refusal(m, {1000, 1000, 4096 + 999, 4096}), ErrorCode::kNoSpace);
+  EXPECT_EQ(refusal(m, {1000, 1000, 100, 4096}), ErrorCode::kNoSpace);
+  activation::InstallSpace tight{1000, 9000, 4096 + 1000, 4096};
+  EXPECT_EQ(tight.verdict(), "tight");
+  auto p = activation::plan_install(f.st, m, tight, f.ctx);
+  ASSERT_TRUE(p.ok());
+  EXPECT_FALSE(p->refusal);
+  auto doc = nlohmann::json::parse(activation::plan_to_json(*p));
+  EXPECT_EQ(doc["install"]["space"], "tight");
+  // The refusal's name in the document, as the CLI maps it to an exit code.
+  auto exists = activation::plan_install(f.st, manifest("1.0", {"a.service"}), space, f.ctx);
+  EXPECT_EQ(nlohmann::json::parse(activation::plan_to_json(*exists))["refusal"]["error"], "Exists");
+}
+
+TEST(InstallPlan, ASetOfInstallsSaysEveryArtifactIsStagedFirst) {
+  Fixture f({manifest("1.0", {"a.service"})}, "1.0");
+  auto m = manifest("2.0", {"a.service"});
+  auto p = activation::plan_install(f.st, m, {1, 1, 1 << 20, 0}, f.ctx);
+  ASSERT_TRUE(p.ok());
+  auto doc = nlohmann::json::parse(activation::set_plan_to_json({*p, *p}, true));
+  EXPECT_EQ(doc["op"], "install-set");
+  EXPECT_NE(doc["on_failure"].get<std::string>().find("takes back the ones staged before it"),
+            std::string::npos);
+  EXPECT_EQ(nlohmann::json::parse(activation::set_plan_to_json({*p}))["op"], "activate-set");
+}

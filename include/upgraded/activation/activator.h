@@ -218,6 +218,10 @@ class Activator {
   /// lock, nothing changed.
   Result<Plan> plan(const std::string& app, const std::string& version, bool is_rollback,
                     const ActivationOptions& options = {}) const;
+  /// The plan of installing the verified artifact whose manifest is `m` and activating it
+  /// (activation::plan_install), with the app's state, history and policy.
+  Result<Plan> plan_install(const artifact::Manifest& m, const InstallSpace& space,
+                            const ActivationOptions& options) const;
 
   /// Activates the rollback target (state.previous) without re-extraction. The same health
   /// gate applies; a failing rollback is reported, not bounced back again.
@@ -241,6 +245,9 @@ class Activator {
                                   const ProgressFn& progress = {});
 
  private:
+  /// What planning needs to know about `app` (a new one: not `installed`) besides its state.
+  Result<PlanContext> plan_context(const std::string& app, const ActivationOptions& options,
+                                   bool installed) const;
   /// The release an interrupted activation was finishing (empty: none was pending).
   Result<std::string> finish_pending(const store::AppLock& lock, const ActivationOptions& options,
                                      const ProgressFn& progress);

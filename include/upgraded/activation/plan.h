@@ -53,6 +53,19 @@ struct DowntimePrediction {
   std::uint64_t p95_usec = 0;
 };
 
+/// Installing an artifact before activating it (Activator::plan_install): the disk space its
+/// staging needs. The unpacked size is known only once the payload is read; the signed manifest
+/// gives the compressed payload's size, and the current release's tree is a second estimate.
+struct InstallSpace {
+  std::uint64_t payload_bytes = 0;   ///< the compressed payload (the signed manifest's)
+  std::uint64_t estimate_bytes = 0;  ///< the larger of the payload and the current release's tree
+  std::uint64_t free_bytes = 0;  ///< on the store's filesystem, what earlier members need deducted
+  std::uint64_t reserve_bytes = 0;  ///< what extraction leaves free (extract.free_space_reserve)
+  /// "enough" (the estimate fits), "tight" (the payload fits, the estimate does not) or
+  /// "insufficient" (not even the payload fits: refused, NoSpace).
+  std::string verdict() const;
+};
+
 struct Plan {
   std::string app;
   std::string op;  ///< "activate" or "rollback"
@@ -78,6 +91,8 @@ struct Plan {
   /// After it the app is pre-finalized at this data format (finalize, the irreversible step,
   /// is a separate operation).
   std::optional<std::uint64_t> pre_finalized_format;
+  /// The plan of installing an artifact (op "install"): its staging is the first step.
+  std::optional<InstallSpace> install;
 
   /// Its steps' keys, in order: what ActivationReport::steps holds once it has run.
   std::vector<std::string> keys() const;
@@ -107,6 +122,20 @@ struct PlanContext {
 Result<Plan> plan_activation(const store::AppState& st, const std::string& version,
                              bool is_rollback, const PlanContext& ctx);
 
+/// Why installing `m` (a verified artifact's manifest) would be refused before anything is
+/// extracted: that release is already installed (kExists), it is below the version floor
+/// (kPolicyRefused), or not even its payload fits in the free space (kNoSpace).
+std::optional<Error> install_refusal(const store::AppState& st, const artifact::Manifest& m,
+                                     const InstallSpace& space);
+
+/// The plan of installing and activating `m` (a verified artifact's manifest; `st`: the app's
+/// state, or a new app's empty one): a "stage" step, then the activation's steps as
+/// plan_activation gives them with `m` as a staged release. Refused when that release is already
+/// installed (kExists), below the version floor (kPolicyRefused), or when not even the payload
+/// fits in the free space (kNoSpace).
+Result<Plan> plan_install(store::AppState st, const artifact::Manifest& m,
+                          const InstallSpace& space, PlanContext ctx);
+
 /// Up to the last `window` windows of `unit` in `history` (newest last): median and p95
 /// (nearest rank).
 DowntimePrediction predict_downtime(const std::vector<store::HistoryEntry>& history,
@@ -118,6 +147,8 @@ std::string plan_to_json(const Plan& plan);
 /// The plan of a set (ActivateSet: `plans` are its members', in order) as JSON (docs/plan.md,
 /// "Sets"): each member's plan document, the set's refusal (the first member's, naming the
 /// app: nothing in the set would change), the total predicted downtime, what a failure does.
-std::string set_plan_to_json(const std::vector<Plan>& plans);
+/// With `staged_first` (op "install-set"): every member is an install, all staged before the
+/// first activation.
+std::string set_plan_to_json(const std::vector<Plan>& plans, bool staged_first = false);
 
 }  // namespace upgraded::activation
