@@ -575,6 +575,36 @@ int run_install(const Common& c, const std::string& file, bool stage_only) {
       "install " + file);
 }
 
+// The artifacts as descriptors for the daemon (never paths).
+std::optional<std::vector<sdbus::UnixFd>> open_artifacts(const std::vector<std::string>& files,
+                                                         int& exit_code) {
+  std::vector<sdbus::UnixFd> fds;
+  for (const auto& file : files) {
+    int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
+      exit_code = report(upgraded::system_error(errno, "opening '" + file + "'"));
+      return std::nullopt;
+    }
+    fds.emplace_back(fd, sdbus::adopt_fd);
+  }
+  return fds;
+}
+
+int run_install_set(const Common& c, const std::vector<std::string>& files, bool stage_only) {
+  int code = kExitOk;
+  auto fds = open_artifacts(files, code);
+  if (!fds) return code;
+  std::string what = "install";
+  for (const auto& f : files)
+    what += " " + f;
+  return run_job(
+      c,
+      [&](Client& cl) {
+        return cl.start("InstallSet", *fds, Options{{"activate", sdbus::Variant(!stage_only)}});
+      },
+      what);
+}
+
 int run_activate(const Common& c, const std::string& app, const std::string& version, bool through,
                  bool allow_bad, bool below_floor) {
   Options o;
@@ -654,6 +684,7 @@ std::string describe_step(const json& s) {
   const auto ready = s.at("min_ready_s").get<std::uint32_t>();
   if (kind == "recover") return "finish the interrupted activation of " + target;
   if (kind == "hook") return target + " hook" + (unit.empty() ? "" : " for " + unit);
+  if (kind == "stage") return "stage " + target + " (verify and extract the payload)";
   if (kind == "switch") return "switch current to " + target;
   if (kind == "mark-good") return "mark " + target + " good";
   if (kind == "gate")
@@ -673,6 +704,7 @@ int refusal_exit(const json& refusal, bool json_out) {
   return error == "NotFound"        ? kExitNotFound
          : error == "PolicyRefused" ? kExitPolicyRefused
          : error == "Busy"          ? kExitBusy
+         : error == "Exists"        ? kExitExists
                                     : kExitFailed;
 }
 
@@ -697,6 +729,17 @@ void print_plan(const json& plan, const std::string& app) {
                 plan.at("op").get<std::string>().c_str(), app.c_str(),
                 from.empty() ? "(nothing)" : from.c_str(), plan.at("to").get<std::string>().c_str(),
                 plan.at("strategy").get<std::string>().c_str());
+    if (plan.contains("install")) {
+      const json& in = plan.at("install");
+      std::printf(
+          "Staging needs %s of payload (compressed; its tree: about %s); %s free, %s "
+          "kept free: %s\n",
+          human_size(in.at("payload_bytes").get<std::uint64_t>()).c_str(),
+          human_size(in.at("estimate_bytes").get<std::uint64_t>()).c_str(),
+          human_size(in.at("free_bytes").get<std::uint64_t>()).c_str(),
+          human_size(in.at("reserve_bytes").get<std::uint64_t>()).c_str(),
+          in.at("space").get<std::string>().c_str());
+    }
     const bool walk = !plan.at("path").empty();
     Table t = walk ? Table({"#", "RELEASE", "STEP", "UNITS DOWN", "TIMEOUT"})
                    : Table({"#", "STEP", "UNITS DOWN", "TIMEOUT"});
@@ -772,6 +815,34 @@ int run_plan(const Common& c, const std::string& app, const std::string& version
   }
 }
 
+// A set's plan document (PlanSet, PlanInstall of several artifacts) as text, or as JSON.
+int print_set_plan(const std::string& text, bool json_out) {
+  try {
+    const json plan = json::parse(text);
+    if (json_out) {
+      std::printf("%s\n", plan.dump().c_str());
+    } else {
+      const json& members = plan.at("members");
+      for (std::size_t k = 0; k < members.size(); ++k) {
+        std::printf("%s%zu/%zu: ", k ? "\n" : "", k + 1, members.size());
+        print_plan(members[k], members[k].at("app").get<std::string>());
+      }
+      const json& total = plan.at("predicted_total_usec");
+      std::printf("\nSet of %zu apps, in this order%s. Predicted downtime: %s.\n", members.size(),
+                  plan.at("op") == "install-set"
+                      ? "; every artifact is staged before anything running is touched"
+                      : "",
+                  total.is_null() ? "unknown (an app has no history, or nothing changes)"
+                                  : milliseconds(total.get<std::uint64_t>()).c_str());
+      std::printf("If an app fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
+    }
+    return refusal_exit(plan.at("refusal"), json_out);
+  } catch (const json::exception& e) {
+    std::fprintf(stderr, "upgradectl: the daemon's plan cannot be read: %s\n", e.what());
+    return kExitFailed;
+  }
+}
+
 int run_plan_set(const Common& c, const std::vector<std::pair<std::string, std::string>>& set) {
   std::string text;
   try {
@@ -784,22 +855,28 @@ int run_plan_set(const Common& c, const std::vector<std::pair<std::string, std::
   } catch (const sdbus::Error& e) {
     return report_dbus(e, c.user);
   }
+  return print_set_plan(text, c.json);
+}
+
+int run_plan_install(const Common& c, const std::vector<std::string>& files) {
+  int code = kExitOk;
+  auto fds = open_artifacts(files, code);
+  if (!fds) return code;
+  std::string text;
+  try {
+    auto bus = connect(c.user);
+    Client client(*bus);
+    text = client.PlanInstall(*fds, Options{});
+  } catch (const sdbus::Error& e) {
+    return report_dbus(e, c.user);
+  }
+  if (files.size() > 1) return print_set_plan(text, c.json);
   try {
     const json plan = json::parse(text);
-    if (c.json) {
+    if (c.json)
       std::printf("%s\n", plan.dump().c_str());
-    } else {
-      const json& members = plan.at("members");
-      for (std::size_t k = 0; k < members.size(); ++k) {
-        std::printf("%s%zu/%zu: ", k ? "\n" : "", k + 1, members.size());
-        print_plan(members[k], members[k].at("app").get<std::string>());
-      }
-      const json& total = plan.at("predicted_total_usec");
-      std::printf("\nSet of %zu apps, in this order. Predicted downtime: %s.\n", members.size(),
-                  total.is_null() ? "unknown (an app has no history, or nothing changes)"
-                                  : milliseconds(total.get<std::uint64_t>()).c_str());
-      std::printf("If an app fails: %s.\n", plan.at("on_failure").get<std::string>().c_str());
-    }
+    else
+      print_plan(plan, plan.at("app").get<std::string>());
     return refusal_exit(plan.at("refusal"), c.json);
   } catch (const json::exception& e) {
     std::fprintf(stderr, "upgradectl: the daemon's plan cannot be read: %s\n", e.what());
@@ -827,6 +904,8 @@ constexpr BusVerbs kVerbs{
     guarded<run_plan>,
     guarded<run_activate_set>,
     guarded<run_plan_set>,
+    guarded<run_install_set>,
+    guarded<run_plan_install>,
 };
 
 }  // namespace

@@ -3,6 +3,9 @@
 
 #include "online_verbs.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -28,6 +31,54 @@ void add_common(CLI::App* cmd, Common& c, bool job, bool read) {
     cmd->add_flag("--no-block", c.no_block, "print the job's path and return at once");
     cmd->add_flag("-q,--quiet", c.quiet, "no progress output");
   }
+}
+
+// APP=VERSION arguments, each split at its '=' (app names have none); nullopt if one is not of
+// that form.
+std::optional<std::vector<std::pair<std::string, std::string>>> parse_set(
+    const std::vector<std::string>& args) {
+  std::vector<std::pair<std::string, std::string>> set;
+  for (const auto& a : args) {
+    const auto at = a.find('=');
+    if (at == std::string::npos || at == 0 || at + 1 == a.size()) return std::nullopt;
+    set.emplace_back(a.substr(0, at), a.substr(at + 1));
+  }
+  return set;
+}
+
+// An argument of plan that names an artifact file: a file that exists, or, without the '=' of
+// APP=VERSION, a path ('/') or a name ending in .upd (opening it then says what is wrong). A
+// bare APP is a usage error.
+bool is_artifact_arg(const std::string& a) {
+  struct stat st {};
+  if (::stat(a.c_str(), &st) == 0) return true;
+  const bool upd = a.size() > 4 && a.compare(a.size() - 4, 4, ".upd") == 0;
+  return a.find('=') == std::string::npos && (a.find('/') != std::string::npos || upd);
+}
+
+// The system bus passes at most 16 descriptors in a message (dbus-daemon's
+// max_message_unix_fds): more artifacts at once would be refused by the bus, unexplained.
+constexpr std::size_t kMaxArtifacts = 16;
+bool too_many_artifacts(std::size_t n, int& exit_code) {
+  if (n <= kMaxArtifacts) return false;
+  std::fprintf(stderr,
+               "upgradectl: at most %zu artifacts at once (the system bus passes at most %zu "
+               "descriptors in a message); stage more with install --stage-only, then activate "
+               "APP=VERSION...\n",
+               kMaxArtifacts, kMaxArtifacts);
+  exit_code = kExitUsage;
+  return true;
+}
+
+// --through, --allow-bad and --allow-below-floor apply to one installed release: refused (usage)
+// for anything else, `what` saying what they apply to.
+bool refuse_one_app_flags(bool through, bool allow_bad, bool below_floor, const char* what,
+                          int& exit_code) {
+  if (!through && !allow_bad && !below_floor) return false;
+  std::fprintf(stderr, "upgradectl: --through, --allow-bad and --allow-below-floor apply to %s\n",
+               what);
+  exit_code = kExitUsage;
+  return true;
 }
 
 }  // namespace
@@ -65,7 +116,7 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     auto* cmd = app.add_subcommand(
         "install", "Install a signed artifact and activate it (unless --stage-only)");
     auto c = std::make_shared<Common>();
-    auto file = std::make_shared<std::string>();
+    auto files = std::make_shared<std::vector<std::string>>();
     auto stage_only = std::make_shared<bool>(false);
     add_common(cmd, *c, true, false);
     cmd->add_flag("--stage-only", *stage_only, "install without activating");
@@ -81,7 +132,10 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
         ->type_name("DIR")
         ->needs(cmd->get_option("--offline"));
     cmd->get_option("--offline")->excludes("--user")->excludes("--no-block");
-    cmd->add_option("FILE", *file, "artifact (.upd)")->required();
+    cmd->add_option("FILE", *files,
+                    "artifact (.upd); several: all staged first, then activated in this order "
+                    "as one set (a failure rolls back the ones before it, last first)")
+        ->required();
     auto force = std::make_shared<bool>(false);
     cmd->add_flag("--force", *force, "with --offline: even where systemd is running")
         ->needs(cmd->get_option("--offline"));
@@ -101,12 +155,23 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
         ->needs(cmd->get_option("--offline"));
     // Every variable an option writes to is captured, so that it outlives the parsing (--wait
     // only says what is the default, but CLI11 still writes to it).
-    cmd->callback([&exit_code, c, file, stage_only, wait, offline, root, force, wait_lock] {
-      exit_code =
-          *offline ? with_artifact([&](const ArtifactVerbs& v) {
-            return v.install_offline(*root, *file, *stage_only, c->quiet, *force, *wait_lock);
-          })
-                   : on_bus([&](const BusVerbs& v) { return v.install(*c, *file, *stage_only); });
+    cmd->callback([&exit_code, c, files, stage_only, wait, offline, root, force, wait_lock] {
+      if (*offline && files->size() > 1) {
+        std::fprintf(stderr, "upgradectl: install --offline takes one artifact\n");
+        exit_code = kExitUsage;
+        return;
+      }
+      if (too_many_artifacts(files->size(), exit_code)) return;
+      const std::string& file = files->front();
+      if (*offline)
+        exit_code = with_artifact([&](const ArtifactVerbs& v) {
+          return v.install_offline(*root, file, *stage_only, c->quiet, *force, *wait_lock);
+        });
+      else if (files->size() > 1)
+        exit_code =
+            on_bus([&](const BusVerbs& v) { return v.install_set(*c, *files, *stage_only); });
+      else
+        exit_code = on_bus([&](const BusVerbs& v) { return v.install(*c, file, *stage_only); });
     });
   }
   {
@@ -123,11 +188,13 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
     cmd->add_flag("--through", *through, "as activate --through");
     cmd->add_flag("--allow-bad", *allow_bad, "as activate --allow-bad");
     cmd->add_flag("--allow-below-floor", *below_floor, "as activate --allow-below-floor");
-    cmd->add_option("APP=VERSION", *spec, "the installed release to plan activating");
+    cmd->add_option("APP=VERSION... | FILE...", *spec,
+                    "installed releases to plan activating (several: a set, in this order), or "
+                    "artifact files to plan installing and activating");
     cmd->callback([&exit_code, c, spec, rollback, allow_bad, below_floor, through] {
       std::string name, version;
       if (!rollback->empty() == !spec->empty()) {
-        std::fprintf(stderr, "upgradectl: plan takes APP=VERSION or --rollback APP\n");
+        std::fprintf(stderr, "upgradectl: plan takes FILE..., APP=VERSION... or --rollback APP\n");
         exit_code = kExitUsage;
         return;
       }
@@ -137,38 +204,36 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
         return;
       }
       if (rollback->empty()) {
-        const std::string& arg = spec->front();
-        const auto eq = arg.find('=');
-        if (spec->size() > 1) {
-          std::vector<std::pair<std::string, std::string>> set;
-          for (const auto& a : *spec) {
-            auto at = a.find('=');
-            if (at == std::string::npos || at == 0 || at + 1 == a.size()) {
-              std::fprintf(stderr, "upgradectl: a set's plan takes APP=VERSION...\n");
-              exit_code = kExitUsage;
-              return;
-            }
-            set.emplace_back(a.substr(0, at), a.substr(at + 1));
-          }
-          if (*through || *allow_bad || *below_floor) {
+        const auto files = std::count_if(spec->begin(), spec->end(), is_artifact_arg);
+        if (files > 0) {
+          if (static_cast<std::size_t>(files) != spec->size()) {
             std::fprintf(stderr,
-                         "upgradectl: --through, --allow-bad and --allow-below-floor apply to "
-                         "one app\n");
+                         "upgradectl: plan takes artifact FILEs or APP=VERSION, not both\n");
             exit_code = kExitUsage;
             return;
           }
-          exit_code = on_bus([&](const BusVerbs& v) { return v.plan_set(*c, set); });
+          if (refuse_one_app_flags(*through, *allow_bad, *below_floor, "installed releases",
+                                   exit_code) ||
+              too_many_artifacts(spec->size(), exit_code))
+            return;
+          exit_code = on_bus([&](const BusVerbs& v) { return v.plan_install(*c, *spec); });
           return;
         }
-        if (eq == std::string::npos) {
+        auto set = parse_set(*spec);
+        if (!set) {
           std::fprintf(stderr,
-                       "upgradectl: plan takes APP=VERSION of an installed release (an artifact "
-                       "file: stage it first with install --stage-only)\n");
+                       "upgradectl: plan takes FILE..., APP=VERSION... or --rollback APP\n");
           exit_code = kExitUsage;
           return;
         }
-        name = arg.substr(0, eq);
-        version = arg.substr(eq + 1);
+        if (set->size() > 1) {
+          if (refuse_one_app_flags(*through, *allow_bad, *below_floor, "one app", exit_code))
+            return;
+          exit_code = on_bus([&](const BusVerbs& v) { return v.plan_set(*c, *set); });
+          return;
+        }
+        name = set->front().first;
+        version = set->front().second;
       } else {
         name = *rollback;
       }
@@ -199,36 +264,28 @@ void add_online_verbs(CLI::App& app, int& exit_code) {
                     "(a failure rolls back the ones before it, last first)")
         ->required();
     cmd->callback([&exit_code, c, args, allow_bad, below_floor, through] {
-      std::vector<std::pair<std::string, std::string>> set;
-      for (const auto& a : *args) {
-        auto eq = a.find('=');
-        if (eq != std::string::npos) set.emplace_back(a.substr(0, eq), a.substr(eq + 1));
-      }
-      if (set.empty() && args->size() == 2) {
+      if (args->size() == 2 && args->front().find('=') == std::string::npos &&
+          (*args)[1].find('=') == std::string::npos) {
         exit_code = on_bus([&](const BusVerbs& v) {
           return v.activate(*c, (*args)[0], (*args)[1], *through, *allow_bad, *below_floor);
         });
         return;
       }
-      if (set.size() != args->size()) {
+      auto set = parse_set(*args);
+      if (!set) {
         std::fprintf(stderr, "upgradectl: activate takes APP VERSION, or APP=VERSION...\n");
         exit_code = kExitUsage;
         return;
       }
-      if (set.size() == 1) {
+      if (set->size() == 1) {
         exit_code = on_bus([&](const BusVerbs& v) {
-          return v.activate(*c, set[0].first, set[0].second, *through, *allow_bad, *below_floor);
+          return v.activate(*c, set->front().first, set->front().second, *through, *allow_bad,
+                            *below_floor);
         });
         return;
       }
-      if (*through || *allow_bad || *below_floor) {
-        std::fprintf(stderr,
-                     "upgradectl: --through, --allow-bad and --allow-below-floor apply to one "
-                     "app; activate several without them\n");
-        exit_code = kExitUsage;
-        return;
-      }
-      exit_code = on_bus([&](const BusVerbs& v) { return v.activate_set(*c, set); });
+      if (refuse_one_app_flags(*through, *allow_bad, *below_floor, "one app", exit_code)) return;
+      exit_code = on_bus([&](const BusVerbs& v) { return v.activate_set(*c, *set); });
     });
   }
   {

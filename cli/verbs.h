@@ -85,6 +85,10 @@ struct BusVerbs {
   int (*activate_set)(const Common&, const std::vector<std::pair<std::string, std::string>>& set);
   /// PlanSet: the plan of activate_set.
   int (*plan_set)(const Common&, const std::vector<std::pair<std::string, std::string>>& set);
+  /// InstallSet: the artifacts staged, then (unless stage_only) activated in this order.
+  int (*install_set)(const Common&, const std::vector<std::string>& files, bool stage_only);
+  /// PlanInstall: the plan of installing and activating the artifacts.
+  int (*plan_install)(const Common&, const std::vector<std::string>& files);
 };
 
 /// upgradectl-artifact.so.

@@ -4,6 +4,7 @@
 #include <malloc.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "authorizer.h"
@@ -44,6 +45,82 @@ T value_or_throw(Result<T> r) {
   return std::move(*r);
 }
 
+// A set's (app, version) members, checked (ActivateSet, PlanSet): their apps and versions.
+std::pair<std::vector<std::string>, std::vector<std::string>> set_members(
+    const std::vector<sdbus::Struct<std::string, std::string>>& members) {
+  if (members.empty() || members.size() > activation::kMaxSetMembers)
+    throw invalid("a set has 1 to " + std::to_string(activation::kMaxSetMembers) + " apps");
+  std::vector<std::string> apps, versions;
+  for (const auto& m : members) {
+    check_app(m.get<0>());
+    check_version(m.get<1>());
+    if (std::find(apps.begin(), apps.end(), m.get<0>()) != apps.end())
+      throw invalid(m.get<0>() + " is in the set twice");
+    apps.push_back(m.get<0>());
+    versions.push_back(m.get<1>());
+  }
+  return {std::move(apps), std::move(versions)};
+}
+
+// A plan's refusal while `app` has job `id` running.
+Error busy_error(const std::string& app, std::uint32_t id) {
+  return Error(ErrorCode::kBusy, app + " has a job running (job " + std::to_string(id) +
+                                     "); plan again once it has ended");
+}
+
+// At most this many artifacts in one InstallSet or PlanInstall: the system bus passes at most
+// 16 descriptors in a message (dbus-daemon's max_message_unix_fds).
+constexpr std::size_t kMaxInstallSet = 16;
+
+// PlanInstall calls computed at once (each runs its artifacts' helpers one after another), and
+// per bus connection; apart from Plan's and PlanSet's, so that they never make those Busy.
+constexpr int kPlanInstalls = 2;
+constexpr int kPlanInstallsPerConnection = 1;
+
+// How long PlanInstall verifies its artifacts, at most (each helper run has kHelperTimeout).
+constexpr std::chrono::seconds kPlanInstallDeadline{30};
+
+// An artifact's descriptor as Install takes it: a regular file, open for reading.
+void check_artifact_fd(const sdbus::UnixFd& fd) {
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw invalid("the artifact must be passed as a descriptor of a regular file");
+  // O_PATH descriptors pass fstat but cannot be read; O_WRONLY ones cannot be read either.
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || (flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY)
+    throw invalid("the artifact's descriptor is not open for reading");
+}
+
+// Reads the artifact's head and checks its signatures, each in a fresh sandboxed helper; this
+// process parses the manifest only once it is known to be signed. Blocks: off the loop.
+Result<VerifiedHead> verify_head(const sandbox::Helper& head_helper,
+                                 const sandbox::Helper& verify_helper, int fd,
+                                 const TrustRoot& trust, unsigned threshold) {
+  try {
+    auto head = sandbox::read_head_in_child(head_helper, fd, kHelperTimeout);
+    if (!head) return head.error();
+    VerifiedHead out;
+    out.payload_offset = artifact::canonical_payload_offset(head->manifest_bytes.size(),
+                                                            head->signature_bytes.size());
+    sandbox::VerifyRequest vr{std::move(head->manifest_bytes), std::move(head->signature_bytes),
+                              threshold, trust.keys, trust.revoked};
+    auto report = sandbox::verify_in_child(verify_helper, vr, kHelperTimeout);
+    if (!report) return report.error();
+    auto manifest = artifact::parse_manifest(vr.manifest_bytes);
+    if (!manifest) return manifest.error();
+    out.art = std::make_shared<artifact::VerifiedManifest>(artifact::VerifiedManifest{
+        std::move(*manifest), std::move(vr.manifest_bytes), std::move(*report)});
+    return out;
+  } catch (const std::exception& e) {
+    return Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
+  }
+}
+
+// The n-th (from 0) of `count` artifacts, for errors about one of several.
+std::string nth_artifact(std::size_t n, std::size_t count) {
+  return "artifact " + std::to_string(n + 1) + " of " + std::to_string(count);
+}
+
 }  // namespace
 
 namespace {
@@ -74,15 +151,19 @@ Manager::Manager(sdbus::IConnection& bus, EventLoop& loop, Config config, const 
       m_helper_sandbox(helper_confinement(m_helper)),
       m_auth(std::make_unique<Authorizer>(bus, user_instance, m_config.authorizations_per_user)) {
   // Descriptors the daemon may come to hold at once: its own (bus, journal, loop: a few dozen),
-  // each verification's (the artifact, pipes to and a pidfd of its helper: 10 at most), and two
-  // for each queued or undecided Install (the call's message keeps its descriptor until the
-  // reply, besides the daemon's own duplicate). A message whose descriptor cannot be received
-  // breaks the bus connection, so the undecided ones get half of what RLIMIT_NOFILE leaves.
+  // each artifact being verified (the artifact, pipes to and a pidfd of its helper: 10 at
+  // most; a set larger than `verifications`, which runs alone, fits in that too), two for each
+  // queued or undecided artifact (the call's message keeps its descriptor until the reply,
+  // besides the daemon's own duplicate), and the artifacts of the PlanInstall calls being
+  // computed (two each, as many as kPlanInstalls calls of kMaxInstallSet). A message whose
+  // descriptor cannot be received breaks the bus connection, so the undecided ones get half of
+  // what RLIMIT_NOFILE leaves.
   rlimit nofile{};
   if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
     std::int64_t room = static_cast<std::int64_t>(nofile.rlim_cur) - 64 -
                         2 * std::int64_t(m_config.queued_installs) -
-                        10 * std::int64_t(m_config.verifications);
+                        10 * std::int64_t(m_config.verifications) -
+                        2 * std::int64_t(kPlanInstalls * kMaxInstallSet + 2);
     m_max_undecided = static_cast<std::uint32_t>(std::clamp<std::int64_t>(room / 4, 1, 4096));
   }
   registerAdaptor();
@@ -156,73 +237,112 @@ void Manager::check_actions(std::shared_ptr<PathResult> reply, const std::string
                 });
 }
 
+std::function<void()> Manager::hold_undecided(std::uint32_t descriptors) {
+  // Until authorization decides, the call holds its descriptors (and its message): a bounded
+  // number of calls per connection, and of descriptors in all. The uid is not known yet, so a
+  // connection is what can be counted; the bus bounds connections per user and in all.
+  const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
+  const std::string sender = msg ? msg->getSender() : std::string();
+  auto& mine = m_undecided_by_sender[sender];
+  if (mine >= kUndecidedPerConnection) {
+    throw sdbus::Error(bus_error::kBusy,
+                       "too many installs at once on this connection (" + std::to_string(mine) +
+                           " waiting for authorization); retry later, or use one connection "
+                           "per " +
+                           std::to_string(kUndecidedPerConnection) + " calls");
+  }
+  if (m_undecided_installs + descriptors > m_max_undecided) {
+    if (mine == 0) m_undecided_by_sender.erase(sender);
+    throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
+                                             std::to_string(m_undecided_installs) +
+                                             " artifacts waiting for authorization); retry later");
+  }
+  ++mine;
+  m_undecided_installs += descriptors;
+  return [this, sender, descriptors] {
+    m_undecided_installs -= descriptors;
+    // This connection may send another one now.
+    auto it = m_undecided_by_sender.find(sender);
+    if (it != m_undecided_by_sender.end() && --it->second == 0) m_undecided_by_sender.erase(it);
+  };
+}
+
+bool Manager::may_verify(std::size_t artifacts) const {
+  // A set larger than the limit runs alone.
+  return m_verifying == 0 || m_verifying + artifacts <= m_config.verifications;
+}
+
+void Manager::queue_install(QueuedInstall install) {
+  // A bounded number of artifacts are verified at once (each a thread's turn and two helper
+  // processes, its descriptor held); a bounded number more wait for their turn, each holding
+  // its descriptor; beyond that: Busy. An InstallSet counts once per artifact.
+  const std::size_t n = install.fds.size();
+  if (m_verify_queue.empty() && may_verify(n)) {
+    verify(std::move(install));
+  } else if (m_queued_artifacts + n <= m_config.queued_installs) {
+    m_queued_artifacts += n;
+    m_verify_queue.push_back(std::move(install));
+  } else {
+    throw sdbus::Error(bus_error::kBusy,
+                       "too many installs at once (" + std::to_string(m_verifying) +
+                           " artifacts being verified, " + std::to_string(m_queued_artifacts) +
+                           " waiting); retry later");
+  }
+}
+
 void Manager::Install(PathResult&& result, sdbus::UnixFd artifact, Options options) {
   auto reply = std::make_shared<PathResult>(std::move(result));
   try {
     check_options(options, {{"activate", "b"}});
     const bool activate = option<bool>(options, "activate", false);
-    // Until authorization decides, the call holds its descriptor (and its message): a bounded
-    // number of them per connection, and in all. The uid is not known yet, so a connection is
-    // what can be counted; the bus bounds connections per user and in all.
-    const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
-    const std::string sender = msg ? msg->getSender() : std::string();
-    auto& mine = m_undecided_by_sender[sender];
-    if (mine >= kUndecidedPerConnection) {
-      throw sdbus::Error(bus_error::kBusy,
-                         "too many installs at once on this connection (" + std::to_string(mine) +
-                             " waiting for authorization); retry later, or use one connection "
-                             "per " +
-                             std::to_string(kUndecidedPerConnection) + " calls");
-    }
-    if (m_undecided_installs >= m_max_undecided) {
-      if (mine == 0) m_undecided_by_sender.erase(sender);
-      throw sdbus::Error(bus_error::kBusy, "too many installs at once (" +
-                                               std::to_string(m_undecided_installs) +
-                                               " waiting for authorization); retry later");
-    }
-    ++mine;
-    ++m_undecided_installs;
+    auto decided = hold_undecided(1);
     auto fd = std::make_shared<sdbus::UnixFd>(std::move(artifact));
     authorized(
         reply, "org.upgraded1.install",
         [this, reply, fd, activate](uid_t caller) {
-          struct stat st {};
-          if (::fstat(fd->get(), &st) != 0 || !S_ISREG(st.st_mode))
-            throw invalid("the artifact must be passed as a descriptor of a regular file");
-          // O_PATH descriptors pass fstat but cannot be read; O_WRONLY ones cannot be read either.
-          const int flags = ::fcntl(fd->get(), F_GETFL);
-          if (flags < 0 || (flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY)
-            throw invalid("the artifact's descriptor is not open for reading");
-          // A bounded number of verifications run at once (each is a thread and two helper
-          // processes); a bounded number more wait for their turn; beyond that: Busy.
-          if (m_verifying < m_config.verifications) {
-            verify(reply, fd, activate, caller);
-          } else if (m_verify_queue.size() < m_config.queued_installs) {
-            m_verify_queue.push_back(QueuedInstall{reply, fd, activate, caller});
-          } else {
-            throw sdbus::Error(bus_error::kBusy,
-                               "too many installs at once (" + std::to_string(m_verifying) +
-                                   " being verified, " + std::to_string(m_verify_queue.size()) +
-                                   " waiting); retry later");
-          }
+          check_artifact_fd(*fd);
+          queue_install(QueuedInstall{reply, {fd}, activate, caller, false});
         },
-        [this, sender] {
-          --m_undecided_installs;
-          // This connection may send another one now.
-          auto it = m_undecided_by_sender.find(sender);
-          if (it != m_undecided_by_sender.end() && --it->second == 0)
-            m_undecided_by_sender.erase(it);
-        });
+        std::move(decided));
   } catch (const sdbus::Error& e) {
     reply->returnError(e);
   }
 }
 
-void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd,
-                     bool activate, uid_t caller) {
+void Manager::InstallSet(PathResult&& result, std::vector<sdbus::UnixFd> artifacts,
+                         Options options) {
+  auto reply = std::make_shared<PathResult>(std::move(result));
+  try {
+    check_options(options, {{"activate", "b"}});
+    const bool activate = option<bool>(options, "activate", false);
+    if (artifacts.empty() || artifacts.size() > kMaxInstallSet)
+      throw invalid("InstallSet takes 1 to " + std::to_string(kMaxInstallSet) + " artifacts");
+    auto decided = hold_undecided(static_cast<std::uint32_t>(artifacts.size()));
+    std::vector<std::shared_ptr<sdbus::UnixFd>> fds;
+    for (auto& a : artifacts)
+      fds.push_back(std::make_shared<sdbus::UnixFd>(std::move(a)));
+    authorized(
+        reply, "org.upgraded1.install",
+        [this, reply, fds, activate](uid_t caller) {
+          for (std::size_t k = 0; k < fds.size(); ++k) {
+            try {
+              check_artifact_fd(*fds[k]);
+            } catch (const sdbus::Error& e) {
+              throw invalid(nth_artifact(k, fds.size()) + ": " + e.getMessage());
+            }
+          }
+          queue_install(QueuedInstall{reply, fds, activate, caller, true});
+        },
+        std::move(decided));
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
+void Manager::verify(QueuedInstall install) {
   // No helper runs where it could not be confined (HelperSandbox says why).
   if (m_helper_sandbox.rfind("unusable:", 0) == 0) {
-    reply->returnError(
+    install.reply->returnError(
         sdbus::Error(bus_error::kFailed, "the extraction helpers' sandbox is " + m_helper_sandbox));
     drain_verify_queue();
     return;
@@ -230,18 +350,17 @@ void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::U
   // The trust root as it is now, when this artifact's turn comes.
   auto trust = read_trust_root(m_config);
   if (!trust) {
-    reply->returnError(bus_error::from(trust.error()));
+    install.reply->returnError(bus_error::from(trust.error()));
     return;
   }
-  ++m_verifying;
-  // The helper reads the container head and checks the signatures over it, in fresh
-  // sandboxed processes and off the loop (the caller's file may be slow to read). This
-  // process parses only the manifest, once it is known to be signed.
+  const std::size_t n = install.fds.size();
+  m_verifying += n;
+  auto reply = install.reply;
   try {
-    start_verification(reply, fd, activate, caller, std::move(*trust));
+    start_verification(std::move(install), std::move(*trust));
   } catch (const std::exception& e) {
     // No thread for it (TasksMax, RLIMIT_NPROC): this call fails, the slot is free again.
-    --m_verifying;
+    m_verifying -= n;
     reply->returnError(
         sdbus::Error(bus_error::kFailed, std::string("cannot start verifying: ") + e.what()));
     drain_verify_queue();
@@ -249,49 +368,53 @@ void Manager::verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::U
 }
 
 void Manager::drain_verify_queue() {
-  while (m_verifying < m_config.verifications && !m_verify_queue.empty() && !m_shutting_down) {
+  // In order: a large set waits for the verifications before it to end, and holds the ones
+  // behind it back until it can start.
+  while (!m_verify_queue.empty() && may_verify(m_verify_queue.front().fds.size()) &&
+         !m_shutting_down) {
     QueuedInstall next = std::move(m_verify_queue.front());
     m_verify_queue.pop_front();
-    verify(next.reply, next.fd, next.activate, next.caller);
+    m_queued_artifacts -= next.fds.size();
+    verify(std::move(next));
   }
 }
 
-void Manager::start_verification(std::shared_ptr<PathResult> reply,
-                                 std::shared_ptr<sdbus::UnixFd> fd, bool activate, uid_t caller,
-                                 TrustRoot trust) {
-  m_loop.run_task([this, reply, fd, activate, caller, head_helper = next_helper(),
-                   verify_helper = next_helper(), trust = std::move(trust)]() mutable {
-    sandbox::VerifyRequest vr;
-    Result<artifact::SignatureReport> report = artifact::SignatureReport{};
-    std::uint64_t payload_offset = 0;
-    try {
-      auto head = sandbox::read_head_in_child(head_helper, fd->get(), kHelperTimeout);
-      if (!head) report = head.error();
-      if (head) {
-        payload_offset = artifact::canonical_payload_offset(head->manifest_bytes.size(),
-                                                            head->signature_bytes.size());
-        vr = {head->manifest_bytes, head->signature_bytes, m_config.threshold,
-              std::move(trust.keys), std::move(trust.revoked)};
-        report = sandbox::verify_in_child(verify_helper, vr, kHelperTimeout);
-      }
-    } catch (const std::exception& e) {
-      report = Error(ErrorCode::kFailed, std::string("internal error: ") + e.what());
+void Manager::start_verification(QueuedInstall install, TrustRoot trust) {
+  // The helper reads the container head and checks the signatures over it, in fresh
+  // sandboxed processes and off the loop (the caller's file may be slow to read).
+  std::vector<sandbox::Helper> helpers;
+  for (std::size_t k = 0; k < 2 * install.fds.size(); ++k)
+    helpers.push_back(next_helper());
+  auto in = std::make_shared<QueuedInstall>(std::move(install));
+  m_loop.run_task([this, in, helpers = std::move(helpers), trust = std::move(trust)]() {
+    // Stops at the first artifact that fails.
+    std::vector<Result<VerifiedHead>> heads;
+    for (std::size_t k = 0; k < in->fds.size(); ++k) {
+      heads.push_back(verify_head(helpers[2 * k], helpers[2 * k + 1], in->fds[k]->get(), trust,
+                                  m_config.threshold));
+      if (!heads.back()) break;
     }
-    return std::function<void()>([this, reply, fd, activate, caller, report, payload_offset,
-                                  manifest_bytes = std::move(vr.manifest_bytes)] {
-      --m_verifying;
+    return std::function<void()>([this, in, heads = std::move(heads)] {
+      m_verifying -= in->fds.size();
       try {
         if (m_shutting_down)
           throw sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down");
-        auto signatures = value_or_throw(report);
-        auto manifest = value_or_throw(artifact::parse_manifest(manifest_bytes));
-        auto art = std::make_shared<artifact::VerifiedManifest>(
-            artifact::VerifiedManifest{std::move(manifest), manifest_bytes, signatures});
-        reply->returnResults(start_install(art, fd, payload_offset, activate, caller));
+        std::vector<VerifiedHead> verified;
+        for (std::size_t k = 0; k < heads.size(); ++k) {
+          if (!heads[k])
+            throw bus_error::from(
+                in->set ? heads[k].error().with_context(nth_artifact(k, in->fds.size()))
+                        : heads[k].error());
+          verified.push_back(*heads[k]);
+        }
+        in->reply->returnResults(
+            in->set ? start_install_set(verified, in->fds, in->activate, in->caller)
+                    : start_install(verified[0].art, in->fds[0], verified[0].payload_offset,
+                                    in->activate, in->caller));
       } catch (const sdbus::Error& e) {
-        reply->returnError(e);
+        in->reply->returnError(e);
       } catch (const std::exception& e) {
-        reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
+        in->reply->returnError(sdbus::Error(bus_error::kFailed, e.what()));
       }
       drain_verify_queue();  // the next in line, if any
       maybe_idle();
@@ -305,17 +428,18 @@ sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManif
                                          uid_t caller) {
   const std::string app = art->manifest.app, version = art->manifest.version;
   bool new_app = true;
+  store::AppState st;
+  st.app = app;
   if (auto known = m_store.state(app)) {
     new_app = false;
-    if (auto same = known->installed_as(version))
-      throw sdbus::Error(bus_error::kExists,
-                         app + " " + version + " is already installed" +
-                             (*same == version ? "" : " (as " + *same + ", an equal version)"));
-    if (known->floor && policy::compare_versions(version, *known->floor) < 0)
-      throw sdbus::Error(bus_error::kPolicyRefused, app + " " + version +
-                                                        " is older than the version floor " +
-                                                        *known->floor + " (downgrade protection)");
+    st = std::move(*known);
   }
+  // Refused before any byte is extracted: the release already there, the floor, a payload
+  // that cannot fit (PlanInstall's refusals).
+  std::map<std::uint64_t, std::uint64_t> taken;
+  if (auto refused = activation::install_refusal(st, art->manifest,
+                                                 install_space(art->manifest, taken, false)))
+    throw bus_error::from(*refused);
   Work work = [this, fd, art, payload_offset, activate, new_app, helper = next_helper()](
                   Job& job, const store::AppLock& lock,
                   const ProgressFn& progress) -> Result<void> {
@@ -362,6 +486,189 @@ sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManif
   return start_job("install", app, version, caller, std::move(work));
 }
 
+activation::InstallSpace Manager::install_space(const artifact::Manifest& m,
+                                                std::map<std::uint64_t, std::uint64_t>& taken,
+                                                bool take) const {
+  activation::InstallSpace space;
+  space.payload_bytes = m.payload.size;
+  space.estimate_bytes = m.payload.size;
+  space.reserve_bytes = m_config.extract.limits.free_space_reserve;
+  // The release it replaces is a second estimate of the tree's size.
+  if (auto st = m_store.state(m.app); st && st->current)
+    if (auto it = st->releases.find(*st->current); it != st->releases.end())
+      space.estimate_bytes = std::max(space.estimate_bytes, it->second.size);
+  // The filesystem of the app's directory (its own root, or the apps' directory): the
+  // directory's parent, as a new app's own directory is not there yet.
+  const std::string root = m_store.app_root(m.app);
+  struct statvfs vfs {};
+  if (::statvfs(root.substr(0, root.rfind('/')).c_str(), &vfs) != 0) {
+    space.free_bytes = UINT64_MAX;  // cannot be told: extraction checks as it goes
+    return space;
+  }
+  const std::uint64_t free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+  std::uint64_t& before = taken[vfs.f_fsid];
+  space.free_bytes = free_bytes > before ? free_bytes - before : 0;
+  if (take) before += m.payload.size;
+  return space;
+}
+
+sdbus::ObjectPath Manager::start_install_set(const std::vector<VerifiedHead>& heads,
+                                             const std::vector<std::shared_ptr<sdbus::UnixFd>>& fds,
+                                             bool activate, uid_t caller) {
+  struct Member {
+    VerifiedHead head;
+    std::shared_ptr<sdbus::UnixFd> fd;
+    sandbox::Helper helper;
+    bool present = false;  // installed already, from this very manifest: not staged again
+    bool new_app = false;  // the app has no state yet: forgotten again if taken back
+  };
+  auto members = std::make_shared<std::vector<Member>>();
+  std::vector<std::string> apps;
+  std::string label;
+  for (std::size_t k = 0; k < heads.size(); ++k) {
+    const artifact::Manifest& m = heads[k].art->manifest;
+    if (std::find(apps.begin(), apps.end(), m.app) != apps.end())
+      throw invalid(nth_artifact(k, heads.size()) + " is " + m.app + " " + m.version + ": " +
+                    m.app + " is in the set twice");
+    Member member{heads[k], fds[k], next_helper()};
+    if (auto st = m_store.state(m.app)) {
+      if (auto same = st->installed_as(m.version)) {
+        auto installed = m_store.manifest(m.app, *same);
+        member.present = *same == m.version && installed && *installed == m;
+        if (!member.present)
+          throw sdbus::Error(bus_error::kExists, m.app + " " + m.version + " is already installed" +
+                                                     (*same == m.version ? " from another artifact"
+                                                                         : " (as " + *same + ")") +
+                                                     "; nothing was changed");
+      }
+    } else if (st.error().code() == ErrorCode::kNotFound) {
+      member.new_app = true;
+    } else {
+      throw bus_error::from(st.error());
+    }
+    apps.push_back(m.app);
+    label += (k ? "," : "") + m.version;
+    members->push_back(std::move(member));
+  }
+  SetWork work = [this, members, activate](Job& job, const std::vector<store::AppLock>& locks,
+                                           const ProgressFn& progress) -> Result<void> {
+    const std::size_t n = locks.size();
+    auto name = [&](std::size_t k) {
+      const auto& m = (*members)[k].head.art->manifest;
+      return m.app + " " + m.version;
+    };
+    // Every member checked before anything changes: what installing it would hit (the release
+    // already there, the floor, the free space, each member's payload counted against what the
+    // ones before it will take) and, to activate, what its activation would, its new release
+    // taken as staged.
+    std::map<std::uint64_t, std::uint64_t> taken;  // by filesystem
+    for (std::size_t k = 0; k < n; ++k) {
+      const Member& mb = (*members)[k];
+      const artifact::Manifest& m = mb.head.art->manifest;
+      if (progress) progress("checking " + m.app, 0);
+      // Taken as staged when the call came, outside the lock: still there?
+      if (mb.present) {
+        auto st = m_store.state(m.app);
+        if (!st || !st->releases.count(m.version))
+          return Error(ErrorCode::kNotFound,
+                       name(k) + " was removed meanwhile; nothing in the set was changed");
+      }
+      const auto space = install_space(m, taken, !mb.present);
+      activation::Activator act(m_store, m_units);
+      auto how = activation_options(job, m.app);
+      std::optional<Error> refusal;
+      if (activate) {
+        auto plan =
+            mb.present ? act.plan(m.app, m.version, false, how) : act.plan_install(m, space, how);
+        if (!plan) return plan.error().with_context(m.app);
+        refusal = plan->refusal;
+        // Its checks wait for the end of that recovery (as ActivateSet's).
+        if (!refusal && !plan->recover_first.empty())
+          refusal = Error(ErrorCode::kBusy, "an interrupted activation of " + plan->recover_first +
+                                                " is pending (the daemon finishes it at start)");
+      } else if (!mb.present) {
+        auto st = m_store.state(m.app);
+        store::AppState empty;
+        empty.app = m.app;
+        if (!st && st.error().code() != ErrorCode::kNotFound) return st.error();
+        refusal = activation::install_refusal(st ? *st : empty, m, space);
+      }
+      if (refusal)
+        return Error(refusal->code(),
+                     name(k) + ": " + refusal->message() + "; nothing in the set was changed");
+    }
+    // Staged, all of them, before anything running is touched; one that cannot be takes back
+    // the ones this job staged.
+    std::vector<bool> staged(n, false);
+    auto take_back = [&] {
+      for (std::size_t k = n; k-- > 0;) {
+        if (!staged[k]) continue;
+        (void)m_store.remove(locks[k], (*members)[k].head.art->manifest.version);
+        if ((*members)[k].new_app) (void)m_store.forget_app(locks[k]);
+      }
+    };
+    std::size_t last = n;  // the last member to stage: its end is a stage-only job's commit
+    for (std::size_t k = 0; k < n; ++k)
+      if (!(*members)[k].present) last = k;
+    for (std::size_t k = 0; k < n; ++k) {
+      Member& mb = (*members)[k];
+      if (mb.present) continue;
+      const int percent = static_cast<int>((activate ? 50 : 100) * k / n);
+      progress("staging " + name(k) + " (" + std::to_string(k + 1) + "/" + std::to_string(n) + ")",
+               percent);
+      pause_point("install.before_extract");
+      auto extract = [&](const artifact::ExtractPolicy& policy,
+                         int dest) -> Result<artifact::ExtractStats> {
+        auto stats = sandbox::extract_in_child(
+            mb.helper, {mb.fd->get(), mb.head.art->manifest_bytes, mb.head.payload_offset, policy,
+                        dest, job.cancel_fd()});
+        if (!stats) return stats;
+        const bool go_on = (activate || k != last) ? !job.cancel_requested() : commit(job);
+        if (!go_on) return Error(ErrorCode::kCanceled, "canceled");
+        return stats;
+      };
+      auto done = m_store.stage(locks[k], *mb.head.art, extract);
+      if (!done) {
+        take_back();
+        if (done.error().code() == ErrorCode::kCanceled) return done.error();
+        return Error(done.error().code(), name(k) + ": " + done.error().message() +
+                                              "; nothing in the set was changed (the artifacts "
+                                              "staged before it were taken back)");
+      }
+      staged[k] = true;
+      log(Level::kInfo,
+          LogContext{locks[k].app(), mb.head.art->manifest.version, std::to_string(job.id),
+                     nullptr},
+          "staged " + name(k) + ": " + std::to_string(done->stats.files) + " files, " +
+              std::to_string(done->stats.bytes) + " bytes");
+    }
+    if (!activate) {
+      // Nothing was left to stage: nothing to cancel either.
+      if (last == n && !commit(job)) return Error(ErrorCode::kCanceled, "canceled");
+      progress("done", 100);
+      return {};
+    }
+    progress("staged", 50);
+    ProgressFn second_half = [&progress](const std::string& step, int percent) {
+      progress(step, 50 + percent / 2);
+    };
+    std::vector<activation::SetMember> set;
+    for (std::size_t k = 0; k < n; ++k)
+      set.push_back({&locks[k], (*members)[k].head.art->manifest.version,
+                     activation_options(job, locks[k].app())});
+    auto done = activation::activate_set(m_store, m_units, set, second_half);
+    if (!done) {
+      // Canceled before the first switch: the staged releases go again, so nothing changed.
+      if (done.error().code() == ErrorCode::kCanceled) take_back();
+      return done.error();
+    }
+    for (const auto& lock : locks)
+      collect_garbage(lock, job);
+    return {};
+  };
+  return start_set_job("install-set", apps, label, caller, std::move(work));
+}
+
 void Manager::Activate(PathResult&& result, std::string app, std::string version, Options options) {
   auto reply = std::make_shared<PathResult>(std::move(result));
   try {
@@ -406,17 +713,7 @@ void Manager::ActivateSet(PathResult&& result,
   auto reply = std::make_shared<PathResult>(std::move(result));
   try {
     check_options(options, std::initializer_list<std::pair<const char*, const char*>>{});
-    if (members.empty() || members.size() > activation::kMaxSetMembers)
-      throw invalid("a set has 1 to " + std::to_string(activation::kMaxSetMembers) + " apps");
-    std::vector<std::string> apps, versions;
-    for (const auto& m : members) {
-      check_app(m.get<0>());
-      check_version(m.get<1>());
-      if (std::find(apps.begin(), apps.end(), m.get<0>()) != apps.end())
-        throw invalid(m.get<0>() + " is in the set twice");
-      apps.push_back(m.get<0>());
-      versions.push_back(m.get<1>());
-    }
+    auto [apps, versions] = set_members(members);
     authorized(reply, "org.upgraded1.activate", [this, reply, apps, versions](uid_t caller) {
       std::string label;
       for (std::size_t k = 0; k < apps.size(); ++k) {
@@ -785,10 +1082,32 @@ bool Manager::commit(Job& job) const {
 sandbox::Helper Manager::next_helper() {
   sandbox::Helper h = m_helper;
   // Each helper run gets a uid of its own, so that no two of them (two apps installing at
-  // once) can touch each other's trees: a uid owns only what its one run created.
+  // once, a plan anyone may ask for beside an extraction) can touch each other's trees or
+  // processes: a uid owns only what its one run created. Ids go round the range; one still
+  // held by a run (its Helper's lease: until the job or task that holds it ends, the hand-over
+  // of an extracted tree included) is skipped, however fast callers make the count go round.
   if (h.as) {
-    auto id = static_cast<uid_t>(h.as->first + m_next_helper_id++ % Config::kHelperIds);
-    h.as = std::make_pair(id, static_cast<gid_t>(id));
+    struct Lease {
+      Lease(std::shared_ptr<HelperIds> i, std::uint32_t n) : ids(std::move(i)), id(n) {}
+      Lease(const Lease&) = delete;
+      Lease& operator=(const Lease&) = delete;
+      std::shared_ptr<HelperIds> ids;
+      std::uint32_t id;
+      ~Lease() {
+        std::lock_guard lock(ids->mutex);
+        ids->held.erase(id);
+      }
+    };
+    std::lock_guard lock(m_helper_ids->mutex);
+    for (std::uint32_t tries = 0; tries < Config::kHelperIds; ++tries) {
+      const std::uint32_t n = m_next_helper_id++ % Config::kHelperIds;
+      if (!m_helper_ids->held.insert(n).second) continue;
+      auto id = static_cast<uid_t>(h.as->first + n);
+      h.as = std::make_pair(id, static_cast<gid_t>(id));
+      h.lease = std::make_shared<const Lease>(m_helper_ids, n);
+      return h;
+    }
+    throw sdbus::Error(bus_error::kBusy, "every helper uid is in use; retry later");
   }
   return h;
 }
@@ -1037,6 +1356,7 @@ void Manager::shut_down(std::function<void()> idle) {
   for (auto& queued : m_verify_queue)
     queued.reply->returnError(sdbus::Error(bus_error::kShuttingDown, "upgraded is shutting down"));
   m_verify_queue.clear();
+  m_queued_artifacts = 0;
   for (auto& [id, running] : m_jobs)
     if (running.job->request_cancel() == Job::CancelOutcome::kAsked)
       running.object->set_state("canceling");
@@ -1271,20 +1591,15 @@ void Manager::PlanSet(sdbus::Result<std::string>&& result,
   auto reply = std::make_shared<sdbus::Result<std::string>>(std::move(result));
   try {
     check_options(options, std::initializer_list<std::pair<const char*, const char*>>{});
-    if (members.empty() || members.size() > activation::kMaxSetMembers)
-      throw invalid("a set has 1 to " + std::to_string(activation::kMaxSetMembers) + " apps");
     struct Member {
       std::string app, version;
       activation::ActivationOptions how;
       std::optional<Error> busy;
     };
     std::vector<Member> set;
-    for (const auto& m : members) {
-      check_app(m.get<0>());
-      check_version(m.get<1>());
-      for (const auto& earlier : set)
-        if (earlier.app == m.get<0>()) throw invalid(m.get<0>() + " is in the set twice");
-      Member member{m.get<0>(), m.get<1>(), policy_options(m.get<0>()), busy_refusal(m.get<0>())};
+    auto [apps, versions] = set_members(members);
+    for (std::size_t k = 0; k < apps.size(); ++k) {
+      Member member{apps[k], versions[k], policy_options(apps[k]), busy_refusal(apps[k])};
       member.how.hooks.runner = &m_hooks;
       set.push_back(std::move(member));
     }
@@ -1304,13 +1619,114 @@ void Manager::PlanSet(sdbus::Result<std::string>&& result,
   }
 }
 
+void Manager::PlanInstall(sdbus::Result<std::string>&& result, std::vector<sdbus::UnixFd> artifacts,
+                          Options options) {
+  auto reply = std::make_shared<sdbus::Result<std::string>>(std::move(result));
+  try {
+    check_options(options, std::initializer_list<std::pair<const char*, const char*>>{});
+    if (artifacts.empty() || artifacts.size() > kMaxInstallSet)
+      throw invalid("PlanInstall takes 1 to " + std::to_string(kMaxInstallSet) + " artifacts");
+    std::vector<std::shared_ptr<sdbus::UnixFd>> fds;
+    for (std::size_t k = 0; k < artifacts.size(); ++k) {
+      try {
+        check_artifact_fd(artifacts[k]);
+      } catch (const sdbus::Error& e) {
+        throw invalid(artifacts.size() == 1
+                          ? e.getMessage()
+                          : nth_artifact(k, artifacts.size()) + ": " + e.getMessage());
+      }
+      fds.push_back(std::make_shared<sdbus::UnixFd>(std::move(artifacts[k])));
+    }
+    if (m_helper_sandbox.rfind("unusable:", 0) == 0)
+      throw sdbus::Error(bus_error::kFailed,
+                         "the extraction helpers' sandbox is " + m_helper_sandbox);
+    // Anyone may ask, and each call runs two helper processes per artifact: a few at a time,
+    // one per connection, with slots of their own (Plan and PlanSet are never kept Busy by
+    // them), taken before anything is spent on the call.
+    const sdbus::Message* msg = getObject().getCurrentlyProcessedMessage();
+    const std::string sender = msg ? msg->getSender() : std::string();
+    if (m_planning_installs >= kPlanInstalls)
+      throw sdbus::Error(bus_error::kBusy,
+                         "too many plans of artifacts are being computed; try again");
+    if (m_planning_installs_by_sender[sender] >= kPlanInstallsPerConnection) {
+      throw sdbus::Error(bus_error::kBusy,
+                         "this connection has a plan of artifacts being computed; wait for it");
+    }
+    ++m_planning_installs;
+    ++m_planning_installs_by_sender[sender];
+    auto release = [this, sender] {
+      --m_planning_installs;
+      if (auto it = m_planning_installs_by_sender.find(sender);
+          it != m_planning_installs_by_sender.end() && --it->second <= 0)
+        m_planning_installs_by_sender.erase(it);
+    };
+    Result<TrustRoot> trust = Error(ErrorCode::kFailed, "no trust root");
+    std::vector<sandbox::Helper> helpers;
+    try {
+      trust = read_trust_root(m_config);
+      if (!trust) throw bus_error::from(trust.error());
+      for (std::size_t k = 0; k < 2 * fds.size(); ++k)
+        helpers.push_back(next_helper());
+    } catch (...) {
+      release();
+      throw;
+    }
+    // The apps are known only once verified, off the loop: what is busy now, from here.
+    auto busy = std::make_shared<std::map<std::string, std::uint32_t>>(m_busy);
+    auto compute = [this, fds, helpers, trust = std::move(*trust), busy]() -> Result<std::string> {
+      const auto deadline = std::chrono::steady_clock::now() + kPlanInstallDeadline;
+      std::vector<VerifiedHead> heads;
+      for (std::size_t k = 0; k < fds.size(); ++k) {
+        if (std::chrono::steady_clock::now() > deadline)
+          return Error(ErrorCode::kFailed, "verifying the artifacts took longer than " +
+                                               std::to_string(kPlanInstallDeadline.count()) +
+                                               " s; nothing was planned");
+        auto head = verify_head(helpers[2 * k], helpers[2 * k + 1], fds[k]->get(), trust,
+                                m_config.threshold);
+        if (!head)
+          return fds.size() == 1 ? head.error()
+                                 : head.error().with_context(nth_artifact(k, fds.size()));
+        for (const auto& earlier : heads)
+          if (earlier.art->manifest.app == head->art->manifest.app)
+            return Error(ErrorCode::kInvalidArgument,
+                         nth_artifact(k, fds.size()) + " is " + head->art->manifest.app + " " +
+                             head->art->manifest.version + ": " + head->art->manifest.app +
+                             " is in the set twice");
+        heads.push_back(std::move(*head));
+      }
+      std::map<std::uint64_t, std::uint64_t> taken;  // by filesystem
+      std::vector<activation::Plan> plans;
+      for (const auto& h : heads) {
+        const artifact::Manifest& m = h.art->manifest;
+        activation::ActivationOptions how = policy_options(m.app);
+        how.hooks.runner = &m_hooks;  // the daemon runs hooks: releases with hooks are not refused
+        activation::Activator act(m_store, m_units);
+        // In a set, a release installed already from this very manifest is not staged again
+        // (InstallSet): only activated.
+        auto installed = m_store.manifest(m.app, m.version);
+        const bool present = heads.size() > 1 && installed && *installed == m;
+        auto plan = present ? act.plan(m.app, m.version, false, how)
+                            : act.plan_install(m, install_space(m, taken, true), how);
+        if (!plan) return plan.error().with_context(m.app);
+        if (auto it = busy->find(m.app); it != busy->end())
+          plan->refusal = busy_error(m.app, it->second);
+        plans.push_back(std::move(*plan));
+      }
+      return plans.size() == 1 ? activation::plan_to_json(plans.front())
+                               : activation::set_plan_to_json(plans, true);
+    };
+    compute_off_loop(reply, std::move(compute), std::move(release));
+  } catch (const sdbus::Error& e) {
+    reply->returnError(e);
+  }
+}
+
 std::optional<Error> Manager::busy_refusal(const std::string& app) const {
   // What Activate would answer now; a plan's steps are those it would take once the job is
   // over.
   auto it = m_busy.find(app);
   if (it == m_busy.end()) return std::nullopt;
-  return Error(ErrorCode::kBusy, app + " has a job running (job " + std::to_string(it->second) +
-                                     "); plan again once it has ended");
+  return busy_error(app, it->second);
 }
 
 void Manager::plan_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
@@ -1319,26 +1735,38 @@ void Manager::plan_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
   if (m_planning >= 2)
     throw sdbus::Error(bus_error::kBusy, "too many plans are being computed; try again");
   ++m_planning;
-  m_loop.run_task([this, reply, compute = std::move(compute)]() {
-    std::string text;
-    std::optional<sdbus::Error> error;
-    try {
-      auto r = compute();
-      if (r)
-        text = std::move(*r);
-      else
-        error = bus_error::from(r.error());
-    } catch (const std::exception& e) {  // only sdbus::Error may leave a handler
-      error = sdbus::Error(bus_error::kFailed, std::string("planning failed: ") + e.what());
-    }
-    return std::function<void()>([this, reply, text = std::move(text), error] {
-      --m_planning;
-      if (error)
-        reply->returnError(*error);
-      else
-        reply->returnResults(text);
+  compute_off_loop(std::move(reply), std::move(compute), [this] { --m_planning; });
+}
+
+void Manager::compute_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
+                               std::function<Result<std::string>()> compute,
+                               std::function<void()> release) {
+  try {
+    m_loop.run_task([this, reply, compute = std::move(compute), release]() {
+      std::string text;
+      std::optional<sdbus::Error> error;
+      try {
+        auto r = compute();
+        if (r)
+          text = std::move(*r);
+        else
+          error = bus_error::from(r.error());
+      } catch (const std::exception& e) {  // only sdbus::Error may leave a handler
+        error = sdbus::Error(bus_error::kFailed, std::string("planning failed: ") + e.what());
+      }
+      return std::function<void()>([reply, text = std::move(text), error, release] {
+        release();
+        if (error)
+          reply->returnError(*error);
+        else
+          reply->returnResults(text);
+      });
     });
-  });
+  } catch (const std::exception& e) {
+    // No thread for it (TasksMax, RLIMIT_NPROC).
+    release();
+    throw sdbus::Error(bus_error::kFailed, std::string("cannot start planning: ") + e.what());
+  }
 }
 
 }  // namespace upgraded::daemon

@@ -7,6 +7,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -27,6 +28,12 @@
 namespace upgraded::daemon {
 
 class Authorizer;
+
+/// An artifact whose signatures were checked: its manifest, and where its payload starts.
+struct VerifiedHead {
+  std::shared_ptr<artifact::VerifiedManifest> art;
+  std::uint64_t payload_offset = 0;
+};
 
 class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_adaptor> {
  public:
@@ -63,6 +70,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
                                              const ProgressFn& progress)>;
 
   void Install(PathResult&& result, sdbus::UnixFd artifact, Options options) override;
+  void InstallSet(PathResult&& result, std::vector<sdbus::UnixFd> artifacts,
+                  Options options) override;
   void Activate(PathResult&& result, std::string app, std::string version,
                 Options options) override;
   void ActivateSet(PathResult&& result, std::vector<sdbus::Struct<std::string, std::string>> sets,
@@ -99,6 +108,8 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void PlanSet(sdbus::Result<std::string>&& result,
                std::vector<sdbus::Struct<std::string, std::string>> members,
                Options options) override;
+  void PlanInstall(sdbus::Result<std::string>&& result, std::vector<sdbus::UnixFd> artifacts,
+                   Options options) override;
   std::string Version() override;
   std::string HelperSandbox() override;
 
@@ -113,17 +124,41 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   void check_actions(std::shared_ptr<PathResult> reply, const std::string& sender,
                      std::vector<std::string> actions, std::size_t i,
                      std::function<void(uid_t caller)> then, std::function<void()> decided);
-  /// Reads the artifact's head and checks its signatures (off the loop), then starts the
+  struct QueuedInstall {
+    std::shared_ptr<PathResult> reply;
+    std::vector<std::shared_ptr<sdbus::UnixFd>> fds;  // one, unless `set`
+    bool activate;
+    uid_t caller;
+    bool set;  // InstallSet (else Install)
+  };
+  /// Counts a call's descriptors as held until its authorization is decided (Busy beyond the
+  /// bounds); returns what releases them, for `authorized`'s `decided`.
+  std::function<void()> hold_undecided(std::uint32_t descriptors);
+  /// Verifies an authorized Install or InstallSet now, or queues it (Busy when the queue is
+  /// full).
+  void queue_install(QueuedInstall install);
+  /// Whether `artifacts` more may be verified now.
+  bool may_verify(std::size_t artifacts) const;
+  /// Reads the artifacts' heads and checks their signatures (off the loop), then starts the
   /// install job; the next queued Install follows when it is done.
-  void verify(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd, bool activate,
-              uid_t caller);
-  void start_verification(std::shared_ptr<PathResult> reply, std::shared_ptr<sdbus::UnixFd> fd,
-                          bool activate, uid_t caller, TrustRoot trust);
+  void verify(QueuedInstall install);
+  void start_verification(QueuedInstall install, TrustRoot trust);
   /// Starts queued Installs while verification slots are free.
   void drain_verify_queue();
   sdbus::ObjectPath start_install(std::shared_ptr<artifact::VerifiedManifest> art,
                                   std::shared_ptr<sdbus::UnixFd> fd, std::uint64_t payload_offset,
                                   bool activate, uid_t caller);
+  /// InstallSet's job: every artifact staged (a failure takes back the ones staged before it),
+  /// then, with `activate`, one set activation.
+  sdbus::ObjectPath start_install_set(const std::vector<VerifiedHead>& heads,
+                                      const std::vector<std::shared_ptr<sdbus::UnixFd>>& fds,
+                                      bool activate, uid_t caller);
+  /// What staging `m` needs and finds on the filesystem of its app's directory, less what
+  /// `taken` says artifacts before it in the same call need there (by filesystem id); with
+  /// `take`, its payload is added to that.
+  activation::InstallSpace install_space(const artifact::Manifest& m,
+                                         std::map<std::uint64_t, std::uint64_t>& taken,
+                                         bool take) const;
   /// The job's point of no return (Job::try_commit), announced as State "committed".
   bool commit(Job& job) const;
   /// The helper for one run, with a uid of its own.
@@ -154,6 +189,11 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// with its text, or its error.
   void plan_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
                      std::function<Result<std::string>()> compute);
+  /// Runs `compute` off the event loop and answers `reply`; `release` runs on the loop first
+  /// (also if no thread could run it, then Failed is thrown).
+  void compute_off_loop(std::shared_ptr<sdbus::Result<std::string>> reply,
+                        std::function<Result<std::string>()> compute,
+                        std::function<void()> release);
   activation::ActivationOptions activation_options(Job& job) const;
   /// For one app of a set.
   activation::ActivationOptions activation_options(Job& job, const std::string& app) const;
@@ -182,6 +222,12 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::unique_ptr<Authorizer> m_auth;
   std::uint32_t m_next_id = 1;
   std::uint32_t m_next_helper_id = 0;
+  /// The helper ids held by runs (next_helper), released from any thread.
+  struct HelperIds {
+    std::mutex mutex;
+    std::set<std::uint32_t> held;
+  };
+  std::shared_ptr<HelperIds> m_helper_ids = std::make_shared<HelperIds>();
   std::map<std::uint32_t, Running> m_jobs;
   std::map<std::string, std::uint32_t> m_busy;  // app -> job
   int m_planning = 0;                           // Plan calls being computed (at most 2)
@@ -190,20 +236,17 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   };
   static constexpr std::size_t kKeptResults = 256;
   std::map<std::uint32_t, Ended> m_ended;  // the last kKeptResults jobs, by id
-  struct QueuedInstall {
-    std::shared_ptr<PathResult> reply;
-    std::shared_ptr<sdbus::UnixFd> fd;
-    bool activate;
-    uid_t caller;
-  };
   /// Install calls whose authorization is not decided yet (each holds its descriptor): at
   /// most m_max_undecided, which leaves room in RLIMIT_NOFILE for everything else.
   std::uint32_t m_max_undecided = 256;
   std::uint32_t m_undecided_installs = 0;
   static constexpr std::uint32_t kUndecidedPerConnection = 8;
   std::map<std::string, std::uint32_t> m_undecided_by_sender;
-  std::uint32_t m_verifying = 0;             // Install calls being verified now
+  std::size_t m_verifying = 0;               // artifacts being verified now
   std::deque<QueuedInstall> m_verify_queue;  // authorized, waiting for their turn
+  std::size_t m_queued_artifacts = 0;        // their artifacts
+  int m_planning_installs = 0;               // PlanInstall calls being computed
+  std::map<std::string, int> m_planning_installs_by_sender;
   bool m_shutting_down = false;
   std::function<void()> m_idle;
 };

@@ -96,9 +96,14 @@ _upgradectl() {
       elif [[ $cur == *=* ]]; then
         local a=${cur%%=*}
         COMPREPLY=($(compgen -P "$a=" -W "$(_upgradectl_versions "$a" $user)" -- "${cur#*=}"))
-      elif [ $n -eq 0 ]; then
+      elif [[ $cur == */* || $cur == .* ]]; then
+        _filedir '@(upd)'
+      else
+        # Installed apps (APP=VERSION), and artifact files.
         COMPREPLY=($(compgen -S = -W "$(_upgradectl_apps $user)" -- "$cur"))
         compopt -o nospace
+        local files=($(compgen -f -X '!*.upd' -- "$cur"))
+        COMPREPLY+=("${files[@]}")
       fi
       ;;
     install | verify | inspect | unpack) _filedir '@(upd)' ;;

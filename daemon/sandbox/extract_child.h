@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -25,6 +26,9 @@ struct Helper {
   std::string path;
   /// The unprivileged uid/gid it runs as (when the daemon runs as root); none: the daemon's.
   std::optional<std::pair<uid_t, gid_t>> as;
+  /// Holds `as` for this run while any copy of the Helper lives: no other run is given that uid
+  /// meanwhile (Manager::next_helper).
+  std::shared_ptr<const void> lease;
 };
 
 /// The first two members of an artifact, read by `--read-head` in a sandbox that may write

@@ -142,12 +142,12 @@ class Sets(DaemonRunner, unittest.TestCase):
         tx = self.history("db")[-1]["transaction"]
         self.assertEqual([self.history(app)[-1]["transaction"] for app in APPS], [tx] * 3)
 
-    def killed_at(self, point, spec):
-        """Activates the set `spec` with a daemon that kills itself at `point`, then starts a
-        daemon again and waits for its recovery."""
+    def killed_at(self, point, spec, verb="activate"):
+        """Runs `upgradectl VERB SPEC...` (activates the set) with a daemon that kills itself at
+        `point`, then starts a daemon again and waits for its recovery."""
         self.stop_daemon()
         self.start_daemon(env={"UPGRADED_CRASH_AT": point})
-        self.ctl("activate", *spec, check=None)
+        self.ctl(verb, *spec, check=None)
         self.daemon.wait(timeout=60)
         self.assertEqual(self.daemon.returncode, -signal.SIGKILL, point)
         self.log.close()
@@ -187,6 +187,140 @@ class Sets(DaemonRunner, unittest.TestCase):
         self.settled()
         self.assert_on("2.0.0", ["web"])
         self.assertEqual(glob.glob(os.path.join(self.root, "var/lib/upgraded/sets/*")), [])
+
+    def releases(self, version):
+        """The apps that have `version` installed."""
+        rows = json.loads(self.ctl("list", "--json").stdout)
+        return sorted(r["app"] for r in rows if r["version"] == version)
+
+    def test_install_of_several_artifacts_stages_every_one_before_activating_them_as_a_set(self):
+        files = [self.pack(app, "3.0.0") for app in APPS]
+        # A db artifact whose signed head is intact but whose payload was altered: its
+        # signatures pass, its staging fails.
+        bad = os.path.join(self.dir, "db-3.0.0-altered.upd")
+        with open(files[2], "rb") as f:
+            data = bytearray(f.read())
+        data[-40] ^= 0xFF
+        with open(bad, "wb") as f:
+            f.write(data)
+        before = self.store_files()
+        running = [self.show(app, "InvocationID") for app in APPS]
+
+        # The plan: each member staged, then activated; nothing changes.
+        plan = json.loads(self.ctl("plan", *files, "--json").stdout)
+        self.assertEqual(plan["op"], "install-set")
+        self.assertEqual([(m["app"], m["op"], m["from"], m["to"]) for m in plan["members"]],
+                         [(app, "install", "1.0.0", "3.0.0") for app in APPS])
+        self.assertEqual([[s["kind"] for s in m["steps"]] for m in plan["members"]],
+                         [["stage", "switch", "restart", "gate", "mark-good"]] * 3)
+        for m in plan["members"]:
+            self.assertGreater(m["install"]["payload_bytes"], 0)
+            self.assertGreater(m["install"]["free_bytes"], m["install"]["payload_bytes"])
+            self.assertEqual(m["install"]["space"], "enough")
+        self.assertTrue(plan["changes"])
+        self.assertIn("staged before it", plan["on_failure"])
+        text = self.ctl("plan", *files).stdout
+        self.assertIn("3/3: Plan: install db 1.0.0 \u2192 3.0.0", text)
+        self.assertIn("every artifact is staged before anything running is touched", text)
+        self.assertIn("stage 3.0.0 (verify and extract the payload)", text)
+        one = json.loads(self.ctl("plan", files[0], "--json").stdout)
+        self.assertEqual((one["app"], one["op"], one["steps"][0]["kind"]),
+                         ("web", "install", "stage"))
+        # What installing would refuse: a release installed from another artifact, a forged
+        # artifact, files mixed with installed releases.
+        os.makedirs(os.path.join(self.dir, "rebuilt"))
+        rebuilt = pack_sample(UPGRADECTL, self.key, os.path.join(self.dir, "rebuilt"), "api",
+                              "api.service", "2.0.0")
+        r = self.ctl("plan", files[0], rebuilt, check=9)
+        self.assertIn("api 2.0.0 is already installed", r.stderr)
+        forged = os.path.join(self.dir, "forged.upd")
+        with open(files[0], "rb") as f:
+            data = bytearray(f.read())
+        data[20] ^= 0x01  # inside the signed manifest
+        with open(forged, "wb") as f:
+            f.write(data)
+        self.assertIn("artifact 2 of 2", self.ctl("plan", files[0], forged, check=4).stderr)
+        self.ctl("plan", files[0], "web=2.0.0", check=2)
+        self.assertEqual(self.store_files(), before)
+
+        # The altered payload: web and api were staged, then taken back; nothing running was
+        # touched.
+        r = self.ctl("install", files[0], files[1], bad, check=4)
+        self.assertIn("db 3.0.0: ", r.stderr)
+        self.assertIn("nothing in the set was changed", r.stderr)
+        self.assertEqual(self.releases("3.0.0"), [])
+        self.assertEqual(glob.glob(os.path.join(self.root, "var/lib/upgraded/apps/*/releases/3*")),
+                         [])
+        self.assertEqual([self.show(app, "InvocationID") for app in APPS], running)
+        # A release installed from another artifact: refused before anything starts.
+        r = self.ctl("install", files[0], rebuilt, check=9)
+        self.assertIn("api 2.0.0 is already installed from another artifact", r.stderr)
+        self.ctl("install", files[0], files[0], check=2)  # an app twice
+        self.assertEqual(self.releases("3.0.0"), [])
+        self.assert_on("1.0.0")
+
+        # All three: staged, then activated in order, one transaction.
+        self.ctl("install", "-q", *files)
+        self.assert_on("3.0.0")
+        entered = [int(self.show(app, "ActiveEnterTimestampMonotonic")) for app in APPS]
+        self.assertLess(entered[0], entered[1])
+        self.assertLess(entered[1], entered[2])
+        tx = self.history("db")[-1]["transaction"]
+        self.assertRegex(tx, r"^set-\d+-\d+$")
+        self.assertEqual([(self.history(app)[-1]["to"], self.history(app)[-1]["transaction"])
+                          for app in APPS], [("3.0.0", tx)] * 3)
+        # Again: every release is there from the same artifact and current: nothing restarts.
+        running = [self.show(app, "InvocationID") for app in APPS]
+        self.ctl("install", "-q", *files)
+        self.assertEqual([self.show(app, "InvocationID") for app in APPS], running)
+
+    def test_install_of_several_artifacts_killed_while_staging_touches_nothing_running(self):
+        files = [self.pack(app, "3.0.0") for app in APPS]
+        running = [self.show(app, "InvocationID") for app in APPS]
+        # Killed once api's release was staged: web and api staged, db not, nothing switched.
+        self.killed_at("stage.after_state#2", files, verb="install")
+        self.assertEqual(self.releases("3.0.0"), ["api", "web"])
+        self.assert_on("1.0.0")
+        self.assertEqual([self.show(app, "InvocationID") for app in APPS], running)
+        # The same command again completes it: the staged ones are taken as they are.
+        self.ctl("install", "-q", *files)
+        self.assert_on("3.0.0")
+        # Stage only: all or nothing, and nothing restarted.
+        files = [self.pack(app, "4.0.0") for app in APPS]
+        running = [self.show(app, "InvocationID") for app in APPS]
+        self.ctl("install", "--stage-only", "-q", *files)
+        self.assertEqual(self.releases("4.0.0"), sorted(APPS))
+        self.assertEqual([self.show(app, "InvocationID") for app in APPS], running)
+        self.ctl("install", "--offline", *files, check=2)
+
+    def test_artifacts_that_cannot_fit_are_refused_before_anything_is_extracted(self):
+        files = [self.pack(app, "3.0.0") for app in APPS]
+        # A reserve larger than any disk: not even a payload fits.
+        self.stop_daemon()
+        with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
+            f.write("[extract]\nfree_space_reserve = %d\n" % (1 << 60))
+        self.start_daemon()
+        before = self.store_files()
+        running = [self.show(app, "InvocationID") for app in APPS]
+        plan = json.loads(self.ctl("plan", *files, "--json", check=1).stdout)
+        self.assertEqual(plan["refusal"]["error"], "NoSpace")
+        self.assertEqual([m["install"]["space"] for m in plan["members"]], ["insufficient"] * 3)
+        self.assertIn("not enough free space for web 3.0.0",
+                      self.ctl("plan", files[0], check=1).stderr)
+        self.assertIn("not enough free space", self.ctl("install", files[0], check=1).stderr)
+        r = self.ctl("install", *files, check=1)
+        self.assertIn("web 3.0.0: not enough free space", r.stderr)
+        self.assertIn("nothing in the set was changed", r.stderr)
+        self.assertEqual(self.releases("3.0.0"), [])
+        self.assertEqual(self.store_files(), before)
+        self.assertEqual([self.show(app, "InvocationID") for app in APPS], running)
+        # More artifacts than a message can carry, files mixed with releases, a bare app name:
+        # usage errors, said before anything is sent.
+        self.assertIn("at most 16 artifacts", self.ctl("install", *([files[0]] * 17),
+                                                       check=2).stderr)
+        self.ctl("plan", *([files[0]] * 17), check=2)
+        self.ctl("plan", files[0], "web=2.0.0", check=2)
+        self.assertIn("plan takes FILE..., APP=VERSION...", self.ctl("plan", "web", check=2).stderr)
 
 
 if __name__ == "__main__":
