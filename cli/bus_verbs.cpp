@@ -691,7 +691,9 @@ std::string describe_step(const json& s) {
     return (target.empty() ? std::string("health gate of every unit")
                            : "health gate of " + target) +
            ", " + std::to_string(ready) + " s active";
-  return kind + " " + target;  // stop, restart, start
+  // stop, restart, start, hold (a socket); a note, if any, says why it is done that way.
+  const std::string note = s.contains("note") ? s.at("note").get<std::string>() : "";
+  return kind + " " + target + (note.empty() ? "" : " (" + note + ")");
 }
 
 // A plan's refusal as the activation itself would exit (0: none), said on stderr unless the
@@ -763,13 +765,18 @@ void print_plan(const json& plan, const std::string& app) {
     for (const auto& d : plan.at("downtime")) {
       const auto samples = d.at("samples").get<std::uint64_t>();
       const std::string unit = d.at("unit").get<std::string>();
+      std::string held;
+      if (d.contains("held_by"))
+        for (const auto& socket : d.at("held_by"))
+          held += (held.empty() ? "; socket held (" : ", ") + socket.get<std::string>();
+      if (!held.empty()) held += "): 0 refused expected";
       if (samples == 0)
-        std::printf("  %s: no history\n", unit.c_str());
+        std::printf("  %s: no history%s\n", unit.c_str(), held.c_str());
       else
-        std::printf("  %s: %s / %s (%llu windows)\n", unit.c_str(),
+        std::printf("  %s: %s / %s (%llu windows)%s\n", unit.c_str(),
                     milliseconds(d.at("median_usec").get<std::uint64_t>()).c_str(),
                     milliseconds(d.at("p95_usec").get<std::uint64_t>()).c_str(),
-                    static_cast<unsigned long long>(samples));
+                    static_cast<unsigned long long>(samples), held.c_str());
     }
     const json& total = plan.at("predicted_total_usec");
     if (!total.is_null())

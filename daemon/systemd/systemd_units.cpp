@@ -314,6 +314,8 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
     st.active_exit_usec = prop<uint64_t>(u, "ActiveExitTimestampMonotonic", 0);
     st.inactive_enter_usec = prop<uint64_t>(u, "InactiveEnterTimestampMonotonic", 0);
     st.inactive_exit_usec = prop<uint64_t>(u, "InactiveExitTimestampMonotonic", 0);
+    st.need_daemon_reload = prop<bool>(u, "NeedDaemonReload", false);
+    st.triggers = prop<std::vector<std::string>>(u, "Triggers", {});
     if (unit.ends_with(".service") && st.load_state == "loaded") {
       proxy->callMethod("GetAll")
           .onInterface("org.freedesktop.DBus.Properties")
@@ -327,6 +329,8 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
       st.exec_main_start_usec = prop<uint64_t>(s, "ExecMainStartTimestampMonotonic", 0);
       st.exec_main_exit_usec = prop<uint64_t>(s, "ExecMainExitTimestampMonotonic", 0);
       st.status_text = prop<std::string>(s, "StatusText", "");
+      st.fd_store_max = prop<uint32_t>(s, "FileDescriptorStoreMax", 0);
+      st.fd_store = prop<uint32_t>(s, "NFileDescriptorStore", 0);
     }
     return st;
   } catch (const sdbus::Error& e) {

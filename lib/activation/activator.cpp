@@ -146,6 +146,19 @@ Result<artifact::Manifest> expand_templates(
   return m;
 }
 
+bool is_socket_unit(std::string_view unit) {
+  return unit.ends_with(".socket");
+}
+
+std::vector<std::string> stop_order(const std::vector<std::string>& units) {
+  std::vector<std::string> out;
+  for (auto it = units.rbegin(); it != units.rend(); ++it)
+    if (is_socket_unit(*it)) out.push_back(*it);
+  for (auto it = units.rbegin(); it != units.rend(); ++it)
+    if (!is_socket_unit(*it)) out.push_back(*it);
+  return out;
+}
+
 bool units_fit(const std::vector<std::string>& units, const artifact::Manifest& m) {
   if (units.size() > kMaxExpandedUnits) return false;
   for (std::size_t i = 0; i < units.size(); ++i) {
@@ -219,8 +232,10 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
     for (; i < end; ++i) {
       const std::string& unit = m.units[i];
       if (progress)
-        progress((gate.start_only ? "starting " : "restarting ") + unit + " (" +
-                     std::to_string(i + 1) + of_total,
+        progress((gate.start_only        ? "starting "
+                  : is_socket_unit(unit) ? "holding "
+                                         : "restarting ") +
+                     unit + " (" + std::to_string(i + 1) + of_total,
                  40 + static_cast<int>(40 * i / total));
       auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
       if (left <= milliseconds(0))
@@ -228,15 +243,43 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
                      "health gate: deadline passed before " + unit + " was restarted");
       // A deliberate restart must not be refused because earlier ones hit the start limit.
       if (auto reset = m_units.reset_failed(unit); !reset) return reset.error();
-      auto r = gate.start_only ? m_units.start(unit, std::min(left, options.job_timeout))
-                               : m_units.restart(unit, std::min(left, options.job_timeout));
+      // A socket unit is held: started if it is not running (a no-op when it is), never
+      // restarted, unless its unit file changed on disk (its listen settings): systemd applies
+      // that only to a reloaded, restarted socket.
+      std::string how = gate.start_only ? "start" : "restart";
+      std::vector<std::string> behind;  // a changed socket's services, stopped for its restart
+      if (is_socket_unit(unit) && !gate.start_only) {
+        auto before = m_units.status(unit);
+        if (!before) return before.error();
+        if (before->need_daemon_reload) {
+          if (auto reload = m_units.reload(); !reload)
+            return reload.error().with_context("reloading the changed " + unit);
+          // systemd refuses to start a socket while a service behind it runs: those stop
+          // first, and start again once it listens.
+          for (const auto& service : before->triggers) {
+            auto st = m_units.status(service);
+            if (!st) return st.error();
+            if (st->active_state == "inactive" || st->active_state == "failed") continue;
+            if (auto stop = m_units.stop(service, std::min(left, options.job_timeout)); !stop)
+              return stop.error().with_context("health gate");
+            behind.push_back(service);
+          }
+        } else {
+          how = "hold";
+        }
+      }
+      auto r = how == "restart" ? m_units.restart(unit, std::min(left, options.job_timeout))
+                                : m_units.start(unit, std::min(left, options.job_timeout));
+      for (const auto& service : behind)
+        if (r) r = m_units.start(service, std::min(left, options.job_timeout));
       if (!r) return r.error().with_context("health gate");
-      if (gate.trace) gate.trace->push_back((gate.start_only ? "start:" : "restart:") + unit);
+      if (gate.trace) gate.trace->push_back(how + ":" + unit);
       auto st = m_units.status(unit);
       if (!st) return st.error();
       if (st->active_state != "active")
         return Error(ErrorCode::kFailed, "health gate: " + describe_unhealthy(unit, *st));
-      if (st->active_enter_usec > st->active_exit_usec && st->active_exit_usec != 0)
+      if (how != "hold" && st->active_enter_usec > st->active_exit_usec &&
+          st->active_exit_usec != 0)
         downtime[unit] = st->active_enter_usec - st->active_exit_usec;
       restarted.emplace_back(unit, st->n_restarts);
     }
@@ -601,10 +644,10 @@ Result<ActivationReport> Activator::roll_back_after(const store::AppLock& lock,
       auto was_touched = [&touched](const std::string& unit) {
         return std::find(touched.begin(), touched.end(), unit) != touched.end();
       };
-      for (auto it = touched.rbegin(); it != touched.rend() && back; ++it)
-        if (std::find(old_manifest->units.begin(), old_manifest->units.end(), *it) ==
-            old_manifest->units.end())
-          back = m_units.stop(*it, options.job_timeout);
+      for (const auto& unit : stop_order(touched))
+        if (back && std::find(old_manifest->units.begin(), old_manifest->units.end(), unit) ==
+                        old_manifest->units.end())
+          back = m_units.stop(unit, options.job_timeout);
       if (touched.size() < failed->units.size()) {
         // Left alone only when it provably still runs the old release: active since before
         // the switch, as this process saw it. After a crash (or a reboot) the daemon cannot
@@ -780,17 +823,18 @@ Result<ActivationReport> Activator::run_hooked(
   auto stop_and_switch = [&]() -> Result<void> {
     int n = 0;
     if (migrate && old_manifest)
-      for (auto it = old_manifest->units.rbegin(); it != old_manifest->units.rend(); ++it) {
+      for (const auto& unit : stop_order(old_manifest->units)) {
         if (progress)
-          progress("stopping " + *it, 20 + 10 * n++ / static_cast<int>(old_manifest->units.size()));
+          progress("stopping " + unit,
+                   20 + 10 * n++ / static_cast<int>(old_manifest->units.size()));
         // systemd may unload a stopped unit (and forget its timestamps) before it can be
         // asked: the time the stop was asked for bounds the window from above.
         const std::uint64_t asked = monotonic_usec();
-        if (auto r = m_units.stop(*it, options.job_timeout); !r)
+        if (auto r = m_units.stop(unit, options.job_timeout); !r)
           return r.error().with_context("stopping the units");
-        report.steps.push_back("stop:" + *it);
-        auto su = m_units.status(*it);
-        stopped_at[*it] = su && su->active_exit_usec >= asked ? su->active_exit_usec : asked;
+        report.steps.push_back("stop:" + unit);
+        auto su = m_units.status(unit);
+        stopped_at[unit] = su && su->active_exit_usec >= asked ? su->active_exit_usec : asked;
       }
     crash_point("activation.after_stop");
     if (progress) progress("switching", 30);
@@ -1178,6 +1222,7 @@ Result<PlanContext> Activator::plan_context(const std::string& app,
     return expanded(m, options, require);
   };
   ctx.max_unavailable = options.max_unavailable;
+  ctx.unit_status = [this](const std::string& unit) { return m_units.status(unit); };
   return ctx;
 }
 

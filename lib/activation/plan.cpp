@@ -45,10 +45,14 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
   const bool migrate = hooked && !downgrade && m.hooks.count("migrate");
   std::vector<std::string> stopped;
   if (migrate && old)
-    for (auto it = old->units.rbegin(); it != old->units.rend(); ++it) {
-      PlanStep s = step("stop", *it, version);
+    for (const auto& unit : stop_order(old->units)) {
+      PlanStep s = step("stop", unit, version);
       s.timeout_s = ctx.job_timeout_s;
-      stopped.push_back(*it);
+      if (ctx.unit_status)
+        if (auto st = ctx.unit_status(unit); st && st->fd_store_max > 0)
+          s.note = "its file descriptor store (" + std::to_string(st->fd_store) +
+                   " now) is emptied: systemd keeps it across a restart, not a stop";
+      stopped.push_back(unit);
       s.units_down = stopped;
       plan.steps.push_back(std::move(s));
     }
@@ -70,6 +74,23 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
       const std::string& unit = m.units[k];
       PlanStep s = step(migrate ? "start" : "restart", unit, version);
       s.timeout_s = ctx.job_timeout_s;
+      if (!migrate && is_socket_unit(unit)) {
+        // Held (Activator::restart_and_gate), unless its unit file changed on disk.
+        auto st = ctx.unit_status ? ctx.unit_status(unit)
+                                  : Result<units::UnitStatus>(Error(ErrorCode::kNotFound, ""));
+        if (st && st->need_daemon_reload) {
+          s.units_down = {unit};
+          s.units_down.insert(s.units_down.end(), st->triggers.begin(), st->triggers.end());
+          s.note =
+              "its unit file changed on disk: reloaded and restarted, refusing connections "
+              "while it restarts; the services behind it stop first and start again";
+        } else {
+          s.kind = "hold";
+          s.note = "never stopped: connections queue while the services behind it restart";
+        }
+        plan.steps.push_back(std::move(s));
+        continue;
+      }
       if (migrate) {
         // Stopped for the migrate: down until its own start, like every unit after it; the
         // old release's units that this one does not have stay down.
@@ -249,6 +270,16 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
   std::map<std::string, const DowntimePrediction*> by_unit;
   for (const auto& unit : units)
     plan.downtime.push_back(predict_downtime(ctx.history, unit));
+  // The services behind a held socket refuse nothing while they restart.
+  for (const auto& s : plan.steps) {
+    if (s.kind != "hold" || !ctx.unit_status) continue;
+    auto st = ctx.unit_status(s.target);
+    if (!st) continue;
+    for (auto& d : plan.downtime)
+      if (std::find(st->triggers.begin(), st->triggers.end(), d.unit) != st->triggers.end() &&
+          std::find(d.held_by.begin(), d.held_by.end(), s.target) == d.held_by.end())
+        d.held_by.push_back(s.target);
+  }
   for (const auto& d : plan.downtime)
     by_unit[d.unit] = &d;
   // Per activation (a walk has several): restarted one after another, its units' windows add
@@ -413,13 +444,15 @@ json plan_document(const Plan& plan) {
                      {"timeout_s", s.timeout_s},
                      {"min_ready_s", s.min_ready_s},
                      {"units_down", s.units_down},
-                     {"reversible", s.reversible}});
+                     {"reversible", s.reversible},
+                     {"note", s.note}});
   json downtime = json::array();
   for (const auto& d : plan.downtime)
     downtime.push_back({{"unit", d.unit},
                         {"samples", d.samples},
                         {"median_usec", d.samples ? json(d.median_usec) : json()},
-                        {"p95_usec", d.samples ? json(d.p95_usec) : json()}});
+                        {"p95_usec", d.samples ? json(d.p95_usec) : json()},
+                        {"held_by", d.held_by}});
   json doc = {{"format", 1},
               {"app", plan.app},
               {"op", plan.op},

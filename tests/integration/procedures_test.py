@@ -8,12 +8,15 @@ upgradectl against the daemon.
 """
 
 import glob
+import http.client
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -44,7 +47,7 @@ class Runbook(unittest.TestCase):
             with open(path) as f:
                 text = f.read()
             # The example's units name host paths: here they live under the instance's root.
-            text = text.replace("=/var/lib/", "=" + self.root + "/var/lib/")
+            text = self.unit_text(text.replace("=/var/lib/", "=" + self.root + "/var/lib/"))
             name = os.path.basename(path)
             with open(os.path.join(UNITS_DIR, name), "w") as f:
                 f.write(text)
@@ -72,6 +75,10 @@ class Runbook(unittest.TestCase):
                            stderr=subprocess.DEVNULL)
             os.unlink(os.path.join(UNITS_DIR, unit))
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def unit_text(self, text):
+        """An example's unit as installed here (a subclass may adapt more of it)."""
+        return text
 
     def ctl(self, *args, check=0):
         r = subprocess.run([UPGRADECTL, *args, "--user"], capture_output=True, text=True)
@@ -315,6 +322,136 @@ class Keystone(Runbook):
         self.assertTrue(os.path.exists(os.path.join(self.datadir, "dumps", dump)))
         r = self.ctl("rollback", self.example, check=3)
         self.assertIn("restore backup '%s'" % dump, r.stderr)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Load:
+    """Requests without a pause from `threads` threads, each on a new connection (as
+    examples/webapp answers: HTTP/1.0), until stopped: what came back, and every failure."""
+
+    def __init__(self, port, threads=4):
+        self.port, self.stop_at = port, None
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.refused, self.errors, self.bad = [], [], []
+        self.versions = set()
+        self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def run(self):
+        while self.stop_at is None:
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                c.request("GET", "/")
+                r = c.getresponse()
+                body = r.read().decode()
+                with self.lock:
+                    if r.status == 200:
+                        self.ok += 1
+                        self.versions.add(body.strip())
+                    else:
+                        self.bad.append(r.status)
+            except ConnectionRefusedError as e:
+                with self.lock:
+                    self.refused.append(str(e))
+            except OSError as e:
+                with self.lock:
+                    self.errors.append(repr(e))
+            finally:
+                c.close()
+
+    def stop(self):
+        self.stop_at = time.monotonic()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+class WebApp(Runbook):
+    """A service behind a socket unit: upgraded and rolled back under load, not one connection
+    refused (examples/webapp)."""
+    example = "webapp"
+    data = "/var/lib/webapp"
+
+    def unit_text(self, text):
+        if not hasattr(self, "port"):
+            self.port = free_port()
+        return text.replace("127.0.0.1:8089", "127.0.0.1:%d" % self.port)
+
+    def get(self, port=None):
+        c = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
+        try:
+            c.request("GET", "/")
+            return c.getresponse().read().decode().strip()
+        finally:
+            c.close()
+
+    def show(self, unit, prop):
+        return subprocess.run(["systemctl", "--user", "show", "-P", prop, unit],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def test_upgrades_and_rollbacks_refuse_no_connection(self):
+        self.ctl("install", "-q", self.release("1.0.0"))
+        self.assertEqual(self.get(), "webapp 1.0.0")
+        self.ctl("install", "--stage-only", "-q", self.release("1.1.0"))
+        # The plan: the socket held, the service restarted behind it.
+        plan = json.loads(self.ctl("plan", "webapp=1.1.0", "--json").stdout)
+        self.assertEqual([(s["kind"], s["target"]) for s in plan["steps"]],
+                         [("switch", "1.1.0"), ("hold", "webapp.socket"),
+                          ("restart", "webapp.service"), ("gate", ""), ("mark-good", "1.1.0")])
+        self.assertEqual(plan["steps"][1]["units_down"], [])
+        self.assertEqual([(d["unit"], d["held_by"]) for d in plan["downtime"]],
+                         [("webapp.service", ["webapp.socket"])])
+        text = self.ctl("plan", "webapp=1.1.0").stdout
+        self.assertIn("hold webapp.socket (never stopped", text)
+        self.assertIn("socket held (webapp.socket): 0 refused expected", text)
+
+        listening = self.show("webapp.socket", "ActiveEnterTimestampMonotonic")
+        service = self.show("webapp.service", "InvocationID")
+        load = Load(self.port)
+        try:
+            for args in [("activate", "webapp", "1.1.0"), ("rollback", "webapp"),
+                         ("activate", "webapp", "1.1.0")]:
+                self.ctl(*args, "-q")
+                invocation = self.show("webapp.service", "InvocationID")
+                self.assertNotEqual(invocation, service, args)
+                service = invocation
+        finally:
+            load.stop()
+        self.assertEqual(load.refused, [])
+        self.assertEqual(load.errors, [])
+        self.assertEqual(load.bad, [])
+        self.assertGreater(load.ok, 100)
+        self.assertEqual(load.versions, {"webapp 1.0.0", "webapp 1.1.0"})
+        # The socket never went down.
+        self.assertEqual(self.show("webapp.socket", "ActiveEnterTimestampMonotonic"), listening)
+        steps = [h for h in json.loads(self.ctl("history", "webapp", "--json").stdout)]
+        self.assertEqual([sorted(h["downtime_usec"]) for h in steps[-3:]],
+                         [["webapp.service"]] * 3)
+
+        # A socket whose unit file changed on disk (a new port): the plan says it is restarted,
+        # refusing connections meanwhile, and afterwards it listens where the file says.
+        old_port = self.port
+        self.port = free_port()
+        with open(os.path.join(UNITS_DIR, "webapp.socket")) as f:
+            text = f.read()
+        with open(os.path.join(UNITS_DIR, "webapp.socket"), "w") as f:
+            f.write(text.replace(":%d" % old_port, ":%d" % self.port))
+        plan = json.loads(self.ctl("plan", "--rollback", "webapp", "--json").stdout)
+        socket_step = [s for s in plan["steps"] if s["target"] == "webapp.socket"][0]
+        self.assertEqual(socket_step["kind"], "restart")
+        self.assertIn("unit file changed on disk", socket_step["note"])
+        self.ctl("rollback", "-q", "webapp")
+        self.assertEqual(self.get(), "webapp 1.0.0")
+        with self.assertRaises(ConnectionRefusedError):
+            self.get(old_port)
+        self.assertNotEqual(self.show("webapp.socket", "ActiveEnterTimestampMonotonic"),
+                            listening)
 
 
 if __name__ == "__main__":

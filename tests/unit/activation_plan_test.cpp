@@ -499,3 +499,56 @@ TEST(InstallPlan, ASetOfInstallsSaysEveryArtifactIsStagedFirst) {
             std::string::npos);
   EXPECT_EQ(nlohmann::json::parse(activation::set_plan_to_json({*p}))["op"], "activate-set");
 }
+
+TEST(Sockets, AreHeldWhileTheServicesBehindThemRestartAndStopFirstForAMigrate) {
+  Fixture f({manifest("1.0", {"web.socket", "web.service"}),
+             manifest("2.0", {"web.socket", "web.service"})},
+            "1.0");
+  bool changed = false;
+  f.ctx.unit_status = [&changed](const std::string& unit) -> Result<units::UnitStatus> {
+    units::UnitStatus st;
+    st.active_state = "active";
+    if (unit == "web.socket") {
+      st.triggers = {"web.service"};
+      st.need_daemon_reload = changed;
+    }
+    return st;
+  };
+  auto p = f.plan("2.0");
+  EXPECT_EQ(p.keys(), (std::vector<std::string>{"switch:2.0", "hold:web.socket",
+                                                "restart:web.service", "gate:", "mark-good:2.0"}));
+  EXPECT_TRUE(p.steps[1].units_down.empty());
+  EXPECT_NE(p.steps[1].note.find("never stopped"), std::string::npos);
+  ASSERT_EQ(p.downtime.size(), 1u);  // the held socket has no window
+  EXPECT_EQ(p.downtime[0].unit, "web.service");
+  EXPECT_EQ(p.downtime[0].held_by, (std::vector<std::string>{"web.socket"}));
+  auto doc = nlohmann::json::parse(activation::plan_to_json(p));
+  EXPECT_EQ(doc["downtime"][0]["held_by"], nlohmann::json::array({"web.socket"}));
+  EXPECT_EQ(doc["steps"][1]["kind"], "hold");
+
+  // Its unit file changed on disk: restarted, with the services behind it down meanwhile.
+  changed = true;
+  p = f.plan("2.0");
+  EXPECT_EQ(p.steps[1].key(), "restart:web.socket");
+  EXPECT_EQ(p.steps[1].units_down, (std::vector<std::string>{"web.socket", "web.service"}));
+  EXPECT_NE(p.steps[1].note.find("changed on disk"), std::string::npos);
+  EXPECT_TRUE(p.downtime[0].held_by.empty());
+
+  // A migrate stops the socket first (no connection may start the service again behind it),
+  // then starts both in the release's order.
+  changed = false;
+  f.manifests["2.0"] =
+      manifest("2.0", {"web.socket", "web.service"}, artifact::Strategy::kAllAtOnce, {"migrate"});
+  p = f.plan("2.0");
+  EXPECT_EQ(p.keys(), (std::vector<std::string>{"stop:web.socket", "stop:web.service", "switch:2.0",
+                                                "hook:migrate", "start:web.socket",
+                                                "start:web.service", "gate:", "mark-good:2.0"}));
+}
+
+TEST(Sockets, StopOrderPutsSocketsFirstEachGroupInReverse) {
+  EXPECT_EQ(
+      activation::stop_order({"a.socket", "a.service", "b.socket", "b.service", "c.timer"}),
+      (std::vector<std::string>{"b.socket", "a.socket", "c.timer", "b.service", "a.service"}));
+  EXPECT_TRUE(activation::is_socket_unit("web@1.socket"));
+  EXPECT_FALSE(activation::is_socket_unit("socket.service"));
+}

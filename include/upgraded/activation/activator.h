@@ -130,6 +130,17 @@ bool gated_per_unit(const artifact::Manifest& m);
 /// The most units one activation handles once templates are expanded.
 inline constexpr std::size_t kMaxExpandedUnits = 256;
 
+/// Whether `unit` is a socket unit ("web.socket", "web@1.socket"). A release's socket units
+/// are held (docs/hooks.md, "Socket units"): never stopped or restarted by an activation or a
+/// rollback, so that their listening sockets queue connections while the services behind them
+/// restart; started if they are not running; restarted only when their unit file changed on
+/// disk (that restart refuses connections); stopped for a migrate, first.
+bool is_socket_unit(std::string_view unit);
+
+/// The order in which `units` stop (a migrate): the socket units first, so that no connection
+/// starts a service again behind them, then the others; each group in reverse order.
+std::vector<std::string> stop_order(const std::vector<std::string>& units);
+
 /// Whether `unit` is a template unit ("tablet@.service").
 bool is_template_unit(std::string_view unit);
 

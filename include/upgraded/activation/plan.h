@@ -17,12 +17,14 @@
 #include "upgraded/result.h"
 #include "upgraded/store/state.h"
 #include "upgraded/store/store.h"
+#include "upgraded/units/unit_control.h"
 
 namespace upgraded::activation {
 
 struct PlanStep {
-  /// "recover" (an interrupted activation finished first), "hook", "stop", "switch",
-  /// "restart", "start", "gate", "mark-good".
+  /// "stage" (installs), "recover" (an interrupted activation finished first), "hook",
+  /// "stop", "switch", "restart", "start", "hold" (a socket unit kept listening), "gate",
+  /// "mark-good".
   std::string kind;
   /// The unit (stop, restart, start; gate in waves), the hook's phase, the release switched
   /// to or marked good; empty for the gate of all the units at once.
@@ -40,6 +42,9 @@ struct PlanStep {
   /// Activation steps are all undone by the automatic rollback; finalize (never part of an
   /// activation's plan) is the irreversible one.
   bool reversible = true;
+  /// What to know about the step in words (a held socket; a socket restarted because its unit
+  /// file changed on disk).
+  std::string note;
 
   /// "kind:target" (plus ":unit"): the key ActivationReport::steps uses.
   std::string key() const;
@@ -51,6 +56,9 @@ struct DowntimePrediction {
   std::size_t samples = 0;  ///< 0: no history (no prediction)
   std::uint64_t median_usec = 0;
   std::uint64_t p95_usec = 0;
+  /// The held socket units in front of it (a service): connections queue while it restarts,
+  /// none is refused.
+  std::vector<std::string> held_by;
 };
 
 /// Installing an artifact before activating it (Activator::plan_install): the disk space its
@@ -114,6 +122,9 @@ struct PlanContext {
   std::function<Result<artifact::Manifest>(const artifact::Manifest&, bool require)> expand;
   /// Strategy rolling: instances of one template restarted and gated together (waves()).
   std::uint32_t max_unavailable = 1;
+  /// What systemd says about a unit (a socket: whether its unit file changed on disk, the
+  /// services it triggers). Null: sockets are taken as held, with no services known.
+  std::function<Result<units::UnitStatus>(const std::string& unit)> unit_status;
 };
 
 /// The plan of activating `version` of the app (`version` empty with `is_rollback`: the

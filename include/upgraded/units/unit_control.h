@@ -33,6 +33,14 @@ struct UnitStatus {
   std::uint64_t active_exit_usec = 0;
   std::uint64_t inactive_enter_usec = 0;
   std::uint64_t inactive_exit_usec = 0;
+  /// Its unit file or drop-ins changed on disk since systemd loaded them (NeedDaemonReload).
+  bool need_daemon_reload = false;
+  /// The units it triggers (Triggers): a socket unit's services.
+  std::vector<std::string> triggers;
+  /// A service's FileDescriptorStoreMax and NFileDescriptorStore: the descriptors systemd keeps
+  /// for it across a restart (a stop empties the store).
+  std::uint32_t fd_store_max = 0;
+  std::uint32_t fd_store = 0;
 };
 
 class UnitControl {
