@@ -249,7 +249,7 @@ class Lifecycle(DaemonTest):
         self.assertIsNone(plan["refusal"])
         self.assertEqual(plan["steps"][0], {
             "kind": "switch", "target": "3.0.0", "release": "3.0.0", "unit": "",
-            "timeout_s": 0, "min_ready_s": 0, "units_down": [], "reversible": True})
+            "timeout_s": 0, "min_ready_s": 0, "units_down": [], "reversible": True, "note": ""})
         self.assertEqual(json.loads(str(self.manager.Plan(self.app, "", {"rollback": True})))
                          ["to"], "2.0.0")
         for args, error in [

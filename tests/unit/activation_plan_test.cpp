@@ -552,3 +552,30 @@ TEST(Sockets, StopOrderPutsSocketsFirstEachGroupInReverse) {
   EXPECT_TRUE(activation::is_socket_unit("web@1.socket"));
   EXPECT_FALSE(activation::is_socket_unit("socket.service"));
 }
+
+TEST(Sockets, TemplateSocketsAreHeldPerInstanceAndAServiceBehindTwoSocketsNamesBoth) {
+  auto m1 = manifest("1.0", {"web@.socket", "web@.service"});
+  auto m2 = manifest("2.0", {"web@.socket", "web@.service"});
+  Fixture f({m1, m2}, "1.0");
+  f.ctx.expand = [](const artifact::Manifest& m, bool require) {
+    return activation::expand_templates(m, {"1", "2"}, nullptr, require);
+  };
+  auto p = f.plan("2.0");
+  EXPECT_EQ(p.keys(),
+            (std::vector<std::string>{"switch:2.0", "hold:web@1.socket", "hold:web@2.socket",
+                                      "restart:web@1.service", "restart:web@2.service",
+                                      "gate:", "mark-good:2.0"}));
+
+  // One service behind two sockets (http and https): both named as holding it.
+  Fixture g({manifest("1.0", {"http.socket", "https.socket", "web.service"}),
+             manifest("2.0", {"http.socket", "https.socket", "web.service"})},
+            "1.0");
+  g.ctx.unit_status = [](const std::string& unit) -> Result<units::UnitStatus> {
+    units::UnitStatus st;
+    if (activation::is_socket_unit(unit)) st.triggers = {"web.service"};
+    return st;
+  };
+  auto q = g.plan("2.0");
+  ASSERT_EQ(q.downtime.size(), 1u);
+  EXPECT_EQ(q.downtime[0].held_by, (std::vector<std::string>{"http.socket", "https.socket"}));
+}
