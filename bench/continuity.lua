@@ -30,7 +30,7 @@ function request()
 end
 
 function response(status, headers, body)
-  log[#log + 1] = started .. " " .. now_us() .. " " .. status
+  log[#log + 1] = string.format("%d %d %d", started, now_us(), status)
 end
 
 function done(summary, latency, requests)

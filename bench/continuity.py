@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """bench/continuity's body, run inside the testbed: see bench/continuity."""
 import json
+import math
 import os
 import shutil
 import socket
@@ -59,7 +60,7 @@ def pct(xs, p):
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
+    return xs[min(len(xs) - 1, max(0, math.ceil(p / 100 * len(xs)) - 1))]
 
 
 def measure(daemon, app, service, port):
@@ -87,6 +88,8 @@ def measure(daemon, app, service, port):
             wait(str(call()))
             windows.append(stamps(service))
             time.sleep(GAP)
+    if wrk.poll() is not None:
+        raise SystemExit("wrk ended before the transitions did; raise PER_STEP")
     out = wrk.communicate()[0]
     if wrk.returncode != 0:
         raise SystemExit("wrk failed:\n" + out)
@@ -171,7 +174,9 @@ def main():
                        *measure(daemon, "plain", "plain.service", plain))
     daemon.stop()
     summary, non_2xx, during, lengths = socket_run
-    p99 = pct(during, 99) or 0
+    if not during:
+        raise SystemExit("no request overlapped a window: nothing measured; raise THREADS")
+    p99 = pct(during, 99)
     failed = summary["connect"] + summary["write"] + summary["read"]
     base = plain_run[0]
     print("targets: connect, write and read errors %d, non-2xx %d (both 0: %s); p99 during the "

@@ -316,6 +316,9 @@ Result<units::UnitStatus> SystemdUnits::status(const std::string& unit) {
     st.inactive_exit_usec = prop<uint64_t>(u, "InactiveExitTimestampMonotonic", 0);
     st.need_daemon_reload = prop<bool>(u, "NeedDaemonReload", false);
     st.triggers = prop<std::vector<std::string>>(u, "Triggers", {});
+    // An Accept=yes socket triggers an instance per connection: only the first few matter
+    // (a socket's services listed in a release, at most kMaxExpandedUnits of them).
+    if (st.triggers.size() > 256) st.triggers.resize(256);
     if (unit.ends_with(".service") && st.load_state == "loaded") {
       proxy->callMethod("GetAll")
           .onInterface("org.freedesktop.DBus.Properties")

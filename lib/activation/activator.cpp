@@ -159,6 +159,12 @@ std::vector<std::string> stop_order(const std::vector<std::string>& units) {
   return out;
 }
 
+artifact::Manifest sockets_first(artifact::Manifest m) {
+  std::stable_partition(m.units.begin(), m.units.end(),
+                        [](const std::string& u) { return is_socket_unit(u); });
+  return m;
+}
+
 bool units_fit(const std::vector<std::string>& units, const artifact::Manifest& m) {
   if (units.size() > kMaxExpandedUnits) return false;
   for (std::size_t i = 0; i < units.size(); ++i) {
@@ -179,6 +185,9 @@ std::vector<std::size_t> waves(const artifact::Manifest& m, std::uint32_t max_un
   std::vector<std::size_t> ends;
   const std::size_t width = std::max<std::uint32_t>(max_unavailable, 1);
   for (std::size_t i = 0; i < n;) {
+    // Socket units (held: nothing to gate on their own) go with the unit after them.
+    while (i + 1 < n && is_socket_unit(m.units[i]))
+      ++i;
     std::size_t end = i + 1;
     if (m.strategy == artifact::Strategy::kRolling)
       if (auto t = template_parts(m.units[i]); t && !is_template_unit(m.units[i]))
@@ -247,31 +256,29 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
       // restarted, unless its unit file changed on disk (its listen settings): systemd applies
       // that only to a reloaded, restarted socket.
       std::string how = gate.start_only ? "start" : "restart";
-      std::vector<std::string> behind;  // a changed socket's services, stopped for its restart
       if (is_socket_unit(unit) && !gate.start_only) {
+        // Held when it listens: a start job, which does nothing. When it does not (a first
+        // install, a release that adds it, a socket that failed), it starts now, and systemd
+        // refuses that while a service behind it runs: this release's services behind it
+        // (which may hold its port themselves) stop first; each starts in its own step after
+        // it (sockets come first).
         auto before = m_units.status(unit);
         if (!before) return before.error();
-        if (before->need_daemon_reload) {
-          if (auto reload = m_units.reload(); !reload)
-            return reload.error().with_context("reloading the changed " + unit);
-          // systemd refuses to start a socket while a service behind it runs: those stop
-          // first, and start again once it listens.
-          for (const auto& service : before->triggers) {
-            auto st = m_units.status(service);
-            if (!st) return st.error();
-            if (st->active_state == "inactive" || st->active_state == "failed") continue;
-            if (auto stop = m_units.stop(service, std::min(left, options.job_timeout)); !stop)
-              return stop.error().with_context("health gate");
-            behind.push_back(service);
-          }
-        } else {
-          how = "hold";
+        how = before->active_state == "active" ? "hold" : "start";
+        for (const auto& service : how == "hold" ? std::vector<std::string>{} : before->triggers) {
+          if (std::find(m.units.begin() + static_cast<std::ptrdiff_t>(i), m.units.end(), service) ==
+              m.units.end())
+            continue;
+          auto st = m_units.status(service);
+          if (!st) return st.error();
+          if (st->active_state == "inactive" || st->active_state == "failed") continue;
+          if (auto stop = m_units.stop(service, std::min(left, options.job_timeout)); !stop)
+            return stop.error().with_context("health gate");
+          if (gate.trace) gate.trace->push_back("stop:" + service);
         }
       }
       auto r = how == "restart" ? m_units.restart(unit, std::min(left, options.job_timeout))
                                 : m_units.start(unit, std::min(left, options.job_timeout));
-      for (const auto& service : behind)
-        if (r) r = m_units.start(service, std::min(left, options.job_timeout));
       if (!r) return r.error().with_context("health gate");
       if (gate.trace) gate.trace->push_back(how + ":" + unit);
       auto st = m_units.status(unit);
@@ -314,7 +321,8 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
     // Each unit of the wave: its gate passed, then the rest of it (its health hook).
     for (std::size_t k = begin; k < end; ++k) {
       if (gate.trace) gate.trace->push_back("gate:" + m.units[k]);
-      if (gate.after_unit) UPGRADED_TRY(gate.after_unit(m.units[k], k + 1));
+      if (gate.after_unit && !is_socket_unit(m.units[k]))
+        UPGRADED_TRY(gate.after_unit(m.units[k], k + 1));
     }
   }
   return {};
@@ -338,13 +346,15 @@ Result<artifact::Manifest> Activator::expanded(const artifact::Manifest& m,
                                                bool with_failed) const {
   if (std::none_of(m.units.begin(), m.units.end(),
                    [](const std::string& u) { return is_template_unit(u); }))
-    return m;
-  return expand_templates(
+    return sockets_first(m);
+  auto x = expand_templates(
       m, options.instances,
       [this, with_failed](const std::string& templ) {
         return m_units.running_instances(templ, with_failed);
       },
       require, known);
+  if (!x) return x;
+  return sockets_first(std::move(*x));
 }
 
 Result<artifact::Manifest> Activator::journaled_or_expanded(

@@ -75,18 +75,37 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
       PlanStep s = step(migrate ? "start" : "restart", unit, version);
       s.timeout_s = ctx.job_timeout_s;
       if (!migrate && is_socket_unit(unit)) {
-        // Held (Activator::restart_and_gate), unless its unit file changed on disk.
+        // As Activator::restart_and_gate: held when it listens, else started after this
+        // release's services behind it stop.
         auto st = ctx.unit_status ? ctx.unit_status(unit)
                                   : Result<units::UnitStatus>(Error(ErrorCode::kNotFound, ""));
-        if (st && st->need_daemon_reload) {
+        if (st && st->active_state != "active") {
+          s.kind = "start";
           s.units_down = {unit};
-          s.units_down.insert(s.units_down.end(), st->triggers.begin(), st->triggers.end());
-          s.note =
-              "its unit file changed on disk: reloaded and restarted, refusing connections "
-              "while it restarts; the services behind it stop first and start again";
+          std::vector<std::string> behind;
+          for (const auto& service : st->triggers) {
+            if (std::find(m.units.begin() + static_cast<std::ptrdiff_t>(k), m.units.end(),
+                          service) == m.units.end())
+              continue;
+            auto ss = ctx.unit_status(service);
+            if (!ss || ss->active_state == "inactive" || ss->active_state == "failed") continue;
+            PlanStep stop = step("stop", service, version);
+            stop.timeout_s = ctx.job_timeout_s;
+            stop.units_down = {service};
+            behind.push_back(service);
+            plan.steps.push_back(std::move(stop));
+          }
+          s.units_down.insert(s.units_down.end(), behind.begin(), behind.end());
+          s.note = "not listening: it starts now" +
+                   std::string(behind.empty() ? "" : ", after the services behind it stop") +
+                   "; connections are refused until it listens";
         } else {
           s.kind = "hold";
           s.note = "never stopped: connections queue while the services behind it restart";
+          if (st && st->need_daemon_reload)
+            s.note +=
+                "; its unit file changed on disk, which takes effect only when you restart "
+                "it (refusing connections meanwhile): upgraded keeps it as it runs";
         }
         plan.steps.push_back(std::move(s));
         continue;
@@ -106,7 +125,7 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
     // In waves, each unit of the wave gated, then its health hook.
     for (std::size_t k = begin; in_waves && k < end; ++k) {
       gate(m.units[k]);
-      if (hooked) hook("health", m.units[k]);
+      if (hooked && !is_socket_unit(m.units[k])) hook("health", m.units[k]);
     }
     begin = end;
   }

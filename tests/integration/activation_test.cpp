@@ -50,7 +50,8 @@ class Activation : public ::testing::Test {
   void TearDown() override {
     if (units)
       for (const char* u :
-           {"hello.service", "hello-a.service", "hello-b.service", "hello-c.service",
+           {"hello.socket", "hello-a.socket", "hello-b.socket", "hello@1.socket", "hello@2.socket",
+            "hello.service", "hello-a.service", "hello-b.service", "hello-c.service",
             "hello@1.service", "hello@2.service", "hello@3.service", "hello@a.service",
             "hello@b.service", "hello@c.service"})
         (void)units->stop(u, 10s);
@@ -236,6 +237,110 @@ TEST_F(Activation, UpgradesRollsBackAutomaticallyOnAFailedHealthGateAndManually)
                                            "activate:3.0.0:rolled-back", "activate:1.0.0:done",
                                            "rollback:2.0.0:done"}));
   EXPECT_NE((*history)[2].message.find("status 3"), std::string::npos);
+}
+
+TEST_F(Activation, SocketUnitsAreHeldAndStartedOnlyWhenNotListeningAsThePlanSays) {
+  const char* units_dir = std::getenv("UPGRADED_TESTBED_UNITS");
+  test::write_file(std::string(units_dir) + "/hello.socket",
+                   "[Socket]\nListenStream=" + (t / "hello.sock") + "\n");
+  ASSERT_TRUE(units->reload().ok());
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  ASSERT_TRUE(lock.ok());
+  // What each activation did is what its plan said, step for step.
+  auto planned = [&](const std::string& version) {
+    auto plan = act.plan("hello", version, false);
+    EXPECT_TRUE(plan.ok()) << plan.error().message();
+    auto done = act.activate(*lock, version);
+    EXPECT_TRUE(done.ok()) << done.error().message();
+    EXPECT_EQ(plan->keys(), done->steps) << version;
+    return done.ok() ? done->steps : std::vector<std::string>{};
+  };
+  release(*lock, "0.9.0");
+  planned("0.9.0");
+  const std::string service = invocation_id("hello.service");
+  // A release that adds the socket, listed after its service: the socket comes first, and as
+  // it does not listen yet, the service behind it stops first.
+  const std::string units_json = R"({"units": ["hello.service", "hello.socket"], )"
+                                 R"("health": {"min_ready_s": 1, "deadline_s": 30}})";
+  release(*lock, "1.0.0", false, units_json);
+  EXPECT_EQ(planned("1.0.0"),
+            (std::vector<std::string>{"switch:1.0.0", "stop:hello.service", "start:hello.socket",
+                                      "restart:hello.service", "gate:", "mark-good:1.0.0"}));
+  EXPECT_NE(invocation_id("hello.service"), service);
+  auto listening = units->status("hello.socket");
+  ASSERT_TRUE(listening.ok());
+  EXPECT_EQ(listening->active_state, "active");
+  // Then held: never restarted, in an upgrade or a rollback.
+  release(*lock, "2.0.0", false, units_json);
+  EXPECT_EQ(planned("2.0.0"),
+            (std::vector<std::string>{"switch:2.0.0", "hold:hello.socket", "restart:hello.service",
+                                      "gate:", "mark-good:2.0.0"}));
+  auto plan = act.plan("hello", "", true);
+  ASSERT_TRUE(plan.ok());
+  auto back = act.rollback(*lock);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(plan->keys(), back->steps);
+  EXPECT_EQ(units->status("hello.socket")->active_enter_usec, listening->active_enter_usec);
+  EXPECT_EQ(serving("1.0.0"), "1.0.0");
+}
+
+TEST_F(Activation, TwoSocketsOfOneServiceAndTheInstancesOfATemplateSocketAreHeld) {
+  const char* units_dir = std::getenv("UPGRADED_TESTBED_UNITS");
+  for (std::string name : {"a", "b"})
+    test::write_file(
+        std::string(units_dir) + "/hello-" + name + ".socket",
+        "[Socket]\nListenStream=" + (t / (name + ".sock")) + "\nService=hello.service\n");
+  test::write_file(std::string(units_dir) + "/hello@.socket",
+                   "[Socket]\nListenStream=" + std::string(t.path()) + "/%i.sock\n");
+  template_unit();
+  activation::Activator act(*st, *units);
+  auto lock = st->lock("hello");
+  ASSERT_TRUE(lock.ok());
+  activation::ActivationOptions o;
+  o.instances = {"1", "2"};
+  auto planned = [&](const std::string& version) {
+    auto plan = act.plan("hello", version, false, o);
+    EXPECT_TRUE(plan.ok()) << plan.error().message();
+    auto done = act.activate(*lock, version, o);
+    EXPECT_TRUE(done.ok()) << done.error().message();
+    EXPECT_EQ(plan->keys(), done->steps) << version;
+    return plan.ok() ? *plan : activation::Plan{};
+  };
+  const std::string two = R"({"units": ["hello.service", "hello-a.socket", "hello-b.socket"], )"
+                          R"("health": {"min_ready_s": 0, "deadline_s": 30}})";
+  release(*lock, "1.0.0", false, two);
+  planned("1.0.0");
+  const auto a = units->status("hello-a.socket")->active_enter_usec;
+  const auto b = units->status("hello-b.socket")->active_enter_usec;
+  release(*lock, "2.0.0", false, two);
+  auto plan = planned("2.0.0");
+  EXPECT_EQ(plan.keys(),
+            (std::vector<std::string>{"switch:2.0.0", "hold:hello-a.socket", "hold:hello-b.socket",
+                                      "restart:hello.service", "gate:", "mark-good:2.0.0"}));
+  ASSERT_EQ(plan.downtime.size(), 1u);
+  EXPECT_EQ(plan.downtime[0].held_by,
+            (std::vector<std::string>{"hello-a.socket", "hello-b.socket"}));
+  EXPECT_EQ(units->status("hello-a.socket")->active_enter_usec, a);
+  EXPECT_EQ(units->status("hello-b.socket")->active_enter_usec, b);
+  EXPECT_EQ(serving("2.0.0"), "2.0.0");
+
+  // Instances of a template socket, each holding its instance of the template service.
+  const std::string templ = R"({"units": ["hello@.service", "hello@.socket"], )"
+                            R"("health": {"min_ready_s": 0, "deadline_s": 30}})";
+  release(*lock, "3.0.0", false, templ);
+  planned("3.0.0");
+  const auto one = units->status("hello@1.socket")->active_enter_usec;
+  release(*lock, "4.0.0", false, templ);
+  plan = planned("4.0.0");
+  EXPECT_EQ(plan.keys(),
+            (std::vector<std::string>{"switch:4.0.0", "hold:hello@1.socket", "hold:hello@2.socket",
+                                      "restart:hello@1.service", "restart:hello@2.service",
+                                      "gate:", "mark-good:4.0.0"}));
+  ASSERT_EQ(plan.downtime.size(), 2u);
+  EXPECT_EQ(plan.downtime[0].held_by, (std::vector<std::string>{"hello@1.socket"}));
+  EXPECT_EQ(units->status("hello@1.socket")->active_enter_usec, one);
+  EXPECT_EQ(serving_as("2", "4.0.0"), "4.0.0");
 }
 
 TEST_F(Activation, RefusesReleasesItCannotActivateSafely) {

@@ -526,17 +526,32 @@ TEST(Sockets, AreHeldWhileTheServicesBehindThemRestartAndStopFirstForAMigrate) {
   EXPECT_EQ(doc["downtime"][0]["held_by"], nlohmann::json::array({"web.socket"}));
   EXPECT_EQ(doc["steps"][1]["kind"], "hold");
 
-  // Its unit file changed on disk: restarted, with the services behind it down meanwhile.
+  // Its unit file changed on disk: still held, as it runs (restarting it is the operator's
+  // call), and the plan says so.
   changed = true;
   p = f.plan("2.0");
-  EXPECT_EQ(p.steps[1].key(), "restart:web.socket");
-  EXPECT_EQ(p.steps[1].units_down, (std::vector<std::string>{"web.socket", "web.service"}));
+  EXPECT_EQ(p.steps[1].key(), "hold:web.socket");
   EXPECT_NE(p.steps[1].note.find("changed on disk"), std::string::npos);
+
+  // Not listening (a release that adds it; one that failed): the release's service behind it
+  // stops first (it may hold the port), then the socket starts, then the service.
+  f.ctx.unit_status = [](const std::string& unit) -> Result<units::UnitStatus> {
+    units::UnitStatus st;
+    st.active_state = unit == "web.socket" ? "inactive" : "active";
+    if (unit == "web.socket") st.triggers = {"web.service", "other.service"};
+    return st;
+  };
+  p = f.plan("2.0");
+  EXPECT_EQ(p.keys(),
+            (std::vector<std::string>{"switch:2.0", "stop:web.service", "start:web.socket",
+                                      "restart:web.service", "gate:", "mark-good:2.0"}));
+  EXPECT_EQ(p.steps[2].units_down, (std::vector<std::string>{"web.socket", "web.service"}));
+  EXPECT_NE(p.steps[2].note.find("refused"), std::string::npos);
   EXPECT_TRUE(p.downtime[0].held_by.empty());
 
   // A migrate stops the socket first (no connection may start the service again behind it),
   // then starts both in the release's order.
-  changed = false;
+  f.ctx.unit_status = nullptr;
   f.manifests["2.0"] =
       manifest("2.0", {"web.socket", "web.service"}, artifact::Strategy::kAllAtOnce, {"migrate"});
   p = f.plan("2.0");
@@ -572,10 +587,29 @@ TEST(Sockets, TemplateSocketsAreHeldPerInstanceAndAServiceBehindTwoSocketsNamesB
             "1.0");
   g.ctx.unit_status = [](const std::string& unit) -> Result<units::UnitStatus> {
     units::UnitStatus st;
+    st.active_state = "active";
     if (activation::is_socket_unit(unit)) st.triggers = {"web.service"};
     return st;
   };
   auto q = g.plan("2.0");
   ASSERT_EQ(q.downtime.size(), 1u);
   EXPECT_EQ(q.downtime[0].held_by, (std::vector<std::string>{"http.socket", "https.socket"}));
+}
+
+TEST(Sockets, GoWithTheUnitAfterThemInWavesAndRunNoHealthHook) {
+  auto m1 = manifest("1.0", {"web.socket", "web.service", "api.service"},
+                     artifact::Strategy::kOneByOne, {"health"});
+  auto m2 = manifest("2.0", {"web.socket", "web.service", "api.service"},
+                     artifact::Strategy::kOneByOne, {"health"});
+  EXPECT_EQ(activation::waves(m2, 1), (std::vector<std::size_t>{2, 3}));
+  Fixture f({m1, m2}, "1.0");
+  EXPECT_EQ(f.plan("2.0").keys(),
+            (std::vector<std::string>{
+                "switch:2.0", "hold:web.socket", "restart:web.service", "gate:web.socket",
+                "gate:web.service", "hook:health:web.service", "restart:api.service",
+                "gate:api.service", "hook:health:api.service", "mark-good:2.0"}));
+  // Listed after its service, a socket still comes first.
+  auto late = manifest("2.0", {"web.service", "web.socket"});
+  EXPECT_EQ(activation::sockets_first(late).units,
+            (std::vector<std::string>{"web.socket", "web.service"}));
 }

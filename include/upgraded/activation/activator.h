@@ -131,11 +131,15 @@ bool gated_per_unit(const artifact::Manifest& m);
 inline constexpr std::size_t kMaxExpandedUnits = 256;
 
 /// Whether `unit` is a socket unit ("web.socket", "web@1.socket"). A release's socket units
-/// are held (docs/hooks.md, "Socket units"): never stopped or restarted by an activation or a
-/// rollback, so that their listening sockets queue connections while the services behind them
-/// restart; started if they are not running; restarted only when their unit file changed on
-/// disk (that restart refuses connections); stopped for a migrate, first.
+/// are held (docs/hooks.md, "Socket units"): never stopped or restarted while the services
+/// behind them restart, so that their listening sockets queue connections; started when they
+/// are not listening (the release's services behind them stopped first: that refuses
+/// connections); stopped for a migrate, first. They come first in a release's units
+/// (sockets_first), and in waves they go with the unit after them, without a health hook.
 bool is_socket_unit(std::string_view unit);
+
+/// `m` with its socket units first, each group in its order.
+artifact::Manifest sockets_first(artifact::Manifest m);
 
 /// The order in which `units` stop (a migrate): the socket units first, so that no connection
 /// starts a service again behind them, then the others; each group in reverse order.
