@@ -203,6 +203,9 @@ std::vector<std::size_t> waves(const artifact::Manifest& m, std::uint32_t max_un
 std::optional<std::size_t> units_touched(const store::PendingActivation& p,
                                          const artifact::Manifest& m) {
   if (!p.units_touched || !gated_per_unit(m) || *p.units_touched > m.units.size()) return {};
+  // A record of an older build journaled the count but not the units: the count was taken in
+  // the manifest's order, which may not be this one (sockets now come first).
+  if (p.units.empty()) return {};
   return *p.units_touched;
 }
 
@@ -256,6 +259,7 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
       // restarted, unless its unit file changed on disk (its listen settings): systemd applies
       // that only to a reloaded, restarted socket.
       std::string how = gate.start_only ? "start" : "restart";
+      std::vector<std::string> stopped_for_socket;
       if (is_socket_unit(unit) && !gate.start_only) {
         // Held when it listens: a start job, which does nothing. When it does not (a first
         // install, a release that adds it, a socket that failed), it starts now, and systemd
@@ -274,11 +278,16 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
           if (st->active_state == "inactive" || st->active_state == "failed") continue;
           if (auto stop = m_units.stop(service, std::min(left, options.job_timeout)); !stop)
             return stop.error().with_context("health gate");
+          stopped_for_socket.push_back(service);
           if (gate.trace) gate.trace->push_back("stop:" + service);
         }
       }
       auto r = how == "restart" ? m_units.restart(unit, std::min(left, options.job_timeout))
                                 : m_units.start(unit, std::min(left, options.job_timeout));
+      // A socket that did not start: the services stopped for it run again (best effort: a
+      // rollback, a manual one included, may have nothing else that restores them).
+      for (const auto& service : stopped_for_socket)
+        if (!r) (void)m_units.start(service, std::min(left, options.job_timeout));
       if (!r) return r.error().with_context("health gate");
       if (gate.trace) gate.trace->push_back(how + ":" + unit);
       auto st = m_units.status(unit);

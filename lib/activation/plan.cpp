@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "upgraded/activation/activator.h"
 #include "upgraded/policy/version.h"
@@ -22,9 +23,10 @@ PlanStep step(std::string kind, std::string target, const std::string& release) 
 
 // The steps of one activation of `m` from the state `st` (current: the release it leaves), as
 // Activator::run and run_hooked take them.
+// `started`: the socket units earlier activations of a walk start (listening from then on).
 void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifest& m,
                   const std::optional<artifact::Manifest>& old, bool is_rollback,
-                  const PlanContext& ctx) {
+                  const PlanContext& ctx, std::set<std::string>& started) {
   const std::string& version = m.version;
   const std::string from = st.current.value_or("");
   const bool in_waves = gated_per_unit(m);
@@ -79,7 +81,8 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
         // release's services behind it stop.
         auto st = ctx.unit_status ? ctx.unit_status(unit)
                                   : Result<units::UnitStatus>(Error(ErrorCode::kNotFound, ""));
-        if (st && st->active_state != "active") {
+        if (st && st->active_state != "active" && !started.count(unit)) {
+          started.insert(unit);
           s.kind = "start";
           s.units_down = {unit};
           std::vector<std::string> behind;
@@ -259,7 +262,8 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
       if (!om) return om.error();
       old = std::move(*om);
     }
-    append_steps(plan, st, *xm, old, is_rollback, ctx);
+    std::set<std::string> started;
+    append_steps(plan, st, *xm, old, is_rollback, ctx, started);
   } else {
     // A walk: each step a whole activation from the one before (Activator::activate).
     plan.path = path;
@@ -268,6 +272,7 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
     if (om) om = expand(std::move(*om), false);
     if (!om) return om.error();
     old = std::move(*om);
+    std::set<std::string> started;
     for (std::size_t i = 1; i < path.size(); ++i) {
       auto mi = ctx.manifest(path[i]);
       if (!mi) return mi.error();
@@ -276,7 +281,7 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
       store::AppState at = st;
       at.previous = at.current;
       at.current = path[i - 1];
-      append_steps(plan, at, *mi, old, false, ctx);
+      append_steps(plan, at, *mi, old, false, ctx, started);
       old = std::move(*mi);
     }
   }
@@ -312,7 +317,7 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
     std::uint64_t sum = 0, longest = 0;
     for (; i < plan.steps.size() && plan.steps[i].release == release; ++i) {
       const auto& s = plan.steps[i];
-      migrated = migrated || s.kind == "stop";
+      migrated = migrated || (s.kind == "hook" && s.target == "migrate");
       if (s.kind != "restart" && s.kind != "start") continue;
       const DowntimePrediction& d = *by_unit.at(s.target);
       complete = complete && d.samples > 0;
@@ -322,8 +327,9 @@ Result<Plan> plan_activation(const store::AppState& st, const std::string& versi
     total += migrated ? longest : sum;
   }
   if (complete) plan.predicted_total_usec = total;
-  const bool migrate = std::any_of(plan.steps.begin(), plan.steps.end(),
-                                   [](const PlanStep& s) { return s.kind == "stop"; });
+  const bool migrate = std::any_of(plan.steps.begin(), plan.steps.end(), [](const PlanStep& s) {
+    return s.kind == "hook" && s.target == "migrate";
+  });
   if (plan.from.empty())
     plan.on_failure = target + " is marked bad; there is no release to go back to";
   else if (is_rollback)

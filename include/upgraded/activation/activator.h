@@ -171,7 +171,8 @@ bool units_fit(const std::vector<std::string>& units, const artifact::Manifest& 
 
 /// The waves in which the units of `m` (expanded) are restarted and gated, as the index one past
 /// each wave's last unit: all-at-once one wave; one-by-one one unit each; rolling one unit
-/// each, except consecutive instances of one template, `max_unavailable` at a time.
+/// each, except consecutive instances of one template, `max_unavailable` at a time. In waves,
+/// socket units go with the unit after them.
 std::vector<std::size_t> waves(const artifact::Manifest& m, std::uint32_t max_unavailable);
 
 /// How many of `m`'s units the interrupted activation `p` had touched, one by one; nothing when
