@@ -116,6 +116,50 @@ Result<VerifiedHead> verify_head(const sandbox::Helper& head_helper,
   }
 }
 
+// The heads of `fds` verified two at a time (each run mostly waits for its helper processes:
+// this halves a set's wall time on two cores), helpers 2k and 2k+1 for artifact k. In order, up
+// to the first that fails; none is started past `deadline` (that one is the failure then).
+std::vector<Result<VerifiedHead>> verify_heads(
+    const std::vector<std::shared_ptr<sdbus::UnixFd>>& fds,
+    const std::vector<sandbox::Helper>& helpers, const TrustRoot& trust, unsigned threshold,
+    std::chrono::steady_clock::time_point deadline, std::chrono::seconds limit) {
+  std::vector<Result<VerifiedHead>> out;
+  auto one = [&](std::size_t k) {
+    return verify_head(helpers[2 * k], helpers[2 * k + 1], fds[k]->get(), trust, threshold);
+  };
+  for (std::size_t k = 0; k < fds.size(); k += 2) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      out.push_back(Error(ErrorCode::kFailed, "verifying the artifacts took longer than " +
+                                                  std::to_string(limit.count()) + " s"));
+      return out;
+    }
+    std::optional<Result<VerifiedHead>> second;
+    std::thread other;
+    if (k + 1 < fds.size()) {
+      try {
+        other = std::thread([&] { second = one(k + 1); });
+      } catch (const std::system_error&) {
+        // No thread for it: one after the other.
+      }
+    }
+    Result<VerifiedHead> first = Error(ErrorCode::kFailed, "not verified");
+    try {
+      first = one(k);
+    } catch (...) {
+      if (other.joinable()) other.join();
+      throw;
+    }
+    if (other.joinable()) other.join();
+    out.push_back(std::move(first));
+    if (!out.back()) return out;
+    if (k + 1 < fds.size()) {
+      out.push_back(second ? std::move(*second) : one(k + 1));
+      if (!out.back()) return out;
+    }
+  }
+  return out;
+}
+
 // The n-th (from 0) of `count` artifacts, for errors about one of several.
 std::string nth_artifact(std::size_t n, std::size_t count) {
   return "artifact " + std::to_string(n + 1) + " of " + std::to_string(count);
@@ -388,12 +432,8 @@ void Manager::start_verification(QueuedInstall install, TrustRoot trust) {
   auto in = std::make_shared<QueuedInstall>(std::move(install));
   m_loop.run_task([this, in, helpers = std::move(helpers), trust = std::move(trust)]() {
     // Stops at the first artifact that fails.
-    std::vector<Result<VerifiedHead>> heads;
-    for (std::size_t k = 0; k < in->fds.size(); ++k) {
-      heads.push_back(verify_head(helpers[2 * k], helpers[2 * k + 1], in->fds[k]->get(), trust,
-                                  m_config.threshold));
-      if (!heads.back()) break;
-    }
+    auto heads = verify_heads(in->fds, helpers, trust, m_config.threshold,
+                              std::chrono::steady_clock::time_point::max(), kHelperTimeout);
     return std::function<void()>([this, in, heads = std::move(heads)] {
       m_verifying -= in->fds.size();
       try {
@@ -1674,15 +1714,12 @@ void Manager::PlanInstall(sdbus::Result<std::string>&& result, std::vector<sdbus
     // The apps are known only once verified, off the loop: what is busy now, from here.
     auto busy = std::make_shared<std::map<std::string, std::uint32_t>>(m_busy);
     auto compute = [this, fds, helpers, trust = std::move(*trust), busy]() -> Result<std::string> {
-      const auto deadline = std::chrono::steady_clock::now() + kPlanInstallDeadline;
+      auto verified = verify_heads(fds, helpers, trust, m_config.threshold,
+                                   std::chrono::steady_clock::now() + kPlanInstallDeadline,
+                                   kPlanInstallDeadline);
       std::vector<VerifiedHead> heads;
-      for (std::size_t k = 0; k < fds.size(); ++k) {
-        if (std::chrono::steady_clock::now() > deadline)
-          return Error(ErrorCode::kFailed, "verifying the artifacts took longer than " +
-                                               std::to_string(kPlanInstallDeadline.count()) +
-                                               " s; nothing was planned");
-        auto head = verify_head(helpers[2 * k], helpers[2 * k + 1], fds[k]->get(), trust,
-                                m_config.threshold);
+      for (std::size_t k = 0; k < verified.size(); ++k) {
+        auto& head = verified[k];
         if (!head)
           return fds.size() == 1 ? head.error()
                                  : head.error().with_context(nth_artifact(k, fds.size()));
