@@ -165,6 +165,39 @@ std::string nth_artifact(std::size_t n, std::size_t count) {
   return "artifact " + std::to_string(n + 1) + " of " + std::to_string(count);
 }
 
+// Every descriptor as check_artifact_fd takes it; an error names the artifact ("artifact k of
+// n") when there are several, or always with `name_one` (InstallSet's errors all name it).
+void check_artifact_fds(const std::vector<std::shared_ptr<sdbus::UnixFd>>& fds, bool name_one) {
+  for (std::size_t k = 0; k < fds.size(); ++k) {
+    try {
+      check_artifact_fd(*fds[k]);
+    } catch (const sdbus::Error& e) {
+      throw invalid(fds.size() == 1 && !name_one
+                        ? e.getMessage()
+                        : nth_artifact(k, fds.size()) + ": " + e.getMessage());
+    }
+  }
+}
+
+// Refused in a set: the k-th of `count` artifacts, `m`, of an app an earlier one (`earlier`)
+// has. The message, or nothing when its app is new to the set.
+std::optional<std::string> app_twice(const std::vector<VerifiedHead>& earlier,
+                                     const artifact::Manifest& m, std::size_t k,
+                                     std::size_t count) {
+  for (const auto& e : earlier)
+    if (e.art->manifest.app == m.app)
+      return nth_artifact(k, count) + " is " + m.app + " " + m.version + ": " + m.app +
+             " is in the set twice";
+  return std::nullopt;
+}
+
+// Whether `m`'s release is installed already from this very signed manifest: a set takes it
+// as staged and does not stage it again.
+bool installed_from(const store::Store& store, const artifact::Manifest& m) {
+  auto installed = store.manifest(m.app, m.version);
+  return installed && *installed == m;
+}
+
 }  // namespace
 
 namespace {
@@ -368,13 +401,7 @@ void Manager::InstallSet(PathResult&& result, std::vector<sdbus::UnixFd> artifac
     authorized(
         reply, "org.upgraded1.install",
         [this, reply, fds, activate](uid_t caller) {
-          for (std::size_t k = 0; k < fds.size(); ++k) {
-            try {
-              check_artifact_fd(*fds[k]);
-            } catch (const sdbus::Error& e) {
-              throw invalid(nth_artifact(k, fds.size()) + ": " + e.getMessage());
-            }
-          }
+          check_artifact_fds(fds, true);
           queue_install(QueuedInstall{reply, fds, activate, caller, true});
         },
         std::move(decided));
@@ -467,13 +494,10 @@ sdbus::ObjectPath Manager::start_install(std::shared_ptr<artifact::VerifiedManif
                                          std::uint64_t payload_offset, bool activate,
                                          uid_t caller) {
   const std::string app = art->manifest.app, version = art->manifest.version;
-  bool new_app = true;
-  store::AppState st;
-  st.app = app;
-  if (auto known = m_store.state(app)) {
-    new_app = false;
-    st = std::move(*known);
-  }
+  bool new_app = false;
+  auto known = m_store.state_or_new(app, &new_app);
+  if (!known) throw bus_error::from(known.error());
+  const store::AppState st = std::move(*known);
   // Refused before any byte is extracted: the release already there, the floor, a payload
   // that cannot fit (PlanInstall's refusals).
   std::map<std::uint64_t, std::uint64_t> taken;
@@ -567,14 +591,13 @@ sdbus::ObjectPath Manager::start_install_set(const std::vector<VerifiedHead>& he
   std::string label;
   for (std::size_t k = 0; k < heads.size(); ++k) {
     const artifact::Manifest& m = heads[k].art->manifest;
-    if (std::find(apps.begin(), apps.end(), m.app) != apps.end())
-      throw invalid(nth_artifact(k, heads.size()) + " is " + m.app + " " + m.version + ": " +
-                    m.app + " is in the set twice");
+    if (auto twice = app_twice({heads.begin(), heads.begin() + static_cast<std::ptrdiff_t>(k)}, m,
+                               k, heads.size()))
+      throw invalid(*twice);
     Member member{heads[k], fds[k], next_helper()};
     if (auto st = m_store.state(m.app)) {
       if (auto same = st->installed_as(m.version)) {
-        auto installed = m_store.manifest(m.app, *same);
-        member.present = *same == m.version && installed && *installed == m;
+        member.present = *same == m.version && installed_from(m_store, m);
         if (!member.present)
           throw sdbus::Error(bus_error::kExists, m.app + " " + m.version + " is already installed" +
                                                      (*same == m.version ? " from another artifact"
@@ -627,11 +650,9 @@ sdbus::ObjectPath Manager::start_install_set(const std::vector<VerifiedHead>& he
           refusal = Error(ErrorCode::kBusy, "an interrupted activation of " + plan->recover_first +
                                                 " is pending (the daemon finishes it at start)");
       } else if (!mb.present) {
-        auto st = m_store.state(m.app);
-        store::AppState empty;
-        empty.app = m.app;
-        if (!st && st.error().code() != ErrorCode::kNotFound) return st.error();
-        refusal = activation::install_refusal(st ? *st : empty, m, space);
+        auto st = m_store.state_or_new(m.app);
+        if (!st) return st.error();
+        refusal = activation::install_refusal(*st, m, space);
       }
       if (refusal)
         return Error(refusal->code(),
@@ -1667,16 +1688,9 @@ void Manager::PlanInstall(sdbus::Result<std::string>&& result, std::vector<sdbus
     if (artifacts.empty() || artifacts.size() > kMaxInstallSet)
       throw invalid("PlanInstall takes 1 to " + std::to_string(kMaxInstallSet) + " artifacts");
     std::vector<std::shared_ptr<sdbus::UnixFd>> fds;
-    for (std::size_t k = 0; k < artifacts.size(); ++k) {
-      try {
-        check_artifact_fd(artifacts[k]);
-      } catch (const sdbus::Error& e) {
-        throw invalid(artifacts.size() == 1
-                          ? e.getMessage()
-                          : nth_artifact(k, artifacts.size()) + ": " + e.getMessage());
-      }
-      fds.push_back(std::make_shared<sdbus::UnixFd>(std::move(artifacts[k])));
-    }
+    for (auto& a : artifacts)
+      fds.push_back(std::make_shared<sdbus::UnixFd>(std::move(a)));
+    check_artifact_fds(fds, false);
     if (m_helper_sandbox.rfind("unusable:", 0) == 0)
       throw sdbus::Error(bus_error::kFailed,
                          "the extraction helpers' sandbox is " + m_helper_sandbox);
@@ -1723,12 +1737,8 @@ void Manager::PlanInstall(sdbus::Result<std::string>&& result, std::vector<sdbus
         if (!head)
           return fds.size() == 1 ? head.error()
                                  : head.error().with_context(nth_artifact(k, fds.size()));
-        for (const auto& earlier : heads)
-          if (earlier.art->manifest.app == head->art->manifest.app)
-            return Error(ErrorCode::kInvalidArgument,
-                         nth_artifact(k, fds.size()) + " is " + head->art->manifest.app + " " +
-                             head->art->manifest.version + ": " + head->art->manifest.app +
-                             " is in the set twice");
+        if (auto twice = app_twice(heads, head->art->manifest, k, fds.size()))
+          return Error(ErrorCode::kInvalidArgument, *twice);
         heads.push_back(std::move(*head));
       }
       std::map<std::uint64_t, std::uint64_t> taken;  // by filesystem
@@ -1740,8 +1750,7 @@ void Manager::PlanInstall(sdbus::Result<std::string>&& result, std::vector<sdbus
         activation::Activator act(m_store, m_units);
         // In a set, a release installed already from this very manifest is not staged again
         // (InstallSet): only activated.
-        auto installed = m_store.manifest(m.app, m.version);
-        const bool present = heads.size() > 1 && installed && *installed == m;
+        const bool present = heads.size() > 1 && installed_from(m_store, m);
         auto plan = present ? act.plan(m.app, m.version, false, how)
                             : act.plan_install(m, install_space(m, taken, true), how);
         if (!plan) return plan.error().with_context(m.app);

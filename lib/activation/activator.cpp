@@ -159,6 +159,20 @@ std::vector<std::string> stop_order(const std::vector<std::string>& units) {
   return out;
 }
 
+std::vector<std::string> behind_socket(const units::UnitStatus& socket,
+                                       const std::vector<std::string>& units, std::size_t from) {
+  std::vector<std::string> out;
+  for (const auto& service : socket.triggers)
+    if (std::find(units.begin() + static_cast<std::ptrdiff_t>(std::min(from, units.size())),
+                  units.end(), service) != units.end())
+      out.push_back(service);
+  return out;
+}
+
+bool stops_for_socket(const units::UnitStatus& service) {
+  return service.active_state != "inactive" && service.active_state != "failed";
+}
+
 artifact::Manifest sockets_first(artifact::Manifest m) {
   std::stable_partition(m.units.begin(), m.units.end(),
                         [](const std::string& u) { return is_socket_unit(u); });
@@ -269,13 +283,11 @@ Result<void> Activator::restart_and_gate(const artifact::Manifest& m,
         auto before = m_units.status(unit);
         if (!before) return before.error();
         how = before->active_state == "active" ? "hold" : "start";
-        for (const auto& service : how == "hold" ? std::vector<std::string>{} : before->triggers) {
-          if (std::find(m.units.begin() + static_cast<std::ptrdiff_t>(i), m.units.end(), service) ==
-              m.units.end())
-            continue;
+        for (const auto& service :
+             how == "hold" ? std::vector<std::string>{} : behind_socket(*before, m.units, i)) {
           auto st = m_units.status(service);
           if (!st) return st.error();
-          if (st->active_state == "inactive" || st->active_state == "failed") continue;
+          if (!stops_for_socket(*st)) continue;
           if (auto stop = m_units.stop(service, std::min(left, options.job_timeout)); !stop)
             return stop.error().with_context("health gate");
           stopped_for_socket.push_back(service);
@@ -1256,17 +1268,12 @@ Result<Plan> Activator::plan(const std::string& app, const std::string& version,
 
 Result<Plan> Activator::plan_install(const artifact::Manifest& m, const InstallSpace& space,
                                      const ActivationOptions& options) const {
-  store::AppState st;
-  st.app = m.app;
-  auto known = m_store.state(m.app);
-  const bool installed = known.ok();
-  if (installed)
-    st = std::move(*known);
-  else if (known.error().code() != ErrorCode::kNotFound)
-    return known.error();
-  auto ctx = plan_context(m.app, options, installed);
+  bool is_new = false;
+  auto st = m_store.state_or_new(m.app, &is_new);
+  if (!st) return st.error();
+  auto ctx = plan_context(m.app, options, !is_new);
   if (!ctx) return ctx.error();
-  return activation::plan_install(std::move(st), m, space, std::move(*ctx));
+  return activation::plan_install(std::move(*st), m, space, std::move(*ctx));
 }
 
 Result<ActivationReport> Activator::rollback(const store::AppLock& lock,

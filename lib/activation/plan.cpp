@@ -86,12 +86,9 @@ void append_steps(Plan& plan, const store::AppState& st, const artifact::Manifes
           s.kind = "start";
           s.units_down = {unit};
           std::vector<std::string> behind;
-          for (const auto& service : st->triggers) {
-            if (std::find(m.units.begin() + static_cast<std::ptrdiff_t>(k), m.units.end(),
-                          service) == m.units.end())
-              continue;
+          for (const auto& service : behind_socket(*st, m.units, k)) {
             auto ss = ctx.unit_status(service);
-            if (!ss || ss->active_state == "inactive" || ss->active_state == "failed") continue;
+            if (!ss || !stops_for_socket(*ss)) continue;
             PlanStep stop = step("stop", service, version);
             stop.timeout_s = ctx.job_timeout_s;
             stop.units_down = {service};

@@ -516,6 +516,15 @@ Result<AppState> Store::state(const std::string& app) const {
   return **st;
 }
 
+Result<AppState> Store::state_or_new(const std::string& app, bool* is_new) const {
+  auto st = state(app);
+  if (is_new) *is_new = !st && st.error().code() == ErrorCode::kNotFound;
+  if (st || st.error().code() != ErrorCode::kNotFound) return st;
+  AppState fresh;
+  fresh.app = app;
+  return fresh;
+}
+
 // state.json of `app` at `dirfd/path`, from the cache while it is the same file. `sb`: its
 // fstatat() if the caller has made one (a cache hit then costs no further system call).
 Result<std::shared_ptr<const AppState>> Store::load_state(int dirfd, const std::string& path,

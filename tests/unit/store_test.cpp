@@ -462,6 +462,29 @@ TEST_F(AStore, WithItsStateCacheSeesEveryReplacedOrRewrittenStateFile) {
   EXPECT_EQ(cached->state("hello").error().code(), ErrorCode::kNotFound);
 }
 
+TEST_F(AStore, StartsAnUnknownAppFromAnEmptyStateButNeverOneItCannotRead) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  bool is_new = true;
+  auto known = store->state_or_new("hello", &is_new);
+  ASSERT_TRUE(known.ok()) << known.error().message();
+  EXPECT_FALSE(is_new);
+  EXPECT_EQ(*known, state());
+  auto fresh = store->state_or_new("newcomer", &is_new);
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message();
+  EXPECT_TRUE(is_new);
+  EXPECT_EQ(fresh->app, "newcomer");
+  EXPECT_TRUE(fresh->releases.empty());
+  EXPECT_FALSE(fresh->current.has_value());
+  // A state.json that cannot be parsed is an error, never a fresh start (its floor would be
+  // lost).
+  make_dirs(t / "state/apps/broken");
+  write_file(t / "state/apps/broken/state.json", "{not json");
+  auto broken = store->state_or_new("broken", &is_new);
+  ASSERT_FALSE(broken.ok());
+  EXPECT_FALSE(is_new);
+  EXPECT_NE(broken.error().code(), ErrorCode::kNotFound);
+}
+
 TEST_F(AStore, ListsEveryStateInOnePassAndNamesTheOneItCannotRead) {
   ASSERT_TRUE(stage("1.0.0").ok());
   make_dirs(t / "state/apps/broken");

@@ -138,6 +138,17 @@ inline constexpr std::size_t kMaxExpandedUnits = 256;
 /// (sockets_first), and in waves they go with the unit after them, without a health hook.
 bool is_socket_unit(std::string_view unit);
 
+/// The services behind `socket` that must stop before it starts, if it is not listening
+/// (systemd refuses to start a socket while a service behind it runs): those it triggers that
+/// `units` lists at `from` or later (each starts in its own step after the socket). Which of
+/// them run is for the caller to ask (`stops_for_socket`).
+std::vector<std::string> behind_socket(const units::UnitStatus& socket,
+                                       const std::vector<std::string>& units, std::size_t from);
+
+/// Whether a service in this state must be stopped before a socket in front of it starts:
+/// it runs (neither inactive nor failed).
+bool stops_for_socket(const units::UnitStatus& service);
+
 /// `m` with its socket units first, each group in its order.
 artifact::Manifest sockets_first(artifact::Manifest m);
 

@@ -220,6 +220,10 @@ class Store {
   /// An app's state as on disk (kNotFound for an unknown app). Needs no lock: state.json is
   /// replaced atomically.
   Result<AppState> state(const std::string& app) const;
+  /// state(), or for an app the store does not know an empty state of that name (what its
+  /// first install starts from); `is_new`, if given, says which. Other errors (a state.json
+  /// that cannot be read) are returned.
+  Result<AppState> state_or_new(const std::string& app, bool* is_new = nullptr) const;
   /// Every app's state, sorted by name (apps without one are left out), for listings. With
   /// options.cache_states, a state still cached costs one fstatat() and no copy. An app whose
   /// state.json cannot be read or parsed is listed with the error instead (its name in it).
