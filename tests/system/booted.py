@@ -2,12 +2,12 @@
 booted with systemd-nspawn (PID 1 systemd, the system bus, journald, polkitd), the freshly built
 .deb installed into it with apt.
 
-The root file system is cached in /var/cache/upgraded-booted/rootfs-<hash of the package list>
-(a directory only root may write, checked before use: a cache someone else prepared would be
-booted as root) and copied for each boot; a boot lives in a run directory of its own, removed
-with everything in it when the container has powered off. Nothing is left mounted or running.
-Files are written into the container from inside it, never through its tree from the host,
-where a symlink made inside would lead anywhere on the host."""
+The root file system is cached in /var/cache/upgraded-booted/rootfs-<hash of the package list
+and the hooks> (a directory only root may write, checked before use: a cache someone else
+prepared would be booted as root) and copied for each boot; a boot lives in a run directory and
+cgroups of its own, removed with everything in them when the container has powered off. Nothing
+is left mounted or running. Files are written into the container from inside it, never through
+its tree from the host, where a symlink made inside would lead anywhere on the host."""
 import hashlib
 import os
 import re
@@ -19,12 +19,27 @@ import time
 
 CACHE = "/var/cache/upgraded-booted"
 # What the system needs to boot and what the package depends on, so that `apt install ./x.deb`
-# inside needs no network.
+# inside needs no network; sshd and Python for Ansible (fleet.py).
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "polkitd", "libsdbus-c++1", "libarchive13",
             "libssl3", "libzstd1", "libtomlplusplus3", "libseccomp2", "init-system-helpers",
-            "passwd", "procps"]
+            "passwd", "procps", "openssh-server", "python3", "python3-dbus"]
+# sshd does not start at boot: a container without a network namespace of its own would listen
+# on the host's port 22 (fleet.py starts it where the network is the test's). mmdebstrap copies
+# this machine's /etc/hostname; without it a container's hostname is its --machine= name.
+HOOKS = ['chroot "$1" systemctl disable ssh.service', 'rm "$1/etc/hostname"']
+# examples/hello's unit on a booted system (booted_test.py, fleet_test.py).
+HELLO_UNIT = """[Unit]
+Description=The example service, run from the upgraded store
+
+[Service]
+ExecStart=/var/lib/upgraded/apps/hello/current/bin/hello
+Environment=HELLO_STATE=/run/hello.state
+"""
 # systemd-nspawn's default filter answers these with EPERM; listing them lets Landlock through.
 LANDLOCK_CALLS = "landlock_create_ruleset landlock_add_rule landlock_restrict_self"
+# Puts itself into the cgroups whose cgroup.procs files come before "--", then becomes the
+# command after it (the container starts in its cgroups: nothing of it is made elsewhere).
+ENTER_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@"'
 
 
 class Unavailable(Exception):
@@ -63,9 +78,44 @@ def owned_by_root_only(path):
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
 
 
+def cgroup_parents():
+    """This process's cgroups in the hierarchies systemd inside a container writes to: the
+    unified one (cgroup2) and, on a hybrid host, the v1 one named systemd. nspawn --keep-unit
+    makes the cgroup it runs in the container's root: containers started from one cgroup would
+    share theirs (one's user@0.service stopped by another's systemd, shutdowns that hang)."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        mountinfo = f.read().splitlines()
+    with open("/proc/self/cgroup") as f:
+        cgroups = f.read().splitlines()
+    for line in mountinfo:
+        fields = line.split()
+        fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
+        if fstype == "cgroup2":
+            mounts[""] = fields[4]
+        elif fstype == "cgroup" and "name=systemd" in options:
+            mounts["name=systemd"] = fields[4]
+    parents = []
+    for line in cgroups:
+        _, controllers, path = line.split(":", 2)
+        if controllers in mounts:
+            parents.append(mounts[controllers] + path.rstrip("/"))
+    return parents
+
+
+def remove_cgroup(path):
+    """Removes a cgroup and every one under it; False if one is left (a process is in it)."""
+    for top, _, _ in os.walk(path, topdown=False):
+        try:
+            os.rmdir(top)
+        except OSError:
+            pass
+    return not os.path.exists(path)
+
+
 def rootfs():
-    """The cached root file system, made once per package list (about 50 s, 250 MB)."""
-    key = hashlib.sha256(" ".join(PACKAGES).encode()).hexdigest()[:16]
+    """The cached root file system, made once per package list and hooks (about 40 s, 300 MB)."""
+    key = hashlib.sha256("\n".join([" ".join(PACKAGES)] + HOOKS).encode()).hexdigest()[:16]
     path = os.path.join(CACHE, "rootfs-" + key)
     os.makedirs(CACHE, mode=0o700, exist_ok=True)
     if not owned_by_root_only(CACHE):
@@ -76,8 +126,9 @@ def rootfs():
         return path
     partial = tempfile.mkdtemp(dir=CACHE, prefix="partial-")
     target = os.path.join(partial, "root")
-    r = subprocess.run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
-                        "bookworm", target, mirror()], capture_output=True, text=True)
+    hooks = ["--customize-hook=" + hook for hook in HOOKS]
+    r = subprocess.run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES)] +
+                       hooks + ["bookworm", target, mirror()], capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise Unavailable("mmdebstrap failed:\n" + r.stderr[-3000:])
@@ -91,12 +142,16 @@ class Container:
     container's system call filter, which everything systemd starts inside (the daemon, its
     helpers, hooks, systemd-run) is."""
 
-    def __init__(self, name, syscall_filter=None, binds=()):
+    def __init__(self, name, syscall_filter=None, binds=(), network_namespace=None):
+        """`network_namespace`: the path of a network namespace to boot in (/run/netns/NAME),
+        else the host's network."""
         self.name = name
         self.filter = syscall_filter
         self.binds = binds
+        self.netns = network_namespace
         self.dir = None
         self.root = None
+        self.cgroups = []
         self.nspawn = None
         self.pid1 = None
         self.log = None
@@ -127,8 +182,16 @@ class Container:
             args.append("--system-call-filter=" + self.filter)
         for host, inside in self.binds:
             args.append("--bind-ro=%s:%s" % (host, inside))
+        if self.netns:
+            args.append("--network-namespace-path=" + self.netns)
+        self.cgroups = [os.path.join(parent, os.path.basename(self.dir))
+                        for parent in cgroup_parents()]
+        for cgroup in self.cgroups:
+            os.mkdir(cgroup)
+        enter = ["sh", "-c", ENTER_CGROUPS, "sh"] + \
+            [os.path.join(cgroup, "cgroup.procs") for cgroup in self.cgroups] + ["--"]
         self.log = open(os.path.join(self.dir, "console.log"), "wb")
-        self.nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log,
+        self.nspawn = subprocess.Popen(enter + args, stdin=subprocess.DEVNULL, stdout=self.log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -177,10 +240,14 @@ class Container:
         self.run(["install", "-D", "-m", "%o" % mode, "/dev/stdin", path], input=text)
 
     def poweroff(self):
-        """Clean shutdown, then the run directory goes. Raises if anything is left behind."""
+        """Clean shutdown, then the run directory and the cgroups go. Raises if anything is left
+        behind."""
         if self.nspawn is None:
             if self.dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
+            cgroups = self.remove_cgroups()
+            if cgroups:
+                raise AssertionError("cgroups left: %s" % cgroups)
             return
         try:
             if self.nspawn.poll() is None:
@@ -188,6 +255,8 @@ class Container:
                 try:
                     self.nspawn.wait(timeout=90)
                 except subprocess.TimeoutExpired:
+                    if self.pid1:  # it would outlive nspawn, reparented to this machine's init
+                        os.kill(self.pid1, 9)
                     os.killpg(self.nspawn.pid, 9)
                     self.nspawn.wait(timeout=30)
                     raise AssertionError("the container did not power off within 90 s")
@@ -202,5 +271,13 @@ class Container:
                 subprocess.run(["umount", "-l", m], check=False)
             shutil.rmtree(self.dir, ignore_errors=True)
             self.nspawn = None
-            if left:
-                raise AssertionError("mounts left after poweroff: %s" % left)
+            cgroups = self.remove_cgroups()
+            if left or cgroups:
+                raise AssertionError("left after poweroff: mounts %s, cgroups %s" %
+                                     (left, cgroups))
+
+    def remove_cgroups(self):
+        """The container's cgroups (made empty by its poweroff): those that are left."""
+        left = [cgroup for cgroup in self.cgroups if not remove_cgroup(cgroup)]
+        self.cgroups = []
+        return left

@@ -26,13 +26,6 @@ DIST, UPGRADECTL = sys.argv[1], sys.argv[2]
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "../../examples")
 ART = "/mnt/art"  # the artifacts and packages, bound read-only into the container
-HELLO_UNIT = """[Unit]
-Description=The example service, run from the upgraded store
-
-[Service]
-ExecStart=/var/lib/upgraded/apps/hello/current/bin/hello
-Environment=HELLO_STATE=/run/hello.state
-"""
 POLKIT_RULE = """polkit.addRule(function(action, subject) {
   if (action.id.indexOf("org.upgraded1.") == 0 && subject.isInGroup("upgraders"))
     return polkit.Result.YES;
@@ -122,7 +115,7 @@ class Booted(unittest.TestCase):
             c.run(["apt-get", "install", "-y", ART + "/upgraded.deb"])
             c.write("/etc/upgraded/keys.d/release.pem",
                     open(os.path.join(cls.work, "release.pem")).read())
-            c.write("/etc/systemd/system/hello.service", HELLO_UNIT)
+            c.write("/etc/systemd/system/hello.service", booted.HELLO_UNIT)
             c.run(["systemctl", "daemon-reload"])
         except BaseException:
             cls.tearDownClass()
