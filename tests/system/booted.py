@@ -16,6 +16,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import unittest
 
 CACHE = "/var/cache/upgraded-booted"
 # What the system needs to boot and what the package depends on, so that `apt install ./x.deb`
@@ -40,6 +41,34 @@ LANDLOCK_CALLS = "landlock_create_ruleset landlock_add_rule landlock_restrict_se
 # Puts itself into the cgroups whose cgroup.procs files come before "--", then becomes the
 # command after it (the container starts in its cgroups: nothing of it is made elsewhere).
 ENTER_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@"'
+
+
+def skip_or_fail(message):
+    """A test class that cannot run here: skipped, except under CI=true, where it fails."""
+    if os.environ.get("CI") == "true":
+        raise AssertionError(message)
+    raise unittest.SkipTest(message)
+
+
+def build_hello(upgradectl, work, key, version, manifest="manifest.json", broken=False,
+                broken_on=()):
+    """examples/hello at `version`, packed into WORK/hello-VERSION.upd with examples/hello's
+    `manifest`. `broken`: its health gate fails; `broken_on`: it does on those hosts only."""
+    examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../examples")
+    tree = os.path.join(work, "tree-" + version)
+    shutil.copytree(os.path.join(examples, "hello/tree"), tree)
+    with open(os.path.join(tree, "VERSION"), "w") as f:
+        f.write(version + "\n")
+    if broken:
+        open(os.path.join(tree, "broken"), "w").close()
+    if broken_on:
+        with open(os.path.join(tree, "broken-on"), "w") as f:
+            f.write("".join(h + "\n" for h in broken_on))
+    out = os.path.join(work, "hello-%s.upd" % version)
+    subprocess.run([upgradectl, "pack", "--key", key, "--app", "hello", "--version", version,
+                    "--manifest", os.path.join(examples, "hello", manifest), "--output", out,
+                    tree], check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 class Unavailable(Exception):
