@@ -405,7 +405,10 @@ class Daemon(object):
             try:
                 result, message, error = self.call("GetJobResult", dbus.UInt32(job))
             except Refused as r:
-                if r.error in GONE:
+                # A daemon killed while it handled the call answers NoReply ("disconnected
+                # without replying"): gone too, if its unique name has left the bus.
+                if r.error in GONE or r.error == "org.freedesktop.DBus.Error.NoReply" and \
+                        not self.bus.name_has_owner(self.owner):
                     raise Refused("Failed", "the daemon that runs job %d went away before it "
                                   "ended (%s); its next start finishes or undoes an "
                                   "interrupted activation: see 'upgradectl status'"
