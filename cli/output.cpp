@@ -11,6 +11,9 @@ namespace {
 
 // Width on screen of UTF-8 text without escape sequences (one column per code point).
 std::size_t visible_width(std::string_view s) {
+  // Plain ASCII, the common case, is one column per byte.
+  if (std::all_of(s.begin(), s.end(), [](char c) { return c != '\033' && (c & 0x80) == 0; }))
+    return s.size();
   std::size_t n = 0;
   for (std::size_t i = 0; i < s.size(); ++i) {
     if (s[i] == '\033') {
@@ -38,8 +41,9 @@ std::string human_size(std::uint64_t n) {
     v /= 1024;
     ++u;
   }
+  if (u == 0) return std::to_string(n) + " B";  // without formatting a double
   char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  std::snprintf(buf, sizeof buf, "%.1f %s", v, units[u]);
   return buf;
 }
 
@@ -64,12 +68,15 @@ void Table::add(std::initializer_list<std::string_view> row) {
 void Table::append(std::initializer_list<std::string_view> row) {
   auto cell = row.begin();
   for (std::size_t i = 0; i < m_columns; ++i) {
+    std::size_t width = 0;
     if (cell != row.end()) {
       m_text.append(*cell);
-      m_width[i] = std::max(m_width[i], visible_width(*cell));
+      width = visible_width(*cell);
+      m_width[i] = std::max(m_width[i], width);
       ++cell;
     }
     m_ends.push_back(static_cast<std::uint32_t>(m_text.size()));
+    m_cell_width.push_back(static_cast<std::uint32_t>(width));
   }
 }
 
@@ -84,7 +91,7 @@ void Table::print() const {
       std::string_view cell(m_text.data() + start, end - start);
       start = end;
       line += cell;
-      if (i + 1 < m_columns) line.append(m_width[i] - visible_width(cell) + 2, ' ');
+      if (i + 1 < m_columns) line.append(m_width[i] - m_cell_width[r * m_columns + i] + 2, ' ');
     }
     while (!line.empty() && line.back() == ' ')
       line.pop_back();

@@ -31,10 +31,11 @@ class Table {
  private:
   void append(std::initializer_list<std::string_view> row);
   std::size_t m_columns;
-  std::size_t m_rows = 0;             ///< not counting the header
-  std::string m_text;                 ///< every cell, header first, one after the other
-  std::vector<std::uint32_t> m_ends;  ///< where each cell ends in m_text
-  std::vector<std::size_t> m_width;   ///< each column's width on a terminal
+  std::size_t m_rows = 0;                   ///< not counting the header
+  std::string m_text;                       ///< every cell, header first, one after the other
+  std::vector<std::uint32_t> m_ends;        ///< where each cell ends in m_text
+  std::vector<std::uint32_t> m_cell_width;  ///< each cell's visible_width
+  std::vector<std::size_t> m_width;         ///< each column's width on a terminal
 };
 
 /// `upgradectl list`'s row for one release, to `out` (as_json: the stable schema of

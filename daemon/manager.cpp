@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <malloc.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -18,8 +19,10 @@
 #include "upgraded/artifact/container.h"
 #include "upgraded/artifact/verifier.h"
 #include "upgraded/crash_point.h"
+#include "upgraded/fs/durable.h"
 #include "upgraded/policy/names.h"
 #include "upgraded/policy/version.h"
+#include "upgraded/store/views_cache.h"
 
 namespace upgraded::daemon {
 namespace {
@@ -1555,6 +1558,43 @@ Manager::ListAllReleases() {
     }
   }
   return out;
+}
+
+// The listing as a sealed memfd (docs/dbus-api.md). While no app's state changed, the same
+// memfd is handed out again; otherwise only the apps whose state changed are encoded again.
+// Each caller gets a read-only descriptor of its own (a reopen, not a dup: its file offset is
+// its own), so that one client reading with read() cannot move another's offset.
+sdbus::UnixFd Manager::ListAllReleasesByFileDescriptor() {
+  auto states = readable_states();
+  if (!m_listing.memfd || states != m_listing.states) {
+    trim_after_reply();
+    std::vector<store::views_cache::EncodedApp> apps;
+    apps.reserve(states.size());
+    decltype(m_listing.encoded) encoded;
+    for (const auto& [app, st] : states) {
+      auto it = m_listing.encoded.find(app);
+      auto& slot = encoded[app];
+      if (it != m_listing.encoded.end() && it->second.first == st)
+        slot = std::move(it->second);
+      else
+        slot = {st, store::views_cache::encode_releases(store::view_of(*st).releases)};
+      apps.push_back({app, st->pre_finalized(), slot.second});
+    }
+    auto bytes = store::views_cache::encode_listing(apps);
+    int fd = ::memfd_create("upgraded-listing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) throw bus_error::from(system_error(errno, "creating the listing's memfd"));
+    UniqueFd memfd(fd);
+    if (auto w = fs::write_all(fd, std::as_bytes(std::span(bytes))); !w)
+      throw bus_error::from(w.error());
+    if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
+      throw bus_error::from(system_error(errno, "sealing the listing's memfd"));
+    m_listing = {std::move(states), std::move(encoded), std::move(memfd)};
+  }
+  std::string self = "/proc/self/fd/" + std::to_string(m_listing.memfd.get());
+  int fd = ::open(self.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    throw bus_error::from(system_error(errno, "opening the listing's memfd for the caller"));
+  return sdbus::UnixFd(fd, sdbus::adopt_fd);
 }
 
 std::tuple<std::string, std::string, std::string> Manager::GetJobResult(const uint32_t& id) {

@@ -22,6 +22,7 @@
 #include "trust_root.h"
 #include "upgraded/activation/activator.h"
 #include "upgraded/artifact/verifier.h"
+#include "upgraded/fs/unique_fd.h"
 #include "upgraded/store/store.h"
 #include "upgraded/units/unit_control.h"
 
@@ -59,6 +60,17 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> readable_states()
       const;
   bool m_trim_posted = false;
+  /// ListAllReleasesByFileDescriptor's last listing (loop thread only): the states it was made
+  /// of (held, so that an address is never reused for another state), each app's releases
+  /// encoded, and the sealed memfd, handed out again while no state changed.
+  struct Listing {
+    std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> states;
+    std::map<std::string,
+             std::pair<std::shared_ptr<const store::AppState>, std::vector<std::uint8_t>>>
+        encoded;
+    UniqueFd memfd;
+  };
+  Listing m_listing;
   using Options = BusOptions;
   using PathResult = sdbus::Result<sdbus::ObjectPath>;
   using ProgressFn = std::function<void(const std::string&, int)>;
@@ -92,6 +104,7 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string, std::string, bool,
                             uint64_t, bool>>
   ListAllReleases() override;
+  sdbus::UnixFd ListAllReleasesByFileDescriptor() override;
   std::tuple<std::string, std::string, std::string> GetJobResult(const uint32_t& id) override;
   std::vector<sdbus::Struct<std::string, std::string, std::string, std::string>> ListApps()
       override;

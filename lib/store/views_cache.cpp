@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "upgraded/policy/names.h"
+
 namespace upgraded::store::views_cache {
 namespace {
 
@@ -239,6 +241,78 @@ class CacheReader : public StrictSax {
   FileKey m_key_value;
 };
 
+// A listing (views_cache.h, encode_listing()), read value by value.
+class ListingReader : public StrictSax {
+ public:
+  std::vector<ListedApp> apps;
+  bool complete() const { return m_done; }
+
+  bool number_unsigned(json::number_unsigned_t n) {
+    if (m_depth != 1 || m_field != 0 || n != kListingFormat) return false;
+    ++m_field;
+    return true;
+  }
+  bool string(json::string_t& v) {
+    if (m_depth != 3 || m_app_field != 0 || !policy::validate_app_name(v)) return false;
+    // Strictly ascending: each app once, in the daemon's order.
+    if (!apps.empty() && !(apps.back().app < v)) return false;
+    m_app.app = std::move(v);
+    ++m_app_field;
+    return true;
+  }
+  bool boolean(bool b) {
+    if (m_depth != 3 || m_app_field != 1) return false;
+    m_app.pre_finalized = b;
+    ++m_app_field;
+    return true;
+  }
+  bool binary(json::binary_t& v) {
+    if (m_depth != 3 || m_app_field != 2 || !decode_releases(v, m_app.releases)) return false;
+    for (const auto& r : m_app.releases)
+      if (!policy::validate_version(r.version)) return false;
+    ++m_app_field;
+    return true;
+  }
+  bool start_array(std::size_t) {
+    if (m_done) return false;
+    if (m_depth == 0 || (m_depth == 1 && m_field == 1)) {
+      ++m_depth;
+      return true;
+    }
+    if (m_depth == 2) {
+      m_app = ListedApp{};
+      m_app_field = 0;
+      ++m_depth;
+      return true;
+    }
+    return false;
+  }
+  bool end_array() {
+    switch (m_depth) {
+      case 3:
+        if (m_app_field != 3) return false;
+        apps.push_back(std::move(m_app));
+        break;
+      case 2:
+        m_field = 2;  // the apps
+        break;
+      case 1:
+        if (m_field != 2) return false;
+        m_done = true;
+        break;
+      default:
+        return false;
+    }
+    --m_depth;
+    return true;
+  }
+
+ private:
+  ListedApp m_app;
+  int m_depth = 0, m_field = 0, m_app_field = 0;
+  bool m_done = false;
+};
+
 }  // namespace
 
 FileKey key_of(const struct stat& sb) {
@@ -282,6 +356,23 @@ std::optional<Document> decode(std::span<const std::uint8_t> bytes) {
       !reader.complete())
     return std::nullopt;
   return std::move(reader.doc);
+}
+
+std::vector<std::uint8_t> encode_listing(const std::vector<EncodedApp>& apps) {
+  json out = json::array();
+  for (const auto& a : apps)
+    out.push_back(json::array(
+        {a.app, a.pre_finalized,
+         json::binary(std::vector<std::uint8_t>(a.releases.begin(), a.releases.end()))}));
+  return json::to_cbor(json::array({kListingFormat, std::move(out)}));
+}
+
+std::optional<std::vector<ListedApp>> decode_listing(std::span<const std::uint8_t> bytes) {
+  ListingReader reader;
+  if (!json::sax_parse(bytes.begin(), bytes.end(), &reader, json::input_format_t::cbor) ||
+      !reader.complete())
+    return std::nullopt;
+  return std::move(reader.apps);
 }
 
 }  // namespace upgraded::store::views_cache

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -44,6 +45,47 @@ def upgradectl_for_nobody():
             shutil.copy(os.path.join(modules, m), moddir)
         shutil.copy(UPGRADECTL, copy)
     return copy
+
+
+# A stand-in owning org.upgraded1 on the session bus (argv: mode, file): its
+# ListAllReleasesByFileDescriptor hands over the file's bytes in a sealed memfd ("sealed"), an
+# unsealed one ("unsealed") or a pipe ("pipe"); "old" has only the typed ListAllReleases, as a
+# daemon from before the method.
+FAKE_DAEMON = r"""
+import fcntl, os, sys
+import dbus, dbus.service
+from dbus.mainloop.glib import DBusGMainLoop
+from gi.repository import GLib
+mode, path = sys.argv[1], sys.argv[2]
+DBusGMainLoop(set_as_default=True)
+bus = dbus.SessionBus()
+name = dbus.service.BusName("org.upgraded1", bus, do_not_queue=True)
+
+class Manager(dbus.service.Object):
+    @dbus.service.method("org.upgraded1.Manager", out_signature="a(sssssbtb)")
+    def ListAllReleases(self):
+        return [("old", "9.9.9", "good", "current", "2026-01-01T00:00:00Z", False, 1, False)]
+
+class Listing(Manager):
+    @dbus.service.method("org.upgraded1.Manager", out_signature="h")
+    def ListAllReleasesByFileDescriptor(self):
+        data = open(path, "rb").read()
+        if mode == "pipe":
+            r, w = os.pipe()
+            os.write(w, data)
+            os.close(w)
+            return dbus.types.UnixFd(r)
+        fd = os.memfd_create("listing", os.MFD_ALLOW_SEALING)
+        os.write(fd, data)
+        if mode == "sealed":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK |
+                        fcntl.F_SEAL_GROW)
+        return dbus.types.UnixFd(fd)
+
+(Manager if mode == "old" else Listing)(bus, "/org/upgraded1")
+print("ready", flush=True)
+GLib.MainLoop().run()
+"""
 
 
 class OnlineVerbs(DaemonRunner, unittest.TestCase):
@@ -453,6 +495,99 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         shown = on_tty([UPGRADECTL, "install", "--user", self.pack("2.0.0")])
         self.assertIn("\033[K", shown, "the progress line is redrawn in place")
         self.assertRegex(shown, r"\[#+\.*\] +\d+% ")
+
+    def listing_fd(self):
+        """ListAllReleasesByFileDescriptor's descriptor, called as a third-party client would."""
+        import dbus
+        bus = dbus.SessionBus()
+        manager = dbus.Interface(bus.get_object("org.upgraded1", "/org/upgraded1"),
+                                 "org.upgraded1.Manager")
+        fd = manager.ListAllReleasesByFileDescriptor().take()
+        self.addCleanup(os.close, fd)
+        typed = [[bool(x) if i in (5, 7) else int(x) if i == 6 else str(x)
+                  for i, x in enumerate(r)] for r in manager.ListAllReleases()]
+        bus.close()
+        return fd, typed
+
+    def test_list_reads_the_daemons_sealed_listing_which_follows_the_store(self):
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        self.ctl("install", "--stage-only", "-q", self.pack("2.0.0"))
+        sealed = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        # A state.json changed within the last 2 s (of whole seconds) is read again each time
+        # (docs/state.md): settled, the daemon hands out the listing it made.
+        time.sleep(3.2)
+        fd, typed = self.listing_fd()
+        st = os.fstat(fd)
+        self.assertTrue(stat.S_ISREG(st.st_mode))
+        self.assertEqual(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & sealed, sealed)
+        with self.assertRaises(OSError, msg="the caller's descriptor is read-only"):
+            os.write(fd, b"x")
+        first = os.read(fd, st.st_size + 1)
+        self.assertEqual(len(first), st.st_size)
+        # Unchanged store: the same memfd again, behind a descriptor with an offset of its own.
+        again, _ = self.listing_fd()
+        self.assertEqual(os.fstat(again).st_ino, st.st_ino)
+        self.assertEqual(os.lseek(again, 0, os.SEEK_CUR), 0)
+        self.assertEqual(os.read(again, st.st_size + 1), first)
+        # upgradectl list reads it: the same rows as the typed ListAllReleases.
+        keys = ["app", "version", "status", "role", "staged_at", "pinned", "size",
+                "pre_finalized"]
+        listed = json.loads(self.ctl("list", "--json").stdout)
+        self.assertEqual(listed, [dict(zip(keys, r)) for r in typed])
+        self.assertEqual([(r["version"], r["role"], r["pinned"]) for r in listed],
+                         [("1.0.0", "current", False), ("2.0.0", "", False)])
+        # A change: a new listing; the descriptors handed out keep the old one.
+        self.ctl("pin", self.app, "2.0.0", "-q")
+        changed, typed = self.listing_fd()
+        self.assertNotEqual(os.fstat(changed).st_ino, st.st_ino)
+        self.assertEqual(os.pread(fd, st.st_size + 1, 0), first)
+        listed = json.loads(self.ctl("list", "--json").stdout)
+        self.assertEqual(listed, [dict(zip(keys, r)) for r in typed])
+        self.assertEqual([(r["version"], r["pinned"]) for r in listed],
+                         [("1.0.0", False), ("2.0.0", True)])
+        self.assertEqual(self.ctl("list").stdout.splitlines()[2].split()[:5],
+                         [self.app, "2.0.0", "staged", listed[1]["staged_at"], "yes"])
+
+    def test_list_prints_nothing_from_a_listing_it_cannot_trust(self):
+        # The real daemon's listing of one release, then a stand-in owning the daemon's name
+        # that hands it over in various ways: only whole, sealed and well-formed is printed.
+        self.start_daemon()
+        self.ctl("install", "-q", self.pack("1.0.0"))
+        fd, _ = self.listing_fd()
+        good = os.pread(fd, 1 << 20, 0)
+        expected = self.ctl("list").stdout
+        self.stop_daemon()
+        listing = os.path.join(self.dir, "listing")
+        with open(listing, "wb") as f:
+            f.write(good)
+        cases = [("sealed", good, 0, ""), ("unsealed", good, 1, "not sealed against changes"),
+                 ("sealed", good[:-1], 1, "not a listing"),
+                 ("sealed", good + b"\0", 1, "not a listing"),
+                 ("pipe", good, 1, "not a regular file"),
+                 ("old", good, 0, "")]
+        for mode, data, code, error in cases:
+            with self.subTest(mode=mode, size=len(data)):
+                with open(listing, "wb") as f:
+                    f.write(data)
+                fake = subprocess.Popen(["/usr/bin/python3", "-c", FAKE_DAEMON, mode, listing],
+                                        stdout=subprocess.PIPE, text=True)
+                try:
+                    self.assertEqual(fake.stdout.readline().strip(), "ready")
+                    r = self.ctl("list", check=code)
+                    if mode == "sealed" and code == 0:
+                        self.assertEqual(r.stdout, expected)
+                    elif mode == "old":  # the typed ListAllReleases of a daemon before it
+                        self.assertEqual(r.stdout.splitlines()[1].split()[:3],
+                                         ["old", "9.9.9", "good"])
+                    else:
+                        self.assertEqual(r.stdout, "", "nothing printed")
+                        self.assertIn("the daemon's listing cannot be read: " + error,
+                                      r.stderr)
+                finally:
+                    fake.terminate()
+                    fake.wait()
+                    fake.stdout.close()
 
     def test_the_first_call_starts_the_daemon_by_d_bus_activation(self):
         # As dbus/org.upgraded1.service does on the system bus: the bus asks systemd to start

@@ -9,10 +9,12 @@
 #include <functional>
 #include <thread>
 
+#include <nlohmann/json.hpp>
 #include "support/store_fixture.h"
 #include "upgraded/fs/durable.h"
 #include "upgraded/fs/remove_tree.h"
 #include "upgraded/policy/version.h"
+
 #include "upgraded/store/views_cache.h"
 
 using namespace upgraded;
@@ -713,4 +715,56 @@ TEST_F(AStore, NeverDeletesReleasesBecauseTheStateFileIsMissing) {
   auto reopened = Store::open(fixture().options(t / "state"));
   ASSERT_TRUE(reopened.ok() && reopened->recover_all().ok());
   EXPECT_TRUE(exists(app_root() + "/releases/1.0.0/bin/hello"));
+}
+
+// The listing ListAllReleasesByFileDescriptor hands over (docs/dbus-api.md): what the daemon
+// writes decodes to the same apps; anything it never writes is refused whole.
+TEST(Listing, RoundTripsAndRefusesWhatTheDaemonNeverWrites) {
+  using nlohmann::json;
+  const std::vector<ListedRelease> a_releases = {
+      {"1.0.0", ReleaseStatus::kGood, "previous", "2026-11-21T10:00:00Z", false, 24576},
+      {"1.1.0", ReleaseStatus::kActive, "current", "2026-11-21T11:00:00Z", true, 25600}};
+  const std::vector<ListedRelease> b_releases = {
+      {"2.0.0", ReleaseStatus::kStaged, "", "2026-11-22T10:00:00Z", false, 1}};
+  auto a = views_cache::encode_releases(a_releases), b = views_cache::encode_releases(b_releases);
+  auto bytes = views_cache::encode_listing({{"alpha", false, a}, {"beta", true, b}});
+  auto decoded = views_cache::decode_listing(bytes);
+  ASSERT_TRUE(decoded.has_value());
+  EXPECT_EQ(*decoded, (std::vector<views_cache::ListedApp>{{"alpha", false, a_releases},
+                                                           {"beta", true, b_releases}}));
+  auto none = views_cache::decode_listing(views_cache::encode_listing({}));
+  ASSERT_TRUE(none.has_value());
+  EXPECT_TRUE(none->empty());
+
+  auto refused = [](const std::vector<std::uint8_t>& doc) {
+    return !views_cache::decode_listing(doc).has_value();
+  };
+  EXPECT_TRUE(refused(views_cache::encode_listing({{"beta", true, b}, {"alpha", false, a}})))
+      << "apps out of order";
+  EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, a}, {"alpha", false, a}})))
+      << "an app twice";
+  EXPECT_TRUE(refused(views_cache::encode_listing({{"../etc", false, a}}))) << "a bad app name";
+  auto bad_version =
+      views_cache::encode_releases({{"1.0.0\n\033[2J", ReleaseStatus::kGood, "", "", false, 1}});
+  EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, bad_version}})));
+  const std::uint8_t garbage[] = {0xff, 0x00};
+  EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, garbage}})));
+  auto with_tail = bytes;
+  with_tail.push_back(0);
+  EXPECT_TRUE(refused(with_tail)) << "a byte after the document";
+  EXPECT_TRUE(refused({bytes.begin(), bytes.end() - 1})) << "truncated";
+  auto shaped = [&](json doc) { return refused(json::to_cbor(doc)); };
+  auto entry = json::array({"alpha", false, json::binary(a)});
+  EXPECT_TRUE(shaped(json::array({2, json::array({entry})}))) << "another format";
+  EXPECT_TRUE(shaped(json::array({-1, json::array({entry})})));
+  EXPECT_TRUE(shaped(json::array({1, json::array({entry}), 1}))) << "a third value";
+  EXPECT_TRUE(shaped(json::array({1})));
+  EXPECT_TRUE(shaped(json::array({1, json::array({json::array({"alpha", false})})})));
+  EXPECT_TRUE(
+      shaped(json::array({1, json::array({json::array({"alpha", false, json::binary(a), 1})})})));
+  EXPECT_TRUE(shaped(json::array({1, json::array({json::array({"alpha", 0, json::binary(a)})})})));
+  EXPECT_TRUE(shaped(json::array({1, json::array({json::array({"alpha", false, a})})})))
+      << "releases as an array, not a byte string";
+  EXPECT_TRUE(shaped(json{{"format", 1}, {"apps", json::array()}}));
+  EXPECT_FALSE(shaped(json::array({1, json::array({entry})}))) << "the control";
 }

@@ -11,6 +11,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "upgraded/store/store.h"
@@ -61,5 +62,31 @@ std::optional<Document> decode(std::span<const std::uint8_t> bytes);
 std::vector<std::uint8_t> encode_releases(const std::vector<ListedRelease>& releases);
 /// Decodes into `out` (its memory reused); false, `out` unspecified, if not such a document.
 bool decode_releases(std::span<const std::uint8_t> bytes, std::vector<ListedRelease>& out);
+
+// --- the listing the daemon hands over (ListAllReleasesByFileDescriptor, docs/dbus-api.md) ----
+
+constexpr int kListingFormat = 1;
+
+/// An app of a listing, its releases as encode_releases() writes them.
+struct EncodedApp {
+  std::string_view app;
+  bool pre_finalized = false;
+  std::span<const std::uint8_t> releases;
+};
+/// An app of a decoded listing.
+struct ListedApp {
+  std::string app;
+  bool pre_finalized = false;
+  std::vector<ListedRelease> releases;  ///< oldest first, as the daemon listed them
+  bool operator==(const ListedApp&) const = default;
+};
+
+/// CBOR [1, [[app, pre_finalized, releases (a byte string: encode_releases)], ...]], the apps
+/// in the order given (the daemon's: strictly ascending).
+std::vector<std::uint8_t> encode_listing(const std::vector<EncodedApp>& apps);
+/// The listing, or none if `bytes` is not exactly such a document: a value out of place or of
+/// another type, an app name or version that is not valid (policy/names.h), apps not in
+/// strictly ascending order, an app's releases that do not decode, a byte after the document.
+std::optional<std::vector<ListedApp>> decode_listing(std::span<const std::uint8_t> bytes);
 
 }  // namespace upgraded::store::views_cache
