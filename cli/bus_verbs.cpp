@@ -375,43 +375,48 @@ int run_status(const Common& c, const std::string& app) {
 }
 
 // Bounds a listing handed over as a file: 1,000 apps x 5 releases take about 250 KB.
-constexpr off_t kMaxListing = 256 << 20;
+constexpr off_t kMaxListing = 64 << 20;
 
 // ListAllReleasesByFileDescriptor's listing (docs/dbus-api.md): the daemon's sealed memfd,
 // read whole and decoded before anything is printed. A descriptor that is not a regular file
-// sealed against writes, or bytes that are not exactly such a listing, are refused: the
-// listing is printed whole or not at all. None: the daemon predates the method.
+// sealed against writes and growth, or bytes that are not exactly such a listing, are refused:
+// the listing is printed whole or not at all. None: the daemon cannot hand one over (it
+// predates the method, has no /proc...) or its listing kept changing while read (the daemon
+// empties a listing it replaces); ListAllReleases then answers.
 Result<std::optional<std::vector<store::views_cache::ListedApp>>> read_listing(Client& client) {
-  sdbus::UnixFd fd;
-  try {
-    fd = client.ListAllReleasesByFileDescriptor();
-  } catch (const sdbus::Error& e) {
-    if (e.getName() == "org.freedesktop.DBus.Error.UnknownMethod")
-      return std::optional<std::vector<store::views_cache::ListedApp>>();
-    throw;
-  }
+  using Listing = std::optional<std::vector<store::views_cache::ListedApp>>;
   auto refuse = [](const std::string& why) {
     return Error(ErrorCode::kFailed, "the daemon's listing cannot be read: " + why);
   };
-  struct stat sb {};
-  if (::fstat(fd.get(), &sb) != 0) return refuse(std::strerror(errno));
-  if (!S_ISREG(sb.st_mode)) return refuse("not a regular file");
-  if (sb.st_size > kMaxListing) return refuse(std::to_string(sb.st_size) + " bytes");
-  constexpr int kSealed = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
-  int seals = ::fcntl(fd.get(), F_GET_SEALS);
-  if (seals < 0 || (seals & kSealed) != kSealed) return refuse("not sealed against changes");
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(sb.st_size));
-  std::size_t got = 0;
-  while (got < bytes.size()) {
-    ssize_t n = ::pread(fd.get(), bytes.data() + got, bytes.size() - got, off_t(got));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return refuse(std::strerror(errno));
-    if (n == 0) return refuse("shorter than its size");
-    got += std::size_t(n);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    sdbus::UnixFd fd;
+    try {
+      fd = client.ListAllReleasesByFileDescriptor();
+    } catch (const sdbus::Error&) {
+      return Listing();
+    }
+    struct stat sb {};
+    if (::fstat(fd.get(), &sb) != 0) return refuse(std::strerror(errno));
+    if (!S_ISREG(sb.st_mode)) return refuse("not a regular file");
+    if (sb.st_size > kMaxListing) return refuse(std::to_string(sb.st_size) + " bytes");
+    constexpr int kSealed = F_SEAL_WRITE | F_SEAL_GROW;
+    int seals = ::fcntl(fd.get(), F_GET_SEALS);
+    if (seals < 0 || (seals & kSealed) != kSealed) return refuse("not sealed against changes");
+    // pread: the descriptor's offset is shared with every other caller's.
+    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(sb.st_size));
+    std::size_t got = 0;
+    while (got < bytes.size()) {
+      ssize_t n = ::pread(fd.get(), bytes.data() + got, bytes.size() - got, off_t(got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      got += std::size_t(n);
+    }
+    if (bytes.empty() || got < bytes.size()) continue;  // emptied: replaced by a newer one
+    auto apps = store::views_cache::decode_listing(bytes);
+    if (!apps) return refuse("not a listing (docs/dbus-api.md)");
+    return Listing(std::move(*apps));
   }
-  auto apps = store::views_cache::decode_listing(bytes);
-  if (!apps) return refuse("not a listing (docs/dbus-api.md)");
-  return std::optional(std::move(*apps));
+  return Listing();
 }
 
 int run_list(const Common& c, const std::string& only) {

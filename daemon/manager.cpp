@@ -1560,41 +1560,69 @@ Manager::ListAllReleases() {
   return out;
 }
 
-// The listing as a sealed memfd (docs/dbus-api.md). While no app's state changed, the same
-// memfd is handed out again; otherwise only the apps whose state changed are encoded again.
-// Each caller gets a read-only descriptor of its own (a reopen, not a dup: its file offset is
-// its own), so that one client reading with read() cannot move another's offset.
+// The listing as a sealed memfd (docs/dbus-api.md). What a caller can make the daemon hold is
+// bounded whoever calls and however often: one listing, the current one. Every caller gets a
+// dup of one read-only description of it (no kernel object per call); a new memfd is made only
+// when an app's listed releases changed (a state read again with the same content, as within
+// its first seconds, reuses the old one), and the one it replaces is emptied, so that callers
+// still holding it hold nothing. The memfd is sealed against writes and growth, and mode 0444:
+// no caller can change or reopen it for writing; the daemon only ever empties it.
 sdbus::UnixFd Manager::ListAllReleasesByFileDescriptor() {
   auto states = readable_states();
-  if (!m_listing.memfd || states != m_listing.states) {
+  struct stat sb {};
+  bool intact =
+      m_listing.reader && ::fstat(m_listing.reader.get(), &sb) == 0 && sb.st_size == m_listing.size;
+  if (!intact || states != m_listing.states) {
     trim_after_reply();
-    std::vector<store::views_cache::EncodedApp> apps;
-    apps.reserve(states.size());
-    decltype(m_listing.encoded) encoded;
+    bool changed = !intact || states.size() != m_listing.apps.size();
+    decltype(m_listing.apps) apps;
     for (const auto& [app, st] : states) {
-      auto it = m_listing.encoded.find(app);
-      auto& slot = encoded[app];
-      if (it != m_listing.encoded.end() && it->second.first == st)
-        slot = std::move(it->second);
-      else
-        slot = {st, store::views_cache::encode_releases(store::view_of(*st).releases)};
-      apps.push_back({app, st->pre_finalized(), slot.second});
+      auto old = m_listing.apps.find(app);
+      if (old != m_listing.apps.end() && old->second.state == st) {
+        apps.emplace(app, old->second);
+        continue;
+      }
+      ListedApp now{st, st->pre_finalized(),
+                    store::views_cache::encode_releases(store::view_of(*st).releases)};
+      if (old == m_listing.apps.end() || old->second.pre_finalized != now.pre_finalized ||
+          old->second.releases != now.releases)
+        changed = true;
+      apps.emplace(app, std::move(now));
     }
-    auto bytes = store::views_cache::encode_listing(apps);
-    int fd = ::memfd_create("upgraded-listing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0) throw bus_error::from(system_error(errno, "creating the listing's memfd"));
-    UniqueFd memfd(fd);
-    if (auto w = fs::write_all(fd, std::as_bytes(std::span(bytes))); !w)
-      throw bus_error::from(w.error());
-    if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
-      throw bus_error::from(system_error(errno, "sealing the listing's memfd"));
-    m_listing = {std::move(states), std::move(encoded), std::move(memfd)};
+    if (changed) {
+      std::vector<store::views_cache::EncodedApp> encoded;
+      encoded.reserve(states.size());
+      for (const auto& [app, st] : states) {
+        const auto& a = apps.at(app);
+        encoded.push_back({app, a.pre_finalized, a.releases});
+      }
+      auto bytes = store::views_cache::encode_listing(encoded);
+      // Never executable (MFD_NOEXEC_SEAL, Linux 6.3; refused as unknown before, then without).
+      constexpr unsigned kNoExecSeal = 0x0008U;
+      int fd = ::memfd_create("upgraded-listing", MFD_CLOEXEC | MFD_ALLOW_SEALING | kNoExecSeal);
+      if (fd < 0 && errno == EINVAL)
+        fd = ::memfd_create("upgraded-listing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+      if (fd < 0) throw bus_error::from(system_error(errno, "creating the listing's memfd"));
+      UniqueFd memfd(fd);
+      if (auto w = fs::write_all(fd, std::as_bytes(std::span(bytes))); !w)
+        throw bus_error::from(w.error());
+      if (::fchmod(fd, 0444) != 0 ||
+          ::fcntl(fd, F_ADD_SEALS, F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
+        throw bus_error::from(system_error(errno, "sealing the listing's memfd"));
+      // A description of its own, read-only: a dup of the daemon's would let a caller empty it.
+      std::string self = "/proc/self/fd/" + std::to_string(fd);
+      int rfd = ::open(self.c_str(), O_RDONLY | O_CLOEXEC);
+      if (rfd < 0) throw bus_error::from(system_error(errno, "reopening the listing's memfd"));
+      UniqueFd reader(rfd);
+      if (m_listing.memfd) (void)::ftruncate(m_listing.memfd.get(), 0);
+      m_listing.memfd = std::move(memfd);
+      m_listing.reader = std::move(reader);
+      m_listing.size = static_cast<off_t>(bytes.size());
+    }
+    m_listing.states = std::move(states);
+    m_listing.apps = std::move(apps);
   }
-  std::string self = "/proc/self/fd/" + std::to_string(m_listing.memfd.get());
-  int fd = ::open(self.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    throw bus_error::from(system_error(errno, "opening the listing's memfd for the caller"));
-  return sdbus::UnixFd(fd, sdbus::adopt_fd);
+  return sdbus::UnixFd(m_listing.reader.get());  // a dup
 }
 
 std::tuple<std::string, std::string, std::string> Manager::GetJobResult(const uint32_t& id) {

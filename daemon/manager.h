@@ -62,13 +62,19 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   bool m_trim_posted = false;
   /// ListAllReleasesByFileDescriptor's last listing (loop thread only): the states it was made
   /// of (held, so that an address is never reused for another state), each app's releases
-  /// encoded, and the sealed memfd, handed out again while no state changed.
+  /// encoded, the sealed memfd and the one read-only description of it that callers get dups
+  /// of.
+  struct ListedApp {
+    std::shared_ptr<const store::AppState> state;
+    bool pre_finalized = false;
+    std::vector<std::uint8_t> releases;
+  };
   struct Listing {
     std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> states;
-    std::map<std::string,
-             std::pair<std::shared_ptr<const store::AppState>, std::vector<std::uint8_t>>>
-        encoded;
-    UniqueFd memfd;
+    std::map<std::string, ListedApp> apps;
+    UniqueFd memfd;   ///< read-write: emptied when the next listing replaces it
+    UniqueFd reader;  ///< O_RDONLY, handed out
+    off_t size = 0;
   };
   Listing m_listing;
   using Options = BusOptions;

@@ -513,23 +513,37 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         self.start_daemon()
         self.ctl("install", "-q", self.pack("1.0.0"))
         self.ctl("install", "--stage-only", "-q", self.pack("2.0.0"))
-        sealed = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-        # A state.json changed within the last 2 s (of whole seconds) is read again each time
-        # (docs/state.md): settled, the daemon hands out the listing it made.
-        time.sleep(3.2)
+        sealed = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        # Within seconds of a change the daemon reads states again (docs/state.md): the same
+        # listing all the same, not a new memfd per call.
         fd, typed = self.listing_fd()
         st = os.fstat(fd)
         self.assertTrue(stat.S_ISREG(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o444)
         self.assertEqual(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & sealed, sealed)
-        with self.assertRaises(OSError, msg="the caller's descriptor is read-only"):
-            os.write(fd, b"x")
-        first = os.read(fd, st.st_size + 1)
+        first = os.pread(fd, st.st_size + 1, 0)
         self.assertEqual(len(first), st.st_size)
-        # Unchanged store: the same memfd again, behind a descriptor with an offset of its own.
         again, _ = self.listing_fd()
         self.assertEqual(os.fstat(again).st_ino, st.st_ino)
-        self.assertEqual(os.lseek(again, 0, os.SEEK_CUR), 0)
-        self.assertEqual(os.read(again, st.st_size + 1), first)
+        self.assertEqual(os.pread(again, st.st_size + 1, 0), first)
+        # Nobody can change it: not through the descriptor (read-only), not reopened for
+        # writing (mode 0444; root can, and the seals stop writes and growth).
+        with self.assertRaises(OSError):
+            os.ftruncate(fd, 0)
+        rw = os.open("/proc/self/fd/%d" % fd, os.O_RDWR)
+        self.addCleanup(os.close, rw)
+        for change in (lambda: os.pwrite(rw, b"x", 0), lambda: os.ftruncate(rw, st.st_size + 1)):
+            with self.assertRaises(PermissionError):
+                change()
+        reopen = ("import os, sys\ntry:\n os.open('/proc/self/fd/3', os.O_RDWR)\n"
+                  "except PermissionError:\n sys.exit(0)\nsys.exit(1)\n")
+        os.dup2(fd, 3, inheritable=True)
+        self.addCleanup(os.close, 3)
+        self.assertEqual(subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                         "--clear-groups", "/usr/bin/python3", "-c", reopen],
+                                        pass_fds=(3,)).returncode, 0,
+                         "another user cannot reopen it for writing")
+        self.assertEqual(os.pread(fd, st.st_size + 1, 0), first)
         # upgradectl list reads it: the same rows as the typed ListAllReleases.
         keys = ["app", "version", "status", "role", "staged_at", "pinned", "size",
                 "pre_finalized"]
@@ -537,11 +551,11 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         self.assertEqual(listed, [dict(zip(keys, r)) for r in typed])
         self.assertEqual([(r["version"], r["role"], r["pinned"]) for r in listed],
                          [("1.0.0", "current", False), ("2.0.0", "", False)])
-        # A change: a new listing; the descriptors handed out keep the old one.
+        # A change: a new listing; the one it replaces is emptied, whoever still holds it.
         self.ctl("pin", self.app, "2.0.0", "-q")
         changed, typed = self.listing_fd()
         self.assertNotEqual(os.fstat(changed).st_ino, st.st_ino)
-        self.assertEqual(os.pread(fd, st.st_size + 1, 0), first)
+        self.assertEqual(os.fstat(fd).st_size, 0)
         listed = json.loads(self.ctl("list", "--json").stdout)
         self.assertEqual(listed, [dict(zip(keys, r)) for r in typed])
         self.assertEqual([(r["version"], r["pinned"]) for r in listed],
@@ -561,9 +575,12 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         listing = os.path.join(self.dir, "listing")
         with open(listing, "wb") as f:
             f.write(good)
+        self.assertIn(b"current", good)
         cases = [("sealed", good, 0, ""), ("unsealed", good, 1, "not sealed against changes"),
                  ("sealed", good[:-1], 1, "not a listing"),
                  ("sealed", good + b"\0", 1, "not a listing"),
+                 # A string that moves the cursor and clears the screen, in place of a role.
+                 ("sealed", good.replace(b"current", b"\x1b[H\x1b[2J"), 1, "not a listing"),
                  ("pipe", good, 1, "not a regular file"),
                  ("old", good, 0, "")]
         for mode, data, code, error in cases:

@@ -170,6 +170,11 @@ class Booted(unittest.TestCase):
         sandbox = self.c.run(["busctl", "get-property", "org.upgraded1", "/org/upgraded1",
                               "org.upgraded1.Manager", "HelperSandbox"]).stdout
         self.assertIn(self.expected_sandbox, sandbox)
+        # The listing through the unit's sandbox: a sealed memfd reopened via /proc/self/fd
+        # (ProcSubset=pid) and passed over the system bus.
+        listed = json.loads(self.ctl("list", "--json").stdout)
+        self.assertEqual([(r["app"], r["version"]) for r in listed if r["role"] == "current"],
+                         [("hello", "2.0.0")])
         status = self.ctl("status")
         if self.expected_sandbox == "degraded":
             self.assertIn("note: the extraction helpers' sandbox is degraded", status.stderr)
@@ -192,6 +197,8 @@ class Booted(unittest.TestCase):
         before = self.c.run(["find", "/var/lib/upgraded", "-printf", "%p %s %m\n"]).stdout
         alice = self.ctl("install", ART + "/hello-4.0.0.upd", user="alice", check=False)
         self.assertEqual(alice.returncode, 7, alice.stdout + alice.stderr)
+        # Reading is open to every user: the listing's descriptor reaches alice.
+        self.assertIn("hello", self.ctl("list", user="alice").stdout)
         self.assertEqual(self.c.run(["find", "/var/lib/upgraded", "-printf",
                                      "%p %s %m\n"]).stdout, before)
         self.c.write("/etc/polkit-1/rules.d/50-upgraders.rules", POLKIT_RULE)
