@@ -13,6 +13,9 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "sandbox/extract_protocol.h"
@@ -337,12 +340,30 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   // file, a link out of the tree).
   // Nor a path the extractor's limits refuse.
   const fs::TreeLimits limits{rq.policy.limits.max_path_length, rq.policy.limits.max_depth};
+  // The helper's file contents are written back meanwhile: the walk below is system calls on
+  // the CPU, the writeback mostly waiting for the disk (50,000 small files: 0.95-1.11 of an
+  // in-process unpack instead of 1.20-1.39, bench/install). The hand-over changes only inodes,
+  // which the syncfs after it writes, with whatever this one did not. Best effort: without a
+  // thread, the final syncfs does it all. Through a description of its own: syncfs reports a
+  // writeback error once per description, and the final syncfs must see every one.
+  std::optional<std::jthread> writeback;
+  if (int wfd = ::openat(rq.dest_dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); wfd >= 0) {
+    try {
+      writeback.emplace([wfd] {
+        (void)::syncfs(wfd);
+        ::close(wfd);
+      });
+    } catch (const std::system_error&) {
+      ::close(wfd);
+    }
+  }
   if (helper.as)
     UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
                                 rq.policy.read_only, 0, limits));
   else
     UPGRADED_TRY(fs::check_tree(rq.dest_dirfd, ::geteuid(), rq.policy.read_only, 0, limits));
-  // The helper leaves the one syncfs to us: contents and owners made durable together.
+  writeback.reset();  // joined
+  // The helper leaves the syncfs to us: contents and owners made durable together.
   UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree"));
   return stats;
 }
