@@ -380,20 +380,30 @@ constexpr off_t kMaxListing = 64 << 20;
 // ListAllReleasesByFileDescriptor's listing (docs/dbus-api.md): the daemon's sealed memfd,
 // read whole and decoded before anything is printed. A descriptor that is not a regular file
 // sealed against writes and growth, or bytes that are not exactly such a listing, are refused:
-// the listing is printed whole or not at all. None: the daemon cannot hand one over (it
-// predates the method, has no /proc...) or its listing kept changing while read (the daemon
-// empties a listing it replaces); ListAllReleases then answers.
+// the listing is printed whole or not at all. None, with a note on stderr: the daemon cannot
+// hand one over (it predates the method, the bus policy does not allow it yet, it has no
+// /proc) or its listing was replaced three times while read; ListAllReleases then answers.
+// Any other error (the daemon died, a timeout) is the caller's.
 Result<std::optional<std::vector<store::views_cache::ListedApp>>> read_listing(Client& client) {
   using Listing = std::optional<std::vector<store::views_cache::ListedApp>>;
   auto refuse = [](const std::string& why) {
     return Error(ErrorCode::kFailed, "the daemon's listing cannot be read: " + why);
   };
+  auto fall_back = [](const std::string& why) {
+    std::fprintf(stderr, "upgradectl: note: %s; listing through ListAllReleases\n", why.c_str());
+    return Listing();
+  };
   for (int attempt = 0; attempt < 3; ++attempt) {
     sdbus::UnixFd fd;
     try {
       fd = client.ListAllReleasesByFileDescriptor();
-    } catch (const sdbus::Error&) {
-      return Listing();
+    } catch (const sdbus::Error& e) {
+      static const std::set<std::string> kCannot = {
+          "org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownInterface",
+          "org.freedesktop.DBus.Error.AccessDenied", "org.upgraded1.Error.Failed"};
+      if (!kCannot.count(e.getName())) throw;
+      return fall_back("the daemon cannot hand over its listing as a file (" + e.getName() +
+                       (e.getMessage().empty() ? "" : ": " + e.getMessage()) + ")");
     }
     struct stat sb {};
     if (::fstat(fd.get(), &sb) != 0) return refuse(std::strerror(errno));
@@ -416,7 +426,7 @@ Result<std::optional<std::vector<store::views_cache::ListedApp>>> read_listing(C
     if (!apps) return refuse("not a listing (docs/dbus-api.md)");
     return Listing(std::move(*apps));
   }
-  return Listing();
+  return fall_back("the daemon's listing was replaced three times while it was read");
 }
 
 int run_list(const Common& c, const std::string& only) {

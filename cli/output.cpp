@@ -101,14 +101,32 @@ void Table::print() const {
   }
 }
 
+std::string printable(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      out += '?';
+    } else if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+               static_cast<unsigned char>(s[i + 1]) <= 0x9f) {
+      out += '?';  // a C1 control (U+0080-U+009F), such as CSI
+      ++i;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
 void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std::string& app,
                      const std::string& version, const std::string& status, const std::string& role,
                      const std::string& staged_at, bool pinned, std::uint64_t size,
                      bool pre_finalized) {
   if (!as_json) {
-    table.add({app, version, colored_status(status),
-               role + (pre_finalized ? " (pre-finalized)" : ""), staged_at, pinned ? "yes" : "",
-               human_size(size)});
+    table.add({printable(app), printable(version), colored_status(printable(status)),
+               printable(role) + (pre_finalized ? " (pre-finalized)" : ""), printable(staged_at),
+               pinned ? "yes" : "", human_size(size)});
     return;
   }
   out.push_back({{"app", app},

@@ -38,6 +38,10 @@ class Table {
   std::vector<std::size_t> m_width;         ///< each column's width on a terminal
 };
 
+/// `s` with every control character (C0, DEL, C1) replaced by '?': a string from elsewhere that
+/// a terminal can print but not act on.
+std::string printable(std::string_view s);
+
 /// `upgradectl list`'s row for one release, to `out` (as_json: the stable schema of
 /// docs/upgradectl.md) or to `table`: only the form that is printed is built (thousands of rows).
 void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std::string& app,

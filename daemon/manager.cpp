@@ -1602,17 +1602,19 @@ sdbus::UnixFd Manager::ListAllReleasesByFileDescriptor() {
       int fd = ::memfd_create("upgraded-listing", MFD_CLOEXEC | MFD_ALLOW_SEALING | kNoExecSeal);
       if (fd < 0 && errno == EINVAL)
         fd = ::memfd_create("upgraded-listing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-      if (fd < 0) throw bus_error::from(system_error(errno, "creating the listing's memfd"));
+      // Every failure here is Failed: the client then asks ListAllReleases instead.
+      auto failed = [](const Error& e) { return sdbus::Error(bus_error::kFailed, e.message()); };
+      if (fd < 0) throw failed(system_error(errno, "creating the listing's memfd"));
       UniqueFd memfd(fd);
-      if (auto w = fs::write_all(fd, std::as_bytes(std::span(bytes))); !w)
-        throw bus_error::from(w.error());
+      if (auto w = fs::write_all(fd, std::as_bytes(std::span(bytes))); !w) throw failed(w.error());
       if (::fchmod(fd, 0444) != 0 ||
           ::fcntl(fd, F_ADD_SEALS, F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
-        throw bus_error::from(system_error(errno, "sealing the listing's memfd"));
+        throw failed(system_error(errno, "sealing the listing's memfd"));
       // A description of its own, read-only: a dup of the daemon's would let a caller empty it.
       std::string self = "/proc/self/fd/" + std::to_string(fd);
       int rfd = ::open(self.c_str(), O_RDONLY | O_CLOEXEC);
-      if (rfd < 0) throw bus_error::from(system_error(errno, "reopening the listing's memfd"));
+      if (rfd < 0)
+        throw failed(system_error(errno, "reopening the listing's memfd (through /proc/self/fd)"));
       UniqueFd reader(rfd);
       if (m_listing.memfd) (void)::ftruncate(m_listing.memfd.get(), 0);
       m_listing.memfd = std::move(memfd);

@@ -349,19 +349,19 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   std::optional<std::jthread> writeback;
   if (int wfd = ::openat(rq.dest_dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); wfd >= 0) {
     try {
-      writeback.emplace([wfd] {
-        (void)::syncfs(wfd);
-        ::close(wfd);
-      });
-    } catch (const std::system_error&) {
-      ::close(wfd);
+      writeback.emplace([fd = UniqueFd(wfd)] { (void)::syncfs(fd.get()); });
+    } catch (...) {  // no thread: the lambda, and the descriptor with it, are gone
     }
   }
-  if (helper.as)
-    UPGRADED_TRY(fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
-                                rq.policy.read_only, 0, limits));
-  else
-    UPGRADED_TRY(fs::check_tree(rq.dest_dirfd, ::geteuid(), rq.policy.read_only, 0, limits));
+  auto handed = helper.as
+                    ? fs::chown_tree(rq.dest_dirfd, helper.as->first, ::geteuid(), ::getegid(),
+                                     rq.policy.read_only, 0, limits)
+                    : fs::check_tree(rq.dest_dirfd, ::geteuid(), rq.policy.read_only, 0, limits);
+  if (!handed) {
+    // Refused: not worth waiting for; the thread owns its descriptor.
+    if (writeback) writeback->detach();
+    return handed.error();
+  }
   writeback.reset();  // joined
   // The helper leaves the syncfs to us: contents and owners made durable together.
   UPGRADED_TRY(fs::sync_filesystem(rq.dest_dirfd, "the extracted tree"));

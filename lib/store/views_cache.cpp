@@ -4,7 +4,6 @@
 
 #include "upgraded/store/views_cache.h"
 
-#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "upgraded/policy/names.h"
@@ -269,16 +268,9 @@ class ListingReader : public StrictSax {
   }
   bool binary(json::binary_t& v) {
     if (m_depth != 3 || m_app_field != 2 || !decode_releases(v, m_app.releases)) return false;
-    // Every string as the daemon writes it: nothing that a terminal would act on reaches one.
-    auto timestamp = [](const std::string& t) {
-      return t.size() <= 64 && std::all_of(t.begin(), t.end(), [](char c) {
-               return (c >= '0' && c <= '9') || c == '-' || c == ':' || c == '.' || c == '+' ||
-                      c == 'T' || c == 'Z';
-             });
-    };
     for (const auto& r : m_app.releases)
       if (!policy::validate_version(r.version) ||
-          (r.role != "" && r.role != "current" && r.role != "previous") || !timestamp(r.staged_at))
+          (r.role != "" && r.role != "current" && r.role != "previous"))
         return false;
     ++m_app_field;
     return true;

@@ -49,7 +49,8 @@ def upgradectl_for_nobody():
 
 # A stand-in owning org.upgraded1 on the session bus (argv: mode, file): its
 # ListAllReleasesByFileDescriptor hands over the file's bytes in a sealed memfd ("sealed"), an
-# unsealed one ("unsealed") or a pipe ("pipe"); "old" has only the typed ListAllReleases, as a
+# unsealed one ("unsealed") or a pipe ("pipe"), an emptied listing ("empty"), or fails with
+# org.upgraded1.Error.<mode> ("Failed", "Busy"); "old" has only the typed ListAllReleases, as a
 # daemon from before the method.
 FAKE_DAEMON = r"""
 import fcntl, os, sys
@@ -64,12 +65,15 @@ name = dbus.service.BusName("org.upgraded1", bus, do_not_queue=True)
 class Manager(dbus.service.Object):
     @dbus.service.method("org.upgraded1.Manager", out_signature="a(sssssbtb)")
     def ListAllReleases(self):
-        return [("old", "9.9.9", "good", "current", "2026-01-01T00:00:00Z", False, 1, False)]
+        # A time that would clear the screen, printed or not.
+        return [("old", "9.9.9", "good", "current", "2026-01-01\x1b[2J", False, 1, False)]
 
 class Listing(Manager):
     @dbus.service.method("org.upgraded1.Manager", out_signature="h")
     def ListAllReleasesByFileDescriptor(self):
-        data = open(path, "rb").read()
+        if mode in ("Failed", "Busy"):
+            raise dbus.exceptions.DBusException("no listing", name="org.upgraded1.Error." + mode)
+        data = open(path, "rb").read() if mode != "empty" else b""
         if mode == "pipe":
             r, w = os.pipe()
             os.write(w, data)
@@ -77,7 +81,7 @@ class Listing(Manager):
             return dbus.types.UnixFd(r)
         fd = os.memfd_create("listing", os.MFD_ALLOW_SEALING)
         os.write(fd, data)
-        if mode == "sealed":
+        if mode in ("sealed", "empty"):
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK |
                         fcntl.F_SEAL_GROW)
         return dbus.types.UnixFd(fd)
@@ -516,6 +520,8 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         sealed = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
         # Within seconds of a change the daemon reads states again (docs/state.md): the same
         # listing all the same, not a new memfd per call.
+        # Touched: its state is read again by each call for the next two seconds.
+        os.utime(os.path.join(self.root, "var/lib/upgraded/apps", self.app, "state.json"))
         fd, typed = self.listing_fd()
         st = os.fstat(fd)
         self.assertTrue(stat.S_ISREG(st.st_mode))
@@ -547,7 +553,10 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
         # upgradectl list reads it: the same rows as the typed ListAllReleases.
         keys = ["app", "version", "status", "role", "staged_at", "pinned", "size",
                 "pre_finalized"]
-        listed = json.loads(self.ctl("list", "--json").stdout)
+        r = self.ctl("list", "--json")
+        self.assertNotIn("ListAllReleases", r.stderr, "the memfd, not the fallback")
+        listed = json.loads(r.stdout)
+        self.assertEqual(os.fstat(self.listing_fd()[0]).st_ino, st.st_ino)
         self.assertEqual(listed, [dict(zip(keys, r)) for r in typed])
         self.assertEqual([(r["version"], r["role"], r["pinned"]) for r in listed],
                          [("1.0.0", "current", False), ("2.0.0", "", False)])
@@ -582,7 +591,8 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
                  # A string that moves the cursor and clears the screen, in place of a role.
                  ("sealed", good.replace(b"current", b"\x1b[H\x1b[2J"), 1, "not a listing"),
                  ("pipe", good, 1, "not a regular file"),
-                 ("old", good, 0, "")]
+                 ("old", good, 0, "UnknownMethod"), ("Failed", good, 0, "Error.Failed: no listing"),
+                 ("empty", good, 0, "replaced three times"), ("Busy", good, 5, "no listing")]
         for mode, data, code, error in cases:
             with self.subTest(mode=mode, size=len(data)):
                 with open(listing, "wb") as f:
@@ -594,9 +604,16 @@ class OnlineVerbs(DaemonRunner, unittest.TestCase):
                     r = self.ctl("list", check=code)
                     if mode == "sealed" and code == 0:
                         self.assertEqual(r.stdout, expected)
-                    elif mode == "old":  # the typed ListAllReleases of a daemon before it
-                        self.assertEqual(r.stdout.splitlines()[1].split()[:3],
-                                         ["old", "9.9.9", "good"])
+                        self.assertNotIn("ListAllReleases", r.stderr)
+                    elif code == 0:  # the typed ListAllReleases instead, and a note saying so
+                        self.assertEqual(r.stdout.splitlines()[1].split()[:5],
+                                         ["old", "9.9.9", "good", "current", "2026-01-01?[2J"])
+                        self.assertIn(error, r.stderr)
+                        self.assertIn("listing through ListAllReleases", r.stderr)
+                    elif mode == "Busy":  # not a reason to ask otherwise: the caller's error
+                        self.assertEqual(r.stdout, "")
+                        self.assertTrue(r.stderr.startswith("upgradectl: no listing\n"), r.stderr)
+                        self.assertNotIn("ListAllReleases", r.stderr)
                     else:
                         self.assertEqual(r.stdout, "", "nothing printed")
                         self.assertIn("the daemon's listing cannot be read: " + error,

@@ -172,7 +172,9 @@ class Booted(unittest.TestCase):
         self.assertIn(self.expected_sandbox, sandbox)
         # The listing through the unit's sandbox: a sealed memfd reopened via /proc/self/fd
         # (ProcSubset=pid) and passed over the system bus.
-        listed = json.loads(self.ctl("list", "--json").stdout)
+        r = self.ctl("list", "--json")
+        self.assertNotIn("ListAllReleases", r.stderr, "the memfd, not the fallback")
+        listed = json.loads(r.stdout)
         self.assertEqual([(r["app"], r["version"]) for r in listed if r["role"] == "current"],
                          [("hello", "2.0.0")])
         status = self.ctl("status")
@@ -198,7 +200,9 @@ class Booted(unittest.TestCase):
         alice = self.ctl("install", ART + "/hello-4.0.0.upd", user="alice", check=False)
         self.assertEqual(alice.returncode, 7, alice.stdout + alice.stderr)
         # Reading is open to every user: the listing's descriptor reaches alice.
-        self.assertIn("hello", self.ctl("list", user="alice").stdout)
+        r = self.ctl("list", user="alice")
+        self.assertIn("hello", r.stdout)
+        self.assertNotIn("ListAllReleases", r.stderr, "the memfd, not the fallback")
         self.assertEqual(self.c.run(["find", "/var/lib/upgraded", "-printf",
                                      "%p %s %m\n"]).stdout, before)
         self.c.write("/etc/polkit-1/rules.d/50-upgraders.rules", POLKIT_RULE)

@@ -747,17 +747,17 @@ TEST(Listing, RoundTripsAndRefusesWhatTheDaemonNeverWrites) {
   auto bad_version =
       views_cache::encode_releases({{"1.0.0\n\033[2J", ReleaseStatus::kGood, "", "", false, 1}});
   EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, bad_version}})));
-  for (const auto& [role, staged_at] :
-       std::vector<std::pair<std::string, std::string>>{{"current\033[2J", "2026-11-21T10:00:00Z"},
-                                                        {"other", "2026-11-21T10:00:00Z"},
-                                                        {"", "2026-11-21\n10:00:00Z"},
-                                                        {"", "\033]0;title\007"},
-                                                        {"", std::string(65, '1')}}) {
-    auto shown =
-        views_cache::encode_releases({{"1.0.0", ReleaseStatus::kGood, role, staged_at, false, 1}});
-    EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, shown}})))
-        << "role " << role << ", staged_at " << staged_at;
+  for (const std::string role : {"current\033[2J", "other", "\n"}) {
+    auto shown = views_cache::encode_releases(
+        {{"1.0.0", ReleaseStatus::kGood, role, "2026-11-21T10:00:00Z", false, 1}});
+    EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, shown}}))) << role;
   }
+  // staged_at is whatever state.json says (the printer makes it printable).
+  auto odd_time = views_cache::encode_releases(
+      {{"1.0.0", ReleaseStatus::kGood, "", "2026-11-21 10:00\033[2J", false, 1}});
+  auto odd = views_cache::decode_listing(views_cache::encode_listing({{"alpha", false, odd_time}}));
+  ASSERT_TRUE(odd.has_value());
+  EXPECT_EQ(odd->at(0).releases.at(0).staged_at, "2026-11-21 10:00\033[2J");
   const std::uint8_t garbage[] = {0xff, 0x00};
   EXPECT_TRUE(refused(views_cache::encode_listing({{"alpha", false, garbage}})));
   auto with_tail = bytes;

@@ -86,9 +86,9 @@ struct ListedApp {
 std::vector<std::uint8_t> encode_listing(const std::vector<EncodedApp>& apps);
 /// The listing, or none if `bytes` is not exactly such a document: a value out of place or of
 /// another type, an app name or version that is not valid (policy/names.h), a role other than
-/// "", "current" or "previous", a staged_at of other characters than an RFC 3339 time's (or
-/// longer than 64), apps not in strictly ascending order, an app's releases that do not
-/// decode, a byte after the document.
+/// "", "current" or "previous", apps not in strictly ascending order, an app's releases that
+/// do not decode, a byte after the document. (staged_at is any string, as in state.json:
+/// whoever prints it makes it printable.)
 std::optional<std::vector<ListedApp>> decode_listing(std::span<const std::uint8_t> bytes);
 
 }  // namespace upgraded::store::views_cache
