@@ -1582,8 +1582,8 @@ sdbus::UnixFd Manager::ListAllReleasesByFileDescriptor() {
         apps.emplace(app, old->second);
         continue;
       }
-      ListedApp now{st, st->pre_finalized(),
-                    store::views_cache::encode_releases(store::view_of(*st).releases)};
+      ListingEntry now{st, st->pre_finalized(),
+                       store::views_cache::encode_releases(store::view_of(*st).releases)};
       if (old == m_listing.apps.end() || old->second.pre_finalized != now.pre_finalized ||
           old->second.releases != now.releases)
         changed = true;

@@ -64,14 +64,14 @@ class Manager final : public sdbus::AdaptorInterfaces<org::upgraded1::Manager_ad
   /// of (held, so that an address is never reused for another state), each app's releases
   /// encoded, the sealed memfd and the one read-only description of it that callers get dups
   /// of.
-  struct ListedApp {
+  struct ListingEntry {
     std::shared_ptr<const store::AppState> state;
     bool pre_finalized = false;
     std::vector<std::uint8_t> releases;
   };
   struct Listing {
     std::vector<std::pair<std::string, std::shared_ptr<const store::AppState>>> states;
-    std::map<std::string, ListedApp> apps;
+    std::map<std::string, ListingEntry> apps;
     UniqueFd memfd;   ///< read-write: emptied when the next listing replaces it
     UniqueFd reader;  ///< O_RDONLY, handed out
     off_t size = 0;
