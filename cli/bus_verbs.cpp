@@ -18,6 +18,7 @@
 #include "org.upgraded1.Job.proxy.h"
 #include "org.upgraded1.Manager.proxy.h"
 #include "output.h"
+#include "upgraded/fs/durable.h"
 #include "upgraded/store/views_cache.h"
 #include "verbs.h"
 
@@ -412,16 +413,12 @@ Result<std::optional<std::vector<store::views_cache::ListedApp>>> read_listing(C
     constexpr int kSealed = F_SEAL_WRITE | F_SEAL_GROW;
     int seals = ::fcntl(fd.get(), F_GET_SEALS);
     if (seals < 0 || (seals & kSealed) != kSealed) return refuse("not sealed against changes");
-    // pread: the descriptor's offset is shared with every other caller's.
-    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(sb.st_size));
-    std::size_t got = 0;
-    while (got < bytes.size()) {
-      ssize_t n = ::pread(fd.get(), bytes.data() + got, bytes.size() - got, off_t(got));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;
-      got += std::size_t(n);
-    }
-    if (bytes.empty() || got < bytes.size()) continue;  // emptied: replaced by a newer one
+    // Read with pread (read_fd): the descriptor's offset is shared with every other caller's.
+    auto text = fs::read_fd(fd.get(), sb, "the daemon's listing", kMaxListing);
+    if (!text) return refuse(text.error().message());
+    // Emptied: replaced by a newer one.
+    if (text->empty() || text->size() < static_cast<std::size_t>(sb.st_size)) continue;
+    std::span bytes(reinterpret_cast<const std::uint8_t*>(text->data()), text->size());
     auto apps = store::views_cache::decode_listing(bytes);
     if (!apps) return refuse("not a listing (docs/dbus-api.md)");
     return Listing(std::move(*apps));

@@ -146,7 +146,9 @@ Result<std::string> read_fd(int fd, const struct stat& st, const std::string& pa
       if (st.st_size > 0 && used >= static_cast<std::uint64_t>(st.st_size)) break;
       out.resize(std::min<std::uint64_t>(out.size() * 2, max_size + 1));
     }
-    ssize_t n = ::read(fd, out.data() + used, out.size() - used);
+    // pread: from the start, whatever the descriptor's offset (one shared with others, as the
+    // daemon's listing is, may be anywhere).
+    ssize_t n = ::pread(fd, out.data() + used, out.size() - used, static_cast<off_t>(used));
     if (n < 0) {
       if (errno == EINTR) continue;
       return system_error(errno, "reading '" + path + "'");

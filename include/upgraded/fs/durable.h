@@ -37,7 +37,8 @@ Result<void> write_all(int fd, std::span<const std::byte> data);
 
 /// Reads a whole regular file of at most `max_size` bytes.
 Result<std::string> read_file(int dirfd, const std::string& path, std::uint64_t max_size);
-/// The same for an open file whose fstat() the caller has (`path` names it in errors).
+/// The same for an open file whose fstat() the caller has (`path` names it in errors), read
+/// from its start with pread() (the descriptor's offset is neither used nor moved).
 Result<std::string> read_fd(int fd, const struct stat& st, const std::string& path,
                             std::uint64_t max_size);
 
