@@ -9,6 +9,8 @@
 #   tests/ansible/sanity_test.sh SOURCE_DIR
 # Exit 77 (skipped) without ansible-core, except under CI=true.
 set -euo pipefail
+# ansible-* refuse a non-blocking stdin, and ctest's may be shared with tests that run ssh.
+exec </dev/null
 src=$(cd "$1" && pwd)
 if ! command -v ansible-test >/dev/null; then
   if [ "${CI:-}" = true ]; then echo "ansible-core is not installed" >&2; exit 1; fi

@@ -114,8 +114,10 @@ class ReleaseModule(DaemonRunner, unittest.TestCase):
                    ANSIBLE_LOCAL_TEMP=os.path.join(self.ansible_dir, "tmp"),
                    ANSIBLE_REMOTE_TEMP=os.path.join(self.ansible_dir, "remote-tmp"),
                    ANSIBLE_HOME=os.path.join(self.ansible_dir, "home"), ANSIBLE_NOCOLOR="1")
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env)
+        # stdin is /dev/null, not ctest's: a description shared with other tests may have
+        # been made non-blocking (ssh does that), and ansible-playbook refuses to start then.
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
         if meanwhile:
             meanwhile()
         stdout, stderr = p.communicate(timeout=300)

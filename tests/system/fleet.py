@@ -207,7 +207,12 @@ class Fleet:
         if self.config:
             full_env.update(ANSIBLE_CONFIG=self.config, ANSIBLE_INVENTORY=self.inventory)
         full_env.update(env or {})
+        # Never the caller's stdin: ssh sets O_NONBLOCK on the stdin it inherits, and a
+        # description shared with tests running alongside makes their ansible-playbook refuse
+        # to start ("Ansible requires blocking IO"; seen in CI).
         options = dict(capture_output=True, text=True)
+        if "input" not in kw:
+            options["stdin"] = subprocess.DEVNULL
         options.update(kw)
         return subprocess.run(["nsenter", "--net=" + netns_path(self.lan), "--"] + list(cmd),
                               env=full_env, **options)

@@ -79,6 +79,7 @@ class Fleet(unittest.TestCase):
         cls.collections = os.path.join(cls.work, "collections")
         subprocess.run(["ansible-galaxy", "collection", "install", "-p", cls.collections,
                         collection[0]], check=True, capture_output=True,
+                       stdin=subprocess.DEVNULL,
                        env=dict(os.environ, ANSIBLE_HOME=os.path.join(cls.work, "ansible")))
         cls.fleet = fleet.Fleet(3, binds=[(cls.work, ART)])
         try:
