@@ -101,22 +101,36 @@ void Table::print() const {
   }
 }
 
-std::string printable(std::string_view s) {
-  std::string out;
-  out.reserve(s.size());
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7f) {
-      out += '?';
-    } else if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
-               static_cast<unsigned char>(s[i + 1]) <= 0x9f) {
-      out += '?';  // a C1 control (U+0080-U+009F), such as CSI
-      ++i;
+namespace {
+
+// The length of the first control character (C0, DEL, or a C1 as UTF-8: 0xC2 0x80-0x9F) at
+// `i` in `s`, or 0.
+std::size_t control_at(std::string_view s, std::size_t i) {
+  auto c = static_cast<unsigned char>(s[i]);
+  if (c < 0x20 || c == 0x7f) return 1;
+  if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+      static_cast<unsigned char>(s[i + 1]) <= 0x9f)
+    return 2;
+  return 0;
+}
+
+}  // namespace
+
+std::string_view printable(std::string_view s, std::string& scratch) {
+  std::size_t i = 0;
+  while (i < s.size() && control_at(s, i) == 0)
+    ++i;
+  if (i == s.size()) return s;  // the common case: nothing to replace, nothing copied
+  scratch.assign(s.substr(0, i));
+  while (i < s.size()) {
+    if (std::size_t n = control_at(s, i)) {
+      scratch += '?';
+      i += n;
     } else {
-      out += s[i];
+      scratch += s[i++];
     }
   }
-  return out;
+  return scratch;
 }
 
 void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std::string& app,
@@ -124,9 +138,16 @@ void add_release_row(bool as_json, nlohmann::json& out, Table& table, const std:
                      const std::string& staged_at, bool pinned, std::uint64_t size,
                      bool pre_finalized) {
   if (!as_json) {
-    table.add({printable(app), printable(version), colored_status(printable(status)),
-               printable(role) + (pre_finalized ? " (pre-finalized)" : ""), printable(staged_at),
-               pinned ? "yes" : "", human_size(size)});
+    // Thousands of rows: a cell is copied only when it must be changed.
+    std::string a, v, s, r, t;
+    std::string_view shown_status = printable(status, s);
+    std::string colored;
+    if (use_color()) shown_status = colored = colored_status(std::string(shown_status));
+    std::string_view shown_role = printable(role, r);
+    std::string marked;
+    if (pre_finalized) shown_role = marked = std::string(shown_role) + " (pre-finalized)";
+    table.add({printable(app, a), printable(version, v), shown_status, shown_role,
+               printable(staged_at, t), pinned ? "yes" : "", human_size(size)});
     return;
   }
   out.push_back({{"app", app},

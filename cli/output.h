@@ -39,8 +39,9 @@ class Table {
 };
 
 /// `s` with every control character (C0, DEL, C1) replaced by '?': a string from elsewhere that
-/// a terminal can print but not act on.
-std::string printable(std::string_view s);
+/// a terminal can print but not act on. `s` itself when there is nothing to replace (no copy),
+/// else the result, in `scratch`.
+std::string_view printable(std::string_view s, std::string& scratch);
 
 /// `upgradectl list`'s row for one release, to `out` (as_json: the stable schema of
 /// docs/upgradectl.md) or to `table`: only the form that is printed is built (thousands of rows).

@@ -25,11 +25,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <ctime>
+#include <exception>
+#include <functional>
 #include <map>
 #include <random>
+#include <system_error>
+#include <thread>
 
 #include "upgraded/fs/durable.h"
 #include "upgraded/fs/unique_fd.h"
@@ -108,6 +113,68 @@ void save(int rootfd, Entries entries, const struct timespec& now) {
     ::unlinkat(rootfd, tmp, 0);
 }
 
+// What identifies an app's files (the header above), taken before anything of it is read.
+struct Keys {
+  FileKey dir, state;   // state: all zero without a state.json
+  int dir_error = 0;    // errno of the directory's fstatat (ENOENT: the app was removed meanwhile)
+  int state_error = 0;  // errno of state.json's, other than ENOENT
+};
+
+Keys keys_of(std::pair<int, const std::string*> where) {
+  auto [dirfd, dir] = where;
+  Keys k;
+  struct stat sb {};
+  if (::fstatat(dirfd, dir->c_str(), &sb, 0) != 0) {
+    k.dir_error = errno;
+    return k;
+  }
+  k.dir = views_cache::key_of(sb);
+  if (::fstatat(dirfd, (*dir + "/state.json").c_str(), &sb, 0) == 0)
+    k.state = views_cache::key_of(sb);
+  else if (errno != ENOENT)
+    k.state_error = errno;
+  return k;
+}
+
+// take(0) .. take(n - 1), in any order, and `meanwhile()` once. A listing of thousands of apps is
+// mostly its two fstatat() calls per app: with more than one CPU, a second thread takes a share
+// of them and loads the cache meanwhile. What it throws is thrown here, as if this thread had.
+void take_keys(std::size_t n, const std::function<void(std::size_t)>& take,
+               const std::function<void()>& meanwhile) {
+  constexpr std::size_t kChunk = 32, kAlone = 128;
+  std::atomic<std::size_t> next{0};
+  auto share = [&] {
+    for (std::size_t i; (i = next.fetch_add(kChunk)) < n;)
+      for (std::size_t j = i; j < std::min(i + kChunk, n); ++j)
+        take(j);
+  };
+  std::exception_ptr thrown;
+  std::thread helper;
+  if (n >= kAlone && std::thread::hardware_concurrency() > 1) {
+    try {
+      helper = std::thread([&] {
+        try {
+          meanwhile();
+          share();
+        } catch (...) {
+          thrown = std::current_exception();
+        }
+      });
+    } catch (const std::system_error&) {
+      // No thread to be had (a tasks limit): this one does everything.
+    }
+  }
+  if (!helper.joinable()) meanwhile();
+  try {
+    share();
+  } catch (...) {
+    if (helper.joinable()) helper.join();
+    throw;
+  }
+  if (helper.joinable()) helper.join();
+  if (thrown) std::rethrow_exception(thrown);
+}
+
 }  // namespace
 
 Result<std::vector<std::pair<std::string, AppView>>> Store::views() const {
@@ -147,26 +214,29 @@ Result<void> Store::for_each_view(
   UniqueFd apps(fd);
   struct timespec now {};
   ::clock_gettime(CLOCK_REALTIME, &now);
-  Entries cached = load(root->get(), now);
+  // The app's directory and state.json, as in the apps directory or at the app's own root.
+  auto where = [&](const std::string& app) -> std::pair<int, const std::string*> {
+    auto own = m_options.app_roots.find(app);
+    if (own == m_options.app_roots.end()) return {apps.get(), &app};
+    return {AT_FDCWD, &own->second};
+  };
+  Entries cached;
+  std::vector<Keys> keys(names->size());
+  take_keys(
+      names->size(), [&](std::size_t i) { keys[i] = keys_of(where((*names)[i])); },
+      [&] { cached = load(root->get(), now); });
   Entries kept;
   bool changed = false;
   AppView decoded;  // the view of an app from the cache; its memory serves every app in turn
-  for (const auto& app : *names) {
-    // The app's directory and state.json, as in the apps directory or at the app's own root.
-    auto own = m_options.app_roots.find(app);
-    int dirfd = own == m_options.app_roots.end() ? apps.get() : AT_FDCWD;
-    std::string dir = own == m_options.app_roots.end() ? app : own->second;
-    struct stat dsb {
-    }, ssb{};
-    if (::fstatat(dirfd, dir.c_str(), &dsb, 0) != 0) {
-      if (errno == ENOENT) continue;  // removed meanwhile
-      return system_error(errno, "inspecting " + policy::quote(dir));
-    }
-    FileKey dkey = views_cache::key_of(dsb), skey;
-    if (::fstatat(dirfd, (dir + "/state.json").c_str(), &ssb, 0) == 0)
-      skey = views_cache::key_of(ssb);
-    else if (errno != ENOENT)
-      return system_error(errno, "inspecting the state of " + policy::quote(app));
+  for (std::size_t i = 0; i < names->size(); ++i) {
+    const std::string& app = (*names)[i];
+    const Keys& k = keys[i];
+    if (k.dir_error == ENOENT) continue;  // removed meanwhile
+    if (k.dir_error != 0)
+      return system_error(k.dir_error, "inspecting " + policy::quote(*where(app).second));
+    if (k.state_error != 0)
+      return system_error(k.state_error, "inspecting the state of " + policy::quote(app));
+    const FileKey &dkey = k.dir, &skey = k.state;
     if (auto it = cached.find(app);
         it != cached.end() && it->second.dir == dkey && it->second.state == skey &&
         views_cache::decode_releases(it->second.releases, decoded.releases)) {

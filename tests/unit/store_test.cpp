@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <thread>
@@ -635,6 +637,55 @@ TEST_F(AStore, KeepsItsListingInACacheThatNoChangeOnDiskGetsPast) {
   ASSERT_TRUE(fs::remove_tree(AT_FDCWD, t / "state/apps/empty").ok());
   versions();
   EXPECT_EQ(entries()->entries.count("empty"), 0u);
+}
+
+// Enough apps for the listing to share taking their keys between two threads (views.cpp:
+// take_keys): it lists what the same store lists without its cache, in the same order, read or
+// from the cache; and of two apps that cannot be inspected it names the first, whichever thread
+// met which.
+TEST_F(AStore, ListsManyAppsAsWithoutItsCacheAndNamesTheFirstItCannotInspect) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  ASSERT_TRUE(stage("1.1.0").ok());
+  for (int i = 0; i < 400; ++i) {
+    char name[16];
+    std::snprintf(name, sizeof name, "a%03d", i);
+    std::filesystem::copy(
+        app_root(), t / ("state/apps/" + std::string(name)),
+        std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
+  }
+  auto listing = open_with([](StoreOptions& o) { o.persist_views = true; });
+  auto plain = open_with([](StoreOptions& o) { o.persist_views = false; });
+  ASSERT_TRUE(listing && plain);
+  auto rows = [](Store& s) {
+    auto v = s.views();
+    EXPECT_TRUE(v.ok()) << v.error().message();
+    std::vector<std::string> out;
+    for (const auto& [app, view] : *v)
+      for (const auto& r : view.releases)
+        out.push_back(app + " " + r.version + " " + r.role);
+    return out;
+  };
+  const auto expected = rows(*plain);
+  ASSERT_EQ(expected.size(), 401u * 2);
+  EXPECT_EQ(expected.front(), "a000 1.0.0 ");
+  EXPECT_EQ(expected.back(), "hello 1.1.0 ");
+  EXPECT_EQ(rows(*listing), expected) << "read";
+  std::this_thread::sleep_for(std::chrono::milliseconds(3100));  // settled: kept in the cache
+  EXPECT_EQ(rows(*listing), expected) << "read, then kept";
+  ASSERT_TRUE(exists(t / "state/views.cache"));
+  EXPECT_EQ(rows(*listing), expected) << "from the cache";
+
+  for (const char* loop : {"a123", "a345"}) {
+    const std::string path = t / ("state/apps/" + std::string(loop));
+    ASSERT_TRUE(fs::remove_tree(AT_FDCWD, path).ok());
+    ASSERT_EQ(::symlink(loop, path.c_str()), 0);  // fstatat: ELOOP
+  }
+  for (int i = 0; i < 20; ++i) {
+    auto v = listing->views();
+    ASSERT_FALSE(v.ok());
+    EXPECT_NE(v.error().message().find("inspecting 'a123'"), std::string::npos)
+        << v.error().message();
+  }
 }
 
 TEST_F(AStore, ListsWithoutItsCacheWhenTheCacheCannotBeWritten) {
