@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <ctime>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "upgraded/artifact/encoding.h"
@@ -331,11 +333,122 @@ struct Store::StateCache {
     struct timespec mtime, ctime;
     std::shared_ptr<const AppState> state;
     bool same_file(const struct stat& sb) const;
+    /// Known to be what state.json holds without an fstatat(): set by states() once it
+    /// inspected the file with the app's directory watched; any event in it clears it.
+    bool current = false;
   };
   static constexpr time_t kSettledS = 2;
   std::mutex mutex;
   std::map<std::string, Entry> entries;
+
+  // What lets states() serve entries without an fstatat() (docs/state.md): inotify watches on
+  // the apps directory and on every app directory. The kernel queues an event before the
+  // system call that made the change returns, so whatever changed before a listing began is
+  // among the events that listing reads first. Used by states() alone, under watch_mutex (held
+  // for the whole listing; `mutex` is taken inside it, never the other way round).
+  std::mutex watch_mutex;
+  UniqueFd inotify;    // non-blocking; invalid: nothing is known current
+  int apps_wd = -1;    // the apps directory: names created, removed, renamed
+  dev_t apps_dev = 0;  // the directory that watch is on: every listing checks that the path
+  ino_t apps_ino = 0;  // still leads to it
+  std::map<int, std::string> app_of;  // an app directory's watch: its app
+  /// The apps directory's names (list_dir) while no name was created, removed or renamed.
+  std::optional<std::vector<std::string>> names;
+  std::size_t inspected = 0;  // fstatat() calls of the last states(), for tests
+
+  void forget(const std::string& app) {
+    std::lock_guard lock(mutex);
+    if (auto it = entries.find(app); it != entries.end()) it->second.current = false;
+  }
+  void reset() {
+    inotify.reset();
+    apps_wd = -1;
+    app_of.clear();
+    names.reset();
+    std::lock_guard lock(mutex);
+    for (auto& [app, e] : entries)
+      e.current = false;
+  }
+  void drain();
+  bool watch_apps(const std::string& apps_dir, const struct stat& sb);
+  bool watch_app(const std::string& app, const std::string& dir);
 };
+
+namespace {
+constexpr std::uint32_t kAppDirEvents = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_CREATE |
+                                        IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF |
+                                        IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW;
+constexpr std::uint32_t kAppsDirEvents = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO |
+                                         IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR |
+                                         IN_DONT_FOLLOW;
+}  // namespace
+
+// Every event queued so far: each one makes its app's entry (or, in the apps directory, the
+// entry of the name it names, and the list of names) no longer known current. A lost event (the
+// queue overflowed), the apps directory gone, or a read error forget everything.
+void Store::StateCache::drain() {
+  if (!inotify) return;
+  alignas(struct inotify_event) char buf[16384];
+  for (;;) {
+    ssize_t n = ::read(inotify.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) return;
+    if (n <= 0) {
+      reset();
+      return;
+    }
+    for (ssize_t i = 0; i + static_cast<ssize_t>(sizeof(inotify_event)) <= n;) {
+      const auto* ev = reinterpret_cast<const inotify_event*>(buf + i);
+      i += static_cast<ssize_t>(sizeof(inotify_event) + ev->len);
+      if (ev->mask & IN_Q_OVERFLOW) {
+        reset();
+        return;
+      }
+      if (ev->wd == apps_wd) {
+        if (ev->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT)) {
+          reset();
+          return;
+        }
+        names.reset();
+        if (ev->len > 0) forget(std::string(ev->name, ::strnlen(ev->name, ev->len)));
+      } else if (auto it = app_of.find(ev->wd); it != app_of.end()) {
+        forget(it->second);
+        if (ev->mask & IN_IGNORED) app_of.erase(it);  // its directory is gone
+      }
+    }
+  }
+}
+
+// Watches the apps directory (`sb`: what this listing found at its path), starting over if the
+// watched one is no longer it. False: nothing can be known current in this listing.
+bool Store::StateCache::watch_apps(const std::string& apps_dir, const struct stat& sb) {
+  if (inotify && (sb.st_dev != apps_dev || sb.st_ino != apps_ino)) reset();
+  if (inotify) return true;
+  inotify.reset(::inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+  if (!inotify) return false;  // no inotify (EMFILE: its per-user limit): every app inspected
+  apps_wd = ::inotify_add_watch(inotify.get(), apps_dir.c_str(), kAppsDirEvents);
+  struct stat now {};
+  // Watched after it was inspected: the watch must be on the directory inspected.
+  if (apps_wd < 0 || ::stat(apps_dir.c_str(), &now) != 0 || now.st_dev != sb.st_dev ||
+      now.st_ino != sb.st_ino) {
+    reset();
+    return false;
+  }
+  apps_dev = sb.st_dev;
+  apps_ino = sb.st_ino;
+  return true;
+}
+
+// Watches an app's directory, before its state is inspected: any later change is an event.
+// False when it cannot be (a symlink, the watches' limit): the app is inspected every time.
+bool Store::StateCache::watch_app(const std::string& app, const std::string& dir) {
+  int wd = ::inotify_add_watch(inotify.get(), dir.c_str(), kAppDirEvents);
+  if (wd < 0) return false;
+  // The same directory under another name (renamed since it was watched): this app's now.
+  if (auto it = app_of.find(wd); it != app_of.end() && it->second != app) forget(it->second);
+  app_of[wd] = app;
+  return true;
+}
 
 bool Store::StateCache::Entry::same_file(const struct stat& sb) const {
   return dev == sb.st_dev && ino == sb.st_ino && size == sb.st_size &&
@@ -573,10 +686,35 @@ Result<std::shared_ptr<const AppState>> Store::load_state(int dirfd, const std::
 Result<std::vector<ListedState>> Store::states() const {
   std::vector<ListedState> out;
   // One fstatat() per app, relative to the apps directory: with the states cached (the
-  // daemon), that is all a listing of thousands of apps costs the kernel.
+  // daemon), that is all a listing of thousands of apps costs the kernel; and none for an app
+  // whose directory is watched and saw no change since (StateCache).
   // An app whose state cannot be inspected or read is listed with the error: one app's broken
   // file never fails the listing of the others.
-  auto add = [&](int dirfd, const std::string& app, const std::string& path) -> Result<void> {
+  std::unique_lock<std::mutex> watching;
+  bool watched = false;
+  if (m_cache) {
+    watching = std::unique_lock(m_cache->watch_mutex);
+    m_cache->inspected = 0;
+    m_cache->drain();
+  }
+  const std::string apps_dir = m_options.root + "/apps";
+  // An app in the apps directory (`own_root` null; its directory may be watched), or at a root
+  // of its own.
+  auto add = [&](int dirfd, const std::string& app, const std::string* own_root) -> Result<void> {
+    bool watch = own_root == nullptr;
+    if (watched && watch) {
+      {
+        std::lock_guard lock(m_cache->mutex);
+        if (auto it = m_cache->entries.find(app);
+            it != m_cache->entries.end() && it->second.current) {
+          out.push_back({app, it->second.state, std::nullopt});
+          return {};
+        }
+      }
+      watch = m_cache->watch_app(app, apps_dir + "/" + app);
+    }
+    if (m_cache) ++m_cache->inspected;
+    const std::string path = (own_root ? *own_root : app) + "/" + kState;
     struct stat sb {};
     if (::fstatat(dirfd, path.c_str(), &sb, 0) != 0) {
       if (errno == ENOENT || errno == ENOTDIR) return {};  // no state (yet), or removed
@@ -591,28 +729,63 @@ Result<std::vector<ListedState>> Store::states() const {
       return {};
     }
     auto st = load_state(dirfd, path, app, &sb);
-    if (st)
+    if (st) {
+      // Known current from now on while its directory stays quiet, if it is what is cached (a
+      // settled state: a younger one is inspected again by every listing until it settles).
+      if (watched && watch) {
+        std::lock_guard lock(m_cache->mutex);
+        if (auto it = m_cache->entries.find(app);
+            it != m_cache->entries.end() && it->second.state == *st)
+          it->second.current = true;
+      }
       out.push_back({app, std::move(*st), std::nullopt});
-    else if (st.error().code() != ErrorCode::kNotFound)  // else removed meanwhile
+    } else if (st.error().code() != ErrorCode::kNotFound) {  // else removed meanwhile
       out.push_back({app, nullptr, st.error().with_context(app)});
+    }
     return {};
   };
   auto root = fs::open_directory(m_options.root);
   if (!root) return root.error();
-  auto names = list_dir(root->get(), "apps");
-  if (!names) return names.error();
+  if (m_cache) {
+    // Watched before it is listed: a name created after the listing is an event.
+    struct stat sb {};
+    watched = ::fstatat(root->get(), "apps", &sb, 0) == 0 && S_ISDIR(sb.st_mode) &&
+              m_cache->watch_apps(apps_dir, sb);
+  }
+  // The apps in the apps directory (valid names, not at roots of their own), in order.
+  std::vector<std::string> listed;
+  const std::vector<std::string>* names = &listed;
+  if (watched && m_cache->names) {
+    names = &*m_cache->names;  // no name created, removed or renamed since
+  } else {
+    auto read = list_dir(root->get(), "apps");
+    if (!read) return read.error();
+    for (auto& n : *read)
+      if (policy::validate_app_name(n) && !m_options.app_roots.count(n))
+        listed.push_back(std::move(n));
+    if (watched) names = &m_cache->names.emplace(std::move(listed));
+  }
   if (!names->empty()) {
     int fd = ::openat(root->get(), "apps", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) return system_error(errno, "opening the apps directory");
     UniqueFd apps(fd);
+    out.reserve(names->size() + m_options.app_roots.size());
     for (const auto& n : *names)
-      if (policy::validate_app_name(n) && !m_options.app_roots.count(n))
-        UPGRADED_TRY(add(apps.get(), n, n + "/" + kState));
+      UPGRADED_TRY(add(apps.get(), n, nullptr));
   }
+  // Apps at roots of their own are inspected every time: their paths may lead through
+  // directories no watch covers.
   for (const auto& [app, dir] : m_options.app_roots)
-    UPGRADED_TRY(add(AT_FDCWD, app, dir + "/" + kState));
-  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.app < b.app; });
+    UPGRADED_TRY(add(AT_FDCWD, app, &dir));
+  auto by_app = [](const auto& a, const auto& b) { return a.app < b.app; };
+  if (!std::is_sorted(out.begin(), out.end(), by_app)) std::sort(out.begin(), out.end(), by_app);
   return out;
+}
+
+std::size_t Store::states_inspected() const {
+  if (!m_cache) return 0;
+  std::lock_guard lock(m_cache->watch_mutex);
+  return m_cache->inspected;
 }
 
 Result<artifact::Manifest> Store::manifest(const std::string& app,

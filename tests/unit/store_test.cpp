@@ -704,6 +704,109 @@ TEST_F(AStore, ListsWithoutItsCacheWhenTheCacheCannotBeWritten) {
   EXPECT_TRUE(S_ISDIR(sb.st_mode));
 }
 
+// The daemon's listings (cache_states) inspect no app whose directory inotify watches and saw no
+// change since its state was checked (docs/state.md), and see every change all the same: in
+// place, by rename, apps created, removed and renamed, and after the kernel dropped events.
+TEST_F(AStore, ListsStatesInspectingOnlyTheAppsThatChanged) {
+  ASSERT_TRUE(stage("1.0.0").ok());
+  const std::string apps = t / "state/apps";
+  auto copy_app = [&](const std::string& name) {
+    std::filesystem::copy(
+        app_root(), apps + "/" + name,
+        std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
+  };
+  for (const char* name : {"a1", "a2", "a3", "a4"})
+    copy_app(name);
+  make_dirs(t / "elsewhere");
+  copy_app("../../elsewhere/linked-target");
+  ASSERT_EQ(::symlink("../../elsewhere/linked-target", (apps + "/linked").c_str()), 0);
+  auto cached = open_with([](StoreOptions& o) { o.cache_states = true; });
+  ASSERT_TRUE(cached);
+  // "app:pinned" of every app listed.
+  auto listing = [&] {
+    auto all = cached->states();
+    EXPECT_TRUE(all.ok()) << all.error().message();
+    std::vector<std::string> out;
+    for (const auto& l : *all) {
+      EXPECT_NE(l.state, nullptr) << l.app;
+      if (l.state) out.push_back(l.app + ":" + (l.state->releases.at("1.0.0").pinned ? "p" : "-"));
+    }
+    return out;
+  };
+  auto edit_in_place = [&](const std::string& app, bool pinned) {
+    const std::string path = apps + "/" + app + "/state.json";
+    std::string text = read_file(path);
+    auto pos = text.find(pinned ? "\"pinned\": false" : "\"pinned\":  true");
+    ASSERT_NE(pos, std::string::npos) << text;
+    text.replace(pos, 15, pinned ? "\"pinned\":  true" : "\"pinned\": false");
+    std::ofstream out(path, std::ios::in | std::ios::out | std::ios::binary);
+    out << text;
+  };
+  auto settle = [] { std::this_thread::sleep_for(std::chrono::milliseconds(3100)); };
+  const std::vector<std::string> all = {"a1:-", "a2:-", "a3:-", "a4:-", "hello:-", "linked:-"};
+
+  settle();
+  EXPECT_EQ(listing(), all);
+  EXPECT_EQ(cached->states_inspected(), 6u) << "the first listing inspects every app";
+  EXPECT_EQ(listing(), all);
+  EXPECT_EQ(cached->states_inspected(), 1u) << "only the app behind a symlink (not watched)";
+
+  // In place, same size: seen, and inspected until it has settled again.
+  edit_in_place("a2", true);
+  EXPECT_EQ(listing(),
+            (std::vector<std::string>{"a1:-", "a2:p", "a3:-", "a4:-", "hello:-", "linked:-"}));
+  EXPECT_EQ(cached->states_inspected(), 2u);
+  settle();
+  listing();
+  EXPECT_EQ(listing(),
+            (std::vector<std::string>{"a1:-", "a2:p", "a3:-", "a4:-", "hello:-", "linked:-"}));
+  EXPECT_EQ(cached->states_inspected(), 1u);
+  // Replaced by a rename, as every write of the store does.
+  {
+    auto lock = store->lock("hello");
+    ASSERT_TRUE(store->set_pinned(*lock, "1.0.0", true).ok());
+  }
+  EXPECT_EQ(listing(),
+            (std::vector<std::string>{"a1:-", "a2:p", "a3:-", "a4:-", "hello:p", "linked:-"}));
+  // Created, removed, renamed (the watch follows the directory: a change under its new name
+  // is seen), and the symlinked app changed.
+  copy_app("a5");
+  ASSERT_TRUE(fs::remove_tree(AT_FDCWD, apps + "/a1").ok());
+  ASSERT_EQ(::rename((apps + "/a3").c_str(), (apps + "/b3").c_str()), 0);
+  edit_in_place("linked", true);
+  EXPECT_EQ(listing(),
+            (std::vector<std::string>{"a2:p", "a4:-", "a5:p", "b3:-", "hello:p", "linked:p"}));
+  settle();
+  listing();
+  EXPECT_EQ(cached->states_inspected(), 3u)
+      << "a5 and hello, written within two seconds of the listing before, are inspected once "
+         "more now that they settled; linked, every time";
+  listing();
+  EXPECT_EQ(cached->states_inspected(), 1u);
+  edit_in_place("b3", true);
+  EXPECT_EQ(listing(),
+            (std::vector<std::string>{"a2:p", "a4:-", "a5:p", "b3:p", "hello:p", "linked:p"}));
+  settle();
+  listing();
+
+  // More events than the kernel queues (it drops the rest and says so): everything inspected.
+  // Two files in turn: the kernel merges an event identical to the one before it.
+  std::ifstream limit("/proc/sys/fs/inotify/max_queued_events");
+  unsigned max_events = 16384;
+  limit >> max_events;
+  ASSERT_LT(max_events, 1u << 20);
+  write_file(apps + "/a2/x", "");
+  write_file(apps + "/a2/y", "");
+  for (unsigned i = 0; i <= max_events / 2 + 1; ++i) {
+    ASSERT_EQ(::utimensat(AT_FDCWD, (apps + "/a2/x").c_str(), nullptr, 0), 0);
+    ASSERT_EQ(::utimensat(AT_FDCWD, (apps + "/a2/y").c_str(), nullptr, 0), 0);
+  }
+  edit_in_place("a4", true);
+  EXPECT_EQ(listing(),
+            (std::vector<std::string>{"a2:p", "a4:p", "a5:p", "b3:p", "hello:p", "linked:p"}));
+  EXPECT_EQ(cached->states_inspected(), 6u);
+}
+
 TEST_F(AStore, NeverTouchesAnotherAppWhenLockingOne) {
   ASSERT_TRUE(stage("1.0.0").ok());
   make_dirs(t / "state/apps/other/releases/.partial.cafe/tree");

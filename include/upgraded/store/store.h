@@ -225,9 +225,12 @@ class Store {
   /// that cannot be read) are returned.
   Result<AppState> state_or_new(const std::string& app, bool* is_new = nullptr) const;
   /// Every app's state, sorted by name (apps without one are left out), for listings. With
-  /// options.cache_states, a state still cached costs one fstatat() and no copy. An app whose
+  /// options.cache_states, a state still cached costs one fstatat() and no copy, and none while
+  /// the app's directory, watched with inotify, saw no change (docs/state.md). An app whose
   /// state.json cannot be read or parsed is listed with the error instead (its name in it).
   Result<std::vector<ListedState>> states() const;
+  /// With options.cache_states: how many apps the last states() inspected (fstatat), for tests.
+  std::size_t states_inspected() const;
   /// The signed manifest a release was installed from.
   Result<artifact::Manifest> manifest(const std::string& app, const std::string& version) const;
 
