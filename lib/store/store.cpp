@@ -4,6 +4,7 @@
 #include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,9 +12,9 @@
 #include <chrono>
 #include <cstring>
 #include <ctime>
+#include <fstream>
 #include <mutex>
 #include <random>
-#include <set>
 #include <thread>
 
 #include "upgraded/artifact/encoding.h"
@@ -339,7 +340,7 @@ struct Store::StateCache {
   };
   static constexpr time_t kSettledS = 2;
   std::mutex mutex;
-  std::map<std::string, Entry> entries;
+  std::map<std::string, Entry, std::less<>> entries;
 
   // What lets states() serve entries without an fstatat() (docs/state.md): inotify watches on
   // the apps directory and on every app directory. The kernel queues an event before the
@@ -349,38 +350,73 @@ struct Store::StateCache {
   std::mutex watch_mutex;
   UniqueFd inotify;    // non-blocking; invalid: nothing is known current
   int apps_wd = -1;    // the apps directory: names created, removed, renamed
-  dev_t apps_dev = 0;  // the directory that watch is on: every listing checks that the path
-  ino_t apps_ino = 0;  // still leads to it
-  std::map<int, std::string> app_of;  // an app directory's watch: its app
+  dev_t apps_dev = 0;  // the directory that watch is on: every listing checks that the apps
+  ino_t apps_ino = 0;  // directory it opens is that one
+  std::map<int, std::string> app_of;              // an app directory's watch: its app
+  std::map<std::string, int, std::less<>> wd_of;  // ... and back
+  std::size_t max_app_watches = 0;  // a quarter of the host's limit: others use inotify too
   /// The apps directory's names (list_dir) while no name was created, removed or renamed.
   std::optional<std::vector<std::string>> names;
   std::size_t inspected = 0;  // fstatat() calls of the last states(), for tests
 
-  void forget(const std::string& app) {
+  // No allocation: drain() must not lose events it has read.
+  void forget(std::string_view app) {
     std::lock_guard lock(mutex);
     if (auto it = entries.find(app); it != entries.end()) it->second.current = false;
+  }
+  void unwatch(std::string_view app) {
+    if (auto it = wd_of.find(app); it != wd_of.end()) {
+      ::inotify_rm_watch(inotify.get(), it->second);
+      app_of.erase(it->second);
+      wd_of.erase(it);
+    }
   }
   void reset() {
     inotify.reset();
     apps_wd = -1;
     app_of.clear();
+    wd_of.clear();
     names.reset();
     std::lock_guard lock(mutex);
     for (auto& [app, e] : entries)
       e.current = false;
   }
   void drain();
-  bool watch_apps(const std::string& apps_dir, const struct stat& sb);
-  bool watch_app(const std::string& app, const std::string& dir);
+  bool watch_apps(int appsfd, const struct stat& sb);
+  bool watch_app(const std::string& app, int appsfd);
 };
 
 namespace {
+
 constexpr std::uint32_t kAppDirEvents = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_CREATE |
                                         IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF |
                                         IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW;
 constexpr std::uint32_t kAppsDirEvents = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO |
-                                         IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR |
-                                         IN_DONT_FOLLOW;
+                                         IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR;
+
+// File systems whose every change is made through this kernel, and so reported by inotify: not
+// network or FUSE file systems (a change made elsewhere makes no event here), nor overlayfs (a
+// change to a lower layer).
+bool watchable_fs(int fd) {
+  struct statfs sf {};
+  if (::fstatfs(fd, &sf) != 0) return false;
+  switch (static_cast<unsigned long>(sf.f_type)) {
+    case 0xEF53:      // ext2, ext3, ext4
+    case 0x58465342:  // xfs
+    case 0x9123683E:  // btrfs
+    case 0x01021994:  // tmpfs
+    case 0xF2F52010:  // f2fs
+    case 0x2FC12FC1:  // zfs
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string fd_path(int fd) {
+  return "/proc/self/fd/" + std::to_string(fd);
+}
+
 }  // namespace
 
 // Every event queued so far: each one makes its app's entry (or, in the apps directory, the
@@ -410,43 +446,59 @@ void Store::StateCache::drain() {
           return;
         }
         names.reset();
-        if (ev->len > 0) forget(std::string(ev->name, ::strnlen(ev->name, ev->len)));
+        if (ev->len == 0) continue;
+        std::string_view name(ev->name, ::strnlen(ev->name, ev->len));
+        forget(name);
+        // Gone from the apps directory (or replaced): a name it gets is watched afresh.
+        if (ev->mask & (IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE)) unwatch(name);
       } else if (auto it = app_of.find(ev->wd); it != app_of.end()) {
         forget(it->second);
-        if (ev->mask & IN_IGNORED) app_of.erase(it);  // its directory is gone
+        if (ev->mask & IN_IGNORED) {  // its directory is gone
+          wd_of.erase(it->second);
+          app_of.erase(it);
+        }
       }
     }
   }
 }
 
-// Watches the apps directory (`sb`: what this listing found at its path), starting over if the
-// watched one is no longer it. False: nothing can be known current in this listing.
-bool Store::StateCache::watch_apps(const std::string& apps_dir, const struct stat& sb) {
+// Watches the apps directory (`appsfd`, `sb` its fstat), starting over if the one watched is no
+// longer it. False: nothing can be known current in this listing.
+bool Store::StateCache::watch_apps(int appsfd, const struct stat& sb) {
   if (inotify && (sb.st_dev != apps_dev || sb.st_ino != apps_ino)) reset();
   if (inotify) return true;
+  if (!watchable_fs(appsfd)) return false;
   inotify.reset(::inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
   if (!inotify) return false;  // no inotify (EMFILE: its per-user limit): every app inspected
-  apps_wd = ::inotify_add_watch(inotify.get(), apps_dir.c_str(), kAppsDirEvents);
-  struct stat now {};
-  // Watched after it was inspected: the watch must be on the directory inspected.
-  if (apps_wd < 0 || ::stat(apps_dir.c_str(), &now) != 0 || now.st_dev != sb.st_dev ||
-      now.st_ino != sb.st_ino) {
+  // The directory opened, through its descriptor: not whatever its path leads to by now.
+  apps_wd = ::inotify_add_watch(inotify.get(), fd_path(appsfd).c_str(), kAppsDirEvents);
+  if (apps_wd < 0) {
     reset();
     return false;
   }
   apps_dev = sb.st_dev;
   apps_ino = sb.st_ino;
+  std::size_t limit = 8192;  // the kernel's smallest default
+  if (std::ifstream in("/proc/sys/fs/inotify/max_user_watches"); in) in >> limit;
+  max_app_watches = limit / 4;
   return true;
 }
 
-// Watches an app's directory, before its state is inspected: any later change is an event.
-// False when it cannot be (a symlink, the watches' limit): the app is inspected every time.
-bool Store::StateCache::watch_app(const std::string& app, const std::string& dir) {
-  int wd = ::inotify_add_watch(inotify.get(), dir.c_str(), kAppDirEvents);
+// Watches an app's directory (in `appsfd`), before its state is inspected: any later change is
+// an event. False when it cannot be (a symlink, the watches' budget): the app is inspected every
+// time.
+bool Store::StateCache::watch_app(const std::string& app, int appsfd) {
+  if (wd_of.count(app)) return true;
+  if (app_of.size() >= max_app_watches) return false;
+  int wd = ::inotify_add_watch(inotify.get(), (fd_path(appsfd) + "/" + app).c_str(), kAppDirEvents);
   if (wd < 0) return false;
   // The same directory under another name (renamed since it was watched): this app's now.
-  if (auto it = app_of.find(wd); it != app_of.end() && it->second != app) forget(it->second);
+  if (auto it = app_of.find(wd); it != app_of.end() && it->second != app) {
+    forget(it->second);
+    wd_of.erase(it->second);
+  }
   app_of[wd] = app;
+  wd_of[app] = wd;
   return true;
 }
 
@@ -697,12 +749,12 @@ Result<std::vector<ListedState>> Store::states() const {
     m_cache->inspected = 0;
     m_cache->drain();
   }
-  const std::string apps_dir = m_options.root + "/apps";
+  UniqueFd apps;
   // An app in the apps directory (`own_root` null; its directory may be watched), or at a root
   // of its own.
   auto add = [&](int dirfd, const std::string& app, const std::string* own_root) -> Result<void> {
-    bool watch = own_root == nullptr;
-    if (watched && watch) {
+    bool watch = watched && own_root == nullptr;
+    if (watch) {
       {
         std::lock_guard lock(m_cache->mutex);
         if (auto it = m_cache->entries.find(app);
@@ -711,7 +763,7 @@ Result<std::vector<ListedState>> Store::states() const {
           return {};
         }
       }
-      watch = m_cache->watch_app(app, apps_dir + "/" + app);
+      watch = m_cache->watch_app(app, apps.get());
     }
     if (m_cache) ++m_cache->inspected;
     const std::string path = (own_root ? *own_root : app) + "/" + kState;
@@ -731,8 +783,13 @@ Result<std::vector<ListedState>> Store::states() const {
     auto st = load_state(dirfd, path, app, &sb);
     if (st) {
       // Known current from now on while its directory stays quiet, if it is what is cached (a
-      // settled state: a younger one is inspected again by every listing until it settles).
-      if (watched && watch) {
+      // settled state: a younger one is inspected again by every listing until it settles),
+      // and the file is in that directory: not a symlink or a hard link, whose other name's
+      // directory no watch covers.
+      struct stat lsb {};
+      if (watch && ::fstatat(dirfd, path.c_str(), &lsb, AT_SYMLINK_NOFOLLOW) == 0 &&
+          S_ISREG(lsb.st_mode) && lsb.st_nlink == 1 && lsb.st_dev == sb.st_dev &&
+          lsb.st_ino == sb.st_ino) {
         std::lock_guard lock(m_cache->mutex);
         if (auto it = m_cache->entries.find(app);
             it != m_cache->entries.end() && it->second.state == *st)
@@ -746,33 +803,30 @@ Result<std::vector<ListedState>> Store::states() const {
   };
   auto root = fs::open_directory(m_options.root);
   if (!root) return root.error();
-  if (m_cache) {
+  int appsfd = ::openat(root->get(), "apps", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (appsfd < 0 && errno != ENOENT) return system_error(errno, "opening the apps directory");
+  apps.reset(appsfd);
+  if (apps && m_cache) {
     // Watched before it is listed: a name created after the listing is an event.
     struct stat sb {};
-    watched = ::fstatat(root->get(), "apps", &sb, 0) == 0 && S_ISDIR(sb.st_mode) &&
-              m_cache->watch_apps(apps_dir, sb);
+    watched = ::fstat(apps.get(), &sb) == 0 && m_cache->watch_apps(apps.get(), sb);
   }
   // The apps in the apps directory (valid names, not at roots of their own), in order.
   std::vector<std::string> listed;
   const std::vector<std::string>* names = &listed;
   if (watched && m_cache->names) {
     names = &*m_cache->names;  // no name created, removed or renamed since
-  } else {
-    auto read = list_dir(root->get(), "apps");
+  } else if (apps) {
+    auto read = fs::list_names(apps.get(), ".");
     if (!read) return read.error();
     for (auto& n : *read)
       if (policy::validate_app_name(n) && !m_options.app_roots.count(n))
         listed.push_back(std::move(n));
     if (watched) names = &m_cache->names.emplace(std::move(listed));
   }
-  if (!names->empty()) {
-    int fd = ::openat(root->get(), "apps", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return system_error(errno, "opening the apps directory");
-    UniqueFd apps(fd);
-    out.reserve(names->size() + m_options.app_roots.size());
-    for (const auto& n : *names)
-      UPGRADED_TRY(add(apps.get(), n, nullptr));
-  }
+  out.reserve(names->size() + m_options.app_roots.size());
+  for (const auto& n : *names)
+    UPGRADED_TRY(add(apps.get(), n, nullptr));
   // Apps at roots of their own are inspected every time: their paths may lead through
   // directories no watch covers.
   for (const auto& [app, dir] : m_options.app_roots)

@@ -21,6 +21,7 @@
 // ignored, whole, if it cannot be read or parsed or is of another format.
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -150,7 +151,10 @@ void take_keys(std::size_t n, const std::function<void(std::size_t)>& take,
   };
   std::exception_ptr thrown;
   std::thread helper;
-  if (n >= kAlone && std::thread::hardware_concurrency() > 1) {
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  // The CPUs this process may run on (its affinity), not those the host has.
+  if (n >= kAlone && ::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 1) {
     try {
       helper = std::thread([&] {
         try {
