@@ -434,8 +434,11 @@ void Store::StateCache::drain() {
       return;
     }
     for (ssize_t i = 0; i + static_cast<ssize_t>(sizeof(inotify_event)) <= n;) {
-      const auto* ev = reinterpret_cast<const inotify_event*>(buf + i);
-      i += static_cast<ssize_t>(sizeof(inotify_event) + ev->len);
+      inotify_event header;
+      std::memcpy(&header, buf + i, sizeof header);
+      const inotify_event* ev = &header;
+      const char* name_bytes = buf + i + sizeof header;
+      i += static_cast<ssize_t>(sizeof header + header.len);
       if (ev->mask & IN_Q_OVERFLOW) {
         reset();
         return;
@@ -447,14 +450,15 @@ void Store::StateCache::drain() {
         }
         names.reset();
         if (ev->len == 0) continue;
-        std::string_view name(ev->name, ::strnlen(ev->name, ev->len));
+        std::string_view name(name_bytes, ::strnlen(name_bytes, ev->len));
         forget(name);
         // Gone from the apps directory (or replaced): a name it gets is watched afresh.
         if (ev->mask & (IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE)) unwatch(name);
       } else if (auto it = app_of.find(ev->wd); it != app_of.end()) {
         forget(it->second);
         if (ev->mask & IN_IGNORED) {  // its directory is gone
-          wd_of.erase(it->second);
+          if (auto back = wd_of.find(it->second); back != wd_of.end() && back->second == ev->wd)
+            wd_of.erase(back);
           app_of.erase(it);
         }
       }
@@ -465,21 +469,25 @@ void Store::StateCache::drain() {
 // Watches the apps directory (`appsfd`, `sb` its fstat), starting over if the one watched is no
 // longer it. False: nothing can be known current in this listing.
 bool Store::StateCache::watch_apps(int appsfd, const struct stat& sb) {
-  if (inotify && (sb.st_dev != apps_dev || sb.st_ino != apps_ino)) reset();
-  if (inotify) return true;
+  if (inotify && apps_wd >= 0 && sb.st_dev == apps_dev && sb.st_ino == apps_ino) return true;
+  reset();
   if (!watchable_fs(appsfd)) return false;
-  inotify.reset(::inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
-  if (!inotify) return false;  // no inotify (EMFILE: its per-user limit): every app inspected
-  // The directory opened, through its descriptor: not whatever its path leads to by now.
-  apps_wd = ::inotify_add_watch(inotify.get(), fd_path(appsfd).c_str(), kAppsDirEvents);
-  if (apps_wd < 0) {
-    reset();
+  // The directory opened, through its descriptor (not whatever its path leads to by now), if
+  // /proc/self/fd leads to it: a chroot may have no /proc, or something else there.
+  const std::string path = fd_path(appsfd);
+  struct stat via {};
+  if (::stat(path.c_str(), &via) != 0 || via.st_dev != sb.st_dev || via.st_ino != sb.st_ino)
     return false;
-  }
+  std::size_t limit = 8192;  // the kernel's smallest default (and /proc/sys may be hidden)
+  if (std::ifstream in("/proc/sys/fs/inotify/max_user_watches"); in) in >> limit;
+  UniqueFd fd(::inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+  if (!fd) return false;  // no inotify (EMFILE: its per-user limit): every app inspected
+  int wd = ::inotify_add_watch(fd.get(), path.c_str(), kAppsDirEvents);
+  if (wd < 0) return false;
+  inotify = std::move(fd);
+  apps_wd = wd;
   apps_dev = sb.st_dev;
   apps_ino = sb.st_ino;
-  std::size_t limit = 8192;  // the kernel's smallest default
-  if (std::ifstream in("/proc/sys/fs/inotify/max_user_watches"); in) in >> limit;
   max_app_watches = limit / 4;
   return true;
 }
@@ -786,13 +794,17 @@ Result<std::vector<ListedState>> Store::states() const {
       // settled state: a younger one is inspected again by every listing until it settles),
       // and the file is in that directory: not a symlink or a hard link, whose other name's
       // directory no watch covers.
+      // On the apps directory's file system: an app directory that is a mount point of its own
+      // may be on one whose changes make no event here.
       struct stat lsb {};
-      if (watch && ::fstatat(dirfd, path.c_str(), &lsb, AT_SYMLINK_NOFOLLOW) == 0 &&
-          S_ISREG(lsb.st_mode) && lsb.st_nlink == 1 && lsb.st_dev == sb.st_dev &&
-          lsb.st_ino == sb.st_ino) {
+      if (watch && sb.st_nlink == 1 && sb.st_dev == m_cache->apps_dev &&
+          ::fstatat(dirfd, path.c_str(), &lsb, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(lsb.st_mode) &&
+          lsb.st_nlink == 1) {
         std::lock_guard lock(m_cache->mutex);
+        // The same file as cached, still (the link count read before it was loaded was 1).
         if (auto it = m_cache->entries.find(app);
-            it != m_cache->entries.end() && it->second.state == *st)
+            it != m_cache->entries.end() && it->second.state == *st && it->second.same_file(sb) &&
+            it->second.same_file(lsb))
           it->second.current = true;
       }
       out.push_back({app, std::move(*st), std::nullopt});

@@ -151,10 +151,13 @@ void take_keys(std::size_t n, const std::function<void(std::size_t)>& take,
   };
   std::exception_ptr thrown;
   std::thread helper;
+  // The CPUs this process may run on (its affinity), not those the host has; a host with more
+  // than a cpu_set_t holds (EINVAL) has more than one.
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
-  // The CPUs this process may run on (its affinity), not those the host has.
-  if (n >= kAlone && ::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 1) {
+  const bool several =
+      ::sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) > 1 : errno == EINVAL;
+  if (n >= kAlone && several) {
     try {
       helper = std::thread([&] {
         try {
