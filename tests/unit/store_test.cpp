@@ -47,6 +47,14 @@ class AStore : public ::testing::Test {
     return store->stage(fd.get(), fixture().keyring(), artifact::TrustPolicy{});
   }
   AppState state() { return *store->state("hello"); }
+  /// A copy of the tree at `from` (symlinks as symlinks) at `to`.
+  static void copy_tree(const std::string& from, const std::string& to) {
+    std::filesystem::copy(
+        from, to,
+        std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
+  }
+  /// Another app: a copy of hello's directory under `name`, in the apps directory.
+  void copy_app(const std::string& name) { copy_tree(app_root(), t / ("state/apps/" + name)); }
   /// Another Store over the same files (another process, as far as files go), with `set` applied
   /// to its options.
   std::optional<Store> open_with(const std::function<void(StoreOptions&)>& set) {
@@ -653,9 +661,7 @@ TEST_F(AStore, ListsManyAppsAsWithoutItsCacheAndNamesTheFirstItCannotInspect) {
   for (int i = 0; i < 400; ++i) {
     char name[16];
     std::snprintf(name, sizeof name, "a%03d", i);
-    std::filesystem::copy(
-        app_root(), t / ("state/apps/" + std::string(name)),
-        std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
+    copy_app(name);
   }
   auto listing = open_with([](StoreOptions& o) { o.persist_views = true; });
   auto plain = open_with([](StoreOptions& o) { o.persist_views = false; });
@@ -734,11 +740,6 @@ class WatchedStates : public AStore {
   }
   const std::string apps = t / "state/apps";
   std::optional<Store> cached;
-  void copy_app(const std::string& name) {
-    std::filesystem::copy(
-        app_root(), apps + "/" + name,
-        std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
-  }
   /// "app:pinned" of every app the daemon's store lists.
   std::vector<std::string> listing() {
     auto all = cached->states();
@@ -863,9 +864,7 @@ TEST_F(WatchedStates, AreInspectedWhereNoWatchCoversAChange) {
 
   // The apps directory replaced by a copy: the copy is what is listed, and watched.
   ASSERT_EQ(::rename(apps.c_str(), (apps + ".old").c_str()), 0);
-  std::filesystem::copy(
-      apps + ".old", apps,
-      std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
+  copy_tree(apps + ".old", apps);
   ASSERT_TRUE(fs::remove_tree(AT_FDCWD, apps + "/late").ok());
   EXPECT_EQ(listing(), (std::vector<std::string>{"hello:-", "hl:p", "sl:p"}));
   settle();
@@ -878,9 +877,7 @@ TEST_F(WatchedStates, AreInspectedWhereNoWatchCoversAChange) {
 
   // An app directory replaced by another under the same name: the new one is watched.
   ASSERT_EQ(::rename((apps + "/hello").c_str(), (t / "hello-old").c_str()), 0);
-  std::filesystem::copy(
-      t / "hello-old", t / "hello-new",
-      std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks);
+  copy_tree(t / "hello-old", t / "hello-new");
   ASSERT_EQ(::rename((t / "hello-new").c_str(), (apps + "/hello").c_str()), 0);
   EXPECT_EQ(listing(), (std::vector<std::string>{"hello:p", "hl:p", "sl:p"}));
   settle();
