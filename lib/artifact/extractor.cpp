@@ -15,6 +15,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <system_error>
 #include <thread>
 #include <unordered_map>
@@ -37,8 +38,8 @@ Error refuse(const std::string& why) {
 }
 
 // The process umask, read without changing it (umask(2) can only be read by setting it, which
-// would race with other threads creating files). All bits set when it cannot be read, so that
-// every file gets an explicit fchmod.
+// would race with other threads creating files). All bits set when it cannot be read (a process
+// confined away from /proc), so that every file gets an explicit fchmod.
 mode_t read_umask() {
   auto status = fs::read_file(AT_FDCWD, "/proc/self/status", 1 << 16);
   if (!status) return 07777;
@@ -169,12 +170,13 @@ struct DirMeta {
 class Extractor {
  public:
   Extractor(PayloadSource& source, Compression compression, std::uint64_t payload_size, int root,
-            const ExtractPolicy& policy)
+            const ExtractPolicy& policy, std::optional<mode_t> umask)
       : m_source(source),
         m_compression(compression),
         m_payload_size(payload_size),
         m_root(root),
-        m_policy(policy) {}
+        m_policy(policy),
+        m_umask(umask ? *umask : read_umask()) {}
 
   ~Extractor() {
     if (m_archive) archive_read_free(m_archive);
@@ -213,12 +215,11 @@ class Extractor {
   std::optional<DirMeta> m_root_meta;
   ExtractStats m_stats;
   std::uint64_t m_declared_total = 0;
-  std::uint64_t m_space_budget = 0;
+  std::uint64_t m_space_budget = 0;  // bytes we may still write before re-checking statvfs
   std::uint64_t m_inode_budget = 0;  // entries we may still create before re-checking
   std::uint64_t m_path_bytes = 0;
-  mode_t m_umask = read_umask();  // read per extraction: the process may change it
-  WriterPool m_pool{m_root};  // last member: its threads stop before anything else goes  // bytes
-                              // we may still write before re-checking statvfs
+  mode_t m_umask;             // per extraction: the process may change it
+  WriterPool m_pool{m_root};  // last member: its threads stop before anything else goes
 };
 
 la_ssize_t Extractor::read_cb(archive* a, void* ud, const void** out) {
@@ -650,8 +651,8 @@ Result<ExtractStats> Extractor::run() {
 
 Result<ExtractStats> extract_payload(PayloadSource& source, Compression compression,
                                      std::uint64_t payload_size, int dest_dirfd,
-                                     const ExtractPolicy& policy) {
-  Extractor x(source, compression, payload_size, dest_dirfd, policy);
+                                     const ExtractPolicy& policy, std::optional<mode_t> umask) {
+  Extractor x(source, compression, payload_size, dest_dirfd, policy, umask);
   return x.run();
 }
 

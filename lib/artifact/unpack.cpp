@@ -14,10 +14,11 @@
 namespace upgraded::artifact {
 
 Result<ExtractStats> extract_verified(VerifiedArtifact& artifact, const ExtractPolicy& policy,
-                                      int dest_dirfd, bool sync) {
+                                      int dest_dirfd, bool sync, std::optional<mode_t> umask) {
   const PayloadInfo& payload = artifact.manifest.payload;
   VerifiedPayloadStream stream(*artifact.container, payload);
-  auto stats = extract_payload(stream, payload.compression, payload.size, dest_dirfd, policy);
+  auto stats =
+      extract_payload(stream, payload.compression, payload.size, dest_dirfd, policy, umask);
   if (!stats) return stats.error();
   // One syncfs instead of an fsync per file: the same durability for the whole tree at a
   // fraction of the cost (50,000 fsyncs take far longer than the extraction itself).

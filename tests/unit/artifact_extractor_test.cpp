@@ -9,7 +9,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <functional>
+#include <optional>
 
 #include "support/artifact_builder.h"
 #include "support/raw_tar.h"
@@ -392,6 +394,38 @@ TEST_F(GoodPayload, GivesFilesTheirArchivedModeWhateverTheUmask) {
   EXPECT_EQ(mode_of("out/a"), 0644u);
   EXPECT_EQ(mode_of("out/b"), 0755u);
   EXPECT_EQ(mode_of("out/c"), 0400u);
+}
+
+// A caller that knows the umask (the sandboxed helper, which cannot read /proc) spares every
+// file whose mode the umask leaves intact its fchmod; the others still get theirs.
+TEST_F(GoodPayload, TakesTheUmaskFromItsCallerWhenItKnowsIt) {
+  auto extract = [&](mode_t process, std::optional<mode_t> told) {
+    build_artifact(t / "a.upd", {key}, raw_tar({file("a", "x", 0644), file("b", "y", 0664)}));
+    UniqueFd fd(::open((t / "a.upd").c_str(), O_RDONLY | O_CLOEXEC));
+    auto art = open_verified(fd.get(), keyring_of({key}), TrustPolicy{});
+    EXPECT_TRUE(art.ok());
+    std::filesystem::remove_all(t / "out");
+    make_dirs(t / "out");
+    auto dest = fs::open_directory(t / "out");
+    mode_t old = ::umask(process);
+    auto r = extract_verified(*art, ExtractPolicy{}, dest->get(), /*sync=*/false, told);
+    ::umask(old);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+  };
+  extract(022, 022);
+  EXPECT_EQ(mode_of("out/a"), 0644u) << "created with its mode";
+  EXPECT_EQ(mode_of("out/b"), 0664u) << "the umask takes 0020 away: an fchmod gives it back";
+  extract(0, 0);
+  EXPECT_EQ(mode_of("out/a"), 0644u);
+  EXPECT_EQ(mode_of("out/b"), 0664u);
+  extract(077, std::nullopt);  // read from /proc/self/status
+  EXPECT_EQ(mode_of("out/a"), 0644u);
+  EXPECT_EQ(mode_of("out/b"), 0664u);
+  // Told wrongly, it trusts what it was told: no fchmod, so the umask shows. (What the helper
+  // would produce if it passed 0 without setting it.)
+  extract(077, 0);
+  EXPECT_EQ(mode_of("out/a"), 0600u);
+  EXPECT_EQ(mode_of("out/b"), 0600u);
 }
 
 TEST_F(GoodPayload, AppliesTheRootEntryAndReadOnlyDirectoriesLast) {

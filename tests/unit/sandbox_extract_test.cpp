@@ -100,6 +100,24 @@ TEST_F(SandboxExtract, ExtractsAVerifiedArtifactAndHandsTheTreeBackToItsOwner) {
   }
 }
 
+// The helper creates files with the modes the extractor gives them, whatever umask the daemon
+// passed on (here 077, which would leave 0400 and 0500): it sets its own to 0, and tells the
+// extractor, which cannot read it from /proc in the sandbox.
+TEST_F(SandboxExtract, GivesFilesTheirModesWhateverTheDaemonsUmask) {
+  mode_t old = ::umask(077);
+  auto r = run(raw_tar({dir("bin", 0755), file("bin/tool", "x", 0755), file("README", "y", 0644)}));
+  ::umask(old);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto mode_of = [](const std::string& path) {
+    struct stat st {};
+    EXPECT_EQ(::lstat(path.c_str(), &st), 0) << path;
+    return st.st_mode & 07777;
+  };
+  EXPECT_EQ(mode_of(t / "dest/bin"), 0555u);
+  EXPECT_EQ(mode_of(t / "dest/bin/tool"), 0555u);
+  EXPECT_EQ(mode_of(t / "dest/README"), 0444u);
+}
+
 TEST_F(SandboxExtract, ExtractsEveryCompressionUnderItsSystemCallAllowlist) {
   // The allowlist was taken from traces; this runs each decompressor, large files across many
   // chunks, the writer threads, links and directories through it.

@@ -5,7 +5,10 @@
 // RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, or a walk with the same guarantees where openat2 is
 // missing), so no entry can write outside the destination or through a symlink.
 
+#include <sys/types.h>
+
 #include <cstdint>
+#include <optional>
 
 #include "upgraded/artifact/manifest.h"
 #include "upgraded/artifact/payload_stream.h"
@@ -49,8 +52,13 @@ struct ExtractStats {
 /// compressed bytes, for the expansion limit) into the empty directory `dest_dirfd`. Entry
 /// refusals and limits are kPolicyRefused; a failing `source` passes its error through. On error
 /// the directory holds a partial tree: the caller removes it. Nothing is synced here.
+/// Files are created with their final modes where the process umask leaves them intact, and get
+/// an fchmod otherwise. `umask` is that umask when the caller knows it (a process that cannot
+/// read /proc/self/status: the sandboxed helper); read from /proc otherwise, every file getting
+/// its fchmod where that fails. A wrong `umask` gives wrong modes.
 Result<ExtractStats> extract_payload(PayloadSource& source, Compression compression,
                                      std::uint64_t payload_size, int dest_dirfd,
-                                     const ExtractPolicy& policy);
+                                     const ExtractPolicy& policy,
+                                     std::optional<mode_t> umask = std::nullopt);
 
 }  // namespace upgraded::artifact

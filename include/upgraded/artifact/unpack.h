@@ -28,8 +28,10 @@ Result<UnpackResult> unpack_artifact(int artifact_fd, const Keyring& keyring,
 /// existing, empty directory `dest_dirfd`, verifying every chunk on the way, then syncs the
 /// filesystem (one syncfs). The building block for unpack_artifact and the release store. On
 /// failure the directory's content is unspecified and the caller removes it. `sync` false
-/// leaves the syncfs to the caller (who has more to change before making it durable).
+/// leaves the syncfs to the caller (who has more to change before making it durable). `umask`:
+/// as for extract_payload.
 Result<ExtractStats> extract_verified(VerifiedArtifact& artifact, const ExtractPolicy& policy,
-                                      int dest_dirfd, bool sync = true);
+                                      int dest_dirfd, bool sync = true,
+                                      std::optional<mode_t> umask = std::nullopt);
 
 }  // namespace upgraded::artifact
