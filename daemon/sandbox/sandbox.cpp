@@ -110,6 +110,8 @@ constexpr const char* kAllowed[] = {
     "pwritev2", "lseek", "close", "dup", "dup3", "fstat", "newfstatat", "statx", "fstatfs",
     "getdents64", "readlinkat", "poll", "ppoll", "eventfd2", "ftruncate", "fsync", "fdatasync",
     "syncfs",
+    // whether the tree has a default ACL, which would narrow the modes of what it creates
+    "fgetxattr",
     // the tree beneath fd 4 (Landlock and the uid confine where these can reach)
     "openat", "openat2", "mkdirat", "symlinkat", "linkat", "unlinkat", "renameat", "renameat2",
     "fchmod", "utimensat", "faccessat", "faccessat2", "access",

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -46,6 +47,15 @@ mode_t read_umask() {
   auto pos = status->find("\nUmask:\t");
   if (pos == std::string::npos) return 07777;
   return static_cast<mode_t>(std::strtoul(status->c_str() + pos + 8, nullptr, 8));
+}
+
+// What the umask takes from the modes of the files created beneath `root`: all bits where
+// `root` has a default ACL (acl(5): it then takes the umask's place, and goes down to every
+// directory created beneath), or where that cannot be told; the umask otherwise.
+mode_t creation_mask(int root, std::optional<mode_t> umask) {
+  if (::fgetxattr(root, "system.posix_acl_default", nullptr, 0) >= 0) return 07777;
+  if (errno != ENODATA && errno != EOPNOTSUPP) return 07777;
+  return umask ? *umask : read_umask();
 }
 
 // Creates small files on background threads. File creation is almost all kernel time
@@ -176,7 +186,7 @@ class Extractor {
         m_payload_size(payload_size),
         m_root(root),
         m_policy(policy),
-        m_umask(umask ? *umask : read_umask()) {}
+        m_umask(creation_mask(root, umask)) {}
 
   ~Extractor() {
     if (m_archive) archive_read_free(m_archive);
@@ -218,7 +228,7 @@ class Extractor {
   std::uint64_t m_space_budget = 0;  // bytes we may still write before re-checking statvfs
   std::uint64_t m_inode_budget = 0;  // entries we may still create before re-checking
   std::uint64_t m_path_bytes = 0;
-  mode_t m_umask;             // per extraction: the process may change it
+  mode_t m_umask;             // per extraction: the process may change it (creation_mask)
   WriterPool m_pool{m_root};  // last member: its threads stop before anything else goes
 };
 

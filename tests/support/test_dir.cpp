@@ -3,13 +3,18 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+#include <system_error>
+#include <utility>
 #include <vector>
 
 #include "upgraded/artifact/digest.h"
@@ -62,6 +67,26 @@ void make_dirs(const std::string& path) {
     ::mkdir(path.substr(0, pos).c_str(), 0755);
     if (pos == std::string::npos) break;
   }
+}
+
+bool set_default_acl(const std::string& dir, unsigned owner, unsigned group, unsigned other) {
+  // The kernel's xattr form (linux/posix_acl_xattr.h): a little-endian version, then a tag,
+  // permissions and id per entry.
+  std::string blob;
+  auto put = [&](std::uint32_t v, int bytes) {
+    for (int i = 0; i < bytes; ++i)
+      blob.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  };
+  put(2, 4);
+  for (auto [tag, perm] : {std::pair{0x01u, owner}, {0x04u, group}, {0x20u, other}}) {
+    put(tag, 2);
+    put(perm, 2);
+    put(0xffffffffu, 4);
+  }
+  if (::setxattr(dir.c_str(), "system.posix_acl_default", blob.data(), blob.size(), 0) == 0)
+    return true;
+  if (errno == EOPNOTSUPP) return false;
+  throw std::system_error(errno, std::generic_category(), "setting a default ACL on " + dir);
 }
 
 namespace {

@@ -3,6 +3,7 @@
 // Test fixtures: a private temporary directory, key pairs, tree snapshots.
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <cstdint>
 #include <map>
@@ -28,6 +29,23 @@ void write_file(const std::string& path, const std::string& content, unsigned mo
 std::string read_file(const std::string& path);
 bool exists(const std::string& path);
 void make_dirs(const std::string& path);
+
+/// Sets the process umask for a scope, and puts the previous one back at its end.
+class ScopedUmask {
+ public:
+  explicit ScopedUmask(mode_t mask) : m_old(::umask(mask)) {}
+  ~ScopedUmask() { ::umask(m_old); }
+  ScopedUmask(const ScopedUmask&) = delete;
+  ScopedUmask& operator=(const ScopedUmask&) = delete;
+
+ private:
+  mode_t m_old;
+};
+
+/// Gives directory `dir` a minimal default ACL (acl(5): owner, group and others, each with the
+/// permission bits given), which what is created in it inherits in place of the umask. False
+/// where the file system has no ACLs.
+bool set_default_acl(const std::string& dir, unsigned owner, unsigned group, unsigned other);
 
 /// Every entry below `root` with type, mode, size, link target, content hash and mtime: two
 /// snapshots are equal exactly when nothing in the tree changed.

@@ -387,9 +387,10 @@ TEST_F(GoodPayload, StripsUnsafeModesWhenThePolicySaysSo) {
 }
 
 TEST_F(GoodPayload, GivesFilesTheirArchivedModeWhateverTheUmask) {
-  mode_t old = ::umask(077);
-  auto r = unpack(raw_tar({file("a", "x", 0644), file("b", "y", 0755), file("c", "z", 0400)}));
-  ::umask(old);
+  auto r = [&] {
+    ScopedUmask mask(077);
+    return unpack(raw_tar({file("a", "x", 0644), file("b", "y", 0755), file("c", "z", 0400)}));
+  }();
   ASSERT_TRUE(r.ok()) << r.error().message();
   EXPECT_EQ(mode_of("out/a"), 0644u);
   EXPECT_EQ(mode_of("out/b"), 0755u);
@@ -407,9 +408,10 @@ TEST_F(GoodPayload, TakesTheUmaskFromItsCallerWhenItKnowsIt) {
     std::filesystem::remove_all(t / "out");
     make_dirs(t / "out");
     auto dest = fs::open_directory(t / "out");
-    mode_t old = ::umask(process);
-    auto r = extract_verified(*art, ExtractPolicy{}, dest->get(), /*sync=*/false, told);
-    ::umask(old);
+    auto r = [&] {
+      ScopedUmask mask(process);
+      return extract_verified(*art, ExtractPolicy{}, dest->get(), /*sync=*/false, told);
+    }();
     ASSERT_TRUE(r.ok()) << r.error().message();
   };
   extract(022, 022);
@@ -426,6 +428,30 @@ TEST_F(GoodPayload, TakesTheUmaskFromItsCallerWhenItKnowsIt) {
   extract(077, 0);
   EXPECT_EQ(mode_of("out/a"), 0600u);
   EXPECT_EQ(mode_of("out/b"), 0600u);
+}
+
+// A default ACL on the destination takes the umask's place (acl(5)): told that the umask is 0,
+// the extractor still gives every file its fchmod, or the ACL's "others: nothing" would show.
+TEST_F(GoodPayload, GivesFilesTheirModesUnderADefaultAcl) {
+  build_artifact(t / "a.upd", {key},
+                 raw_tar({file("a", "x", 0644), dir("d", 0755), file("d/b", "y", 0755)}));
+  UniqueFd fd(::open((t / "a.upd").c_str(), O_RDONLY | O_CLOEXEC));
+  auto art = open_verified(fd.get(), keyring_of({key}), TrustPolicy{});
+  ASSERT_TRUE(art.ok());
+  make_dirs(t / "out");
+  if (!set_default_acl(t / "out", 07, 05, 0)) {
+    if (in_ci()) FAIL() << "CI=true, but the test directory's file system has no ACLs";
+    GTEST_SKIP() << "the test directory's file system has no ACLs - skipped";
+  }
+  auto dest = fs::open_directory(t / "out");
+  auto r = [&] {
+    ScopedUmask mask(0);
+    return extract_verified(*art, ExtractPolicy{}, dest->get(), /*sync=*/false, /*umask=*/0);
+  }();
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(mode_of("out/a"), 0644u);
+  EXPECT_EQ(mode_of("out/d"), 0755u);
+  EXPECT_EQ(mode_of("out/d/b"), 0755u) << "in a directory that inherited the ACL";
 }
 
 TEST_F(GoodPayload, AppliesTheRootEntryAndReadOnlyDirectoriesLast) {

@@ -55,7 +55,8 @@ struct ExtractStats {
 /// Files are created with their final modes where the process umask leaves them intact, and get
 /// an fchmod otherwise. `umask` is that umask when the caller knows it (a process that cannot
 /// read /proc/self/status: the sandboxed helper); read from /proc otherwise, every file getting
-/// its fchmod where that fails. A wrong `umask` gives wrong modes.
+/// its fchmod where that fails. A wrong `umask` gives wrong modes. Every file gets its fchmod
+/// too where `dest_dirfd` has a default ACL, which takes the umask's place (acl(5)).
 Result<ExtractStats> extract_payload(PayloadSource& source, Compression compression,
                                      std::uint64_t payload_size, int dest_dirfd,
                                      const ExtractPolicy& policy,
