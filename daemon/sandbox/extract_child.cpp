@@ -342,10 +342,11 @@ Result<artifact::ExtractStats> extract_in_child(const Helper& helper, const Extr
   const fs::TreeLimits limits{rq.policy.limits.max_path_length, rq.policy.limits.max_depth};
   // The helper's file contents are written back meanwhile: the walk below is system calls on
   // the CPU, the writeback mostly waiting for the disk (50,000 small files, quiet runs: 1.11-1.14
-  // of an in-process unpack instead of 1.20-1.39, bench/install). The hand-over changes only
-  // inodes, which the syncfs after it writes, with whatever this one did not. Best effort: without
-  // a thread, the final syncfs does it all. Through a description of its own: syncfs reports a
-  // writeback error once per description, and the final syncfs must see every one.
+  // of an in-process unpack instead of 1.20-1.39, bench/install; docs/architecture.md has what
+  // else was tried). The hand-over changes only inodes, which the syncfs after it writes, with
+  // whatever this one did not. Best effort: without a thread, the final syncfs does it all.
+  // Through a description of its own: syncfs reports a writeback error once per description,
+  // and the final syncfs must see every one.
   std::optional<std::jthread> writeback;
   if (int wfd = ::openat(rq.dest_dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); wfd >= 0) {
     try {
