@@ -54,14 +54,18 @@ std::map<std::string, std::string> snapshot(const std::string& root, bool with_m
 /// A hash over paths, types, modes, link targets and contents (not mtimes).
 std::string tree_hash(const std::string& root);
 
-/// Skips the test with a clear message when not running as root, but fails it under CI=true,
-/// where the suite must exercise everything.
-#define UPGRADED_REQUIRE_ROOT()                                                    \
-  do {                                                                             \
-    if (::geteuid() != 0) {                                                        \
-      if (::upgraded::test::in_ci()) FAIL() << "CI=true but this test needs root"; \
-      GTEST_SKIP() << "needs root (run as root, or in CI) - skipped";              \
-    }                                                                              \
+/// Skips the test, saying `why` (what this machine lacks), but fails it under CI=true, where
+/// the suite must exercise everything.
+#define UPGRADED_SKIP_UNLESS_CI(why)                                 \
+  do {                                                               \
+    if (::upgraded::test::in_ci()) FAIL() << "CI=true, but " << why; \
+    GTEST_SKIP() << why << " - skipped";                             \
+  } while (false)
+
+/// Skips the test when not running as root, but fails it under CI=true.
+#define UPGRADED_REQUIRE_ROOT()                                                                    \
+  do {                                                                                             \
+    if (::geteuid() != 0) UPGRADED_SKIP_UNLESS_CI("this test needs root (run as root, or in CI)"); \
   } while (false)
 bool in_ci();
 

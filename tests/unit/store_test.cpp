@@ -734,10 +734,7 @@ class WatchedStates : public AStore {
     ASSERT_TRUE(cached);
   }
   /// Skipped where watches are not used, except under CI=true (root, ext4): there, a failure.
-  void skip(const std::string& why) {
-    if (const char* ci = std::getenv("CI"); ci && std::string(ci) == "true") FAIL() << why;
-    GTEST_SKIP() << why;
-  }
+  void skip(const std::string& why) { UPGRADED_SKIP_UNLESS_CI(why); }
   const std::string apps = t / "state/apps";
   std::optional<Store> cached;
   /// "app:pinned" of every app the daemon's store lists.
