@@ -80,8 +80,11 @@ def main():
             for step in ((by_cli, by_daemon) if i % 2 == 0 else (by_daemon, by_cli)):
                 step()
         mu, mi = statistics.median(unpack), statistics.median(install)
-        print("%-22s upgradectl unpack %7.3f s   daemon install %7.3f s   ratio %.2f" %
-              (name, mu, mi, mi / mu))
+        # Each pair ran back to back: their ratios show how much the machine's state moved the
+        # figure within this run (it moves more between runs: docs/architecture.md).
+        pairs = sorted(b / a for a, b in zip(unpack, install))
+        print("%-22s upgradectl unpack %7.3f s   daemon install %7.3f s   ratio %.2f"
+              "   (pairs %.2f-%.2f)" % (name, mu, mi, mi / mu, pairs[0], pairs[-1]))
     daemon.stop()
 
 
