@@ -82,8 +82,9 @@ void add_offline_verbs(CLI::App& app, int& exit_code) {
         app.add_subcommand("unpack", "Verify an artifact and extract it into a new directory");
     auto a = std::make_shared<UnpackArgs>();
     add_trust_options(cmd, a->trust);
-    cmd->add_flag("--strip-unsafe-modes", a->strip_unsafe,
-                  "clear setuid/setgid/world-writable bits instead of refusing the artifact");
+    cmd->add_flag(
+        "--strip-unsafe-modes", a->strip_unsafe,
+        "clear setuid/setgid/sticky/world-writable bits instead of refusing the artifact");
     cmd->add_option("--max-entries", a->limits.max_entries, "refuse payloads with more entries");
     cmd->add_option("--max-bytes", a->limits.max_total_bytes, "refuse payloads holding more bytes");
     cmd->add_option("--max-file-size", a->limits.max_file_size, "refuse larger files");

@@ -10,8 +10,9 @@
 // call failing on what the extractor let through means its bookkeeping missed a case. Nothing
 // appears, disappears or changes next to the destination (a canary file sits there: no hard
 // link to it, no write through a symlink). After a success the tree holds only directories,
-// regular files and symlinks, without setuid, setgid, world-writable or (read-only release)
-// any write bits; every symlink resolves beneath the tree, and the statistics match the tree.
+// regular files and symlinks, without setuid, setgid, sticky, world-writable or (read-only
+// release) any write bits; every symlink resolves beneath the tree, and the statistics match the
+// tree.
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -133,7 +134,7 @@ void walk(int dfd, const std::string& prefix, bool read_only, TreeCount& count) 
       continue;
     }
     FUZZ_CHECK_MSG(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode), path);
-    FUZZ_CHECK_MSG((st.st_mode & (S_ISUID | S_ISGID | S_IWOTH)) == 0, path);
+    FUZZ_CHECK_MSG((st.st_mode & (S_ISUID | S_ISGID | S_ISVTX | S_IWOTH)) == 0, path);
     if (read_only) FUZZ_CHECK_MSG((st.st_mode & 0222) == 0, path);
     if (S_ISREG(st.st_mode)) {
       ++count.files;

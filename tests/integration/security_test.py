@@ -433,6 +433,32 @@ class TrustRootAndTrees(DaemonTest):
         self.assertEqual(os.stat(os.path.join(rel, "VERSION.copy")).st_ino,
                          os.stat(os.path.join(rel, "VERSION")).st_ino)
 
+    def test_a_sticky_directory_is_refused_alike_offline_and_through_the_daemon(self):
+        """A sticky bit is refused by the extractor's entry policy, with its message, in both
+        paths; before, `unpack` kept it and the daemon's hand-over refused the tree."""
+        self.run_job(self.install(self.pack("1.0.0")))
+        before = tree_digest(self.app_root())
+        invocation = self.unit_property("InvocationID")
+        sticky = self.pack_tree("2.0.0", lambda src: os.chmod(os.path.join(src, "bin"), 0o1755))
+        why = "entry 'bin' has mode 1755 (setuid, setgid, sticky or world-writable)"
+        result, message = self.wait_job(self.install(sticky))
+        self.assertEqual(result, "failed")
+        self.assertIn(why, message)
+        self.assertEqual(tree_digest(self.app_root()), before)
+        self.assertEqual(self.unit_property("InvocationID"), invocation)
+        self.assertEqual(self.serving("1.0.0"), "1.0.0")
+        keys = os.path.join(self.root, "etc/upgraded/keys.d")
+        dest = os.path.join(self.dir, "unpacked")
+        offline = subprocess.run([UPGRADECTL, "unpack", "--keys", keys, sticky, dest],
+                                 capture_output=True, text=True)
+        self.assertNotEqual(offline.returncode, 0)
+        self.assertIn(why, offline.stderr)
+        self.assertFalse(os.path.exists(dest))
+        stripped = subprocess.run([UPGRADECTL, "unpack", "--keys", keys, "--strip-unsafe-modes",
+                                   sticky, dest], capture_output=True, text=True)
+        self.assertEqual(stripped.returncode, 0, stripped.stderr)
+        self.assertEqual(os.stat(os.path.join(dest, "bin")).st_mode & 0o7777, 0o755)
+
     def test_every_key_of_a_revocation_file_is_revoked(self):
         """Finding 5: `cat other.pem trusted.pem > revoked.d/old.pem` revokes both keys."""
         self.run_job(self.install(self.pack("1.0.0")))

@@ -168,6 +168,12 @@ const std::vector<Case>& cases() {
        "setuid"},
       {"SetgidDirectory", [] { return raw_tar({dir("sg", 02755)}); }, ErrorCode::kPolicyRefused,
        "setuid, setgid"},
+      // Sticky: what the daemon's hand-over refuses, refused here too (not installed offline and
+      // refused through the daemon).
+      {"StickyDirectory", [] { return raw_tar({dir("st", 01755)}); }, ErrorCode::kPolicyRefused,
+       "has mode 1755 (setuid, setgid, sticky or world-writable)"},
+      {"StickyFile", [] { return raw_tar({file("st", "x", 01644)}); }, ErrorCode::kPolicyRefused,
+       "sticky"},
       {"WorldWritableFile", [] { return raw_tar({file("ww", "x", 0666)}); },
        ErrorCode::kPolicyRefused, "world-writable"},
       {"WorldWritableDirectory", [] { return raw_tar({dir("ww", 01777)}); },
@@ -379,9 +385,12 @@ TEST_F(GoodPayload, KeepsLinksThatStayInsideAndCreatesMissingParents) {
 TEST_F(GoodPayload, StripsUnsafeModesWhenThePolicySaysSo) {
   ExtractPolicy p;
   p.unsafe_modes = UnsafeModes::kStrip;
-  auto r = unpack(raw_tar({file("suid", "x", 04755), dir("ww", 0777), file("ww/f", "y", 0666)}), p);
+  auto r = unpack(raw_tar({file("suid", "x", 04755), dir("ww", 0777), file("ww/f", "y", 0666),
+                           dir("st", 01755)}),
+                  p);
   ASSERT_TRUE(r.ok()) << r.error().message();
   EXPECT_EQ(mode_of("out/suid"), 0755u);
+  EXPECT_EQ(mode_of("out/st"), 0755u);
   EXPECT_EQ(mode_of("out/ww"), 0775u);
   EXPECT_EQ(mode_of("out/ww/f"), 0664u);
 }

@@ -28,7 +28,7 @@ struct ExtractLimits {
   std::uint64_t free_inode_reserve = 4096;         ///< inodes that must stay free on the target
 };
 
-/// What to do with setuid, setgid and world-writable mode bits.
+/// What to do with setuid, setgid, sticky and world-writable mode bits.
 enum class UnsafeModes { kRefuse, kStrip };
 
 struct ExtractPolicy {
