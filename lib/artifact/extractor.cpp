@@ -32,9 +32,9 @@ namespace {
 enum class Kind { kFile, kDir, kImplicitDir, kSymlink };
 
 constexpr std::uint64_t kRatioSlack = 1 << 20;  // small payloads may expand beyond the ratio
-// Sticky too: release trees are read-only, so it would mean nothing there, and the daemon's
-// hand-over refuses it (fs/chown_tree.h): kept, it installed offline and was refused, less
-// clearly, through the daemon.
+// Sticky too: the daemon's hand-over refuses it (fs/chown_tree.h), so a release with it never
+// installs through the daemon; kept here, it installed offline and was refused there, less
+// clearly. (In a release, read-only, it would mean nothing anyway.)
 constexpr std::uint64_t kUnsafeBits = S_ISUID | S_ISGID | S_ISVTX | S_IWOTH;
 
 Error refuse(const std::string& why) {
@@ -286,7 +286,7 @@ Result<mode_t> Extractor::sanitize_mode(const std::string& path, mode_t mode) {
     if (m_policy.unsafe_modes == UnsafeModes::kRefuse) {
       char buf[8];
       std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode));
-      return refuse("entry " + policy::quote(path) + " has mode " + buf +
+      return refuse("entry " + policy::quote(path.empty() ? "." : path) + " has mode " + buf +
                     " (setuid, setgid, sticky or world-writable)");
     }
     mode &= ~kUnsafeBits;

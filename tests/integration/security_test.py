@@ -451,13 +451,25 @@ class TrustRootAndTrees(DaemonTest):
         dest = os.path.join(self.dir, "unpacked")
         offline = subprocess.run([UPGRADECTL, "unpack", "--keys", keys, sticky, dest],
                                  capture_output=True, text=True)
-        self.assertNotEqual(offline.returncode, 0)
+        self.assertEqual(offline.returncode, 3, offline.stderr)  # refused by policy
         self.assertIn(why, offline.stderr)
         self.assertFalse(os.path.exists(dest))
+        self.assertEqual([n for n in os.listdir(self.dir) if n.startswith(".unpacked")], [])
         stripped = subprocess.run([UPGRADECTL, "unpack", "--keys", keys, "--strip-unsafe-modes",
                                    sticky, dest], capture_output=True, text=True)
         self.assertEqual(stripped.returncode, 0, stripped.stderr)
         self.assertEqual(os.stat(os.path.join(dest, "bin")).st_mode & 0o7777, 0o755)
+        # The daemon told to strip: the same artifact installs, without the bit (read-only).
+        self.assertEqual(self.daemon.stop(), 0)
+        self.removed.clear()  # the next daemon numbers its jobs from 1 again
+        with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
+            f.write("[extract]\nstrip_unsafe_modes = true\n")
+        self.daemon = Daemon(self.root)
+        self.daemon.start()
+        self.run_job(self.install(sticky))
+        self.assertEqual(self.serving("2.0.0"), "2.0.0")
+        bin_dir = os.path.join(self.app_root(), "releases/2.0.0/bin")
+        self.assertEqual(os.stat(bin_dir).st_mode & 0o7777, 0o555)
 
     def test_every_key_of_a_revocation_file_is_revoked(self):
         """Finding 5: `cat other.pem trusted.pem > revoked.d/old.pem` revokes both keys."""

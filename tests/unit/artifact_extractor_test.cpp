@@ -164,20 +164,29 @@ const std::vector<Case>& cases() {
       {"BlockDevice", [] { return raw_tar({special("sda", '4')}); }, ErrorCode::kPolicyRefused,
        "block device"},
       {"Fifo", [] { return raw_tar({special("pipe", '6')}); }, ErrorCode::kPolicyRefused, "FIFO"},
+      // One unsafe bit each; the message names the mode, so that each case shows which bit
+      // was refused.
       {"SetuidFile", [] { return raw_tar({file("suid", "x", 04755)}); }, ErrorCode::kPolicyRefused,
-       "setuid"},
+       "entry 'suid' has mode 4755 (setuid, setgid, sticky or world-writable)"},
       {"SetgidDirectory", [] { return raw_tar({dir("sg", 02755)}); }, ErrorCode::kPolicyRefused,
-       "setuid, setgid"},
+       "has mode 2755"},
       // Sticky: what the daemon's hand-over refuses, refused here too (not installed offline and
       // refused through the daemon).
       {"StickyDirectory", [] { return raw_tar({dir("st", 01755)}); }, ErrorCode::kPolicyRefused,
-       "has mode 1755 (setuid, setgid, sticky or world-writable)"},
+       "has mode 1755"},
       {"StickyFile", [] { return raw_tar({file("st", "x", 01644)}); }, ErrorCode::kPolicyRefused,
-       "sticky"},
+       "has mode 1644"},
+      {"StickyRoot",
+       [] {
+         return raw_tar({dir(".", 01755), file("f", "x")});
+       },
+       ErrorCode::kPolicyRefused, "entry '.' has mode 1755"},
       {"WorldWritableFile", [] { return raw_tar({file("ww", "x", 0666)}); },
-       ErrorCode::kPolicyRefused, "world-writable"},
-      {"WorldWritableDirectory", [] { return raw_tar({dir("ww", 01777)}); },
-       ErrorCode::kPolicyRefused, "world-writable"},
+       ErrorCode::kPolicyRefused, "has mode 0666"},
+      {"WorldWritableDirectory", [] { return raw_tar({dir("ww", 0777)}); },
+       ErrorCode::kPolicyRefused, "has mode 0777"},
+      {"TmpLikeDirectory", [] { return raw_tar({dir("tmp", 01777)}); }, ErrorCode::kPolicyRefused,
+       "has mode 1777"},
       {"PathLongerThanPathMax", [] { return raw_tar({file(long_path(5000), "x")}); },
        ErrorCode::kPolicyRefused, "longer than 4095"},
       {"ComponentLongerThan255", [] { return raw_tar({file(std::string(300, 'n'), "x")}); },
