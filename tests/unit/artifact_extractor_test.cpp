@@ -164,8 +164,7 @@ const std::vector<Case>& cases() {
       {"BlockDevice", [] { return raw_tar({special("sda", '4')}); }, ErrorCode::kPolicyRefused,
        "block device"},
       {"Fifo", [] { return raw_tar({special("pipe", '6')}); }, ErrorCode::kPolicyRefused, "FIFO"},
-      // One unsafe bit each; the message names the mode, so that each case shows which bit
-      // was refused.
+      // Unsafe bits: one message names them all, so each case asserts the refused mode.
       {"SetuidFile", [] { return raw_tar({file("suid", "x", 04755)}); }, ErrorCode::kPolicyRefused,
        "entry 'suid' has mode 4755 (setuid, setgid, sticky or world-writable)"},
       {"SetgidDirectory", [] { return raw_tar({dir("sg", 02755)}); }, ErrorCode::kPolicyRefused,
