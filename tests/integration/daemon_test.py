@@ -167,6 +167,14 @@ class DaemonTest(unittest.TestCase):
     def releases(self):
         return {str(r[0]): (str(r[1]), str(r[2])) for r in self.manager.ListReleases(self.app)}
 
+    def restart_daemon(self, env=None):
+        """Stops the daemon and starts another (with `env`); returns the first one's status."""
+        status = self.daemon.stop()
+        self.removed.clear()  # job numbers start again at 1
+        self.daemon = Daemon(self.root, env)
+        self.daemon.start()
+        return status
+
     def assertDBusError(self, name, fn, *args):
         with self.assertRaises(dbus.DBusException) as cm:
             fn(*args)
@@ -368,12 +376,6 @@ class Concurrency(DaemonTest):
 
 
 class Cancel(DaemonTest):
-    def restart_daemon(self, env):
-        self.daemon.stop()
-        self.removed.clear()  # job numbers start again at 1
-        self.daemon = Daemon(self.root, env)
-        self.daemon.start()
-
     def test_cancel_during_install_leaves_nothing(self):
         self.run_job(self.install(self.pack("1.0.0")))
         before = tree_digest(self.app_root())

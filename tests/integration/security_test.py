@@ -17,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import daemon_test  # noqa: E402  (its test classes stay out of this module's namespace)
-from daemon_test import (DaemonTest, Daemon, NAME, PATH, MANAGER, UPGRADECTL,  # noqa: E402
+from daemon_test import (DaemonTest, NAME, PATH, MANAGER, UPGRADECTL,  # noqa: E402
                          UNITS_DIR, tree_digest)
 from sample_service import TIME_FACTOR  # noqa: E402  (on the path daemon_test set)
 
@@ -137,10 +137,7 @@ class ForgedDaemonSignals(DaemonTest):
         return proc.returncode, out, err
 
     def restart_paused(self):
-        self.daemon.stop()
-        self.removed.clear()
-        self.daemon = Daemon(self.root, {"UPGRADED_PAUSE_AT": "activation.before_commit:1500"})
-        self.daemon.start()
+        self.restart_daemon({"UPGRADED_PAUSE_AT": "activation.before_commit:1500"})
 
     def test_forged_job_removed_and_properties_do_not_make_a_failed_install_succeed(self):
         self.run_job(self.install(self.pack("1.0.0")))
@@ -190,10 +187,7 @@ class ArtifactChangedAfterInstall(DaemonTest):
     def install_then_change(self, offsets, version="2.0.0"):
         """Install (stage only) with the extraction paused, change bytes of the file meanwhile
         (in place: the daemon holds the descriptor), then wait for the job."""
-        self.daemon.stop()
-        self.removed.clear()
-        self.daemon = Daemon(self.root, {"UPGRADED_PAUSE_AT": "install.before_extract:1000"})
-        self.daemon.start()
+        self.restart_daemon({"UPGRADED_PAUSE_AT": "install.before_extract:1000"})
         artifact = self.pack(version)
         with open(artifact, "rb") as f:
             original = f.read()
@@ -460,12 +454,9 @@ class TrustRootAndTrees(DaemonTest):
         self.assertEqual(stripped.returncode, 0, stripped.stderr)
         self.assertEqual(os.stat(os.path.join(dest, "bin")).st_mode & 0o7777, 0o755)
         # The daemon told to strip: the same artifact installs, without the bit (read-only).
-        self.assertEqual(self.daemon.stop(), 0)
-        self.removed.clear()  # the next daemon numbers its jobs from 1 again
         with open(os.path.join(self.root, "etc/upgraded/upgraded.conf"), "w") as f:
             f.write("[extract]\nstrip_unsafe_modes = true\n")
-        self.daemon = Daemon(self.root)
-        self.daemon.start()
+        self.assertEqual(self.restart_daemon(), 0)
         self.run_job(self.install(sticky))
         self.assertEqual(self.serving("2.0.0"), "2.0.0")
         bin_dir = os.path.join(self.app_root(), "releases/2.0.0/bin")

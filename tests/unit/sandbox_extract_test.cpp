@@ -275,7 +275,7 @@ TEST_F(SandboxExtract, ACancelKillsTheHelper) {
 // A wide and deep tree, as a real release has, by one thread and by four: everything is handed
 // over, or nothing of it; a refusal names the same entry whatever the number of threads.
 TEST(ChownTree, HandsOverAWideDeepTreeOrNothingOfItByAnyNumberOfThreads) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
+  UPGRADED_REQUIRE_ROOT();  // to own files as another uid
   TempDir t;
   std::vector<std::string> entries{"tree"};
   for (int a = 0; a < 40; ++a) {
@@ -356,7 +356,7 @@ TEST(ChownTree, HandsOverAWideDeepTreeOrNothingOfItByAnyNumberOfThreads) {
 // the walk. The extractor never makes such paths, so by default they are refused, and nothing
 // is handed over; limits that allow them (up to the 30 levels of 200 bytes built here) do.
 TEST(ChownTree, HandsOverATreeDeeperThanPathMaxOnlyWhenItsLimitsAllowIt) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
+  UPGRADED_REQUIRE_ROOT();  // to own files as another uid
   TempDir t;
   make_dirs(t / "tree");
   auto root = fs::open_directory(t / "tree");
@@ -411,7 +411,7 @@ TEST(ChownTree, HandsOverATreeDeeperThanPathMaxOnlyWhenItsLimitsAllowIt) {
 }
 
 TEST(ChownTree, RefusesAnEntryTheBuilderDidNotCreate) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own files as another uid";
+  UPGRADED_REQUIRE_ROOT();  // to own files as another uid
   TempDir t;
   make_dirs(t / "tree/sub");
   write_file(t / "tree/sub/mine", "x");
